@@ -1,0 +1,1017 @@
+"""common.py -- the shared boilerplate behind vae.py, vqvae.py and diffusion.py.
+
+This file holds plumbing only. Everything a learner comes to study -- the
+architectures, the losses, the samplers, the model-specific metrics -- lives in
+the model files. What is here is what every model needs and what is easy to get
+subtly wrong when written three times:
+
+    Config -> argparse      each model declares its hyperparameters once, as a
+                            dataclass with a comment under every field
+    device, seeding         cuda, then mps, then cpu; one --seed for everything
+    data                    the prepared sprites as tensors on the device
+    palette                 NumPy k-means++ over pixel colours, and snapping
+    pictures                sample grids with PIL, nearest-neighbour only
+    sprite metrics          shared quality metrics for samples (and compare.py)
+    Strategy                the protocol a model file implements
+    MLflow                  lazy, fail-soft experiment tracking
+    Trainer                 the one training loop: optimizer, EMA, AMP,
+                            clipping, checkpoints, resume, Ctrl-C, NaN guard
+    CLI                     `python X.py`, `python X.py sample ...`
+
+Adding a fourth model is one new file: a Config dataclass, a Strategy class and
+a main() that calls `common.main(Strategy, Config)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import io
+import json
+import math
+import os
+import re
+import signal
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import torch
+import torch.nn as nn
+from PIL import Image
+
+import download  # the data pipeline (NumPy + Pillow only): dataset paths, grids, atomic writes
+
+Tensor = torch.Tensor
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad flag, missing file...). The CLI prints
+    it as one line, `error: ...`, and exits with status 2 -- no traceback."""
+
+
+# -----------------------------------------------------------------------------
+# Config -> argparse
+# -----------------------------------------------------------------------------
+# Each model file subclasses TrainConfig. The comment under each field is its
+# --help text, so a hyperparameter is documented exactly once, where it is
+# declared (read by `field_help` below).
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    # passes over the training sprites
+    batch_size: int = 64
+    # sprites per optimizer step
+    lr: float = 1e-3
+    # AdamW learning rate
+    weight_decay: float = 0.0
+    # AdamW decoupled weight decay
+    grad_clip: float = 1.0
+    # clip the global gradient norm to this value (0 = no clipping)
+    ema_decay: float = 0.0
+    # decay of the exponential moving average of the weights used for sampling
+    # and validation (0 = no EMA)
+    amp: bool = False
+    # bf16 autocast for forward passes (faster on CPUs with bf16 instructions and on GPUs)
+    compile: bool = False
+    # torch.compile the model (slow first epoch, faster afterwards)
+    seed: int = 0
+    # one seed for initialisation, batches, flips, noise and samples
+    device: str = "auto"
+    # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
+    data: str = "data/sprites-colored.npz"
+    # prepared dataset from download.py (the default one is downloaded if missing)
+    flip: bool = True
+    # random horizontal flips of training sprites
+    palette_size: int = 8
+    # colours in the k-means palette that samples are snapped to
+    out: str = ""
+    # run folder (default: runs/<model>/<date-time>)
+    sample_every: int = 10
+    # write a sample grid every this many epochs (0 = only at the end)
+    n_samples: int = 64
+    # sprites in each sample grid
+    n_eval: int = 256
+    # samples scored by the sprite-quality metrics at the end of training
+    resume: str = ""
+    # checkpoint to continue from; flags given with it override its config
+    mlflow: bool = True
+    # track the run with MLflow (--no-mlflow to skip)
+
+    def __post_init__(self):
+        # Checked here so that the parser, the tests and compare.py all refuse
+        # the same values with the same message.
+        for name in ("epochs", "batch_size", "palette_size", "n_samples", "n_eval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"--lr must be positive, got {self.lr}")
+        if self.sample_every < 0 or self.grad_clip < 0 or self.weight_decay < 0:
+            raise ValueError("--sample-every, --grad-clip and --weight-decay cannot be negative")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise ValueError(f"unknown --device {self.device!r}; use auto, cpu, cuda, cuda:N or mps")
+
+
+def field_help(config_cls) -> dict[str, str]:
+    """Read the comment lines under each dataclass field as its help text."""
+    helps: dict[str, str] = {}
+    for klass in reversed(config_cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        name = None
+        for line in inspect.getsource(klass).splitlines():
+            field_match = re.match(r"\s+(\w+)\s*:\s*[^=]+=", line)
+            comment_match = re.match(r"\s+#\s?(.*)", line)
+            if field_match:
+                name = field_match.group(1)
+                helps[name] = ""
+            elif comment_match and name:
+                helps[name] = (helps[name] + " " + comment_match.group(1)).strip()
+            else:
+                name = None
+    return helps
+
+
+def add_config_flags(parser, config_cls, suppress_defaults=False, only: set[str] | None = None):
+    """One flag per Config field: `batch_size` becomes `--batch-size`."""
+    helps = field_help(config_cls)
+    for f in dataclasses.fields(config_cls):
+        if only is not None and f.name not in only:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = argparse.SUPPRESS if suppress_defaults else f.default
+        help_text = helps.get(f.name) or "(undocumented)"
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                                help=help_text + (" (default: %(default)s)" if not suppress_defaults else ""))
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            parser.add_argument(flag, type=kind, default=default, metavar=f.name.upper(),
+                                help=help_text + (" (default: %(default)s)" if not suppress_defaults else ""))
+
+
+def make_config(config_cls, parser: argparse.ArgumentParser, values: dict):
+    """Build the Config, turning a refused value into argparse's clean error."""
+    try:
+        return config_cls(**values)
+    except ValueError as e:
+        parser.error(str(e))  # prints usage + "error: ..." and exits with status 2
+
+
+# -----------------------------------------------------------------------------
+# Device and seeding
+# -----------------------------------------------------------------------------
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """cuda, then mps, then cpu -- unless --device names one."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name} was asked for, but CUDA is not available here; use --device cpu")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("--device mps was asked for, but MPS is not available here; use --device cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and all GPUs). Training code uses torch's RNG only, so
+    this one call, plus the generators saved in checkpoints, makes a CPU run
+    repeat exactly."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+
+
+# -----------------------------------------------------------------------------
+# Data
+# -----------------------------------------------------------------------------
+# The whole dataset is ~900 sprites of 16x16x3 bytes (0.7 MB): it lives on the
+# training device as one tensor, and a batch is an index into it. No
+# DataLoader, no workers.
+
+
+@dataclass
+class Sprites:
+    train: Tensor    # (N_train, 3, 16, 16) float32 in [0, 1], on the device
+    val: Tensor      # (N_val, 3, 16, 16) float32 in [0, 1], on the device
+    palette: Tensor  # (K, 3) float32 in [0, 1], k-means colours of the training pixels
+    path: Path       # the .npz it came from
+
+
+def load_sprites(path: str | os.PathLike, device: torch.device, palette_size: int = 8, seed: int = 0) -> Sprites:
+    """Load download.py's .npz (downloading the default dataset if missing)."""
+    path = Path(path)
+    if not path.exists():
+        defaults = {download.default_path(v, a): (v, a) for v in ("colored", "mono") for a in (False, True)}
+        if path not in defaults:
+            raise UserError(f"dataset {path} not found; prepare one with `python download.py` "
+                            f"(writes {download.default_path()}) or fix --data")
+        variant, keep_all = defaults[path]
+        print(f"dataset {path} not found: downloading and preparing the Kenney 1-Bit Pack ...")
+        download.prepare(variant=variant, keep_all=keep_all, out=str(path.parent))
+    try:
+        with np.load(path) as npz:
+            images, is_val = npz["images"], npz["is_val"]
+    except Exception as e:  # a truncated or foreign file
+        raise UserError(f"cannot read dataset {path} ({e}); re-create it with `python download.py --force`")
+    if images.ndim != 4 or images.shape[1:] != (16, 16, 3) or images.dtype != np.uint8:
+        raise UserError(f"{path} holds images of shape {images.shape} {images.dtype}; expected (N, 16, 16, 3) uint8")
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255)  # (N, 16, 16, 3) -> (N, 3, 16, 16)
+    is_val = torch.from_numpy(is_val.astype(bool))
+    train = x[~is_val]
+    palette = kmeans_palette(images[~is_val.numpy()].reshape(-1, 3), k=palette_size, seed=seed)
+    return Sprites(train=train.to(device), val=x[is_val].to(device),
+                   palette=torch.from_numpy(palette).float().div(255).to(device), path=path)
+
+
+def to_model_range(x: Tensor) -> Tensor:
+    """[0, 1] images -> [-1, 1], the range the models work in (checked)."""
+    assert x.min() >= 0.0 and x.max() <= 1.0, f"expected images in [0, 1], got [{x.min():.3f}, {x.max():.3f}]"
+    return x * 2.0 - 1.0
+
+
+def from_model_range(y: Tensor) -> Tensor:
+    """[-1, 1] model outputs -> [0, 1] images (clamped: models overshoot)."""
+    return ((y + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+def random_hflip(x: Tensor, generator: torch.Generator) -> Tensor:
+    """Mirror each sprite left-right with probability 1/2. Sprites are mostly
+    symmetric in meaning (a sword pointing left is still a sword), so this
+    doubles the data for free. The coin flips come from `generator` (on the
+    CPU) so the same seed gives the same flips on every device."""
+    flip = torch.rand(x.shape[0], generator=generator) < 0.5  # (B,)
+    return torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
+
+
+# -----------------------------------------------------------------------------
+# Palette: k-means++ over pixel colours, and snapping
+# -----------------------------------------------------------------------------
+
+
+def kmeans_palette(pixels: np.ndarray, k: int = 8, seed: int = 0, iters: int = 50) -> np.ndarray:
+    """Cluster RGB pixels (M, 3) into k colours, (k, 3) uint8, sorted by how
+    many pixels they hold.
+
+    Pixel art has a handful of exact colours repeated thousands of times, so
+    we cluster the *distinct* colours, each weighted by its pixel count.
+    Initialisation is k-means++ (Arthur & Vassilvitskii 2007): each new centre
+    is drawn with probability proportional to its squared distance to the
+    nearest centre chosen so far. With plain random initialisation most
+    centres start on the black background (70% of all pixels) and several of
+    the sprite colours are never found; k-means++ almost never picks a
+    colour that is already covered."""
+    colours, counts = np.unique(np.asarray(pixels, dtype=np.float64).reshape(-1, 3), axis=0, return_counts=True)
+    weights = counts / counts.sum()
+    rng = np.random.default_rng(seed)
+    k_eff = min(k, len(colours))
+    centres = [colours[rng.choice(len(colours), p=weights)]]
+    for _ in range(1, k_eff):
+        d2 = ((colours[:, None, :] - np.array(centres)[None]) ** 2).sum(-1).min(1)  # (C,)
+        p = weights * d2
+        centres.append(colours[rng.choice(len(colours), p=p / p.sum())])
+    centres = np.array(centres)  # (k, 3)
+    for _ in range(iters):  # Lloyd's iterations on weighted colours
+        assign = ((colours[:, None, :] - centres[None]) ** 2).sum(-1).argmin(1)  # (C,)
+        new = np.array([np.average(colours[assign == j], axis=0, weights=counts[assign == j])
+                        if (assign == j).any() else centres[j] for j in range(k_eff)])
+        if np.allclose(new, centres):
+            break
+        centres = new
+    assign = ((colours[:, None, :] - centres[None]) ** 2).sum(-1).argmin(1)
+    order = np.argsort(-np.bincount(assign, weights=counts, minlength=k_eff), kind="stable")
+    return np.clip(np.rint(centres[order]), 0, 255).astype(np.uint8)
+
+
+def palette_index(images: Tensor, palette: Tensor) -> Tensor:
+    """(N, 3, H, W) in [0, 1] -> (N, H, W) index of the nearest palette colour."""
+    d = ((images[:, None] - palette[None, :, :, None, None]) ** 2).sum(2)  # (N, K, H, W)
+    return d.argmin(1)
+
+
+def snap_to_palette(images: Tensor, palette: Tensor) -> Tensor:
+    """Replace every pixel by its nearest palette colour; works on any device."""
+    return palette[palette_index(images, palette)].permute(0, 3, 1, 2)  # (N, H, W, 3) -> (N, 3, H, W)
+
+
+# -----------------------------------------------------------------------------
+# Pictures
+# -----------------------------------------------------------------------------
+
+
+def make_grid(images: Tensor, nrow: int = 8, scale: int = 4, palette: Tensor | None = None) -> Image.Image:
+    """Sprites (N, 3, 16, 16) in [0, 1] -> one PIL image, snapped to the
+    palette if one is given, upscaled with nearest-neighbour, 1-pixel gutters."""
+    if palette is not None:
+        images = snap_to_palette(images, palette)
+    x = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+    return download.grid_image(x.permute(0, 2, 3, 1).cpu().numpy(), nrow, scale, gutter=(48, 48, 48))  # (N, 16, 16, 3)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temporary file next to `path`, then rename: readers see the
+    old file or the new one, never half of one."""
+    download.write_atomic(Path(path), lambda f: f.write(data))
+
+
+def save_png(img: Image.Image, path: str | os.PathLike) -> Path:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
+# -----------------------------------------------------------------------------
+# Sprite-quality metrics (shared by every model and by compare.py)
+# -----------------------------------------------------------------------------
+
+DENSITY_RANGE = (0.15, 0.50)  # the focused subset's foreground coverage (download.py)
+
+
+@torch.no_grad()
+def sprite_metrics(samples: Tensor, reference: Tensor, palette: Tensor, k: int = 3, seed: int = 0) -> dict[str, float]:
+    """Score generated sprites against real ones. All inputs in [0, 1]:
+    samples (N, 3, 16, 16) as the model produced them (not snapped),
+    reference (M, 3, 16, 16) the training sprites, palette (K, 3) with black
+    as the background colour.
+
+    palette_distance  mean Euclidean RGB distance (0-255 scale) of each raw
+                      sample pixel to its nearest palette colour: how far the
+                      model is from producing exact palette colours (0 = exact).
+    one_colour_rate   fraction of snapped samples with exactly one non-black
+                      colour, as every Kenney sprite has.
+    density_in_range  fraction of snapped samples whose foreground (non-black)
+                      covers 15% to 50% of the pixels, like the training set.
+    precision         fraction of samples inside the real-data manifold;
+    recall            fraction of real sprites inside the sample manifold.
+                      Kynkaenniemi et al. 2019 (arXiv:1904.06991): a set's
+                      manifold is the union of balls around its points, each
+                      with the radius to the point's k-th nearest neighbour
+                      (k=3), here in raw pixel space of snapped sprites (768-D).
+                      The real set is subsampled to the size of the sample set
+                      (seeded) as in the paper. Blind spot: copying the
+                      training set scores perfect precision.
+    near_copy_rate    fraction of snapped samples whose nearest training
+                      sprite differs in at most 3 of 256 pixels: memorisation.
+    unique_rate       distinct snapped samples / samples (1 = no duplicates).
+    """
+    n = samples.shape[0]
+    palette = palette.to(samples.device)
+    raw = samples.float().clamp(0, 1)
+    d = ((raw[:, None] - palette[None, :, :, None, None]) ** 2).sum(2).sqrt().amin(1)  # (N, H, W)
+    palette_distance = (d * 255).mean().item()
+
+    snapped = snap_to_palette(raw, palette)
+    black = palette[palette.sum(1).argmin()]
+    fg = (snapped - black[None, :, None, None]).abs().sum(1) > 1e-6  # (N, H, W) foreground mask
+    density = fg.float().mean((1, 2))
+    colours_used = [len(torch.unique(s.permute(1, 2, 0)[f], dim=0)) for s, f in zip(snapped, fg)]
+    one_colour_rate = float(np.mean([c == 1 for c in colours_used]))
+    density_in_range = ((density >= DENSITY_RANGE[0]) & (density <= DENSITY_RANGE[1])).float().mean().item()
+
+    ref = snap_to_palette(reference.float().to(samples.device), palette)
+    q = lambda t: (t * 255).round().to(torch.int16).flatten(1)  # (N, 768) exact colour codes
+    diff_pixels = torch.stack([(q(s[None]).view(1, 3, -1) != q(ref).view(-1, 3, 256)).any(1).sum(1).min()
+                               for s in snapped])  # (N,) pixels that differ from the nearest training sprite
+    near_copy_rate = (diff_pixels <= 3).float().mean().item()
+    unique_rate = len(torch.unique(q(snapped), dim=0)) / n
+
+    g = torch.Generator().manual_seed(seed)
+    real = ref[torch.randperm(ref.shape[0], generator=g)[:n].to(ref.device)] if ref.shape[0] > n else ref
+    precision, recall = _knn_precision_recall(real.flatten(1), snapped.flatten(1), k)
+    return dict(palette_distance=palette_distance, one_colour_rate=one_colour_rate,
+                density_in_range=density_in_range, precision=precision, recall=recall,
+                near_copy_rate=near_copy_rate, unique_rate=unique_rate)
+
+
+def _knn_precision_recall(real: Tensor, fake: Tensor, k: int) -> tuple[float, float]:
+    def radii(x):  # distance of each point to its k-th nearest neighbour in its own set
+        return torch.cdist(x, x).kthvalue(min(k + 1, x.shape[0]), dim=1).values  # +1: itself at 0
+
+    r_real, r_fake = radii(real), radii(fake)
+    d = torch.cdist(fake, real)  # (N_fake, N_real)
+    precision = (d <= r_real[None]).any(1).float().mean().item()
+    recall = (d.T <= r_fake[None]).any(1).float().mean().item()
+    return precision, recall
+
+
+# -----------------------------------------------------------------------------
+# The Strategy protocol
+# -----------------------------------------------------------------------------
+
+
+class Strategy(Protocol):
+    """What a model file implements. The Trainer below calls these four methods
+    and nothing else is required; a strategy is built as `Cls(config, palette)`.
+
+    The strategy says *what* to compute (the model, the loss, how to sample);
+    the Trainer owns *how* it is optimised: backward, the optimizer, gradient
+    clipping, mixed precision, EMA, checkpoints. Those are easy to get subtly
+    wrong (EMA of buffers, autocast scope, resuming the optimizer state), so
+    they are written once, here, for every model -- and a fourth model cannot
+    forget one of them.
+
+    Optional hooks, called when a strategy defines them:
+      on_epoch_start(model, epoch)            e.g. a KL warm-up schedule
+      on_epoch_end(model, epoch, val) -> dict e.g. codebook restarts; returns
+                                              extra val/ metrics
+      images(model, val, generator) -> dict  name -> (sprites (N, 3, 16, 16)
+                                              in [0, 1], sprites per row):
+                                              extra pictures per sample grid
+    """
+
+    name: str  # "vae", "vqvae", ...: names the run folder and MLflow experiment
+
+    def build_model(self, config) -> nn.Module: ...
+
+    def train_step(self, model: nn.Module, batch: Tensor) -> dict[str, Tensor]:
+        """batch (B, 3, 16, 16) in [0, 1] -> {"loss": scalar to minimise,
+        other named scalars to log}. Random numbers come from torch's global
+        RNG (the Trainer seeds and checkpoints it)."""
+        ...
+
+    def sample(self, model: nn.Module, n: int, generator: torch.Generator) -> Tensor:
+        """n new sprites (n, 3, 16, 16) in [0, 1], not snapped; every random
+        number comes from `generator` (same seed, same sprites)."""
+        ...
+
+    def get_metrics(self, model: nn.Module, batch: Tensor) -> dict[str, float]:
+        """Validation metrics for one batch (the Trainer averages them)."""
+        ...
+
+
+# -----------------------------------------------------------------------------
+# MLflow: imported lazily (it takes seconds), and never allowed to kill a run
+# -----------------------------------------------------------------------------
+
+
+class Tracker:
+    """Thin wrapper over MLflow. Without MLFLOW_TRACKING_URI, MLflow's own
+    default store is used (sqlite:///mlflow.db in the working directory; view
+    it with `mlflow ui`). A remote server is checked once at start; after
+    that, a failed call prints one warning and training goes on."""
+
+    def __init__(self, enabled: bool, experiment: str, run_name: str, run_id: str | None = None):
+        self.run_id = None
+        self._warned: set[str] = set()
+        if not enabled:
+            return
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # fail fast, not after minutes
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+        if uri.startswith(("http://", "https://")):
+            check_server(uri)
+        import mlflow
+
+        self.mlflow = mlflow
+        mlflow.set_experiment(experiment)
+        try:
+            run = mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(run_name=run_name)
+        except Exception as e:  # e.g. resuming a run that lives in another store
+            print(f"warning: cannot reopen MLflow run {run_id} ({e}); starting a new one")
+            run = mlflow.start_run(run_name=run_name)
+        self.run_id = run.info.run_id
+        print(f"MLflow: run {self.run_id} in experiment '{experiment}' at {mlflow.get_tracking_uri()}")
+
+    def _call(self, what: str, fn: Callable, *args, **kwargs):
+        if self.run_id is None:
+            return
+        try:
+            fn(*args, **kwargs)
+        except Exception as e:
+            if what not in self._warned:
+                self._warned.add(what)
+                print(f"warning: MLflow {what} failed ({type(e).__name__}: {e}); training continues")
+
+    def log_params(self, params: dict):
+        self._call("log_params", lambda: self.mlflow.log_params({k: str(v)[:500] for k, v in params.items()}))
+
+    def log_metrics(self, metrics: dict[str, float], step: int):
+        self._call("log_metrics", lambda: self.mlflow.log_metrics(metrics, step=step))
+
+    def log_metric_history(self, history: list[tuple[str, float, int]]):
+        """Many (key, value, step) at once: one round trip per epoch, not per step."""
+        def send():
+            from mlflow.entities import Metric
+            now = int(time.time() * 1000)
+            client = self.mlflow.MlflowClient()
+            metrics = [Metric(k, v, now, s) for k, v, s in history]
+            for i in range(0, len(metrics), 1000):  # the API's batch limit
+                client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
+        self._call("log_batch", send)
+
+    def log_image(self, key: str, img: Image.Image, step: int):
+        self._call("log_image", lambda: self.mlflow.log_image(np.asarray(img), key=key, step=step))
+
+    def log_artifact(self, path: str | os.PathLike):
+        self._call("log_artifact", lambda: self.mlflow.log_artifact(str(path)))
+
+    def log_dataset(self, path: Path, images: Tensor):
+        def send():
+            import mlflow.data
+            arr = (images.detach().cpu().permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+            self.mlflow.log_input(mlflow.data.from_numpy(arr, source=str(path.resolve()), name=path.stem),
+                                  context="training")
+        self._call("log_input", send)
+
+    def set_description(self, text: str):
+        self._call("set_description", lambda: self.mlflow.set_tag("mlflow.note.content", text))
+
+    def end(self, status: str = "FINISHED"):
+        self._call("end_run", lambda: self.mlflow.end_run(status=status))
+
+
+def check_server(uri: str, tries: int = 2, timeout: float = 3.0) -> None:
+    """An unreachable tracking server fails the run at start, in one line."""
+    import urllib.request
+
+    err = None
+    for _ in range(tries):
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout)
+            return
+        except Exception as e:
+            err = e
+            time.sleep(0.5)
+    raise UserError(f"MLflow server {uri} is unreachable ({err}); start it, unset MLFLOW_TRACKING_URI "
+                    f"to log to ./mlflow.db, or pass --no-mlflow")
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints
+# -----------------------------------------------------------------------------
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
+    """torch.save to memory, then an atomic rename: a crash mid-write never
+    destroys the previous checkpoint."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """weights_only=True: a checkpoint is data (tensors, numbers, strings),
+    never code to run, so a checkpoint from elsewhere cannot execute anything."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot load checkpoint {path} ({type(e).__name__}); is it a checkpoint of this project?")
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise UserError(f"{path} is not a checkpoint of this project")
+    return state
+
+
+# -----------------------------------------------------------------------------
+# The Trainer
+# -----------------------------------------------------------------------------
+
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+class Trainer:
+    """The one training loop, shared by every model.
+
+    Per epoch: shuffle, flip, train_step -> backward -> clip -> AdamW -> EMA;
+    then validation metrics, a progress line, a checkpoint, and every
+    `sample_every` epochs a sample grid. Ctrl-C finishes the current step,
+    saves a checkpoint that resumes exactly there, and exits.
+    """
+
+    def __init__(self, strategy, config: TrainConfig, train_data: Tensor, val_data: Tensor,
+                 palette: Tensor, run_dir: Path, tracker: Tracker | None = None,
+                 augment: Callable[[Tensor, torch.Generator], Tensor] | None = random_hflip):
+        self.strategy, self.config = strategy, config
+        self.train_data, self.val_data, self.palette = train_data, val_data, palette
+        self.run_dir, self.tracker = Path(run_dir), tracker or Tracker(False, "", "")
+        self.augment = augment if config.flip else None
+        self.device = train_data.device
+        self.ckpt_path = self.run_dir / "checkpoints" / "last.pt"
+
+        self.model = strategy.build_model(config).to(self.device)
+        # torch.compile wraps the model; checkpoints always hold the original.
+        self.step_model = torch.compile(self.model) if config.compile else self.model
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        # EMA of weights (and of buffers such as normalisation statistics):
+        # theta_ema <- decay * theta_ema + (1 - decay) * theta after every step.
+        self.ema = None
+        if config.ema_decay > 0:
+            self.ema = torch.optim.swa_utils.AveragedModel(
+                self.model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.ema_decay),
+                use_buffers=True)
+        # Shuffling and flips draw from their own CPU generator, so they are
+        # identical on every device and independent of the model's noise.
+        self.data_gen = torch.Generator().manual_seed(config.seed)
+        self.epoch = 0          # last completed epoch
+        self.step = 0           # optimizer steps so far
+        self.resume_batch = 0   # > 0 when resuming in the middle of an epoch
+        self.epoch_gen_state = self.data_gen.get_state()
+        self.epoch_sums: dict[str, float] = {}
+        self.history: list[dict] = []  # one dict of metrics per epoch
+        self.stop_requested = False
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights used for validation and sampling: the EMA if kept."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    # -- checkpoints ----------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "epoch": self.epoch, "step": self.step, "resume_batch": self.resume_batch,
+            "data_gen_state": self.data_gen.get_state(), "epoch_gen_state": self.epoch_gen_state,
+            "epoch_sums": self.epoch_sums,
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "config": dataclasses.asdict(self.config), "strategy": self.strategy.name,
+            "palette": self.palette.cpu(), "history": self.history, "mlflow_run_id": self.tracker.run_id,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.epoch, self.step, self.resume_batch = state["epoch"], state["step"], state["resume_batch"]
+        self.epoch_gen_state, self.epoch_sums = state["epoch_gen_state"], state["epoch_sums"]
+        self.history = state["history"]
+        self.data_gen.set_state(state["data_gen_state"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+    def save(self) -> None:
+        save_checkpoint(self.ckpt_path, self.state_dict())
+
+    # -- the loop -------------------------------------------------------------
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.amp)
+
+    def fit(self) -> list[dict]:
+        cfg = self.config
+        n = self.train_data.shape[0]
+        n_batches = math.ceil(n / cfg.batch_size)
+        previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
+        t_start, epochs_timed = time.time(), 0
+        try:
+            for epoch in range(self.epoch + 1, cfg.epochs + 1):
+                t0 = time.time()
+                if self.resume_batch == 0:  # a fresh epoch: remember where its shuffle began
+                    self.epoch_gen_state, self.epoch_sums = self.data_gen.get_state(), {}
+                self.data_gen.set_state(self.epoch_gen_state)
+                perm = torch.randperm(n, generator=self.data_gen)
+                flip_gen = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=self.data_gen)))
+                hook = getattr(self.strategy, "on_epoch_start", None)
+                if hook:
+                    hook(self.model, epoch)
+                self.model.train()
+                step_log: list[tuple[str, float, int]] = []
+                for i in range(n_batches):
+                    idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size].to(self.device)
+                    batch = self.train_data[idx]
+                    if self.augment is not None:  # drawn for every batch, so skipping keeps the stream aligned
+                        batch = self.augment(batch, flip_gen)
+                    if i < self.resume_batch:
+                        continue  # already trained on before the interruption
+                    scalars = self.train_step(batch, epoch, i)
+                    for k, v in scalars.items():
+                        self.epoch_sums[k] = self.epoch_sums.get(k, 0.0) + v * batch.shape[0]
+                        step_log.append((f"train/{k}_step", v, self.step))
+                    if self.stop_requested and i + 1 < n_batches:
+                        self.resume_batch = i + 1
+                        self.save()
+                        print(f"\ninterrupted in epoch {epoch}, step {i + 1}/{n_batches}; checkpoint saved. "
+                              f"Resume with: --resume {self.ckpt_path}")
+                        return self.history
+                self.resume_batch = 0
+                self.epoch = epoch
+                train_time = time.time() - t0
+                metrics = {f"train/{k}": v / n for k, v in self.epoch_sums.items()}
+                metrics["train/images_per_sec"] = n / max(train_time, 1e-9)
+                metrics.update(self.validate(epoch))
+                self.history.append({"epoch": epoch, **metrics})
+                self.save()  # every epoch: the last good state is always on disk
+                self.tracker.log_metric_history(step_log)
+                self.tracker.log_metrics(metrics, step=epoch)
+                epochs_timed += 1
+                elapsed = time.time() - t_start
+                eta = elapsed / epochs_timed * (cfg.epochs - epoch)
+                print(self.progress_line(epoch, metrics, elapsed, eta), flush=True)
+                if cfg.sample_every and epoch % cfg.sample_every == 0 and epoch < cfg.epochs:
+                    self.write_pictures(epoch)
+                if self.stop_requested:
+                    print(f"interrupted after epoch {epoch}; checkpoint saved. Resume with: --resume {self.ckpt_path}")
+                    return self.history
+        finally:
+            signal.signal(signal.SIGINT, previous_handler)
+        return self.history
+
+    def train_step(self, batch: Tensor, epoch: int, i: int) -> dict[str, float]:
+        with self.autocast():
+            out = self.strategy.train_step(self.step_model, batch)
+        loss = out["loss"]
+        scalars = {k: float(v.detach()) for k, v in out.items()}  # one host sync per step; these models are small
+        if not math.isfinite(scalars["loss"]):
+            raise NonFiniteLoss(f"train/loss became {scalars['loss']} in epoch {epoch}, step {i + 1} "
+                                f"(optimizer step {self.step + 1})")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.grad_clip > 0:
+            scalars["grad_norm"] = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip))
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        self.step += 1
+        return scalars
+
+    def _on_sigint(self, signum, frame):
+        if self.stop_requested:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.stop_requested = True
+        print("\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to abort at once)")
+
+    @torch.no_grad()
+    def validate(self, epoch: int) -> dict[str, float]:
+        """Average get_metrics over the validation split, with the EMA weights
+        if kept. The RNG is forked and reseeded so validation noise is the
+        same every epoch (comparable numbers) and training's stream is
+        untouched (exact resume)."""
+        model = self.eval_model
+        model.eval()
+        sums: dict[str, float] = {}
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(self.config.seed + 1)
+            for i in range(0, self.val_data.shape[0], self.config.batch_size):
+                batch = self.val_data[i:i + self.config.batch_size]
+                with self.autocast():
+                    m = self.strategy.get_metrics(model, batch)
+                for k, v in m.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) * batch.shape[0]
+        extra = {}
+        hook = getattr(self.strategy, "on_epoch_end", None)
+        if hook:
+            extra = hook(self.model, epoch, self.val_data) or {}
+        self.model.train()
+        out = {f"val/{k}": v / self.val_data.shape[0] for k, v in sums.items()}
+        out.update({f"val/{k}": float(v) for k, v in extra.items()})
+        return out
+
+    @torch.no_grad()
+    def generate(self, n: int, seed: int) -> Tensor:
+        """n raw samples from the eval model, in chunks of 256, reproducible."""
+        model = self.eval_model
+        model.eval()
+        gen = torch.Generator(self.device).manual_seed(seed)
+        chunks = []
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            for start in range(0, n, 256):
+                with self.autocast():
+                    x = self.strategy.sample(model, min(256, n - start), gen).float()
+                chunks.append(x)
+        model.train()
+        x = torch.cat(chunks)
+        check_samples(x, n)
+        return x
+
+    def write_pictures(self, epoch: int, final: bool = False) -> dict[str, Path]:
+        """A sample grid (same seed every time, so the grids show one set of
+        noise turning into sprites over training) plus the strategy's extra
+        pictures; to the run folder and to MLflow."""
+        name = "final" if final else f"epoch_{epoch:04d}"
+        pictures = {"samples": (self.generate(self.config.n_samples, self.config.seed), 8)}
+        hook = getattr(self.strategy, "images", None)
+        if hook:
+            gen = torch.Generator(self.device).manual_seed(self.config.seed)
+            with torch.no_grad(), torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                self.eval_model.eval()
+                pictures.update(hook(self.eval_model, self.val_data, gen))
+                self.model.train()
+        paths = {}
+        for key, (images, nrow) in pictures.items():
+            img = make_grid(images, nrow=nrow, scale=4, palette=self.palette)
+            paths[key] = save_png(img, self.run_dir / key / f"{name}.png")
+            self.tracker.log_image(key, img, step=epoch)
+        return paths
+
+    def progress_line(self, epoch: int, metrics: dict, elapsed: float, eta: float) -> str:
+        width = len(str(self.config.epochs))
+        shown = [f"{k} {v:.4g}" for k, v in metrics.items()
+                 if k != "train/images_per_sec" and not k.endswith("_step") and "grad_norm" not in k]
+        return (f"epoch {epoch:>{width}}/{self.config.epochs} | " + " ".join(shown) +
+                f" | {metrics['train/images_per_sec']:.0f} img/s | {fmt_time(elapsed)} elapsed, ETA {fmt_time(eta)}")
+
+
+def check_samples(x: Tensor, n: int) -> None:
+    assert x.shape == (n, 3, 16, 16), f"sample() must return ({n}, 3, 16, 16), got {tuple(x.shape)}"
+    assert torch.isfinite(x).all(), "sample() returned non-finite values"
+    assert x.min() >= -1e-4 and x.max() <= 1 + 1e-4, f"sample() must return [0, 1], got [{x.min():.3f}, {x.max():.3f}]"
+
+
+def fmt_time(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+# -----------------------------------------------------------------------------
+# Running a model file: train, sample
+# -----------------------------------------------------------------------------
+
+
+def train(strategy_cls, config: TrainConfig) -> Path:
+    """Train one model end to end; returns the run folder. Used by every
+    model file's main() and by compare.py."""
+    resume_state = load_checkpoint(config.resume) if config.resume else None
+    device = select_device(config.device)
+    seed_everything(config.seed)
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    data = load_sprites(config.data, device, config.palette_size, config.seed)
+    palette = resume_state["palette"].to(device) if resume_state else data.palette
+
+    name = strategy_cls.name
+    if resume_state:
+        run_dir = Path(config.resume).resolve().parent.parent
+    else:
+        run_dir = Path(config.out) if config.out else Path("runs") / name / time.strftime("%Y%m%d-%H%M%S")
+        if (run_dir / "checkpoints" / "last.pt").exists():
+            raise UserError(f"{run_dir} already holds a run; continue it with "
+                            f"--resume {run_dir / 'checkpoints' / 'last.pt'} or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    strategy = strategy_cls(config, palette)
+    tracker = Tracker(config.mlflow, experiment=name, run_name=run_dir.name,
+                      run_id=resume_state.get("mlflow_run_id") if resume_state else None)
+    trainer = Trainer(strategy, config, data.train, data.val, palette, run_dir, tracker)
+    print(f"{name}: {trainer.n_params():,} parameters | {data.train.shape[0]} train / {data.val.shape[0]} val "
+          f"sprites from {data.path} | device {device}{' + bf16 autocast' if config.amp else ''} | run folder {run_dir}")
+    if resume_state:
+        trainer.load_state_dict(resume_state)
+        where = f"epoch {trainer.epoch + 1}, step {trainer.resume_batch + 1}" if trainer.resume_batch else f"epoch {trainer.epoch + 1}"
+        print(f"resuming from {config.resume} at {where}")
+    else:
+        tracker.log_params({**dataclasses.asdict(config), "n_params": trainer.n_params(),
+                            "n_train": data.train.shape[0], "n_val": data.val.shape[0]})
+        tracker.log_dataset(data.path, data.train)
+
+    status = "FAILED"
+    try:
+        trainer.fit()
+        if trainer.stop_requested:
+            status = "KILLED"
+            return run_dir
+        final = finish(trainer, data)
+        status = "FINISHED"
+        print(f"done: {final['samples']} | checkpoint {trainer.ckpt_path}")
+    except NonFiniteLoss as e:
+        good = f"the last good checkpoint is {trainer.ckpt_path} (epoch {trainer.epoch})" if trainer.ckpt_path.exists() \
+            else "no epoch finished, so there is no checkpoint"
+        raise UserError(f"{e}; {good}. Try a lower --lr or --grad-clip 1") from None
+    finally:
+        tracker.end(status)
+    return run_dir
+
+
+def finish(trainer: Trainer, data: Sprites) -> dict[str, Path]:
+    """End of training: final pictures, sprite-quality metrics on n_eval
+    samples, metrics.json, and the checkpoint as an MLflow artifact."""
+    cfg = trainer.config
+    paths = trainer.write_pictures(trainer.epoch, final=True)
+    samples = trainer.generate(cfg.n_eval, cfg.seed + 2)
+    quality = {f"sample/{k}": v for k, v in sprite_metrics(samples, data.train, trainer.palette).items()}
+    print("sprite quality on", cfg.n_eval, "samples:", " ".join(f"{k} {v:.3f}" for k, v in quality.items()))
+    trainer.tracker.log_metrics(quality, step=trainer.epoch)
+    summary = {"epochs": trainer.epoch, "n_params": trainer.n_params(), **trainer.history[-1], **quality}
+    atomic_write_bytes(trainer.run_dir / "metrics.json", json.dumps(summary, indent=2).encode())
+    trainer.tracker.log_artifact(trainer.run_dir / "metrics.json")
+    trainer.tracker.log_artifact(trainer.ckpt_path)
+    return paths
+
+
+def load_for_sampling(strategy_cls, config_cls, checkpoint: str, overrides: dict, device: torch.device):
+    """Rebuild a trained model from a checkpoint: (strategy, eval model, palette)."""
+    state = load_checkpoint(checkpoint)
+    if state.get("strategy") != strategy_cls.name:
+        raise UserError(f"{checkpoint} is a {state.get('strategy')} checkpoint, not {strategy_cls.name}")
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    config = config_cls(**{**{k: v for k, v in state["config"].items() if k in known}, **overrides})
+    palette = state["palette"].to(device)
+    strategy = strategy_cls(config, palette)
+    model = strategy.build_model(config)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise UserError(f"{checkpoint} does not fit the model these flags build ({first}); "
+                        f"drop the architecture flags") from None
+    if state.get("ema") is not None:  # sample with the EMA weights, as training did
+        ema = torch.optim.swa_utils.AveragedModel(model, use_buffers=True)
+        ema.load_state_dict(state["ema"])
+        model = ema.module
+    return strategy, model.to(device).eval(), palette, config
+
+
+def sample_command(strategy_cls, config_cls, argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog=f"{Path(sys.argv[0]).name} sample",
+        description="Draw sprites from a trained checkpoint. Model flags given here override the checkpoint's "
+                    "config (e.g. a sampling temperature).")
+    parser.add_argument("--checkpoint", required=True, help="a checkpoints/last.pt from a run folder")
+    parser.add_argument("--n", type=int, default=64, help="number of sprites (default: %(default)s)")
+    parser.add_argument("--out", default="samples.png",
+                        help="a .png for a grid, or a directory for one 16x16 PNG per sprite (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="same seed, same sprites (default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
+    # The model's own fields (not the shared training ones) can be overridden,
+    # e.g. a sampling temperature or a number of denoising steps.
+    own = {f.name for f in dataclasses.fields(config_cls)} - {f.name for f in dataclasses.fields(TrainConfig)}
+    add_config_flags(parser.add_argument_group("model flags (override the checkpoint's config)"),
+                     config_cls, suppress_defaults=True, only=own)
+    args = parser.parse_args(argv)
+    if args.n < 1:
+        parser.error("--n must be at least 1")
+    overrides = {k: v for k, v in vars(args).items() if k in own}
+    device = select_device(args.device)
+    strategy, model, palette, _ = load_for_sampling(strategy_cls, config_cls, args.checkpoint, overrides, device)
+    gen = torch.Generator(device).manual_seed(args.seed)
+    with torch.no_grad():
+        x = torch.cat([strategy.sample(model, min(256, args.n - s), gen).float() for s in range(0, args.n, 256)])
+    check_samples(x, args.n)
+    out = Path(args.out)
+    if out.suffix.lower() == ".png":
+        save_png(make_grid(x, nrow=8, scale=4, palette=palette), out)
+        print(f"wrote {args.n} sprites to {out}")
+    else:
+        snapped = (snap_to_palette(x, palette) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        for i, sprite in enumerate(snapped):
+            save_png(Image.fromarray(sprite), out / f"{i:04d}.png")
+        print(f"wrote {args.n} PNGs (16x16) to {out}/")
+
+
+def parse_train_args(config_cls, argv: list[str]) -> TrainConfig:
+    parser = argparse.ArgumentParser(
+        description=(sys.modules[config_cls.__module__].__doc__ or "").split("\n\n")[0],
+        epilog=f"other modes: `{Path(sys.argv[0]).name} sample --help`")
+    add_config_flags(parser, config_cls)
+    args = parser.parse_args(argv)
+    values = vars(args)
+    if values.get("resume"):
+        # Resuming: the checkpoint's config, overridden by the flags given now.
+        given = vars(_given_only(config_cls, argv))
+        saved = load_checkpoint(values["resume"])["config"]
+        known = {f.name for f in dataclasses.fields(config_cls)}
+        values = {**{k: v for k, v in saved.items() if k in known}, **given, "resume": values["resume"]}
+    return make_config(config_cls, parser, values)
+
+
+def _given_only(config_cls, argv):
+    parser = argparse.ArgumentParser(add_help=False)
+    add_config_flags(parser, config_cls, suppress_defaults=True)
+    return parser.parse_args(argv)
+
+
+def main(strategy_cls, config_cls, argv: list[str] | None = None) -> None:
+    """The command line of every model file:
+        python X.py [--flag value ...]        train
+        python X.py sample --checkpoint PATH  draw sprites from a checkpoint
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv[:1] == ["sample"]:
+            sample_command(strategy_cls, config_cls, argv[1:])
+        else:
+            train(strategy_cls, parse_train_args(config_cls, argv))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("aborted (no checkpoint written for the unfinished step)", file=sys.stderr)
+        sys.exit(130)
+    except download.DataError as e:  # download.py's user-facing errors
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

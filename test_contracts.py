@@ -1,0 +1,697 @@
+"""Contract tests: `pytest test_contracts.py` (the whole suite: a few minutes on 2 cores).
+
+Two kinds of test, as the project's style asks:
+- contract tests: shapes, ranges, finite losses, determinism, reference formulas;
+- each script run as a subprocess on a tiny budget.
+Everything runs on synthetic sprites made here; tests that need the real
+Kenney tilesheet read it from ../shared/ and are skipped, with the reason, when
+it is absent.
+
+Run this file directly to train the tiny test model with the real CLI:
+`python test_contracts.py --epochs 2 --data data/sprites-colored.npz`.
+"""
+
+import dataclasses
+import hashlib
+import importlib
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+import common
+import download
+
+ROOT = Path(__file__).resolve().parent
+REAL_SHEET = ROOT.parent / "shared" / "data" / "kenney-1-bit-pack" / "colored-transparent_packed.png"
+needs_real_sheet = pytest.mark.skipif(not REAL_SHEET.exists(), reason=f"real tilesheet not at {REAL_SHEET}")
+SHEET_COLOURS = [(56, 217, 115), (60, 172, 215), (122, 68, 74), (191, 121, 88),
+                 (207, 198, 184), (230, 72, 46), (244, 180, 27)]
+
+
+# -----------------------------------------------------------------------------
+# Synthetic data: a tilesheet of one-colour shapes, prepared by download.py
+# -----------------------------------------------------------------------------
+
+
+def synthetic_sheet(cols=8, rows=8, seed=0) -> np.ndarray:
+    """An RGBA sheet of 16x16 tiles: each a random blob of one sheet colour
+    with a density drawn from 0.05 to 0.6, so the filter keeps some and drops
+    some; tile 0 is empty."""
+    rng = np.random.default_rng(seed)
+    sheet = np.zeros((rows * 16, cols * 16, 4), np.uint8)
+    for t in range(1, rows * cols):
+        r, c = divmod(t, cols)
+        n_fg = int(rng.uniform(0.05, 0.6) * 256)
+        mask = np.zeros(256, bool)
+        mask[rng.choice(256, n_fg, replace=False)] = True
+        tile = np.zeros((256, 4), np.uint8)
+        tile[mask] = (*SHEET_COLOURS[t % 7], 255)
+        sheet[r * 16:(r + 1) * 16, c * 16:(c + 1) * 16] = tile.reshape(16, 16, 4)
+    return sheet
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory) -> Path:
+    """A prepared dataset (.npz) made by download.py from a synthetic sheet."""
+    d = tmp_path_factory.mktemp("data")
+    sheet = d / "sheet.png"
+    sheet.write_bytes(png_bytes(synthetic_sheet(cols=12, rows=10)))
+    return download.prepare(source=str(sheet), out=str(d), log=lambda *a: None)
+
+
+# -----------------------------------------------------------------------------
+# download.py: slicing, filtering, the split, zips, refusals, atomic writes
+# -----------------------------------------------------------------------------
+
+REAL_SHEET_SHA256 = "801243b8b35bcfde727bd52447bcae5c2abf36b0ae2f3ac7ee54f91791575e74"
+
+# A 4 x 3 synthetic sheet: tile i draws its first COUNTS[i] pixels (reading order)
+# in one colour. 38/256 and 129/256 lie just outside the 0.15..0.50 bounds,
+# 39/256 and 128/256 (= 0.50 exactly) just inside.
+COUNTS = [0, 38, 39, 128, 129, 64, 0, 256, 1, 100, 50, 200]
+KEPT = [2, 3, 5, 9, 10]                                  # default density filter
+NON_EMPTY = [i for i, c in enumerate(COUNTS) if c > 0]   # --all
+COLOURS = [(230, 72, 46), (56, 217, 115), (60, 172, 215), (244, 180, 27)]
+
+
+def make_sheet_rgba():
+    sheet = np.zeros((3 * 16, 4 * 16, 4), np.uint8)
+    for i, count in enumerate(COUNTS):
+        tile = np.zeros((256, 4), np.uint8)
+        tile[:, :3] = (255, 0, 255)             # colour under transparent pixels: must vanish
+        tile[:count] = (*COLOURS[i % 4], 255)
+        if i == 6:
+            tile[:, 3] = 127                    # faint pixels count as background
+        row, col = divmod(i, 4)
+        sheet[row * 16:(row + 1) * 16, col * 16:(col + 1) * 16] = tile.reshape(16, 16, 4)
+    return sheet
+
+
+def make_zip(members):
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def sheet_png():
+    return png_bytes(make_sheet_rgba())
+
+
+@pytest.fixture
+def pack_zip(sheet_png):
+    decoy = png_bytes(np.full((32, 32, 4), 255, np.uint8))
+    return make_zip({"Some Folder/License.txt": b"CC0",
+                     "Some Folder/Tilesheet/colored_packed.png": decoy,
+                     "Some Folder/Tilesheet/colored-transparent_packed.png": sheet_png})
+
+
+@pytest.fixture
+def sheet_file(tmp_path, sheet_png):
+    path = tmp_path / "colored-transparent_packed.png"
+    path.write_bytes(sheet_png)
+    return path
+
+
+def quiet(*args):
+    pass
+
+
+def test_slice_tiles_count_and_row_major_order():
+    rgba = make_sheet_rgba()
+    tiles, index = download.slice_tiles(rgba)
+    assert tiles.shape == (12, 16, 16, 4) and tiles.dtype == np.uint8
+    assert index.tolist() == list(range(12))
+    assert np.array_equal(tiles[6], rgba[16:32, 32:48])      # row 1, column 2
+    assert (download.foreground(tiles).sum(axis=(1, 2)) == [0 if i == 6 else c for i, c in
+                                                            enumerate(COUNTS)]).all()
+
+
+def test_density_filter_bounds_are_inclusive_and_empty_tiles_dropped():
+    arrays, non_empty = download.build_dataset(make_sheet_rgba())
+    assert non_empty == len(NON_EMPTY) == 10   # tile 6, at alpha 127 throughout, is empty
+    assert arrays["tile_index"].tolist() == KEPT
+    assert arrays["density"].tolist() == pytest.approx([39 / 256, 0.5, 0.25, 100 / 256, 50 / 256])
+    everything, _ = download.build_dataset(make_sheet_rgba(), keep_all=True)
+    assert everything["tile_index"].tolist() == [1, 2, 3, 4, 5, 7, 8, 9, 10, 11]
+
+
+def test_composite_colours_on_black_and_mono_variant():
+    arrays, _ = download.build_dataset(make_sheet_rgba())
+    images = arrays["images"]
+    assert images.shape == (5, 16, 16, 3) and images.dtype == np.uint8
+    first = images[0].reshape(256, 3)                      # tile 2: 39 pixels
+    assert (first[:39] == COLOURS[2]).all() and (first[39:] == 0).all()
+    mono, _ = download.build_dataset(make_sheet_rgba(), variant="mono")
+    assert {tuple(c) for c in mono["images"].reshape(-1, 3)} == {(0, 0, 0), (255, 255, 255)}
+    assert (mono["images"].any(axis=3) == images.any(axis=3)).all()
+
+
+def test_split_depends_only_on_tile_index():
+    assert download.is_validation(np.arange(25)).tolist() == [i % 10 == 0 for i in range(25)]
+    few, _ = download.build_dataset(make_sheet_rgba())
+    every, _ = download.build_dataset(make_sheet_rgba(), keep_all=True)
+    split = dict(zip(every["tile_index"].tolist(), every["is_val"].tolist()))
+    assert all(split[i] == v for i, v in zip(few["tile_index"].tolist(), few["is_val"].tolist()))
+
+
+def test_sheet_found_in_zip_by_file_name(tmp_path, pack_zip, sheet_png):
+    source = tmp_path / "kenney_1-bit-pack.zip"
+    source.write_bytes(pack_zip)
+    lines = []
+    path = download.prepare(source, out=tmp_path / "out", log=lines.append)
+    assert path == tmp_path / "out" / "sprites-colored.npz"
+    assert any(hashlib.sha256(pack_zip).hexdigest() in line for line in lines)
+    with np.load(path) as data:
+        assert set(data.files) == {"images", "tile_index", "is_val", "density",
+                                   "source_sha256", "variant", "version"}
+        assert str(data["source_sha256"]) == hashlib.sha256(sheet_png).hexdigest()
+        assert str(data["variant"]) == "colored" and int(data["version"]) == 1
+        assert data["tile_index"].dtype == np.int32 and data["is_val"].dtype == bool
+        assert data["density"].dtype == np.float32
+        assert data["tile_index"].tolist() == KEPT
+    assert sorted(p.name for p in path.parent.iterdir()) == ["sprites-colored.npz",
+                                                             "sprites-colored.png"]
+    with Image.open(path.with_suffix(".png")) as preview:
+        assert preview.size == ((5 * 17 + 1) * 2, (17 + 1) * 2)
+
+
+@pytest.mark.parametrize("content, words", [
+    (make_zip({"Tilesheet/monochrome-transparent_packed.png": b"x"}),
+     "does not contain colored-transparent_packed.png; is it the 1-Bit Pack?"),
+    (b"PK\x03\x04 this zip was cut short", "not a readable zip"),
+    (b"hello, I am text", "is not an image"),
+    (png_bytes(np.zeros((20, 32, 4), np.uint8)), "is 32x20 pixels, not a grid of 16x16 tiles"),
+    (png_bytes(np.full((32, 32, 4), 255, np.uint8)), "has no transparent pixels"),
+])
+def test_bad_sources_raise_data_error(tmp_path, content, words):
+    source = tmp_path / "input.bin"
+    source.write_bytes(content)
+    with pytest.raises(download.DataError, match=words):
+        download.prepare(source, out=tmp_path / "out", log=quiet)
+    assert not (tmp_path / "out" / "sprites-colored.npz").exists()
+
+
+def test_missing_file_raises_data_error(tmp_path):
+    with pytest.raises(download.DataError, match="does not exist"):
+        download.prepare(tmp_path / "nope.zip", out=tmp_path, log=quiet)
+
+
+def test_download_refuses_a_wrong_checksum(tmp_path, monkeypatch, pack_zip):
+    monkeypatch.setattr(download, "fetch_url", lambda url, timeout=30: pack_zip)
+    with pytest.raises(download.DataError) as error:
+        download.prepare(out=tmp_path, log=quiet)
+    message = str(error.value)
+    assert "sha256" in message and download.PACK_PAGE in message
+    assert "python download.py --from PATH/TO/kenney_1-bit-pack.zip" in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_download_offline_explains_the_fallback(tmp_path, monkeypatch):
+    def offline(url, timeout=30):
+        raise urllib.error.URLError("no route to kenney.nl")
+    monkeypatch.setattr(download, "fetch_url", offline)
+    with pytest.raises(download.DataError) as error:
+        download.prepare(out=tmp_path, log=quiet)
+    message = str(error.value)
+    assert "no route to kenney.nl" in message and "\n" not in message
+    assert "https://kenney.nl/assets/1-bit-pack" in message and "--from" in message
+
+
+def test_download_with_matching_checksum_builds_once(tmp_path, monkeypatch, pack_zip):
+    calls = []
+    monkeypatch.setattr(download, "PACK_SHA256", hashlib.sha256(pack_zip).hexdigest())
+    monkeypatch.setattr(download, "fetch_url", lambda url, timeout=30: calls.append(url) or pack_zip)
+    path = download.prepare(out=tmp_path, keep_all=True, variant="mono", log=quiet)
+    assert path.name == "sprites-mono-all.npz" and calls == [download.PACK_URL]
+    lines = []
+    assert download.prepare(out=tmp_path, keep_all=True, variant="mono", log=lines.append) == path
+    assert calls == [download.PACK_URL] and "already exists" in lines[0]
+
+
+def test_failed_write_leaves_no_partial_files(tmp_path, monkeypatch, sheet_file):
+    out = tmp_path / "out"
+    good = download.prepare(sheet_file, out=out, log=quiet)
+    before = good.read_bytes()
+
+    def broken_savez(file, **arrays):
+        file.write(b"PK\x03\x04 half a dataset")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(download.np, "savez_compressed", broken_savez)
+    with pytest.raises(download.DataError, match="No space left"):
+        download.prepare(sheet_file, out=out, force=True, log=quiet)
+    with pytest.raises(download.DataError):
+        download.prepare(sheet_file, out=tmp_path / "fresh", log=quiet)
+    assert good.read_bytes() == before
+    assert list(out.glob("*.tmp")) == [] and list((tmp_path / "fresh").glob("*.tmp")) == []
+    assert list((tmp_path / "fresh").glob("*.npz")) == []
+
+
+def test_second_run_is_up_to_date_and_rewrites_nothing(tmp_path, sheet_file):
+    path = download.prepare(sheet_file, out=tmp_path, log=quiet)
+    stamp = path.stat().st_mtime_ns
+    lines = []
+    download.prepare(sheet_file, out=tmp_path, log=lines.append)
+    assert len(lines) == 1 and "up to date" in lines[0]
+    assert path.stat().st_mtime_ns == stamp
+    # A different sheet under the same name is not "up to date".
+    other = make_sheet_rgba()
+    other[:16, :16, 3] = 255                       # tile 0 becomes full
+    sheet_file.write_bytes(png_bytes(other))
+    lines = []
+    download.prepare(sheet_file, out=tmp_path, log=lines.append)
+    assert not any("up to date" in line for line in lines)
+
+
+def run_download(*args):
+    return subprocess.run([sys.executable, "download.py", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_cli_prints_summary_and_fails_cleanly(tmp_path, sheet_file):
+    done = run_download("--from", sheet_file, "--out", tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "4x3 = 12 tiles, 10 non-empty" in done.stdout
+    assert "kept: 5 colored sprites" in done.stdout and "palette (4 colours)" in done.stdout
+    assert "split: 4 train, 1 validation" in done.stdout
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not a sheet")
+    failed = run_download("--from", bad, "--out", tmp_path)
+    assert failed.returncode == 2
+    assert failed.stderr.startswith("error: ") and failed.stderr.count("\n") == 1
+    assert "Traceback" not in failed.stderr
+
+
+@needs_real_sheet
+def test_real_sheet():
+    png = REAL_SHEET.read_bytes()
+    assert hashlib.sha256(png).hexdigest() == REAL_SHEET_SHA256
+    rgba = download.load_sheet(png)
+    assert rgba.shape == (352, 784, 4) and set(np.unique(rgba[..., 3])) == {0, 255}
+    assert len(download.slice_tiles(rgba)[0]) == 1078
+    focused, non_empty = download.build_dataset(rgba)
+    assert non_empty == 1077 and len(focused["images"]) == 873
+    assert int(focused["is_val"].sum()) == 81
+    everything, _ = download.build_dataset(rgba, keep_all=True)
+    assert len(everything["images"]) == 1077 and int(everything["is_val"].sum()) == 107
+    colours = {tuple(c) for c in np.unique(focused["images"].reshape(-1, 3), axis=0).tolist()}
+    assert colours == {(0, 0, 0), *SHEET_COLOURS}
+
+
+# -----------------------------------------------------------------------------
+# A tiny strategy that satisfies the protocol: it drives the Trainer in tests
+# -----------------------------------------------------------------------------
+
+
+@dataclass
+class TinyConfig(common.TrainConfig):
+    hidden: int = 32
+    # width of the tiny denoising autoencoder
+    nan_at_step: int = 0
+    # return a NaN loss at this training step (0 = never): tests the NaN guard
+    interrupt_at_step: int = 0
+    # send ourselves Ctrl-C (SIGINT) at this step (0 = never): tests interruption
+
+
+class TinyStrategy:
+    """A denoising autoencoder on flattened sprites: small, fast, and its loss
+    falls quickly, which is all the Trainer tests need."""
+
+    name = "tiny"
+
+    def __init__(self, config, palette):
+        self.config, self.palette, self.calls = config, palette, 0
+
+    def build_model(self, config):
+        return nn.Sequential(nn.Flatten(), nn.Linear(768, config.hidden), nn.ReLU(), nn.Linear(config.hidden, 768))
+
+    def train_step(self, model, batch):
+        self.calls += 1
+        x = common.to_model_range(batch)
+        y = model(x + 0.1 * torch.randn_like(x)).view(-1, 3, 16, 16)  # uses the global RNG, as models do
+        loss = ((y - x) ** 2).mean()
+        if self.calls == self.config.nan_at_step:
+            loss = loss * float("nan")
+        if self.calls == self.config.interrupt_at_step:
+            os.kill(os.getpid(), signal.SIGINT)
+        return {"loss": loss, "abs_err": (y - x).abs().mean()}
+
+    def sample(self, model, n, generator):
+        z = torch.randn(n, 3, 16, 16, generator=generator, device=generator.device)
+        return common.from_model_range(torch.tanh(model(z).view(n, 3, 16, 16)))
+
+    def get_metrics(self, model, batch):
+        x = common.to_model_range(batch)
+        return {"loss": float(((model(x).view(-1, 3, 16, 16) - x) ** 2).mean())}
+
+
+def tiny_config(dataset, tmp_path, **kw) -> TinyConfig:
+    base = dict(epochs=2, batch_size=16, lr=3e-3, data=str(dataset), out=str(tmp_path / "run"),
+                mlflow=False, sample_every=0, n_samples=8, n_eval=16, device="cpu")
+    return TinyConfig(**{**base, **kw})
+
+
+def params_of(run_dir: Path) -> dict:
+    return common.load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
+
+
+# -----------------------------------------------------------------------------
+# Palette: k-means++ and snapping
+# -----------------------------------------------------------------------------
+
+
+def test_kmeans_recovers_a_known_palette():
+    # 8 colours, black dominant (as in sprites), each pixel jittered by +-1.
+    rng = np.random.default_rng(1)
+    truth = np.array([(0, 0, 0)] + SHEET_COLOURS, float)
+    counts = [5000] + [300] * 7
+    pixels = np.concatenate([np.repeat(truth[i:i + 1], c, 0) for i, c in enumerate(counts)])
+    pixels = np.clip(pixels + rng.integers(-1, 2, pixels.shape), 0, 255)
+    palette = common.kmeans_palette(pixels, k=8, seed=0)
+    assert palette.shape == (8, 3) and palette.dtype == np.uint8
+    assert tuple(palette[0]) == (0, 0, 0) or np.abs(palette[0].astype(int)).max() <= 1  # most pixels first
+    for colour in truth:  # every true colour has a centroid within 1 level
+        assert np.abs(palette.astype(float) - colour).max(1).min() <= 1, colour
+    assert np.array_equal(palette, common.kmeans_palette(pixels, k=8, seed=0))  # deterministic
+
+
+def test_snap_picks_the_nearest_colour():
+    palette = torch.tensor([[0.0, 0, 0], [1.0, 0, 0], [0.0, 0, 1]])
+    x = torch.tensor([[0.1, 0.1, 0.0], [0.8, 0.3, 0.1], [0.2, 0.1, 0.7], [0.49, 0.0, 0.0]])  # 4 pixels
+    images = x.T.reshape(1, 3, 1, 4)  # (1, 3, 1, 4)
+    snapped = common.snap_to_palette(images, palette)
+    assert snapped.shape == images.shape
+    assert common.palette_index(images, palette).flatten().tolist() == [0, 1, 2, 0]
+    assert torch.equal(snapped[0, :, 0, 1], palette[1])
+
+
+@needs_real_sheet
+def test_kmeans_on_the_real_sheet_finds_black_and_the_seven_colours():
+    rgba = download.load_sheet(REAL_SHEET.read_bytes())
+    tiles, _ = download.slice_tiles(rgba)
+    rgb = np.where(tiles[..., 3:] >= 128, tiles[..., :3], 0)
+    palette = common.kmeans_palette(rgb.reshape(-1, 3), k=8, seed=0).astype(int)
+    assert tuple(palette[0]) == (0, 0, 0)
+    for colour in SHEET_COLOURS:
+        assert np.abs(palette - np.array(colour)).max(1).min() <= 2, colour
+
+
+# -----------------------------------------------------------------------------
+# Data helpers, pictures, metrics
+# -----------------------------------------------------------------------------
+
+
+def test_load_sprites_split_and_ranges(dataset):
+    data = common.load_sprites(dataset, torch.device("cpu"))
+    with np.load(dataset) as npz:
+        n_val = int(npz["is_val"].sum())
+        n = len(npz["images"])
+    assert data.train.shape == (n - n_val, 3, 16, 16) and data.val.shape == (n_val, 3, 16, 16)
+    assert data.train.dtype == torch.float32 and 0 <= data.train.min() and data.train.max() <= 1
+    assert data.palette.shape == (8, 3)
+    x = data.train[:4]
+    assert torch.allclose(common.from_model_range(common.to_model_range(x)), x)
+    with pytest.raises(AssertionError, match=r"\[0, 1\]"):
+        common.to_model_range(x * 2)
+
+
+def test_missing_custom_dataset_is_one_clear_error(tmp_path):
+    with pytest.raises(common.UserError, match="download.py"):
+        common.load_sprites(tmp_path / "nope.npz", torch.device("cpu"))
+
+
+def test_hflip_mirrors_about_half_and_is_seeded():
+    x = torch.arange(64 * 3 * 16 * 16, dtype=torch.float32).view(64, 3, 16, 16)
+    a = common.random_hflip(x, torch.Generator().manual_seed(0))
+    b = common.random_hflip(x, torch.Generator().manual_seed(0))
+    assert torch.equal(a, b)
+    flipped = (a != x).flatten(1).any(1)
+    assert 16 < flipped.sum() < 48
+    assert torch.equal(a[flipped], x[flipped].flip(-1))
+
+
+def test_grid_has_gutters_and_scale():
+    img = common.make_grid(torch.rand(10, 3, 16, 16), nrow=8, scale=4)
+    assert img.size == ((8 * 17 + 1) * 4, (2 * 17 + 1) * 4)
+    assert img.getpixel((0, 0)) == (48, 48, 48)  # gutter
+
+
+def test_sprite_metrics_on_real_sprites_and_on_noise(dataset):
+    data = common.load_sprites(dataset, torch.device("cpu"))
+    real = common.sprite_metrics(data.train, data.train, data.palette)
+    assert real["palette_distance"] < 1e-3
+    assert real["one_colour_rate"] == 1.0 and real["density_in_range"] == 1.0
+    assert real["near_copy_rate"] == 1.0 and real["precision"] == 1.0
+    noise = common.sprite_metrics(torch.rand(64, 3, 16, 16, generator=torch.Generator().manual_seed(0)),
+                                  data.train, data.palette)
+    assert noise["palette_distance"] > 20 and noise["near_copy_rate"] == 0.0 and noise["one_colour_rate"] == 0.0
+    assert noise["unique_rate"] == 1.0
+    dup = common.sprite_metrics(data.train[:1].repeat(10, 1, 1, 1), data.train, data.palette)
+    assert dup["unique_rate"] == pytest.approx(0.1)
+
+
+def test_knn_precision_recall_reference_values():
+    # 1-D worked example: real points 0..9 (k=1 radius 1 each); fakes at 0.5
+    # (inside), 20 and 30 (outside): precision 1/3. The fake set's radii are
+    # 19.5, 10, 10, so every real point lies within 19.5 of the fake at 0.5.
+    real = torch.arange(10.0)[:, None]
+    fake = torch.tensor([[0.5], [20.0], [30.0]])
+    precision, recall = common._knn_precision_recall(real, fake, k=1)
+    assert precision == pytest.approx(1 / 3) and recall == 1.0
+
+
+# -----------------------------------------------------------------------------
+# Config -> argparse
+# -----------------------------------------------------------------------------
+
+
+def test_every_config_field_has_help_text():
+    for cls in [common.TrainConfig, TinyConfig] + [m.Config for m in model_modules()]:
+        helps = common.field_help(cls)
+        missing = [f.name for f in dataclasses.fields(cls) if not helps.get(f.name)]
+        assert not missing, f"{cls.__module__}.{cls.__name__}: no comment under {missing}"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--device", "tpu"], "unknown --device"),
+    (["--lr", "abc"], "invalid float value"),
+])
+def test_parser_refuses_bad_values(flags, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        common.parse_train_args(TinyConfig, flags)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_help_lists_every_flag_with_its_meaning():
+    out = subprocess.run([sys.executable, "test_contracts.py", "--help"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120).stdout
+    for f in dataclasses.fields(TinyConfig):
+        assert "--" + f.name.replace("_", "-") in out
+    assert "sprites per optimizer step (default: 64)" in re.sub(r"\s+", " ", out)
+
+
+# -----------------------------------------------------------------------------
+# The Trainer, driven end to end by the tiny strategy
+# -----------------------------------------------------------------------------
+
+
+def test_trainer_reduces_the_loss_and_writes_outputs(dataset, tmp_path):
+    run = common.train(TinyStrategy, tiny_config(dataset, tmp_path, epochs=6, sample_every=3, ema_decay=0.9))
+    metrics = json.loads((run / "metrics.json").read_text())
+    state = common.load_checkpoint(run / "checkpoints" / "last.pt")
+    history = state["history"]
+    assert len(history) == 6 and history[-1]["train/loss"] < 0.7 * history[0]["train/loss"]
+    assert history[-1]["val/loss"] < history[0]["val/loss"]
+    assert (run / "samples" / "epoch_0003.png").exists() and (run / "samples" / "final.png").exists()
+    for key in ("sample/palette_distance", "sample/precision", "sample/near_copy_rate", "val/loss"):
+        assert key in metrics and np.isfinite(metrics[key])
+    assert state["ema"] is not None and state["epoch"] == 6
+
+
+def test_same_seed_same_losses_and_samples(dataset, tmp_path):
+    a = common.train(TinyStrategy, tiny_config(dataset, tmp_path / "a"))
+    b = common.train(TinyStrategy, tiny_config(dataset, tmp_path / "b"))
+    ha, hb = (common.load_checkpoint(r / "checkpoints" / "last.pt")["history"] for r in (a, b))
+    assert [h["train/loss"] for h in ha] == [h["train/loss"] for h in hb]
+    assert Image.open(a / "samples" / "final.png").tobytes() == Image.open(b / "samples" / "final.png").tobytes()
+
+
+def test_resume_at_an_epoch_boundary_equals_an_uninterrupted_run(dataset, tmp_path):
+    full = common.train(TinyStrategy, tiny_config(dataset, tmp_path / "full", epochs=3, ema_decay=0.9))
+    part = common.train(TinyStrategy, tiny_config(dataset, tmp_path / "part", epochs=1, ema_decay=0.9))
+    resumed = common.train(TinyStrategy, tiny_config(dataset, tmp_path / "part", epochs=3, ema_decay=0.9,
+                                                     resume=str(part / "checkpoints" / "last.pt")))
+    a, b = params_of(full), params_of(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ctrl_c_mid_epoch_saves_a_checkpoint_that_resumes_exactly(dataset, tmp_path):
+    full = common.train(TinyStrategy, tiny_config(dataset, tmp_path / "full", epochs=2))
+    cfg = tiny_config(dataset, tmp_path / "cut", epochs=2, interrupt_at_step=3)
+    cut = common.train(TinyStrategy, cfg)  # SIGINT at step 3 of epoch 1
+    state = common.load_checkpoint(cut / "checkpoints" / "last.pt")
+    assert state["epoch"] == 0 and state["resume_batch"] == 3
+    resumed = common.train(TinyStrategy, dataclasses.replace(cfg, interrupt_at_step=0,
+                                                             resume=str(cut / "checkpoints" / "last.pt")))
+    a, b = params_of(full), params_of(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(dataset, tmp_path):
+    n_batches = -(-int((~np.load(dataset)["is_val"]).sum()) // 16)
+    cfg = tiny_config(dataset, tmp_path, epochs=3, nan_at_step=n_batches + 2)  # in epoch 2
+    with pytest.raises(common.UserError, match=r"nan in epoch 2.*last good checkpoint.*epoch 1"):
+        common.train(TinyStrategy, cfg)
+    state = common.load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_a_run_folder_is_never_overwritten(dataset, tmp_path):
+    common.train(TinyStrategy, tiny_config(dataset, tmp_path, epochs=1))
+    with pytest.raises(common.UserError, match="already holds a run"):
+        common.train(TinyStrategy, tiny_config(dataset, tmp_path, epochs=1))
+
+
+def test_checkpoint_loads_with_weights_only_and_refuses_garbage(dataset, tmp_path):
+    run = common.train(TinyStrategy, tiny_config(dataset, tmp_path, epochs=1))
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert {"model", "optimizer", "epoch", "torch_rng", "config", "palette"} <= set(state)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(common.UserError, match="cannot load checkpoint"):
+        common.load_checkpoint(bad)
+
+
+def test_mlflow_run_can_be_read_back(dataset, tmp_path, monkeypatch):
+    db = tmp_path / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    monkeypatch.chdir(tmp_path)
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{db}")
+    run_dir = common.train(TinyStrategy, tiny_config(dataset, tmp_path, epochs=2, sample_every=1, mlflow=True))
+    run_id = common.load_checkpoint(run_dir / "checkpoints" / "last.pt")["mlflow_run_id"]
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["batch_size"] == "16" and run.data.params["hidden"] == "32"
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1, 2]
+    assert len(client.get_metric_history(run_id, "train/loss_step")) > 2
+    assert "sample/precision" in run.data.metrics
+    artifacts = [a.path for a in client.list_artifacts(run_id)]
+    assert "images" in artifacts and "last.pt" in artifacts
+    assert run.inputs.dataset_inputs, "dataset not logged"
+
+
+def test_unreachable_mlflow_server_fails_fast_in_one_line():
+    t0 = time.time()
+    with pytest.raises(common.UserError, match="unreachable.*--no-mlflow"):
+        common.check_server("http://127.0.0.1:9", tries=2, timeout=1)
+    assert time.time() - t0 < 10
+
+
+def test_mlflow_failure_mid_run_only_warns(capsys):
+    tracker = common.Tracker(False, "", "")
+    tracker.run_id = "fake"  # pretend a run is open, then make every call fail
+
+    def boom(*a, **k):
+        raise ConnectionError("server went away")
+    tracker.mlflow = type("M", (), {"log_metrics": boom})()
+    tracker.log_metrics({"train/loss": 1.0}, step=1)
+    tracker.log_metrics({"train/loss": 1.0}, step=2)
+    out = capsys.readouterr().out
+    assert out.count("warning: MLflow log_metrics failed") == 1
+
+
+# -----------------------------------------------------------------------------
+# The CLI as a user runs it (subprocesses)
+# -----------------------------------------------------------------------------
+
+
+def run_cli(args, **kw):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600, **kw)
+
+
+def test_cli_train_sample_and_real_ctrl_c(dataset, tmp_path):
+    out = tmp_path / "run"
+    flags = ["--data", str(dataset), "--out", str(out), "--no-mlflow", "--batch-size", "8", "--device", "cpu"]
+    # A real Ctrl-C: start a long run, wait for its first epoch line, send SIGINT.
+    proc = subprocess.Popen([sys.executable, "test_contracts.py", "--epochs", "1000", *flags], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("epoch"):
+            proc.send_signal(signal.SIGINT)
+            break
+    rest, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "Resume with: --resume" in rest and "Traceback" not in err
+    state = common.load_checkpoint(out / "checkpoints" / "last.pt")
+    assert 1 <= state["epoch"] < 1000
+    # Resume with a smaller budget that finishes right away.
+    r = run_cli(["test_contracts.py", "--resume", str(out / "checkpoints" / "last.pt"),
+                 "--epochs", str(state["epoch"] + 1)])
+    assert r.returncode == 0, r.stderr
+    assert "resuming from" in r.stdout and "sprite quality" in r.stdout
+    # Sampling mode: a grid, and a folder of 16x16 PNGs.
+    ckpt = str(out / "checkpoints" / "last.pt")
+    r = run_cli(["test_contracts.py", "sample", "--checkpoint", ckpt, "--n", "10", "--out", str(tmp_path / "g.png")])
+    assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / "g.png").size == ((8 * 17 + 1) * 4, (2 * 17 + 1) * 4)
+    r = run_cli(["test_contracts.py", "sample", "--checkpoint", ckpt, "--n", "3", "--out", str(tmp_path / "each")])
+    assert r.returncode == 0, r.stderr
+    pngs = sorted((tmp_path / "each").glob("*.png"))
+    assert len(pngs) == 3 and Image.open(pngs[0]).size == (16, 16)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["sample", "--checkpoint", "missing.pt"], "checkpoint missing.pt not found"),
+    (["--data", "missing.npz", "--no-mlflow"], "dataset missing.npz not found"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+])
+def test_cli_bad_input_is_one_line(args, message):
+    r = run_cli(["test_contracts.py", *args])
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+# -----------------------------------------------------------------------------
+# Every model file: the same contract checks
+# -----------------------------------------------------------------------------
+# A model file joins these tests by existing: vae.py, vqvae.py, diffusion.py.
+# TINY holds a configuration small enough for a few seconds on 2 cores.
+
+MODEL_FILES = ["vae", "vqvae", "diffusion"]
+TINY: dict[str, dict] = {}
+
+
+def model_modules():
+    return [importlib.import_module(m) for m in MODEL_FILES if (ROOT / f"{m}.py").exists()]
+
+
+if __name__ == "__main__":
+    common.main(TinyStrategy, TinyConfig)
