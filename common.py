@@ -262,7 +262,8 @@ def random_hflip(x: Tensor, generator: torch.Generator) -> Tensor:
 # -----------------------------------------------------------------------------
 
 
-def kmeans_palette(pixels: np.ndarray, k: int = 8, seed: int = 0, iters: int = 50) -> np.ndarray:
+def kmeans_palette(pixels: np.ndarray, k: int = 8, seed: int = 0, iters: int = 50,
+                   init: str = "k-means++") -> np.ndarray:
     """Cluster RGB pixels (M, 3) into k colours, (k, 3) uint8, sorted by how
     many pixels they hold.
 
@@ -273,17 +274,22 @@ def kmeans_palette(pixels: np.ndarray, k: int = 8, seed: int = 0, iters: int = 5
     nearest centre chosen so far. With plain random initialisation most
     centres start on the black background (70% of all pixels) and several of
     the sprite colours are never found; k-means++ almost never picks a
-    colour that is already covered."""
+    colour that is already covered. `init="random"` (k random pixels) is kept
+    to show that failure (docs/learn/01-data-pipeline.md)."""
+    assert init in ("k-means++", "random"), f"unknown init {init!r}"
     colours, counts = np.unique(np.asarray(pixels, dtype=np.float64).reshape(-1, 3), axis=0, return_counts=True)
     weights = counts / counts.sum()
     rng = np.random.default_rng(seed)
     k_eff = min(k, len(colours))
-    centres = [colours[rng.choice(len(colours), p=weights)]]
-    for _ in range(1, k_eff):
-        d2 = ((colours[:, None, :] - np.array(centres)[None]) ** 2).sum(-1).min(1)  # (C,)
-        p = weights * d2
-        centres.append(colours[rng.choice(len(colours), p=p / p.sum())])
-    centres = np.array(centres)  # (k, 3)
+    if init == "random":
+        centres = colours[rng.choice(len(colours), size=k_eff, p=weights)]  # (k, 3)
+    else:
+        centres = [colours[rng.choice(len(colours), p=weights)]]
+        for _ in range(1, k_eff):
+            d2 = ((colours[:, None, :] - np.array(centres)[None]) ** 2).sum(-1).min(1)  # (C,)
+            p = weights * d2
+            centres.append(colours[rng.choice(len(colours), p=p / p.sum())])
+        centres = np.array(centres)  # (k, 3)
     for _ in range(iters):  # Lloyd's iterations on weighted colours
         assign = ((colours[:, None, :] - centres[None]) ** 2).sum(-1).argmin(1)  # (C,)
         new = np.array([np.average(colours[assign == j], axis=0, weights=counts[assign == j])
@@ -431,6 +437,13 @@ class Strategy(Protocol):
       images(model, val, generator) -> dict  name -> (sprites (N, 3, 16, 16)
                                               in [0, 1], sprites per row):
                                               extra pictures per sample grid
+      total_epochs(config) -> int             epochs the Trainer runs in all, for a
+                                              strategy that trains in stages (vqvae.py:
+                                              the VQ-VAE, then its prior); default
+                                              config.epochs
+      on_train_end(model, train) -> dict      extra end-of-run metrics, full names
+                                              (e.g. sample_random/precision): printed,
+                                              logged and written to metrics.json
     """
 
     name: str  # "vae", "vqvae", ...: names the run folder and MLflow experiment
@@ -477,12 +490,17 @@ class Tracker:
         import mlflow
 
         self.mlflow = mlflow
-        mlflow.set_experiment(experiment)
+        # Inside an open run (compare.py's parent run) this run becomes its
+        # nested child, in the parent's experiment.
+        nested = mlflow.active_run() is not None
+        if not nested:
+            mlflow.set_experiment(experiment)
         try:
-            run = mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(run_name=run_name)
+            run = (mlflow.start_run(run_id=run_id, nested=nested) if run_id
+                   else mlflow.start_run(run_name=run_name, nested=nested))
         except Exception as e:  # e.g. resuming a run that lives in another store
             print(f"warning: cannot reopen MLflow run {run_id} ({e}); starting a new one")
-            run = mlflow.start_run(run_name=run_name)
+            run = mlflow.start_run(run_name=run_name, nested=nested)
         self.run_id = run.info.run_id
         print(f"MLflow: run {self.run_id} in experiment '{experiment}' at {mlflow.get_tracking_uri()}")
 
@@ -605,6 +623,8 @@ class Trainer:
         self.augment = augment if config.flip else None
         self.device = train_data.device
         self.ckpt_path = self.run_dir / "checkpoints" / "last.pt"
+        # All epochs of the run: config.epochs, unless the strategy trains in stages.
+        self.epochs = strategy.total_epochs(config) if hasattr(strategy, "total_epochs") else config.epochs
 
         self.model = strategy.build_model(config).to(self.device)
         # torch.compile wraps the model; checkpoints always hold the original.
@@ -626,7 +646,9 @@ class Trainer:
         self.epoch_gen_state = self.data_gen.get_state()
         self.epoch_sums: dict[str, float] = {}
         self.history: list[dict] = []  # one dict of metrics per epoch
+        self.train_seconds = 0.0       # wall time spent in fit(), summed over resumes
         self.stop_requested = False
+        self._fit_start = None
 
     @property
     def eval_model(self) -> nn.Module:
@@ -650,6 +672,7 @@ class Trainer:
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "config": dataclasses.asdict(self.config), "strategy": self.strategy.name,
             "palette": self.palette.cpu(), "history": self.history, "mlflow_run_id": self.tracker.run_id,
+            "train_seconds": self.train_seconds + (time.time() - self._fit_start if self._fit_start else 0.0),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -660,6 +683,7 @@ class Trainer:
         self.epoch, self.step, self.resume_batch = state["epoch"], state["step"], state["resume_batch"]
         self.epoch_gen_state, self.epoch_sums = state["epoch_gen_state"], state["epoch_sums"]
         self.history = state["history"]
+        self.train_seconds = state.get("train_seconds", 0.0)
         self.data_gen.set_state(state["data_gen_state"])
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] and torch.cuda.is_available():
@@ -679,8 +703,9 @@ class Trainer:
         n_batches = math.ceil(n / cfg.batch_size)
         previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
         t_start, epochs_timed = time.time(), 0
+        self._fit_start = t_start
         try:
-            for epoch in range(self.epoch + 1, cfg.epochs + 1):
+            for epoch in range(self.epoch + 1, self.epochs + 1):
                 t0 = time.time()
                 if self.resume_batch == 0:  # a fresh epoch: remember where its shuffle began
                     self.epoch_gen_state, self.epoch_sums = self.data_gen.get_state(), {}
@@ -721,15 +746,17 @@ class Trainer:
                 self.tracker.log_metrics(metrics, step=epoch)
                 epochs_timed += 1
                 elapsed = time.time() - t_start
-                eta = elapsed / epochs_timed * (cfg.epochs - epoch)
+                eta = elapsed / epochs_timed * (self.epochs - epoch)
                 print(self.progress_line(epoch, metrics, elapsed, eta), flush=True)
-                if cfg.sample_every and epoch % cfg.sample_every == 0 and epoch < cfg.epochs:
+                if cfg.sample_every and epoch % cfg.sample_every == 0 and epoch < self.epochs:
                     self.write_pictures(epoch)
                 if self.stop_requested:
                     print(f"interrupted after epoch {epoch}; checkpoint saved. Resume with: --resume {self.ckpt_path}")
                     return self.history
         finally:
             signal.signal(signal.SIGINT, previous_handler)
+            self.train_seconds += time.time() - t_start
+            self._fit_start = None
         return self.history
 
     def train_step(self, batch: Tensor, epoch: int, i: int) -> dict[str, float]:
@@ -820,10 +847,10 @@ class Trainer:
         return paths
 
     def progress_line(self, epoch: int, metrics: dict, elapsed: float, eta: float) -> str:
-        width = len(str(self.config.epochs))
+        width = len(str(self.epochs))
         shown = [f"{k} {v:.4g}" for k, v in metrics.items()
                  if k != "train/images_per_sec" and not k.endswith("_step") and "grad_norm" not in k]
-        return (f"epoch {epoch:>{width}}/{self.config.epochs} | " + " ".join(shown) +
+        return (f"epoch {epoch:>{width}}/{self.epochs} | " + " ".join(shown) +
                 f" | {metrics['train/images_per_sec']:.0f} img/s | {fmt_time(elapsed)} elapsed, ETA {fmt_time(eta)}")
 
 
@@ -905,8 +932,16 @@ def finish(trainer: Trainer, data: Sprites) -> dict[str, Path]:
     samples = trainer.generate(cfg.n_eval, cfg.seed + 2)
     quality = {f"sample/{k}": v for k, v in sprite_metrics(samples, data.train, trainer.palette).items()}
     print("sprite quality on", cfg.n_eval, "samples:", " ".join(f"{k} {v:.3f}" for k, v in quality.items()))
+    hook = getattr(trainer.strategy, "on_train_end", None)
+    if hook:  # e.g. vqvae.py scores its second sampler too
+        trainer.eval_model.eval()
+        with torch.no_grad(), torch.random.fork_rng(devices=[trainer.device] if trainer.device.type == "cuda" else []):
+            extra = hook(trainer.eval_model, data.train)
+        print("end-of-run metrics:", " ".join(f"{k} {v:.3f}" for k, v in extra.items()))
+        quality.update(extra)
     trainer.tracker.log_metrics(quality, step=trainer.epoch)
-    summary = {"epochs": trainer.epoch, "n_params": trainer.n_params(), **trainer.history[-1], **quality}
+    summary = {"epochs": trainer.epoch, "n_params": trainer.n_params(), "train_seconds": trainer.train_seconds,
+               **trainer.history[-1], **quality}
     atomic_write_bytes(trainer.run_dir / "metrics.json", json.dumps(summary, indent=2).encode())
     trainer.tracker.log_artifact(trainer.run_dir / "metrics.json")
     trainer.tracker.log_artifact(trainer.ckpt_path)

@@ -419,6 +419,17 @@ def test_kmeans_on_the_real_sheet_finds_black_and_the_seven_colours():
         assert np.abs(palette - np.array(colour)).max(1).min() <= 2, colour
 
 
+@needs_real_sheet
+def test_random_initialisation_wastes_centres_on_black(tmp_path):
+    """The failure k-means++ exists to avoid (docs/learn/01-data-pipeline.md)."""
+    rgba = download.load_sheet(REAL_SHEET.read_bytes())
+    arrays, _ = download.build_dataset(rgba)
+    pixels = arrays["images"][~arrays["is_val"]].reshape(-1, 3)
+    palette = common.kmeans_palette(pixels, k=8, seed=0, init="random").astype(int)
+    found = sum(np.abs(palette - np.array(c)).max(1).min() <= 2 for c in SHEET_COLOURS)
+    assert found < 7 and (palette.sum(1) <= 3).sum() >= 3
+
+
 # -----------------------------------------------------------------------------
 # Data helpers, pictures, metrics
 # -----------------------------------------------------------------------------
@@ -685,12 +696,130 @@ def test_cli_bad_input_is_one_line(args, message):
 # A model file joins these tests by existing: vae.py, vqvae.py, diffusion.py.
 # TINY holds a configuration small enough for a few seconds on 2 cores.
 
+# -----------------------------------------------------------------------------
+# Docs: every relative link and image in README.md and docs/ resolves
+# -----------------------------------------------------------------------------
+
+
+def test_relative_links_and_images_resolve():
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    broken = []
+    for page in pages:
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)  # links inside code blocks are examples
+        for target in re.findall(r"\]\(([^)\s]+)\)", text) + re.findall(r'<img[^>]+src="([^"]+)"', text):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue  # a web address or an anchor on the same page
+            if not (page.parent / target.split("#")[0]).exists():
+                broken.append(f"{page.relative_to(ROOT)} -> {target}")
+    assert not broken, broken
+
+
 MODEL_FILES = ["vae", "vqvae", "diffusion"]
 TINY: dict[str, dict] = {}
 
 
 def model_modules():
     return [importlib.import_module(m) for m in MODEL_FILES if (ROOT / f"{m}.py").exists()]
+
+
+def strategy_of(module):
+    """The Strategy class of a model file: the class whose `name` is the file's name."""
+    found = [v for v in vars(module).values()
+             if isinstance(v, type) and getattr(v, "name", None) == module.__name__ and hasattr(v, "train_step")]
+    assert len(found) == 1, f"{module.__name__}.py must define exactly one Strategy with name = {module.__name__!r}"
+    return found[0]
+
+
+MODELS = [m for m in MODEL_FILES if (ROOT / f"{m}.py").exists()]
+needs_models = pytest.mark.skipif(not MODELS, reason="no model file written yet")
+
+
+@pytest.fixture(params=MODELS or ["none"])
+def model(request, dataset):
+    """(module, Strategy class, tiny Config, palette, fixed batch) for each model file."""
+    if request.param == "none":
+        pytest.skip("no model file written yet")
+    module = importlib.import_module(request.param)
+    config = module.Config(**{**TINY[request.param], "data": str(dataset), "device": "cpu", "mlflow": False})
+    data = common.load_sprites(dataset, torch.device("cpu"))
+    return module, strategy_of(module), config, data.palette, data.train[:16]
+
+
+def test_model_contract_shapes_dtype_range(model):
+    module, cls, config, palette, batch = model
+    strategy = cls(config, palette)
+    torch.manual_seed(0)
+    net = strategy.build_model(config)
+    out = strategy.train_step(net, batch)
+    assert out["loss"].shape == () and torch.isfinite(out["loss"]) and out["loss"].requires_grad
+    assert all(torch.as_tensor(v).numel() == 1 for v in out.values())
+    net.eval()
+    with torch.no_grad():
+        x = strategy.sample(net, 5, torch.Generator().manual_seed(0))
+        metrics = strategy.get_metrics(net, batch)
+    assert x.shape == (5, 3, 16, 16) and x.dtype == torch.float32
+    assert torch.isfinite(x).all() and x.min() >= 0 and x.max() <= 1
+    assert metrics and all(np.isfinite(float(v)) for v in metrics.values())
+
+
+def test_model_is_deterministic_under_a_seed(model):
+    module, cls, config, palette, batch = model
+    results = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        strategy = cls(config, palette)
+        net = strategy.build_model(config)
+        loss = float(strategy.train_step(net, batch)["loss"])
+        net.eval()
+        with torch.no_grad():
+            x = strategy.sample(net, 4, torch.Generator().manual_seed(7))
+        results.append((loss, x))
+    assert results[0][0] == results[1][0]
+    assert torch.equal(results[0][1], results[1][1])
+
+
+def test_model_train_steps_reduce_the_loss_on_a_fixed_batch(model):
+    module, cls, config, palette, batch = model
+    torch.manual_seed(0)
+    strategy = cls(config, palette)
+    net = strategy.build_model(config)
+    opt = torch.optim.AdamW(net.parameters(), lr=config.lr)
+
+    def fixed_loss():  # same noise every time, so the comparison is about the weights
+        with torch.random.fork_rng():
+            torch.manual_seed(123)
+            return float(strategy.train_step(net, batch)["loss"])
+
+    before = fixed_loss()
+    for _ in range(30):
+        loss = strategy.train_step(net, batch)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = fixed_loss()
+    assert after < 0.9 * before, (before, after)
+
+
+def tiny_flags(name: str) -> list[str]:
+    flags = []
+    for k, v in TINY[name].items():
+        flag = "--" + k.replace("_", "-")
+        flags += ([flag] if v else ["--no-" + k.replace("_", "-")]) if isinstance(v, bool) else [flag, str(v)]
+    return flags
+
+
+def test_model_script_runs_and_samples_as_a_subprocess(model, dataset, tmp_path):
+    module, *_ = model
+    name = module.__name__
+    r = run_cli([f"{name}.py", *tiny_flags(name), "--epochs", "1", "--data", str(dataset),
+                 "--out", str(tmp_path / "run"), "--no-mlflow", "--device", "cpu"])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "parameters" in r.stdout and "epoch 1/1" in r.stdout and "sprite quality" in r.stdout
+    assert (tmp_path / "run" / "samples" / "final.png").exists()
+    r = run_cli([f"{name}.py", "sample", "--checkpoint", str(tmp_path / "run" / "checkpoints" / "last.pt"),
+                 "--n", "4", "--out", str(tmp_path / "grid.png")])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert Image.open(tmp_path / "grid.png").size == ((4 * 17 + 1) * 4, (1 * 17 + 1) * 4)
 
 
 if __name__ == "__main__":
