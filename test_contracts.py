@@ -16,6 +16,7 @@ import hashlib
 import importlib
 import io
 import json
+import math
 import os
 import re
 import signal
@@ -35,6 +36,7 @@ from PIL import Image
 
 import common
 import download
+import vae
 
 ROOT = Path(__file__).resolve().parent
 REAL_SHEET = ROOT.parent / "shared" / "data" / "kenney-1-bit-pack" / "colored-transparent_packed.png"
@@ -697,6 +699,196 @@ def test_cli_bad_input_is_one_line(args, message):
 # TINY holds a configuration small enough for a few seconds on 2 cores.
 
 # -----------------------------------------------------------------------------
+# vae.py
+# -----------------------------------------------------------------------------
+
+MODES = ["mse", "bce", "ce"]
+
+
+def run_cli_args(script, *args):
+    return run_cli([script, *map(str, args)])
+
+
+@pytest.fixture(scope="module")
+def sprites(dataset):
+    return common.load_sprites(dataset, torch.device("cpu"))
+
+
+def tiny_vae_config(dataset, tmp_path, **kw) -> vae.Config:
+    base = dict(epochs=1, data=str(dataset), out=str(tmp_path / "run"), mlflow=False, device="cpu",
+                sample_every=0, n_samples=8, n_eval=16)
+    return vae.Config(**{**base, **TINY["vae"], **kw})
+
+
+def tiny_strategy(sprites, **kw):
+    torch.manual_seed(0)
+    cfg = vae.Config(**{**TINY["vae"], **kw})
+    strategy = vae.VAEStrategy(cfg, sprites.palette)
+    return strategy, strategy.build_model(cfg)
+
+
+# -----------------------------------------------------------------------------
+# Contract checks
+# -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_vae_strategy_contract(sprites, mode):
+    strategy, model = tiny_strategy(sprites, recon_loss=mode)
+    batch = sprites.train[:16]
+    out = strategy.train_step(model, batch)
+    assert set(out) == {"loss", "recon", "kl"}
+    assert out["loss"].dim() == 0 and torch.isfinite(out["loss"]) and out["loss"].requires_grad
+    assert out["kl"] >= 0
+
+    gen = lambda: torch.Generator().manual_seed(3)
+    x = strategy.sample(model, 5, gen())
+    assert x.shape == (5, 3, 16, 16) and x.dtype == torch.float32
+    assert 0 <= x.min() and x.max() <= 1
+    assert torch.equal(x, strategy.sample(model, 5, gen()))                       # same seed, same sprites
+    if mode != "ce":  # an untrained ce decoder's argmax is the same colour for every z
+        assert not torch.equal(x, strategy.sample(model, 5, torch.Generator().manual_seed(4)))
+
+    metrics = strategy.get_metrics(model, sprites.val[:8])
+    expected = {"loss", "recon", "kl", "nelbo", "pixel_acc"} | ({"bpd"} if mode == "ce" else set())
+    assert set(metrics) == expected and all(math.isfinite(v) for v in metrics.values())
+    assert 0 <= metrics["pixel_acc"] <= 1
+    if mode == "ce":
+        assert metrics["bpd"] == pytest.approx(metrics["nelbo"] / (256 * math.log(2)), rel=1e-5)
+
+    pictures = strategy.images(model, sprites.val, torch.Generator().manual_seed(0))
+    rec, per_row = pictures["reconstructions"]
+    assert per_row == min(8, len(sprites.val)) and rec.shape[0] % (2 * per_row) == 0 and rec.shape[1:] == (3, 16, 16)
+    assert torch.equal(rec[:8], rec[:8].clamp(0, 1))
+    inter, per_row = pictures["interpolation"]
+    assert per_row == 10 and inter.shape[0] % 10 == 0 and 0 <= inter.min() and inter.max() <= 1
+
+
+def test_vae_tiny_run_writes_pictures_and_repeats_exactly(dataset, tmp_path):
+    a = common.train(vae.VAEStrategy, tiny_vae_config(dataset, tmp_path / "a"))
+    b = common.train(vae.VAEStrategy, tiny_vae_config(dataset, tmp_path / "b"))
+    ha, hb = (common.load_checkpoint(r / "checkpoints" / "last.pt")["history"] for r in (a, b))
+    assert [h["train/loss"] for h in ha] == [h["train/loss"] for h in hb]
+    assert Image.open(a / "samples" / "final.png").tobytes() == Image.open(b / "samples" / "final.png").tobytes()
+    for name in ("samples", "reconstructions", "interpolation"):
+        assert (a / name / "final.png").exists(), name
+    metrics = json.loads((a / "metrics.json").read_text())
+    for key in ("train/recon", "train/kl", "val/recon", "val/kl", "val/nelbo", "val/bpd", "sample/precision"):
+        assert key in metrics and math.isfinite(metrics[key]), key
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--recon-loss", "l1"], "unknown --recon-loss 'l1'"),
+    (["--recon-loss", "mse", "--temperature", "1"], "--temperature applies to --recon-loss ce only"),
+    (["--kl-weight", "-1"], "cannot be negative"),
+])
+def test_bad_vae_flags_are_refused_in_one_line(flags, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        common.parse_train_args(vae.Config, flags)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+# -----------------------------------------------------------------------------
+# Reference formulas
+# -----------------------------------------------------------------------------
+
+
+def test_closed_form_kl_matches_torch_distributions():
+    g = torch.Generator().manual_seed(0)
+    mu, logvar = torch.randn(6, 32, generator=g) * 2, torch.randn(6, 32, generator=g)
+    q = torch.distributions.Normal(mu, torch.exp(0.5 * logvar))
+    p = torch.distributions.Normal(torch.zeros_like(mu), torch.ones_like(mu))
+    expected = torch.distributions.kl_divergence(q, p).sum(1)
+    assert torch.allclose(vae.kl_divergence(mu, logvar), expected, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(vae.kl_divergence(torch.zeros(2, 5), torch.zeros(2, 5)), torch.zeros(2))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_negative_elbo_is_minus_the_decoder_log_likelihood_plus_kl(sprites, mode):
+    strategy, _ = tiny_strategy(sprites, recon_loss=mode, kl_weight=5e-4)
+    g = torch.Generator().manual_seed(1)
+    x = sprites.val[:4]
+    kl = torch.rand(4, generator=g)
+    if mode == "mse":
+        mean = torch.randn(4, 3, 16, 16, generator=g)
+        sigma = math.sqrt(128 * 5e-4)  # the variance the docstring states
+        log_p = torch.distributions.Normal(mean, sigma).log_prob(common.to_model_range(x)).sum((1, 2, 3))
+        out = mean
+    elif mode == "bce":
+        x = (x > 0.5).float()  # Bernoulli is a likelihood for binary values only
+        out = torch.randn(4, 3, 16, 16, generator=g)
+        log_p = torch.distributions.Bernoulli(logits=out).log_prob(x).sum((1, 2, 3))
+    else:
+        out = torch.randn(4, sprites.palette.shape[0], 16, 16, generator=g)
+        index = common.palette_index(x, sprites.palette)
+        log_p = torch.distributions.Categorical(logits=out.permute(0, 2, 3, 1)).log_prob(index).sum((1, 2))
+    assert torch.allclose(strategy.negative_elbo(out, x, kl), -log_p + kl, rtol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# Training, warm-up, sampling
+# -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_each_recon_loss_reduces_the_loss_on_a_fixed_batch(sprites, mode):
+    strategy, model = tiny_strategy(sprites, recon_loss=mode)
+    batch = sprites.train[:32]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+
+    def loss_at_seed():  # the same eps for both measurements
+        torch.manual_seed(123)
+        with torch.no_grad():
+            return float(strategy.train_step(model, batch)["loss"])
+
+    before = loss_at_seed()
+    for _ in range(40):
+        loss = strategy.train_step(model, batch)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = loss_at_seed()
+    assert after < 0.7 * before, (before, after)
+
+
+def test_kl_warmup_is_linear_then_constant(sprites):
+    strategy, model = tiny_strategy(sprites, kl_weight=0.01, kl_warmup_epochs=4)
+    weights = []
+    for epoch in range(1, 7):
+        strategy.on_epoch_start(model, epoch)
+        weights.append(strategy.kl_weight)
+    assert weights == pytest.approx([0.0025, 0.005, 0.0075, 0.01, 0.01, 0.01])
+    no_warmup, _ = tiny_strategy(sprites, kl_weight=0.01, kl_warmup_epochs=0)
+    assert no_warmup.kl_weight == 0.01
+
+
+def test_ce_samples_are_exact_palette_colours_and_temperature_draws_from_the_generator(sprites):
+    strategy, model = tiny_strategy(sprites, recon_loss="ce")
+    x = strategy.sample(model, 6, torch.Generator().manual_seed(0))
+    pixels = x.permute(0, 2, 3, 1).reshape(-1, 1, 3)  # (6 * 256, 1, 3)
+    assert (pixels == sprites.palette[None]).all(-1).any(-1).all()
+    # With temperature the pixels are draws: new generator seed, new pixels even for one z.
+    hot, _ = tiny_strategy(sprites, recon_loss="ce", temperature=1.0)
+    z = torch.zeros(1, model.latent_dim)
+    a = hot.decode(model, z, torch.Generator().manual_seed(0), temperature=1.0)
+    b = hot.decode(model, z, torch.Generator().manual_seed(1), temperature=1.0)
+    c = hot.decode(model, z, torch.Generator().manual_seed(0), temperature=1.0)
+    assert torch.equal(a, c) and not torch.equal(a, b)
+
+
+def test_sample_mode_writes_pngs_of_the_right_size(dataset, tmp_path):
+    run = common.train(vae.VAEStrategy, tiny_vae_config(dataset, tmp_path, recon_loss="ce"))
+    ckpt = run / "checkpoints" / "last.pt"
+    r = run_cli_args("vae.py", "sample", "--checkpoint", ckpt, "--n", 10, "--out", tmp_path / "g.png", "--temperature", 0.5)
+    assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / "g.png").size == ((8 * 17 + 1) * 4, (2 * 17 + 1) * 4)
+    r = run_cli_args("vae.py", "sample", "--checkpoint", ckpt, "--n", 3, "--out", tmp_path / "each")
+    assert r.returncode == 0, r.stderr
+    pngs = sorted((tmp_path / "each").glob("*.png"))
+    assert len(pngs) == 3 and all(Image.open(p).size == (16, 16) for p in pngs)
+
+
+# -----------------------------------------------------------------------------
 # Docs: every relative link and image in README.md and docs/ resolves
 # -----------------------------------------------------------------------------
 
@@ -715,7 +907,9 @@ def test_relative_links_and_images_resolve():
 
 
 MODEL_FILES = ["vae", "vqvae", "diffusion"]
-TINY: dict[str, dict] = {}
+TINY: dict[str, dict] = {
+    "vae": dict(channels=8, latent_dim=8, batch_size=32, lr=3e-3, kl_warmup_epochs=0),
+}
 
 
 def model_modules():
