@@ -37,6 +37,7 @@ from PIL import Image
 import common
 import download
 import vae
+import vqvae
 
 ROOT = Path(__file__).resolve().parent
 REAL_SHEET = ROOT.parent / "shared" / "data" / "kenney-1-bit-pack" / "colored-transparent_packed.png"
@@ -889,6 +890,202 @@ def test_sample_mode_writes_pngs_of_the_right_size(dataset, tmp_path):
 
 
 # -----------------------------------------------------------------------------
+# vqvae.py
+# -----------------------------------------------------------------------------
+
+
+def tiny_vq(dataset, **kw) -> vqvae.Config:
+    return vqvae.Config(**{**TINY["vqvae"], "data": str(dataset), "device": "cpu", "mlflow": False, **kw})
+
+
+@pytest.fixture
+def vq_setup(dataset):
+    """(strategy, model, train sprites, val sprites) for the tiny configuration."""
+    torch.manual_seed(0)
+    config = tiny_vq(dataset, epochs=5)
+    data = common.load_sprites(dataset, torch.device("cpu"))
+    strategy = vqvae.VQVAEStrategy(config, data.palette)
+    return strategy, strategy.build_model(config), data.train, data.val
+
+
+def grads(module):
+    return [p.grad for p in module.parameters() if p.requires_grad]
+
+
+# -----------------------------------------------------------------------------
+# Stage 1: the quantizer
+# -----------------------------------------------------------------------------
+
+
+def test_straight_through_gradient_reaches_the_encoder(vq_setup):
+    strategy, model, train, _ = vq_setup
+    out = strategy.train_step(model, train[:16])
+    out["recon"].backward()  # the reconstruction term alone: its only way back is the straight-through copy
+    assert all(g is not None and g.abs().sum() > 0 for g in grads(model.encoder))
+    assert model.quantizer.codebook.grad is None  # recon never reaches the codebook (z_q's gradient goes to z_e)
+    # Without the estimator, decoding e_k directly, the encoder gets nothing.
+    model.zero_grad(set_to_none=True)
+    z_e = model.encoder(common.to_model_range(train[:16]))
+    strategy.recon(model.decoder(model.quantizer.lookup(model.quantizer.nearest(z_e))), train[:16]).backward()
+    assert all(g is None for g in grads(model.encoder))
+
+
+def test_codebook_and_commitment_are_separate_terms(vq_setup):
+    strategy, model, train, _ = vq_setup
+    out = strategy.train_step(model, train[:16])
+    v = {k: float(t.detach()) for k, t in out.items()}
+    assert v["loss"] == pytest.approx(v["recon"] + v["codebook"] + 0.25 * v["commitment"])
+    out["codebook"].backward(retain_graph=True)  # ||sg[z_e] - e||^2: the codebook only
+    assert model.quantizer.codebook.grad.abs().sum() > 0
+    assert all(g is None for g in grads(model.encoder))
+    model.zero_grad(set_to_none=True)
+    out["commitment"].backward()                 # ||z_e - sg[e]||^2: the encoder only
+    assert model.quantizer.codebook.grad is None
+    assert all(g is not None and g.abs().sum() > 0 for g in grads(model.encoder))
+
+
+def test_codebook_ema_moves_entries_without_a_codebook_loss(dataset):
+    torch.manual_seed(0)
+    config = tiny_vq(dataset, codebook_ema=True, codebook_decay=0.5)
+    data = common.load_sprites(dataset, torch.device("cpu"))
+    strategy = vqvae.VQVAEStrategy(config, data.palette)
+    model = strategy.build_model(config)
+    before = model.quantizer.codebook.detach().clone()
+    out = strategy.train_step(model, data.train[:16])
+    v = {k: float(t.detach()) for k, t in out.items()}
+    assert v["loss"] == pytest.approx(v["recon"] + 0.25 * v["commitment"])
+    assert not model.quantizer.codebook.requires_grad
+    used = model.quantizer.epoch_counts > 0
+    assert not torch.allclose(model.quantizer.codebook[used], before[used])    # moved towards their z_e
+    assert torch.allclose(model.quantizer.codebook[~used], before[~used], atol=1e-4)
+
+
+def test_dead_code_restart_revives_unused_entries(vq_setup):
+    strategy, model, train, val = vq_setup
+    q = model.quantizer
+    with torch.no_grad():
+        q.codebook[8:] = 100.0  # far from every encoder output: entries 8..15 are dead
+    batch = train[:16]
+    strategy.train_step(model, batch)
+    assert (q.epoch_counts[8:] == 0).all() and q.epoch_counts.sum() == 16 * 16
+    used_before = int((strategy.code_counts(model, batch) > 0).sum())
+    metrics = strategy.on_epoch_end(model, 1, val)
+    assert metrics["dead_codes"] >= 8 and metrics["restarted"] == metrics["dead_codes"]
+    revived = q.codebook[8:]
+    pool = strategy.z_e_pool
+    assert (torch.cdist(revived, pool).min(dim=1).values < 1e-5).all()  # each now sits on an encoder output
+    assert int((strategy.code_counts(model, batch) > 0).sum()) > used_before
+    assert (q.epoch_counts == 0).all()  # counting starts afresh for the next epoch
+
+
+def test_no_restart_flag_and_last_epoch_leave_the_codebook_alone(dataset, vq_setup):
+    strategy, model, train, val = vq_setup
+    for config, epoch in ((tiny_vq(dataset, epochs=5, restart_dead=False), 1), (tiny_vq(dataset, epochs=5), 5)):
+        strategy.config = config
+        with torch.no_grad():
+            model.quantizer.codebook[8:] = 100.0
+        strategy.train_step(model, train[:16])
+        before = model.quantizer.codebook.detach().clone()
+        metrics = strategy.on_epoch_end(model, epoch, val)
+        assert metrics["restarted"] == 0 and metrics["dead_codes"] >= 8
+        assert torch.equal(model.quantizer.codebook, before)
+
+
+def test_codebook_usage_and_perplexity(vq_setup):
+    strategy, model, _, val = vq_setup
+    with torch.no_grad():
+        model.quantizer.codebook[1:] = 100.0  # everything maps to entry 0
+    m = strategy.on_epoch_end(model, 1, val)
+    assert m["codebook_usage"] == pytest.approx(1 / 16) and m["perplexity"] == pytest.approx(1.0)
+
+
+# -----------------------------------------------------------------------------
+# Stage 2: the prior and the samplers
+# -----------------------------------------------------------------------------
+
+
+def test_prior_mask_is_causal(vq_setup):
+    _, model, _, _ = vq_setup
+    prior = model.prior.eval()
+    torch.manual_seed(1)
+    codes = torch.randint(16, (3, 16))
+    logits = prior(prior.inputs_for(codes))
+    assert logits.shape == (3, 16, 16)
+    for j in range(16):
+        changed = codes.clone()
+        changed[:, j] = (codes[:, j] + 1) % 16
+        other = prior(prior.inputs_for(changed))
+        # code j is an input at position j + 1 only: positions 0..j predict it and
+        # the codes before it, and must not see it.
+        assert torch.equal(logits[:, :j + 1], other[:, :j + 1]), j
+        if j < 15:
+            assert not torch.allclose(logits[:, j + 1:], other[:, j + 1:]), j
+
+
+def test_samplers_in_range_seeded_and_top_k(dataset, vq_setup):
+    strategy, model, _, _ = vq_setup
+    model.eval()
+    gen = lambda s: torch.Generator().manual_seed(s)
+    prior = strategy.sample(model, 6, gen(0))
+    noise = strategy.sample(model, 6, gen(0), "random")
+    assert prior.shape == noise.shape == (6, 3, 16, 16) and 0 <= prior.min() and prior.max() <= 1
+    assert torch.equal(prior, strategy.sample(model, 6, gen(0)))
+    assert not torch.equal(strategy.sample_codes(model, 6, gen(0), "prior"),
+                           strategy.sample_codes(model, 6, gen(0), "random"))
+    strategy.config = tiny_vq(dataset, top_k=1)  # greedy: the generator no longer matters
+    assert torch.equal(strategy.sample_codes(model, 4, gen(0), "prior"), strategy.sample_codes(model, 4, gen(1), "prior"))
+
+
+# -----------------------------------------------------------------------------
+# Both stages through the Trainer: resume across the stage boundary, the CLI
+# -----------------------------------------------------------------------------
+
+
+def test_resume_into_stage_two_equals_an_uninterrupted_run(dataset, tmp_path):
+    full = common.train(vqvae.VQVAEStrategy, tiny_vq(dataset, epochs=1, prior_epochs=1, out=str(tmp_path / "full")))
+    cut = common.train(vqvae.VQVAEStrategy, tiny_vq(dataset, epochs=1, prior_epochs=0, out=str(tmp_path / "cut")))
+    assert float(common.load_checkpoint(cut / "checkpoints" / "last.pt")["model"]["stage1_epochs"]) == 0
+    resumed = common.train(vqvae.VQVAEStrategy, tiny_vq(dataset, epochs=1, prior_epochs=1,
+                                                     resume=str(cut / "checkpoints" / "last.pt")))
+    a, b = (common.load_checkpoint(r / "checkpoints" / "last.pt")["model"] for r in (full, resumed))
+    assert float(a["stage1_epochs"]) == 1 and all(torch.equal(a[k], b[k]) for k in a)
+    # Once the prior has trained, stage 1 cannot be extended under it.
+    with pytest.raises(common.UserError, match="--epochs 1"):
+        common.train(vqvae.VQVAEStrategy, tiny_vq(dataset, epochs=2, prior_epochs=1,
+                                               resume=str(full / "checkpoints" / "last.pt")))
+
+
+def test_both_stages_run_and_sample_as_a_subprocess(dataset, tmp_path):
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY["vqvae"].items() if k != "prior_epochs"]
+    r = run_cli(["vqvae.py", *flags, "--epochs", "1", "--prior-epochs", "1", "--data", str(dataset), "--out", str(tmp_path / "run"),
+                 "--no-mlflow", "--device", "cpu"])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "stage 1 = encoder" in r.stdout and "stage 2: training the prior" in r.stdout
+    assert "epoch 2/2" in r.stdout and "val/bits_per_code" in r.stdout and "sample_random/precision" in r.stdout
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    for key in ("val/codebook_usage", "val/perplexity", "val/bits_per_code", "sample/precision",
+                "sample_random/precision"):
+        assert np.isfinite(metrics[key]), key
+    for picture in ("samples", "samples_random", "reconstructions", "codebook"):
+        assert (tmp_path / "run" / picture / "final.png").exists(), picture
+    r = run_cli(["vqvae.py", "sample", "--checkpoint", str(tmp_path / "run" / "checkpoints" / "last.pt"), "--n", "4",
+                 "--sampler", "random", "--out", str(tmp_path / "grid.png")])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert Image.open(tmp_path / "grid.png").size == ((4 * 17 + 1) * 4, (1 * 17 + 1) * 4)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--recon-loss", "bce"], "unknown --recon-loss 'bce'"),
+    (["--sampler", "pixelcnn"], "unknown --sampler"),
+    (["--top-k", "999"], "--top-k must be in"),
+])
+def test_bad_flags_are_one_line(flags, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        common.parse_train_args(vqvae.Config, flags)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+# -----------------------------------------------------------------------------
 # Docs: every relative link and image in README.md and docs/ resolves
 # -----------------------------------------------------------------------------
 
@@ -909,6 +1106,9 @@ def test_relative_links_and_images_resolve():
 MODEL_FILES = ["vae", "vqvae", "diffusion"]
 TINY: dict[str, dict] = {
     "vae": dict(channels=8, latent_dim=8, batch_size=32, lr=3e-3, kl_warmup_epochs=0),
+    # prior_epochs=0 keeps `--epochs 1` a one-epoch run; the vqvae tests run both stages
+    "vqvae": dict(hidden=16, codebook_size=16, code_dim=8, prior_dim=32, prior_layers=1, prior_heads=2,
+                  prior_epochs=0, batch_size=16, lr=3e-3, n_samples=8, n_eval=16, sample_every=0),
 }
 
 
@@ -963,7 +1163,7 @@ def test_model_is_deterministic_under_a_seed(model):
         torch.manual_seed(3)
         strategy = cls(config, palette)
         net = strategy.build_model(config)
-        loss = float(strategy.train_step(net, batch)["loss"])
+        loss = float(strategy.train_step(net, batch)["loss"].detach())
         net.eval()
         with torch.no_grad():
             x = strategy.sample(net, 4, torch.Generator().manual_seed(7))
@@ -982,7 +1182,7 @@ def test_model_train_steps_reduce_the_loss_on_a_fixed_batch(model):
     def fixed_loss():  # same noise every time, so the comparison is about the weights
         with torch.random.fork_rng():
             torch.manual_seed(123)
-            return float(strategy.train_step(net, batch)["loss"])
+            return float(strategy.train_step(net, batch)["loss"].detach())
 
     before = fixed_loss()
     for _ in range(30):
