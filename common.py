@@ -25,6 +25,7 @@ a main() that calls `common.main(Strategy, Config)`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import inspect
 import io
@@ -340,6 +341,18 @@ def save_png(img: Image.Image, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
+def save_gif(frames: Tensor, path: str | os.PathLike, nrow: int = 8, scale: int = 4,
+             frame_ms: int = 80, hold_ms: int = 2000) -> Path:
+    """Frames (F, N, 3, 16, 16) in [0, 1] -> an animated GIF (PIL), one sprite
+    grid per frame, shown as given (not snapped), looping, the last frame held."""
+    grids = [make_grid(f, nrow=nrow, scale=scale) for f in frames]
+    buf = io.BytesIO()
+    grids[0].save(buf, format="GIF", save_all=True, append_images=grids[1:], loop=0,
+                  duration=[frame_ms] * (len(grids) - 1) + [hold_ms])
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
 # -----------------------------------------------------------------------------
 # Sprite-quality metrics (shared by every model and by compare.py)
 # -----------------------------------------------------------------------------
@@ -437,6 +450,10 @@ class Strategy(Protocol):
       images(model, val, generator) -> dict  name -> (sprites (N, 3, 16, 16)
                                               in [0, 1], sprites per row):
                                               extra pictures per sample grid
+      trajectory(model, n, generator) -> (F, n, 3, 16, 16) in [0, 1]: frames
+                                              of one sampling run, written as an
+                                              animated GIF at the end of training
+                                              and by `sample --gif`
       total_epochs(config) -> int             epochs the Trainer runs in all, for a
                                               strategy that trains in stages (vqvae.py:
                                               the VQ-VAE, then its prior); default
@@ -601,6 +618,12 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 # -----------------------------------------------------------------------------
 
 
+def total_epochs(strategy, config) -> int:
+    """Epochs the Trainer runs in all: config.epochs, unless the strategy
+    trains in stages and says otherwise (vqvae.py: the VQ-VAE, then its prior)."""
+    return strategy.total_epochs(config) if hasattr(strategy, "total_epochs") else config.epochs
+
+
 class NonFiniteLoss(Exception):
     pass
 
@@ -624,7 +647,7 @@ class Trainer:
         self.device = train_data.device
         self.ckpt_path = self.run_dir / "checkpoints" / "last.pt"
         # All epochs of the run: config.epochs, unless the strategy trains in stages.
-        self.epochs = strategy.total_epochs(config) if hasattr(strategy, "total_epochs") else config.epochs
+        self.epochs = total_epochs(strategy, config)
 
         self.model = strategy.build_model(config).to(self.device)
         # torch.compile wraps the model; checkpoints always hold the original.
@@ -731,6 +754,7 @@ class Trainer:
                     if self.stop_requested and i + 1 < n_batches:
                         self.resume_batch = i + 1
                         self.save()
+                        self.tracker.log_metric_history(step_log)
                         print(f"\ninterrupted in epoch {epoch}, step {i + 1}/{n_batches}; checkpoint saved. "
                               f"Resume with: --resume {self.ckpt_path}")
                         return self.history
@@ -750,6 +774,9 @@ class Trainer:
                 print(self.progress_line(epoch, metrics, elapsed, eta), flush=True)
                 if cfg.sample_every and epoch % cfg.sample_every == 0 and epoch < self.epochs:
                     self.write_pictures(epoch)
+                    quality = self.score_samples(epoch)  # quality during training, not only at the end
+                    self.history[-1].update(quality)
+                    self.tracker.log_metrics(quality, step=epoch)
                 if self.stop_requested:
                     print(f"interrupted after epoch {epoch}; checkpoint saved. Resume with: --resume {self.ckpt_path}")
                     return self.history
@@ -814,16 +841,9 @@ class Trainer:
         """n raw samples from the eval model, in chunks of 256, reproducible."""
         model = self.eval_model
         model.eval()
-        gen = torch.Generator(self.device).manual_seed(seed)
-        chunks = []
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            for start in range(0, n, 256):
-                with self.autocast():
-                    x = self.strategy.sample(model, min(256, n - start), gen).float()
-                chunks.append(x)
+            x = draw_samples(self.strategy, model, n, seed, self.device, self.config.amp)
         model.train()
-        x = torch.cat(chunks)
-        check_samples(x, n)
         return x
 
     def write_pictures(self, epoch: int, final: bool = False) -> dict[str, Path]:
@@ -846,12 +866,53 @@ class Trainer:
             self.tracker.log_image(key, img, step=epoch)
         return paths
 
+    def score_samples(self, epoch: int) -> dict[str, float]:
+        """Sprite-quality metrics on n_eval samples drawn with seed + 2, printed
+        and returned as sample/<metric>: at the end of training, and at every
+        sample grid so the learner can follow quality as training goes on."""
+        samples = self.generate(self.config.n_eval, self.config.seed + 2)
+        quality = {f"sample/{k}": v for k, v in sprite_metrics(samples, self.train_data, self.palette).items()}
+        print(f"sprite quality on {self.config.n_eval} samples (epoch {epoch}):",
+              " ".join(f"{k} {v:.3f}" for k, v in quality.items()), flush=True)
+        return quality
+
+    def write_animation(self, n: int = 16) -> Path | None:
+        """If the strategy has the optional `trajectory` hook (frames of one
+        sampling run, e.g. a diffusion model's denoising steps): an animated
+        GIF of n sprites, run_dir/trajectory.gif, logged to MLflow."""
+        hook = getattr(self.strategy, "trajectory", None)
+        if hook is None:
+            return None
+        gen = torch.Generator(self.device).manual_seed(self.config.seed)
+        self.eval_model.eval()
+        with torch.no_grad(), self.autocast(), \
+                torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            frames = hook(self.eval_model, n, gen).float()
+        self.model.train()
+        path = save_gif(frames, self.run_dir / "trajectory.gif", nrow=4)
+        self.tracker.log_artifact(path)
+        return path
+
     def progress_line(self, epoch: int, metrics: dict, elapsed: float, eta: float) -> str:
         width = len(str(self.epochs))
         shown = [f"{k} {v:.4g}" for k, v in metrics.items()
                  if k != "train/images_per_sec" and not k.endswith("_step") and "grad_norm" not in k]
         return (f"epoch {epoch:>{width}}/{self.epochs} | " + " ".join(shown) +
                 f" | {metrics['train/images_per_sec']:.0f} img/s | {fmt_time(elapsed)} elapsed, ETA {fmt_time(eta)}")
+
+
+@torch.no_grad()
+def draw_samples(strategy, model: nn.Module, n: int, seed: int, device: torch.device, amp: bool = False) -> Tensor:
+    """n raw samples (n, 3, 16, 16) in [0, 1], in chunks of 256 so memory stays
+    bounded, from a generator seeded with `seed`: same seed, same sprites."""
+    gen = torch.Generator(device).manual_seed(seed)
+    chunks = []
+    for start in range(0, n, 256):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            chunks.append(strategy.sample(model, min(256, n - start), gen).float())
+    x = torch.cat(chunks)
+    check_samples(x, n)
+    return x
 
 
 def check_samples(x: Tensor, n: int) -> None:
@@ -929,9 +990,8 @@ def finish(trainer: Trainer, data: Sprites) -> dict[str, Path]:
     samples, metrics.json, and the checkpoint as an MLflow artifact."""
     cfg = trainer.config
     paths = trainer.write_pictures(trainer.epoch, final=True)
-    samples = trainer.generate(cfg.n_eval, cfg.seed + 2)
-    quality = {f"sample/{k}": v for k, v in sprite_metrics(samples, data.train, trainer.palette).items()}
-    print("sprite quality on", cfg.n_eval, "samples:", " ".join(f"{k} {v:.3f}" for k, v in quality.items()))
+    trainer.write_animation()
+    quality = trainer.score_samples(trainer.epoch)
     hook = getattr(trainer.strategy, "on_train_end", None)
     if hook:  # e.g. vqvae.py scores its second sampler too
         trainer.eval_model.eval()
@@ -954,7 +1014,10 @@ def load_for_sampling(strategy_cls, config_cls, checkpoint: str, overrides: dict
     if state.get("strategy") != strategy_cls.name:
         raise UserError(f"{checkpoint} is a {state.get('strategy')} checkpoint, not {strategy_cls.name}")
     known = {f.name for f in dataclasses.fields(config_cls)}
-    config = config_cls(**{**{k: v for k, v in state["config"].items() if k in known}, **overrides})
+    try:
+        config = config_cls(**{**{k: v for k, v in state["config"].items() if k in known}, **overrides})
+    except ValueError as e:  # e.g. a sampling flag out of range
+        raise UserError(str(e)) from None
     palette = state["palette"].to(device)
     strategy = strategy_cls(config, palette)
     model = strategy.build_model(config)
@@ -982,6 +1045,8 @@ def sample_command(strategy_cls, config_cls, argv: list[str]) -> None:
                         help="a .png for a grid, or a directory for one 16x16 PNG per sprite (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="same seed, same sprites (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
+    parser.add_argument("--gif", default="", help="also write an animated GIF of one sampling run of the first "
+                        "(up to) 16 sprites, for models that define a trajectory (diffusion.py)")
     # The model's own fields (not the shared training ones) can be overridden,
     # e.g. a sampling temperature or a number of denoising steps.
     own = {f.name for f in dataclasses.fields(config_cls)} - {f.name for f in dataclasses.fields(TrainConfig)}
@@ -993,10 +1058,9 @@ def sample_command(strategy_cls, config_cls, argv: list[str]) -> None:
     overrides = {k: v for k, v in vars(args).items() if k in own}
     device = select_device(args.device)
     strategy, model, palette, _ = load_for_sampling(strategy_cls, config_cls, args.checkpoint, overrides, device)
-    gen = torch.Generator(device).manual_seed(args.seed)
-    with torch.no_grad():
-        x = torch.cat([strategy.sample(model, min(256, args.n - s), gen).float() for s in range(0, args.n, 256)])
-    check_samples(x, args.n)
+    if args.gif and not hasattr(strategy, "trajectory"):
+        raise UserError(f"{strategy_cls.name} has no sampling trajectory to animate; drop --gif")
+    x = draw_samples(strategy, model, args.n, args.seed, device)
     out = Path(args.out)
     if out.suffix.lower() == ".png":
         save_png(make_grid(x, nrow=8, scale=4, palette=palette), out)
@@ -1006,12 +1070,176 @@ def sample_command(strategy_cls, config_cls, argv: list[str]) -> None:
         for i, sprite in enumerate(snapped):
             save_png(Image.fromarray(sprite), out / f"{i:04d}.png")
         print(f"wrote {args.n} PNGs (16x16) to {out}/")
+    if args.gif:
+        with torch.no_grad():
+            frames = strategy.trajectory(model, min(args.n, 16), torch.Generator(device).manual_seed(args.seed))
+        save_gif(frames.float(), args.gif, nrow=4)
+        print(f"wrote an animation of {min(args.n, 16)} sprites ({frames.shape[0]} frames) to {args.gif}")
+
+
+# -----------------------------------------------------------------------------
+# Bench: how fast is this model on this machine, as a fraction of its peak?
+# -----------------------------------------------------------------------------
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device, repeats: int,
+                budget_s: float = 2.0) -> tuple[float, int, float]:
+    """This machine's matrix-multiply throughput in GFLOP/s for `dtype`: the
+    best of `repeats` square products, at growing sizes until the next product
+    would take longer than `budget_s`. Returns (GFLOP/s, the size that gave
+    it, the CPU share of that run; see _best_time)."""
+    best, best_n, best_share = 0.0, 0, 0.0
+    for n in (256, 512, 1024, 2048):
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        seconds, share = _best_time(lambda: a @ b, repeats, device)
+        if 2 * n ** 3 / seconds / 1e9 > best:
+            best, best_n, best_share = 2 * n ** 3 / seconds / 1e9, n, share
+        if 8 * seconds > budget_s:  # the next size costs 8x as much
+            break
+    return best, best_n, best_share
+
+
+def _best_time(fn: Callable, repeats: int, device: torch.device) -> tuple[float, float]:
+    """Best wall time of `repeats` calls after one warm-up call. The best, not
+    the mean: on a shared machine the fastest run is the least disturbed one.
+    Also returns the CPU share of that run: this process's CPU time over wall
+    time x threads (near 1: the CPUs were ours; 0.3: other work had 70%)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t0, time.process_time() - c0))
+    wall, cpu = min(times)
+    return wall, cpu / wall / torch.get_num_threads()
+
+
+def bench_sprites(n: int, palette: Tensor, generator: torch.Generator) -> Tensor:
+    """Random sprites shaped like the real ones: one palette colour (not black)
+    on a black background, ~30% of the pixels. (n, 3, 16, 16) in [0, 1]."""
+    colour = palette[1 + torch.randint(len(palette) - 1, (n,), generator=generator)]  # (n, 3)
+    mask = (torch.rand(n, 1, 16, 16, generator=generator) < 0.3).float()  # (n, 1, 16, 16)
+    return mask * colour[:, :, None, None]
+
+
+def bench_command(strategy_cls, config_cls, argv: list[str]) -> None:
+    """`python X.py bench`: parameters, FLOPs, training images/s and seconds to
+    sample, in fp32 and with bf16 autocast (--amp), next to this machine's own
+    matmul throughput measured in the same run. Needs no data and no
+    checkpoint: a freshly initialised model on random sprites costs the same."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    parser = argparse.ArgumentParser(
+        prog=f"{Path(sys.argv[0]).name} bench",
+        description="Measure this model's speed on this machine: FLOPs (torch.utils.flop_counter, matmul and "
+                    "conv only), training images/s and sampling seconds in fp32 and bf16 autocast, each as a "
+                    "fraction of the matmul GFLOP/s measured in the same run.")
+    parser.add_argument("--batch-size", type=int, default=0,
+                        help="training batch (default: the model's own --batch-size)")
+    parser.add_argument("--n", type=int, default=16, help="sprites per sampling run (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed runs of each measurement, the best is shown (default: %(default)s)")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
+                        help="also measure with bf16 autocast, as --amp trains (default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
+    own = {f.name for f in dataclasses.fields(config_cls)} - {f.name for f in dataclasses.fields(TrainConfig)}
+    add_config_flags(parser.add_argument_group("model flags (default: the model's defaults)"),
+                     config_cls, suppress_defaults=True, only=own)
+    args = parser.parse_args(argv)
+    if args.n < 1 or args.repeats < 1 or args.batch_size < 0:
+        parser.error("--n and --repeats must be at least 1, --batch-size at least 0")
+    device = select_device(args.device)
+    seed_everything(0)
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)  # as training runs
+    values = {k: v for k, v in vars(args).items() if k in own}
+    values.update(mlflow=False, device=str(device))
+    if args.batch_size:
+        values["batch_size"] = args.batch_size
+    config = make_config(config_cls, parser, values)
+    batch_size = config.batch_size
+    gen = torch.Generator().manual_seed(0)
+    palette = torch.cat([torch.zeros(1, 3), torch.rand(config.palette_size - 1, 3, generator=gen)]).to(device)
+    data = bench_sprites(max(batch_size, 8), palette.cpu(), gen).to(device)
+
+    where = f"{device}" + (f", {torch.get_num_threads()} threads, CPU capability "
+                           f"{torch.backends.cpu.get_cpu_capability()}" if device.type == "cpu" else "")
+    print(f"bench: {strategy_cls.name} on {where}, torch {torch.__version__}")
+    if hasattr(os, "getloadavg"):
+        print(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs (other work on the machine "
+              f"slows every figure below)")
+    precisions = ["fp32"] + (["bf16"] if args.bf16 else [])
+    peak = {}
+    for p in precisions:
+        peak[p] = matmul_peak(torch.float32 if p == "fp32" else torch.bfloat16, device, args.repeats)
+        print(f"matmul peak {p}: {peak[p][0]:.1f} GFLOP/s ({peak[p][1]}x{peak[p][1]} products, best of "
+              f"{args.repeats}; CPU share {peak[p][2]:.0%})")
+
+    with contextlib.redirect_stdout(io.StringIO()):  # the strategies' own build messages
+        trainers = {p: Trainer(strategy_cls(config, palette), dataclasses.replace(config, amp=(p == "bf16")),
+                               data, data[:8], palette, Path("."), augment=None) for p in precisions}
+    base = trainers["fp32"]
+    print(f"parameters: {base.n_params():,}")
+    for trainer in trainers.values():
+        hook = getattr(trainer.strategy, "on_epoch_start", None)
+        if hook:
+            hook(trainer.model, 1)
+        trainer.model.train()
+    batch = data[:batch_size]
+
+    # FLOPs, counted on one fp32 training step and one fp32 sampling run.
+    with FlopCounterMode(display=False) as counter:
+        out = base.strategy.train_step(base.model, batch)
+        out["loss"].backward()
+    base.model.zero_grad(set_to_none=True)
+    train_flops = counter.get_total_flops()
+    calls = []
+    handle = base.eval_model.register_forward_hook(lambda *a: calls.append(1))
+    with FlopCounterMode(display=False) as counter:
+        base.eval_model.eval()
+        draw_samples(base.strategy, base.eval_model, args.n, 0, device)
+    handle.remove()
+    sample_flops = counter.get_total_flops()
+    print(f"FLOPs (matmul and conv, torch.utils.flop_counter): training step {train_flops / batch_size / 1e9:.3g} "
+          f"GFLOP per sprite (forward + backward); sampling {args.n} sprites {sample_flops / 1e9:.3g} GFLOP"
+          + (f" = {len(calls)} model calls of {sample_flops / len(calls) / args.n / 1e9:.3g} GFLOP per sprite"
+             if calls else ""))
+
+    rows = {}
+    for p, trainer in trainers.items():
+        step = iter(range(10 ** 9))
+        train_s, train_share = _best_time(lambda: trainer.train_step(batch, 1, next(step)), args.repeats, device)
+        trainer.eval_model.eval()
+        sample_s, sample_share = _best_time(lambda: draw_samples(trainer.strategy, trainer.eval_model, args.n, 0,
+                                                                 device, amp=(p == "bf16")), args.repeats, device)
+        rows[p] = (train_s, sample_s, train_share, sample_share)
+
+    def fraction(flops, seconds, p, share):
+        rate = flops / seconds / 1e9
+        text = f"{rate:.3g} GFLOP/s = {rate / peak[p][0]:.0%} of {p} matmul peak"
+        return text + (f", {rate / peak['fp32'][0]:.0%} of fp32" if p != "fp32" else "") + f"; CPU share {share:.0%}"
+
+    for p, (train_s, sample_s, train_share, sample_share) in rows.items():
+        name = "fp32" if p == "fp32" else "bf16 autocast (--amp)"
+        print(f"{name}: training {batch_size / train_s:.1f} sprites/s ({train_s * 1e3:.0f} ms per step of "
+              f"{batch_size}; {fraction(train_flops, train_s, p, train_share)})")
+        print(f"{name}: sampling {args.n} sprites {sample_s:.3g} s "
+              f"({fraction(sample_flops, sample_s, p, sample_share)})")
+    if "bf16" in rows:
+        print(f"bf16 autocast vs fp32: training {rows['fp32'][0] / rows['bf16'][0]:.2f}x as fast, "
+              f"sampling {rows['fp32'][1] / rows['bf16'][1]:.2f}x as fast")
+    if hasattr(os, "getloadavg"):
+        print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
 def parse_train_args(config_cls, argv: list[str]) -> TrainConfig:
     parser = argparse.ArgumentParser(
         description=(sys.modules[config_cls.__module__].__doc__ or "").split("\n\n")[0],
-        epilog=f"other modes: `{Path(sys.argv[0]).name} sample --help`")
+        epilog=f"other modes: `{Path(sys.argv[0]).name} sample --help`, `{Path(sys.argv[0]).name} bench --help`")
     add_config_flags(parser, config_cls)
     args = parser.parse_args(argv)
     values = vars(args)
@@ -1034,11 +1262,14 @@ def main(strategy_cls, config_cls, argv: list[str] | None = None) -> None:
     """The command line of every model file:
         python X.py [--flag value ...]        train
         python X.py sample --checkpoint PATH  draw sprites from a checkpoint
+        python X.py bench                     FLOPs and speed on this machine
     """
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv[:1] == ["sample"]:
             sample_command(strategy_cls, config_cls, argv[1:])
+        elif argv[:1] == ["bench"]:
+            bench_command(strategy_cls, config_cls, argv[1:])
         else:
             train(strategy_cls, parse_train_args(config_cls, argv))
     except UserError as e:
