@@ -36,6 +36,7 @@ from PIL import Image
 
 import common
 import download
+import diffusion
 import vae
 import vqvae
 
@@ -1086,6 +1087,276 @@ def test_bad_flags_are_one_line(flags, message, capsys):
 
 
 # -----------------------------------------------------------------------------
+# diffusion.py (and the shared bench mode)
+# -----------------------------------------------------------------------------
+
+
+def tiny_diffusion_config(**kw) -> diffusion.Config:
+    return diffusion.Config(**{**dict(device="cpu", mlflow=False, n_samples=8, n_eval=16), **TINY["diffusion"], **kw})
+
+
+def tiny_diffusion(palette, **kw):
+    torch.manual_seed(0)
+    cfg = tiny_diffusion_config(**kw)
+    strategy = diffusion.DiffusionStrategy(cfg, palette)
+    return strategy, strategy.build_model(cfg)
+
+
+class Oracle(nn.Module):
+    """The ideal eps_theta when the data is one sprite x_star: from
+    x_t = sqrt(alpha_bar_t) x_star + sqrt(1 - alpha_bar_t) eps the noise is
+    eps = (x_t - sqrt(alpha_bar_t) x_star) / sqrt(1 - alpha_bar_t) exactly."""
+
+    def __init__(self, strategy, x_star):
+        super().__init__()
+        self.s, self.x_star = strategy.schedule, x_star
+
+    def forward(self, x, t):
+        a = self.s["sqrt_alpha_bar"][t][:, None, None, None]
+        b = self.s["sqrt_one_minus_alpha_bar"][t][:, None, None, None]
+        return (x - a * self.x_star) / b
+
+
+# -----------------------------------------------------------------------------
+# Reference formulas
+# -----------------------------------------------------------------------------
+
+
+def test_linear_schedule_and_q_sample_match_the_closed_form():
+    palette = torch.rand(8, 3)
+    strategy = diffusion.DiffusionStrategy(diffusion.Config(), palette)
+    s = strategy.schedule
+    beta = np.linspace(1e-4, 0.02, 1000)
+    assert np.allclose(s["beta"].numpy(), beta, atol=1e-9)
+    alpha_bar = np.cumprod(1 - beta)
+    assert np.allclose(s["alpha_bar"].numpy(), alpha_bar, rtol=1e-5)
+    assert 3e-5 < alpha_bar[-1] < 5e-5  # x_T is noise: 0.6% of the sprite's amplitude is left
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(5, 3, 16, 16, generator=g) * 2 - 1
+    eps = torch.randn(5, 3, 16, 16, generator=g)
+    t = torch.tensor([0, 1, 250, 998, 999])
+    x_t = strategy.q_sample(x0, t, eps)
+    ab = torch.tensor(alpha_bar[t.numpy()], dtype=torch.float64)[:, None, None, None]  # float64: 1 - ab at t = 0
+    assert torch.allclose(x_t.double(), ab.sqrt() * x0.double() + (1 - ab).sqrt() * eps.double(), atol=1e-6)
+
+
+def test_q_sample_equals_running_the_forward_chain():
+    """Eq. 4 (closed form) against Eq. 2 run step by step,
+    x_t = sqrt(1 - beta_t) x_{t-1} + sqrt(beta_t) z, on 50,000 noisings of
+    one pixel: same mean and standard deviation at several t."""
+    strategy = diffusion.DiffusionStrategy(diffusion.Config(), torch.rand(8, 3))
+    s = strategy.schedule
+    g = torch.Generator().manual_seed(0)
+    x0 = 0.7
+    x = torch.full((50_000,), x0, dtype=torch.float64)
+    beta = s["beta"].double()
+    for t in range(300):
+        x = (1 - beta[t]).sqrt() * x + beta[t].sqrt() * torch.randn(x.shape, generator=g, dtype=torch.float64)
+        if t in (0, 99, 299):  # 3 standard errors of a difference of two 50,000-sample estimates: 0.02
+            closed = strategy.q_sample(torch.full((50_000, 1, 1, 1), x0), torch.full((50_000,), t),
+                                       torch.randn(50_000, 1, 1, 1, generator=g)).flatten().double()
+            assert abs(x.mean() - closed.mean()) < 0.02 and abs(x.std() - closed.std()) < 0.02, t
+            assert abs(x.mean() - s["sqrt_alpha_bar"][t] * x0) < 0.02, t
+
+
+@pytest.mark.parametrize("T, steps", [(1000, 50), (1000, 1000), (1000, 2), (1000, 3), (10, 5), (10, 10), (7, 4)])
+def test_ddim_timesteps_cover_the_schedule_and_end_at_zero(T, steps):
+    tau = diffusion.ddim_timesteps(T, steps)
+    assert tau.dtype == torch.long and len(tau) == steps
+    assert tau[0] == T - 1, "DDIM must start where x_T is drawn, t = T-1 (the off-by-one starts at T - T/steps)"
+    assert tau[-1] == 0, "DDIM must end at t = 0, the last noise level before clean data"
+    assert (tau[1:] < tau[:-1]).all(), "timesteps must strictly decrease"
+    if steps == T:
+        assert tau.tolist() == list(range(T - 1, -1, -1))
+    if (T, steps) == (1000, 50):
+        gaps = (tau[:-1] - tau[1:]).tolist()
+        assert set(gaps) <= {20, 21} and tau.tolist()[:3] == [999, 979, 958]
+
+
+def test_bad_sampling_settings_are_refused():
+    with pytest.raises(ValueError, match="--steps must be between 2 and --timesteps"):
+        diffusion.Config(steps=1001)
+    with pytest.raises(ValueError, match="--steps"):
+        diffusion.Config(steps=1)
+    with pytest.raises(ValueError, match="--sampler must be ddim or ddpm"):
+        diffusion.Config(sampler="euler")
+    with pytest.raises(ValueError, match="--eta cannot be negative"):
+        diffusion.Config(eta=-0.5)
+
+
+@pytest.mark.parametrize("sampler, eta", [("ddim", 0.0), ("ddim", 1.0), ("ddpm", 0.0)])
+def test_samplers_return_the_data_when_eps_theta_is_exact(sampler, eta):
+    """With the oracle eps_theta for a one-sprite data set, every DDIM step
+    predicts x_0 = x_star exactly, and Algorithm 2's last step lands on it
+    too: both samplers must return x_star. A sampler that stopped one level
+    early (at alpha_bar_0 instead of clean data) would leave noise of ~0.01."""
+    palette = torch.rand(8, 3)
+    cfg = diffusion.Config(sampler=sampler, eta=eta, steps=50)
+    strategy = diffusion.DiffusionStrategy(cfg, palette)
+    x_star = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    out = strategy.sample(Oracle(strategy, x_star), 3, torch.Generator().manual_seed(0))
+    assert out.shape == (3, 3, 16, 16)
+    assert torch.allclose(out, common.from_model_range(x_star).expand(3, -1, -1, -1), atol=2e-4)
+
+
+# -----------------------------------------------------------------------------
+# Contracts: model, determinism, training, range, pictures
+# -----------------------------------------------------------------------------
+
+
+def test_default_unet_shape_and_size():
+    model = diffusion.UNet(64, 0.1)
+    n = sum(p.numel() for p in model.parameters())
+    assert 6.8e6 < n < 7.6e6, n
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([0, 999])
+    assert model(x, t).shape == (2, 3, 16, 16)
+    widths = {m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)}
+    assert {64, 128, 256} <= widths and max(widths) == 256
+    assert not any("attn" in name.lower() for name, _ in model.named_modules())
+
+
+def test_ddim_with_eta_zero_is_deterministic_under_a_seed(sprites):
+    strategy, model = tiny_diffusion(sprites.palette)
+    model.eval()
+    a = strategy.sample(model, 4, torch.Generator().manual_seed(3))
+    b = strategy.sample(model, 4, torch.Generator().manual_seed(3))
+    c = strategy.sample(model, 4, torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    strategy.config.eta = 1.0  # stochastic DDIM: still reproducible from the generator alone
+    d = strategy.sample(model, 4, torch.Generator().manual_seed(3))
+    e = strategy.sample(model, 4, torch.Generator().manual_seed(3))
+    assert torch.equal(d, e) and not torch.equal(a, d)
+
+
+def test_tiny_unet_with_10_timesteps_learns_and_both_samplers_stay_in_range(sprites):
+    strategy, model = tiny_diffusion(sprites.palette)
+    batch = sprites.train[:32]
+    opt = torch.optim.AdamW(model.parameters(), lr=strategy.config.lr)
+
+    def fixed_loss():
+        with torch.random.fork_rng():
+            torch.manual_seed(123)
+            return strategy.get_metrics(model, batch)["loss"]
+
+    before = fixed_loss()
+    for _ in range(30):
+        loss = strategy.train_step(model, batch)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = fixed_loss()
+    assert before == pytest.approx(1.0, abs=0.15)  # zero-initialised output: eps_theta = 0 at first
+    assert after < 0.85 * before, (before, after)  # measured: 1.01 -> 0.76
+    model.eval()
+    for sampler in ("ddim", "ddpm"):
+        strategy.config.sampler = sampler
+        x = strategy.sample(model, 6, torch.Generator().manual_seed(0))
+        common.check_samples(x, 6)  # (6, 3, 16, 16), finite, in [0, 1]
+
+
+def test_denoising_strip_and_trajectory(sprites):
+    strategy, model = tiny_diffusion(sprites.palette)
+    model.eval()
+    pictures = strategy.images(model, sprites.val, torch.Generator().manual_seed(0))
+    strip, per_row = pictures["denoising"]
+    assert per_row == 8 and strip.shape == (4 * 2 * 8, 3, 16, 16)
+    assert strip.min() >= 0 and strip.max() <= 1
+    x_t_at_t0 = strip[0]  # sprite 0's first column: t = 0, barely noised
+    assert (x_t_at_t0 - sprites.val[0]).abs().mean() < 0.05
+    frames = strategy.trajectory(model, 5, torch.Generator().manual_seed(0))
+    assert frames.shape == (strategy.config.steps + 2, 5, 3, 16, 16)
+    assert torch.equal(common.snap_to_palette(frames[-1], sprites.palette), frames[-1])  # last frame: snapped
+
+
+# -----------------------------------------------------------------------------
+# The Trainer and the CLI
+# -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_run(dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("diffusion-run") / "run"
+    cfg = tiny_diffusion_config(epochs=2, sample_every=1, data=str(dataset), out=str(out))
+    return common.train(diffusion.DiffusionStrategy, cfg)
+
+
+def test_training_run_writes_grids_strip_gif_and_quality_at_each_grid(tiny_run):
+    for name in ("samples/epoch_0001.png", "samples/final.png", "denoising/epoch_0001.png",
+                 "denoising/final.png", "trajectory.gif", "metrics.json"):
+        assert (tiny_run / name).exists(), name
+    with Image.open(tiny_run / "trajectory.gif") as gif:
+        assert gif.n_frames == TINY["diffusion"]["steps"] + 2
+    history = common.load_checkpoint(tiny_run / "checkpoints" / "last.pt")["history"]
+    assert "sample/near_copy_rate" in history[0]  # scored at the epoch-1 grid, not only at the end
+    assert "sample/near_copy_rate" in json.loads((tiny_run / "metrics.json").read_text())
+
+
+def run_diffusion(*args):
+    return subprocess.run([sys.executable, "diffusion.py", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_sample_mode_writes_pngs_and_the_gif(tiny_run, tmp_path):
+    ckpt = tiny_run / "checkpoints" / "last.pt"
+    r = run_diffusion("sample", "--checkpoint", ckpt, "--n", 10, "--out", tmp_path / "grid.png",
+                      "--sampler", "ddim", "--steps", 4, "--eta", 0, "--gif", tmp_path / "ddim.gif")
+    assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / "grid.png").size == ((8 * 17 + 1) * 4, (2 * 17 + 1) * 4)
+    with Image.open(tmp_path / "ddim.gif") as gif:
+        assert gif.n_frames == 4 + 2 and gif.size == ((4 * 17 + 1) * 4, (3 * 17 + 1) * 4)  # 10 sprites, 4 per row
+    r = run_diffusion("sample", "--checkpoint", ckpt, "--n", 3, "--out", tmp_path / "each", "--sampler", "ddpm")
+    assert r.returncode == 0, r.stderr
+    assert len(list((tmp_path / "each").glob("*.png"))) == 3
+    r = run_diffusion("sample", "--checkpoint", ckpt, "--steps", 50)  # more steps than the 10 timesteps
+    assert r.returncode == 2 and "--steps must be between 2 and --timesteps (10)" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_bench_prints_its_figures_for_diffusion_and_for_the_tiny_test_strategy():
+    tiny_flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY["diffusion"].items() if k != "lr"]  # no optimizer flags
+    for script, flags in (("diffusion.py", tiny_flags), ("test_contracts.py", ["--batch-size", "8"])):
+        r = subprocess.run([sys.executable, script, "bench", "--repeats", "1", "--n", "2", *flags], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        for words in ("parameters:", "FLOPs", "matmul peak fp32:", "matmul peak bf16:", "fp32: training",
+                      "fp32: sampling 2 sprites", "bf16 autocast (--amp): training", "of fp32 matmul peak",
+                      "bf16 autocast vs fp32"):
+            assert words in r.stdout, (script, words, r.stdout)
+        if script == "diffusion.py":
+            assert "= 5 model calls" in r.stdout  # DDIM over --steps 5: one batched U-Net call per step
+
+
+def test_cli_refuses_a_bad_sampler_in_one_line():
+    r = run_diffusion("--sampler", "euler", "--no-mlflow")
+    assert r.returncode == 2 and "--sampler must be ddim or ddpm" in r.stderr and "Traceback" not in r.stderr
+
+
+# -----------------------------------------------------------------------------
+# compare.py
+# -----------------------------------------------------------------------------
+
+
+def test_compare_writes_figure_and_table_and_reloads_the_same_samples(dataset, tmp_path):
+    import compare
+
+    configs = {name: config_cls(**{**TINY[name], "epochs": 1, "data": str(dataset), "device": "cpu",
+                                   "mlflow": False, "out": str(tmp_path / "runs" / name), "n_eval": 8,
+                                   "sample_every": 0, **({"prior_epochs": 1} if name == "vqvae" else {})})
+               for name, (_, config_cls) in compare.MODELS.items()}
+    kw = dict(n_show=4, n_eval=8, device="cpu", use_mlflow=False)
+    fig, md = compare.compare(configs, str(dataset), tmp_path / "runs", **kw)
+    for row in ("| VAE |", "| VQ-VAE (prior) |", "| diffusion (DDIM) |", "| VQ-VAE (random codes) |",
+                "| real (validation, n="):
+        assert row in md, row
+    assert (tmp_path / "runs" / "comparison.md").read_text() == md
+    # Loading the finished runs instead of training: the same sprites under the same seed.
+    fig2, _ = compare.compare(configs, str(dataset), tmp_path / "again", checkpoints=tmp_path / "runs", **kw)
+    assert Image.open(fig).tobytes() == Image.open(fig2).tobytes()
+    with pytest.raises(common.UserError, match="no vae run"):
+        compare.compare(configs, str(dataset), tmp_path / "x", checkpoints=tmp_path / "empty", **kw)
+
+
+# -----------------------------------------------------------------------------
 # Docs: every relative link and image in README.md and docs/ resolves
 # -----------------------------------------------------------------------------
 
@@ -1109,6 +1380,7 @@ TINY: dict[str, dict] = {
     # prior_epochs=0 keeps `--epochs 1` a one-epoch run; the vqvae tests run both stages
     "vqvae": dict(hidden=16, codebook_size=16, code_dim=8, prior_dim=32, prior_layers=1, prior_heads=2,
                   prior_epochs=0, batch_size=16, lr=3e-3, n_samples=8, n_eval=16, sample_every=0),
+    "diffusion": dict(base_channels=8, timesteps=10, steps=5, batch_size=16, lr=1e-2),
 }
 
 

@@ -1,0 +1,235 @@
+"""compare.py -- the three models side by side: one figure, one honest table.
+
+Trains (or loads) the VAE, the VQ-VAE with its prior and the diffusion model
+on the same sprites with the same seed, then draws the same number of sprites
+from each, scores them with the shared sprite-quality metrics
+(common.sprite_metrics) and puts a row of real sprites next to them, scored
+the same way, so every figure has a scale.
+
+    python compare.py                           # train all three with their own defaults
+    python compare.py --quick                   # smoke run of the whole pipeline in minutes
+    python compare.py --checkpoints runs/compare   # load finished runs instead of training
+    python compare.py --epochs-diffusion 50 --amp  # override a budget; bf16 autocast
+
+Outputs (in --out, default runs/compare): comparison.png, comparison.md (the
+table) and one run folder per model. With MLflow on, a parent run "compare"
+holds a nested child run per model; the table and figure are logged on the
+parent (the table is also the run's description, which the MLflow UI renders).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+import common
+import diffusion
+import vae
+import vqvae
+
+# name -> (Strategy, Config, the label in the figure and table, config overrides
+# for that panel). The VQ-VAE appears twice: with its learned prior, and with
+# uniformly random codes, to show what the prior is for.
+MODELS = {"vae": (vae.VAEStrategy, vae.Config), "vqvae": (vqvae.VQVAEStrategy, vqvae.Config),
+          "diffusion": (diffusion.DiffusionStrategy, diffusion.Config)}
+PANELS = [("vae", "VAE", {}), ("vqvae", "VQ-VAE (prior)", {"sampler": "prior"}),
+          ("diffusion", "diffusion (DDIM)", {}), ("vqvae", "VQ-VAE (random codes)", {"sampler": "random"})]
+QUICK = {"vae": dict(epochs=10), "vqvae": dict(epochs=10, prior_epochs=10), "diffusion": dict(epochs=2)}
+METRICS = ["palette_distance", "one_colour_rate", "density_in_range", "precision", "recall",
+           "near_copy_rate", "unique_rate"]
+
+
+# -----------------------------------------------------------------------------
+# Train or load
+# -----------------------------------------------------------------------------
+
+
+def checkpoint_of(name: str, configs: dict, out: Path, checkpoints: Path | None) -> Path:
+    """A finished run's checkpoint: loaded from --checkpoints, or trained now."""
+    if checkpoints is not None:
+        path = checkpoints / name / "checkpoints" / "last.pt"
+        if not path.exists():
+            raise common.UserError(f"no {name} run in {checkpoints} (expected {path}); "
+                                   f"train it with `python compare.py --out {checkpoints}`")
+        strategy, _, _, config = common.load_for_sampling(*MODELS[name], str(path), {}, torch.device("cpu"))
+        epoch = common.load_checkpoint(path)["epoch"]
+        if epoch < common.total_epochs(strategy, config):
+            raise common.UserError(f"{path} stopped at epoch {epoch}: finish it with "
+                                   f"`python {name}.py --resume {path}`")
+        return path
+    strategy_cls, _ = MODELS[name]
+    print(f"\n=== training {name} ===")
+    run_dir = common.train(strategy_cls, configs[name])
+    return run_dir / "checkpoints" / "last.pt"
+
+
+# -----------------------------------------------------------------------------
+# Score
+# -----------------------------------------------------------------------------
+
+
+def evaluate(name: str, overrides: dict, ckpt: Path, data: common.Sprites, n_show: int, n_eval: int,
+             seed: int, device: torch.device, amp: bool) -> dict:
+    """Samples for the figure, sampling time and sprite-quality metrics of one panel."""
+    strategy_cls, config_cls = MODELS[name]
+    strategy, model, palette, config = common.load_for_sampling(strategy_cls, config_cls, str(ckpt), overrides, device)
+    state = common.load_checkpoint(ckpt)
+    show = common.draw_samples(strategy, model, n_show, seed, device, amp)
+    common.draw_samples(strategy, model, 2, seed, device, amp)  # warm-up: one-time allocations
+    t0 = time.perf_counter()
+    common.draw_samples(strategy, model, 64, seed, device, amp)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    sample_seconds = time.perf_counter() - t0
+    samples = common.draw_samples(strategy, model, n_eval, seed + 1, device, amp)
+    return dict(show=show, params=sum(p.numel() for p in model.parameters()),
+                train_seconds=state.get("train_seconds", float("nan")), epochs=state["epoch"],
+                sample_seconds=sample_seconds, **common.sprite_metrics(samples, data.train, palette))
+
+
+# -----------------------------------------------------------------------------
+# Figure and table
+# -----------------------------------------------------------------------------
+
+
+def figure(columns: list[tuple[str, torch.Tensor]], palette: torch.Tensor, title: str, per_row: int = 4) -> Image.Image:
+    """Labelled panels side by side: each a grid of palette-snapped sprites."""
+    grids = [common.make_grid(x, nrow=per_row, scale=4, palette=palette) for _, x in columns]
+    font = ImageFont.load_default(size=18)
+    pad, head = 16, 64
+    width = sum(g.width for g in grids) + pad * (len(grids) + 1)
+    fig = Image.new("RGB", (width, max(g.height for g in grids) + head + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(fig)
+    draw.text((pad, 6), title, fill=(0, 0, 0), font=font)
+    x = pad
+    for (label, _), grid in zip(columns, grids):
+        draw.text((x, head - 26), label, fill=(0, 0, 0), font=font)
+        fig.paste(grid, (x, head))
+        x += grid.width + pad
+    return fig
+
+
+def table(rows: list[tuple[str, dict]]) -> str:
+    """The metrics as a markdown table (the real-data row has no model columns)."""
+    head = ["", "params", "train time", "sample 64", *METRICS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, r in rows:
+        model_cols = ["-", "-", "-"] if "params" not in r else [
+            f"{r['params'] / 1e6:.2f}M", common.fmt_time(r["train_seconds"]) + f" ({r['epochs']} ep)",
+            f"{r['sample_seconds']:.2f} s"]
+        lines.append("| " + " | ".join([label, *model_cols, *(f"{r[m]:.3f}" for m in METRICS)]) + " |")
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# The whole comparison
+# -----------------------------------------------------------------------------
+
+
+def compare(configs: dict, data_path: str, out: Path, seed: int = 0, n_show: int = 32, n_eval: int = 256,
+            device: str = "auto", amp: bool = False, checkpoints: Path | None = None, quick: bool = False,
+            use_mlflow: bool = True) -> tuple[Path, str]:
+    """Train or load every model, then write comparison.png and comparison.md
+    into `out`; returns (figure path, table markdown)."""
+    dev = common.select_device(device)
+    data = common.load_sprites(data_path, dev, seed=seed)
+    out.mkdir(parents=True, exist_ok=True)
+    label = "SMOKE RUN (--quick: a few epochs each, not a result)" if quick else "comparison"
+    parent = common.Tracker(use_mlflow, experiment="compare", run_name=("compare-quick" if quick else "compare"))
+    try:
+        ckpts = {name: checkpoint_of(name, configs, out, checkpoints) for name in MODELS}
+        print("\n=== sampling and scoring ===")
+        rows, columns = [], [("real (validation)", data.val[:n_show])]
+        for name, panel_label, overrides in PANELS:
+            r = evaluate(name, overrides, ckpts[name], data, n_show, n_eval, seed, dev, amp)
+            rows.append((panel_label, r))
+            columns.append((panel_label, r.pop("show")))
+            print(f"{panel_label}: " + " ".join(f"{m} {r[m]:.3f}" for m in METRICS))
+        real = common.sprite_metrics(data.val, data.train, data.palette)
+        rows.append((f"real (validation, n={data.val.shape[0]})", real))
+
+        title = f"{label} | seed {seed}"
+        fig = figure(columns, data.palette, title)
+        fig_path = common.save_png(fig, out / "comparison.png")
+        md = (f"### {label}\n\n" + table(rows) +
+              f"\n\nEach model row: {n_eval} samples (seed {seed + 1}), scored against the "
+              f"{data.train.shape[0]} training sprites; the real row scores the {data.val.shape[0]} validation "
+              f"sprites the same way. Sample time: 64 sprites on {dev}{' with bf16 autocast' if amp else ''}. "
+              f"Train time: the run's own wall time (from its checkpoint).\n")
+        common.atomic_write_bytes(out / "comparison.md", md.encode())
+        print("\n" + md)
+        parent.log_image("comparison", fig, step=0)
+        parent.log_artifact(out / "comparison.md")
+        parent.set_description(md)
+        print(f"wrote {fig_path} and {out / 'comparison.md'}")
+        parent.end("FINISHED")
+    except BaseException:
+        parent.end("FAILED")
+        raise
+    return fig_path, md
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog="`python compare.py bench` prints each model's bench figures in one table")
+    p.add_argument("--epochs-vae", type=int, help=f"VAE epochs (default: {vae.Config.epochs})")
+    p.add_argument("--epochs-vqvae", type=int, help=f"VQ-VAE stage-1 epochs (default: {vqvae.Config.epochs})")
+    p.add_argument("--epochs-prior", type=int, help=f"VQ-VAE prior epochs (default: {vqvae.Config.prior_epochs})")
+    p.add_argument("--epochs-diffusion", type=int, help=f"diffusion epochs (default: {diffusion.Config.epochs})")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast for training and sampling")
+    p.add_argument("--seed", type=int, default=0, help="one seed for every model (default: %(default)s)")
+    p.add_argument("--quick", action="store_true", help="a smoke run: a few epochs each, labelled as such")
+    p.add_argument("--checkpoints", type=Path, help="load DIR/<model>/checkpoints/last.pt instead of training")
+    p.add_argument("--out", type=Path, default=Path("runs/compare"), help="output folder (default: %(default)s)")
+    p.add_argument("--n-show", type=int, default=32, help="sprites per panel in the figure (default: %(default)s)")
+    p.add_argument("--n-eval", type=int, help="samples scored per model (default: 256; 64 with --quick)")
+    p.add_argument("--data", default=common.TrainConfig.data, help="dataset (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
+    p.add_argument("--no-mlflow", action="store_true", help="do not track with MLflow")
+    args = p.parse_args(argv)
+    for flag in ("epochs_vae", "epochs_vqvae", "epochs_prior", "epochs_diffusion"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    args.n_eval = args.n_eval or (64 if args.quick else 256)
+    if args.n_show < 1 or args.n_eval < 2:
+        p.error("--n-show must be at least 1 and --n-eval at least 2")
+    return args
+
+
+def configs_from(args: argparse.Namespace) -> dict:
+    """Each model's own defaults, with the budgets and shared settings given here."""
+    budgets = {"vae": dict(epochs=args.epochs_vae), "vqvae": dict(epochs=args.epochs_vqvae, prior_epochs=args.epochs_prior),
+               "diffusion": dict(epochs=args.epochs_diffusion)}
+    configs = {}
+    for name, (_, config_cls) in MODELS.items():
+        values = QUICK[name] if args.quick else {}
+        values = {**values, **{k: v for k, v in budgets[name].items() if v is not None}}
+        configs[name] = config_cls(**values, seed=args.seed, amp=args.amp, data=args.data, device=args.device,
+                                   out=str(args.out / name), mlflow=not args.no_mlflow,
+                                   **(dict(n_eval=64, sample_every=0) if args.quick else {}))
+    return configs
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv[:1] == ["bench"]:
+            for name, (strategy_cls, config_cls) in MODELS.items():
+                print(f"\n=== {name} ===")
+                common.bench_command(strategy_cls, config_cls, argv[1:])
+            return
+        args = parse_args(argv)
+        compare(configs_from(args), args.data, args.out, args.seed, args.n_show, args.n_eval, args.device,
+                args.amp, args.checkpoints, args.quick, not args.no_mlflow)
+    except (common.UserError, common.download.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
