@@ -372,6 +372,26 @@ class TinyStrategy:
         return {"loss": float(((model(x).view(-1, 3, 16, 16) - x) ** 2).mean())}
 
 
+def loss_before_after(strategy, model, batch, steps, lr, measure=None) -> tuple[float, float]:
+    """The loss on a fixed batch, measured with the same noise before and after
+    `steps` AdamW steps, so the comparison is about the weights only."""
+    measure = measure or (lambda: float(strategy.train_step(model, batch)["loss"].detach()))
+
+    def fixed():
+        with torch.random.fork_rng():
+            torch.manual_seed(123)
+            return measure()
+
+    before = fixed()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    for _ in range(steps):
+        loss = strategy.train_step(model, batch)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return before, fixed()
+
+
 def tiny_config(dataset, tmp_path, **kw) -> TinyConfig:
     base = dict(epochs=2, batch_size=16, lr=3e-3, data=str(dataset), out=str(tmp_path / "run"),
                 mlflow=False, sample_every=0, n_samples=8, n_eval=16, device="cpu")
@@ -835,21 +855,7 @@ def test_negative_elbo_is_minus_the_decoder_log_likelihood_plus_kl(sprites, mode
 @pytest.mark.parametrize("mode", MODES)
 def test_each_recon_loss_reduces_the_loss_on_a_fixed_batch(sprites, mode):
     strategy, model = tiny_strategy(sprites, recon_loss=mode)
-    batch = sprites.train[:32]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-
-    def loss_at_seed():  # the same eps for both measurements
-        torch.manual_seed(123)
-        with torch.no_grad():
-            return float(strategy.train_step(model, batch)["loss"])
-
-    before = loss_at_seed()
-    for _ in range(40):
-        loss = strategy.train_step(model, batch)["loss"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    after = loss_at_seed()
+    before, after = loss_before_after(strategy, model, sprites.train[:32], steps=40, lr=3e-3)
     assert after < 0.7 * before, (before, after)
 
 
@@ -1231,20 +1237,8 @@ def test_ddim_with_eta_zero_is_deterministic_under_a_seed(sprites):
 def test_tiny_unet_with_10_timesteps_learns_and_both_samplers_stay_in_range(sprites):
     strategy, model = tiny_diffusion(sprites.palette)
     batch = sprites.train[:32]
-    opt = torch.optim.AdamW(model.parameters(), lr=strategy.config.lr)
-
-    def fixed_loss():
-        with torch.random.fork_rng():
-            torch.manual_seed(123)
-            return strategy.get_metrics(model, batch)["loss"]
-
-    before = fixed_loss()
-    for _ in range(30):
-        loss = strategy.train_step(model, batch)["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    after = fixed_loss()
+    before, after = loss_before_after(strategy, model, batch, steps=30, lr=strategy.config.lr,
+                                      measure=lambda: strategy.get_metrics(model, batch)["loss"])
     assert before == pytest.approx(1.0, abs=0.15)  # zero-initialised output: eps_theta = 0 at first
     assert after < 0.85 * before, (before, after)  # measured: 1.01 -> 0.76
     model.eval()
@@ -1449,20 +1443,7 @@ def test_model_train_steps_reduce_the_loss_on_a_fixed_batch(model):
     torch.manual_seed(0)
     strategy = cls(config, palette)
     net = strategy.build_model(config)
-    opt = torch.optim.AdamW(net.parameters(), lr=config.lr)
-
-    def fixed_loss():  # same noise every time, so the comparison is about the weights
-        with torch.random.fork_rng():
-            torch.manual_seed(123)
-            return float(strategy.train_step(net, batch)["loss"].detach())
-
-    before = fixed_loss()
-    for _ in range(30):
-        loss = strategy.train_step(net, batch)["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    after = fixed_loss()
+    before, after = loss_before_after(strategy, net, batch, steps=30, lr=config.lr)
     assert after < 0.9 * before, (before, after)
 
 
