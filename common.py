@@ -1060,16 +1060,18 @@ def sample_command(strategy_cls, config_cls, argv: list[str]) -> None:
     strategy, model, palette, _ = load_for_sampling(strategy_cls, config_cls, args.checkpoint, overrides, device)
     if args.gif and not hasattr(strategy, "trajectory"):
         raise UserError(f"{strategy_cls.name} has no sampling trajectory to animate; drop --gif")
+    t0 = time.perf_counter()
     x = draw_samples(strategy, model, args.n, args.seed, device)
+    took = f"sampled in {time.perf_counter() - t0:.2f} s on {device}"  # draw_samples reads x: the device is done
     out = Path(args.out)
     if out.suffix.lower() == ".png":
         save_png(make_grid(x, nrow=8, scale=4, palette=palette), out)
-        print(f"wrote {args.n} sprites to {out}")
+        print(f"wrote {args.n} sprites to {out} ({took})")
     else:
         snapped = (snap_to_palette(x, palette) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
         for i, sprite in enumerate(snapped):
             save_png(Image.fromarray(sprite), out / f"{i:04d}.png")
-        print(f"wrote {args.n} PNGs (16x16) to {out}/")
+        print(f"wrote {args.n} PNGs (16x16) to {out}/ ({took})")
     if args.gif:
         with torch.no_grad():
             frames = strategy.trajectory(model, min(args.n, 16), torch.Generator(device).manual_seed(args.seed))
@@ -1101,6 +1103,31 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, repeats: int,
         if 8 * seconds > budget_s:  # the next size costs 8x as much
             break
     return best, best_n, best_share
+
+
+def time_by_op(fn: Callable, top: int = 5) -> str:
+    """One profiled call of fn: the `top` operators by self time, as shares of
+    the total, e.g. "convolution 72%, native_group_norm 16%, ..."."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    stderr_fd, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:  # the profiler's C++ side prints start/stop lines straight to file descriptor 2
+        sys.stderr.flush()
+        os.dup2(devnull, 2)
+        with profile(activities=activities) as prof:
+            fn()
+    finally:
+        os.dup2(stderr_fd, 2)
+        os.close(stderr_fd)
+        os.close(devnull)
+    on_device = any(e.self_device_time_total > 0 for e in prof.key_averages())
+    key = "self_device_time_total" if on_device else "self_cpu_time_total"
+    # Operators only: leave out annotated ranges such as "Optimizer.step#AdamW.step".
+    events = [e for e in prof.key_averages() if getattr(e, key) > 0 and (on_device or e.key.startswith("aten::"))]
+    total = sum(getattr(e, key) for e in events) or 1
+    events.sort(key=lambda e: getattr(e, key), reverse=True)
+    return ", ".join(f"{e.key.removeprefix('aten::')} {getattr(e, key) / total:.0%}" for e in events[:top])
 
 
 def _best_time(fn: Callable, repeats: int, device: torch.device) -> tuple[float, float]:
@@ -1235,6 +1262,14 @@ def bench_command(strategy_cls, config_cls, argv: list[str]) -> None:
     if "bf16" in rows:
         print(f"bf16 autocast vs fp32: training {rows['fp32'][0] / rows['bf16'][0]:.2f}x as fast, "
               f"sampling {rows['fp32'][1] / rows['bf16'][1]:.2f}x as fast")
+    # What limits the fractions above: the FLOP count covers matmuls and convolutions only, so time
+    # spent in normalisation, activations and additions (memory-bound, no FLOPs counted) lowers them.
+    step = iter(range(10 ** 9))
+    for what, fn in (("training step", lambda: base.train_step(batch, 1, next(step))),
+                     (f"sampling {args.n} sprites",
+                      lambda: draw_samples(base.strategy, base.eval_model, args.n, 0, device))):
+        base.eval_model.eval()
+        print(f"fp32 {what}, where the time goes (torch.profiler, self time): {time_by_op(fn)}")
     if hasattr(os, "getloadavg"):
         print(f"load average after: {os.getloadavg()[0]:.2f}")
 

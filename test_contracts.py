@@ -1295,6 +1295,7 @@ def test_sample_mode_writes_pngs_and_the_gif(tiny_run, tmp_path):
     r = run_diffusion("sample", "--checkpoint", ckpt, "--n", 10, "--out", tmp_path / "grid.png",
                       "--sampler", "ddim", "--steps", 4, "--eta", 0, "--gif", tmp_path / "ddim.gif")
     assert r.returncode == 0, r.stderr
+    assert re.search(r"wrote 10 sprites to .*grid\.png \(sampled in \d+\.\d\d s on cpu\)", r.stdout), r.stdout
     assert Image.open(tmp_path / "grid.png").size == ((8 * 17 + 1) * 4, (2 * 17 + 1) * 4)
     with Image.open(tmp_path / "ddim.gif") as gif:
         assert gif.n_frames == 4 + 2 and gif.size == ((4 * 17 + 1) * 4, (3 * 17 + 1) * 4)  # 10 sprites, 4 per row
@@ -1314,7 +1315,8 @@ def test_bench_prints_its_figures_for_diffusion_and_for_the_tiny_test_strategy()
         assert r.returncode == 0, r.stderr
         for words in ("parameters:", "FLOPs", "matmul peak fp32:", "matmul peak bf16:", "fp32: training",
                       "fp32: sampling 2 sprites", "bf16 autocast (--amp): training", "of fp32 matmul peak",
-                      "bf16 autocast vs fp32"):
+                      "bf16 autocast vs fp32", "fp32 training step, where the time goes",
+                      "fp32 sampling 2 sprites, where the time goes"):
             assert words in r.stdout, (script, words, r.stdout)
         if script == "diffusion.py":
             assert "= 5 model calls" in r.stdout  # DDIM over --steps 5: one batched U-Net call per step
