@@ -1156,11 +1156,15 @@ def bench_sprites(n: int, palette: Tensor, generator: torch.Generator) -> Tensor
     return mask * colour[:, :, None, None]
 
 
-def bench_command(strategy_cls, config_cls, argv: list[str]) -> None:
+def bench_command(strategy_cls, config_cls, argv: list[str]) -> dict:
     """`python X.py bench`: parameters, FLOPs, training images/s and seconds to
     sample, in fp32 and with bf16 autocast (--amp), next to this machine's own
     matmul throughput measured in the same run. Needs no data and no
-    checkpoint: a freshly initialised model on random sprites costs the same."""
+    checkpoint: a freshly initialised model on random sprites costs the same.
+    Prints its figures and returns them (compare.py bench tabulates them):
+    {"params", "n", "batch_size", "fp32": {...}, "bf16": {...}}, each precision
+    with "peak_gflops", "train_sprites_per_s", "train_of_peak", "sample_s",
+    "sample_of_peak" (fractions of the fp32 peak)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     parser = argparse.ArgumentParser(
@@ -1270,8 +1274,14 @@ def bench_command(strategy_cls, config_cls, argv: list[str]) -> None:
                       lambda: draw_samples(base.strategy, base.eval_model, args.n, 0, device))):
         base.eval_model.eval()
         print(f"fp32 {what}, where the time goes (torch.profiler, self time): {time_by_op(fn)}")
+    figures = {"params": base.n_params(), "n": args.n, "batch_size": batch_size}
+    for p, (train_s, sample_s, _, _) in rows.items():
+        figures[p] = dict(peak_gflops=peak[p][0], train_sprites_per_s=batch_size / train_s,
+                          train_of_peak=train_flops / train_s / 1e9 / peak["fp32"][0], sample_s=sample_s,
+                          sample_of_peak=sample_flops / sample_s / 1e9 / peak["fp32"][0])
     if hasattr(os, "getloadavg"):
         print(f"load average after: {os.getloadavg()[0]:.2f}")
+    return figures
 
 
 def parse_train_args(config_cls, argv: list[str]) -> TrainConfig:

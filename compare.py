@@ -126,6 +126,34 @@ def table(rows: list[tuple[str, dict]]) -> str:
     return "\n".join(lines)
 
 
+def bench_table(figures: dict) -> str:
+    """`compare.py bench`: each model's bench figures (common.bench_command) in
+    one markdown table; percentages are of the fp32 matmul peak measured in the
+    same model's run."""
+    precisions = [p for p in ("fp32", "bf16") if all(p in f for f in figures.values())]
+    head = ["model", "params"]
+    for p in precisions:
+        tag = "fp32" if p == "fp32" else "--amp"
+        head += [f"{tag} train sprites/s (% of peak)", f"{tag} sample s (% of peak)"]
+    if "bf16" in precisions:
+        head.append("--amp speed-up vs fp32 (train, sample)")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, f in figures.items():
+        cells = [name, f"{f['params'] / 1e6:.2f}M"]
+        for p in precisions:
+            cells += [f"{f[p]['train_sprites_per_s']:.1f} ({f[p]['train_of_peak']:.0%})",
+                      f"{f[p]['sample_s']:.3g} ({f[p]['sample_of_peak']:.0%})"]
+        if "bf16" in precisions:
+            cells.append(f"{f['bf16']['train_sprites_per_s'] / f['fp32']['train_sprites_per_s']:.2f}x, "
+                         f"{f['fp32']['sample_s'] / f['bf16']['sample_s']:.2f}x")
+        lines.append("| " + " | ".join(cells) + " |")
+    n = next(iter(figures.values()))["n"]
+    peaks = " / ".join(f"{f['fp32']['peak_gflops']:.0f}" for f in figures.values())
+    return ("\n".join(lines) + f"\n\nTraining: batches of each model's --batch-size; sampling: {n} sprites. "
+            f"% of peak: achieved GFLOP/s (matmul and conv FLOPs) over the fp32 matmul GFLOP/s measured in the "
+            f"same run (fp32 peak {peaks} GFLOP/s in the {' / '.join(figures)} runs).")
+
+
 # -----------------------------------------------------------------------------
 # The whole comparison
 # -----------------------------------------------------------------------------
@@ -219,9 +247,11 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv[:1] == ["bench"]:
+            figures = {}
             for name, (strategy_cls, config_cls) in MODELS.items():
                 print(f"\n=== {name} ===")
-                common.bench_command(strategy_cls, config_cls, argv[1:])
+                figures[name] = common.bench_command(strategy_cls, config_cls, argv[1:])
+            print("\n" + bench_table(figures))
             return
         args = parse_args(argv)
         compare(configs_from(args), args.data, args.out, args.seed, args.n_show, args.n_eval, args.device,

@@ -1322,6 +1322,27 @@ def test_bench_prints_its_figures_for_diffusion_and_for_the_tiny_test_strategy()
             assert "= 5 model calls" in r.stdout  # DDIM over --steps 5: one batched U-Net call per step
 
 
+def test_compare_bench_tabulates_what_each_bench_run_returns(capsys):
+    import compare
+
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:  # bench_command sets deterministic algorithms, as training does; this process goes on testing
+        figures = common.bench_command(TinyStrategy, TinyConfig, ["--repeats", "1", "--n", "2", "--batch-size", "8"])
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    printed = capsys.readouterr().out
+    assert figures["params"] == sum(p.numel() for p in TinyStrategy(TinyConfig(), torch.rand(8, 3)).build_model(
+        TinyConfig()).parameters())
+    for p in ("fp32", "bf16"):
+        assert figures[p]["train_sprites_per_s"] > 0 and figures[p]["sample_s"] > 0
+    assert f"fp32: training {figures['fp32']['train_sprites_per_s']:.1f} sprites/s" in printed
+    md = compare.bench_table({"tiny": figures, "again": figures})
+    lines = md.splitlines()
+    assert lines[0].startswith("| model | params | fp32 train sprites/s") and len(lines[0].split("|")) == 9
+    assert lines[2].startswith(f"| tiny | {figures['params'] / 1e6:.2f}M | {figures['fp32']['train_sprites_per_s']:.1f} (")
+    assert lines[3].startswith("| again |") and "sampling: 2 sprites" in md
+
+
 def test_cli_refuses_a_bad_sampler_in_one_line():
     r = run_diffusion("--sampler", "euler", "--no-mlflow")
     assert r.returncode == 2 and "--sampler must be ddim or ddpm" in r.stderr and "Traceback" not in r.stderr
