@@ -1121,10 +1121,11 @@ def time_by_op(fn: Callable, top: int = 5) -> str:
         os.dup2(stderr_fd, 2)
         os.close(stderr_fd)
         os.close(devnull)
-    on_device = any(e.self_device_time_total > 0 for e in prof.key_averages())
+    averages = prof.key_averages()
+    on_device = any(e.self_device_time_total > 0 for e in averages)
     key = "self_device_time_total" if on_device else "self_cpu_time_total"
     # Operators only: leave out annotated ranges such as "Optimizer.step#AdamW.step".
-    events = [e for e in prof.key_averages() if getattr(e, key) > 0 and (on_device or e.key.startswith("aten::"))]
+    events = [e for e in averages if getattr(e, key) > 0 and (on_device or e.key.startswith("aten::"))]
     total = sum(getattr(e, key) for e in events) or 1
     events.sort(key=lambda e: getattr(e, key), reverse=True)
     return ", ".join(f"{e.key.removeprefix('aten::')} {getattr(e, key) / total:.0%}" for e in events[:top])
