@@ -120,6 +120,23 @@ class TrainConfig:
             raise ValueError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise ValueError(f"unknown --device {self.device!r}; use auto, cpu, cuda, cuda:N or mps")
+        check_finite_and_seed(self)
+
+
+SEED_MAX = 2**32 - 1  # NumPy's seeds are 32-bit
+
+
+def check_finite_and_seed(config) -> None:
+    """Every float field of a Config (the model's own too) must be a number:
+    `--lr nan` would train on silently, and `nan <= 0` is False, so range
+    checks alone let NaN through. The seed must fit every RNG it seeds."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
+    seed = getattr(config, "seed", 0)
+    if not 0 <= seed <= SEED_MAX:
+        raise ValueError(f"--seed must be between 0 and {SEED_MAX}, got {seed}")
 
 
 def field_help(config_cls) -> dict[str, str]:
@@ -150,7 +167,7 @@ def add_config_flags(parser, config_cls, suppress_defaults=False, only: set[str]
             continue
         flag = "--" + f.name.replace("_", "-")
         default = argparse.SUPPRESS if suppress_defaults else f.default
-        help_text = helps.get(f.name) or "(undocumented)"
+        help_text = (helps.get(f.name) or "(undocumented)").replace("%", "%%")  # argparse reads % as a format
         if f.type in (bool, "bool"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
                                 help=help_text + (" (default: %(default)s)" if not suppress_defaults else ""))
@@ -175,6 +192,8 @@ def make_config(config_cls, parser: argparse.ArgumentParser, values: dict):
 
 def select_device(name: str = "auto") -> torch.device:
     """cuda, then mps, then cpu -- unless --device names one."""
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", name):
+        raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda, cuda:N or mps")
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -230,12 +249,24 @@ def load_sprites(path: str | os.PathLike, device: torch.device, palette_size: in
         raise UserError(f"cannot read dataset {path} ({e}); re-create it with `python download.py --force`")
     if images.ndim != 4 or images.shape[1:] != (16, 16, 3) or images.dtype != np.uint8:
         raise UserError(f"{path} holds images of shape {images.shape} {images.dtype}; expected (N, 16, 16, 3) uint8")
+    check_split(path, images, is_val)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255)  # (N, 16, 16, 3) -> (N, 3, 16, 16)
     is_val = torch.from_numpy(is_val.astype(bool))
     train = x[~is_val]
     palette = kmeans_palette(images[~is_val.numpy()].reshape(-1, 3), k=palette_size, seed=seed)
     return Sprites(train=train.to(device), val=x[is_val].to(device),
                    palette=torch.from_numpy(palette).float().div(255).to(device), path=path)
+
+
+def check_split(path: Path, images: np.ndarray, is_val: np.ndarray) -> None:
+    """A dataset must have training sprites and one is_val flag per sprite; an
+    empty validation split is allowed (the Trainer then skips val/ metrics)."""
+    redo = "re-create it with `python download.py --force`, or fix --data"
+    if is_val.shape != (images.shape[0],):
+        raise UserError(f"{path} has {images.shape[0]} sprites but is_val of shape {is_val.shape}; {redo}")
+    if images.shape[0] == 0 or is_val.astype(bool).all():
+        raise UserError(f"{path} has no training sprites ({images.shape[0]} sprites, "
+                        f"{int(is_val.astype(bool).sum())} of them validation); {redo}")
 
 
 def to_model_range(x: Tensor) -> Tensor:
@@ -497,39 +528,62 @@ class Tracker:
     def __init__(self, enabled: bool, experiment: str, run_name: str, run_id: str | None = None):
         self.run_id = None
         self._warned: set[str] = set()
+        self.epoch = 0        # the Trainer's current epoch, for the note below
+        self.stopped = ""     # set when a call failed: "tracking stopped at epoch N (...)"
         if not enabled:
             return
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # fail fast, not after minutes
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        # Fail fast, not after minutes: one retry, short waits. A lost server
+        # then costs a few seconds once, and no call is made after that.
+        for key, value in (("MAX_RETRIES", "1"), ("BACKOFF_FACTOR", "1"), ("BACKOFF_JITTER", "0.5"),
+                           ("TIMEOUT", "5")):
+            os.environ.setdefault(f"MLFLOW_HTTP_REQUEST_{key}", value)
         uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+        check_tracking_uri(uri)
         if uri.startswith(("http://", "https://")):
             check_server(uri)
         import mlflow
 
         self.mlflow = mlflow
-        # Inside an open run (compare.py's parent run) this run becomes its
-        # nested child, in the parent's experiment.
-        nested = mlflow.active_run() is not None
-        if not nested:
-            mlflow.set_experiment(experiment)
         try:
-            run = (mlflow.start_run(run_id=run_id, nested=nested) if run_id
-                   else mlflow.start_run(run_name=run_name, nested=nested))
-        except Exception as e:  # e.g. resuming a run that lives in another store
-            print(f"warning: cannot reopen MLflow run {run_id} ({e}); starting a new one")
-            run = mlflow.start_run(run_name=run_name, nested=nested)
+            # Inside an open run (compare.py's parent run) this run becomes its
+            # nested child, in the parent's experiment.
+            nested = mlflow.active_run() is not None
+            if not nested:
+                mlflow.set_experiment(experiment)
+            try:
+                run = (mlflow.start_run(run_id=run_id, nested=nested) if run_id
+                       else mlflow.start_run(run_name=run_name, nested=nested))
+            except Exception as e:  # e.g. resuming a run that lives in another store
+                print(f"warning: cannot reopen MLflow run {run_id} ({first_line(e)}); starting a new one")
+                run = mlflow.start_run(run_name=run_name, nested=nested)
+        except Exception as e:  # a tracking URI MLflow cannot use, e.g. an unknown scheme
+            raise UserError(f"MLflow cannot track to {uri or mlflow.get_tracking_uri()} ({type(e).__name__}: "
+                            f"{first_line(e)}); fix MLFLOW_TRACKING_URI or pass --no-mlflow") from None
         self.run_id = run.info.run_id
         print(f"MLflow: run {self.run_id} in experiment '{experiment}' at {mlflow.get_tracking_uri()}")
 
     def _call(self, what: str, fn: Callable, *args, **kwargs):
-        if self.run_id is None:
+        if self.run_id is None or self.stopped:
             return
         try:
             fn(*args, **kwargs)
         except Exception as e:
-            if what not in self._warned:
-                self._warned.add(what)
-                print(f"warning: MLflow {what} failed ({type(e).__name__}: {e}); training continues")
+            # One warning, then no more calls for the rest of the run: a lost
+            # server would otherwise cost its retries on every call.
+            self.stopped = f"tracking stopped at epoch {self.epoch} ({what} failed: {type(e).__name__})"
+            print(f"warning: MLflow {what} failed ({type(e).__name__}: {first_line(e)}); training continues "
+                  f"without tracking (noted in metrics.json)")
+            self._forget_run()
+
+    def _forget_run(self):
+        """Drop the run from MLflow's stack of active runs without a call to the
+        server, so that neither end() nor MLflow's own exit hook retries it.
+        (MLflow has no public call for this; best effort.)"""
+        with contextlib.suppress(Exception):
+            from mlflow.tracking import fluent
+            stack = fluent._active_run_stack.get()
+            if stack and stack[-1].info.run_id == self.run_id:
+                stack.pop()
 
     def log_params(self, params: dict):
         self._call("log_params", lambda: self.mlflow.log_params({k: str(v)[:500] for k, v in params.items()}))
@@ -566,7 +620,22 @@ class Tracker:
         self._call("set_description", lambda: self.mlflow.set_tag("mlflow.note.content", text))
 
     def end(self, status: str = "FINISHED"):
+        if self.stopped or self.run_id is None:
+            return
         self._call("end_run", lambda: self.mlflow.end_run(status=status))
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (MLflow's can run to pages)."""
+    return (str(e).strip().splitlines() or [""])[0][:300]
+
+
+def check_tracking_uri(uri: str) -> None:
+    """A URL missing its '://' (e.g. `http//host:5000`) is refused in one line;
+    MLflow would take it as a folder name. Other mistakes MLflow reports itself."""
+    if uri and "://" not in uri and re.match(r"(https?|file|sqlite|postgresql|mysql|mssql|databricks)\b", uri):
+        raise UserError(f"MLFLOW_TRACKING_URI={uri!r} is not a valid URI (no '://'); "
+                        f"use e.g. http://127.0.0.1:5000 or sqlite:///mlflow.db, or pass --no-mlflow")
 
 
 def check_server(uri: str, tries: int = 2, timeout: float = 3.0) -> None:
@@ -730,6 +799,7 @@ class Trainer:
         try:
             for epoch in range(self.epoch + 1, self.epochs + 1):
                 t0 = time.time()
+                self.tracker.epoch = epoch
                 if self.resume_batch == 0:  # a fresh epoch: remember where its shuffle began
                     self.epoch_gen_state, self.epoch_sums = self.data_gen.get_state(), {}
                 self.data_gen.set_state(self.epoch_gen_state)
@@ -830,7 +900,11 @@ class Trainer:
         extra = {}
         hook = getattr(self.strategy, "on_epoch_end", None)
         if hook:
-            extra = hook(self.model, epoch, self.val_data) or {}
+            # No validation sprites: the hook still runs (it may act on training,
+            # e.g. codebook restarts), on the training sprites, and its val/
+            # metrics are dropped rather than measured on the wrong split.
+            extra = hook(self.model, epoch, self.val_data if len(self.val_data) else self.train_data) or {}
+            extra = extra if len(self.val_data) else {}
         self.model.train()
         out = {f"val/{k}": v / self.val_data.shape[0] for k, v in sums.items()}
         out.update({f"val/{k}": float(v) for k, v in extra.items()})
@@ -853,7 +927,7 @@ class Trainer:
         name = "final" if final else f"epoch_{epoch:04d}"
         pictures = {"samples": (self.generate(self.config.n_samples, self.config.seed), 8)}
         hook = getattr(self.strategy, "images", None)
-        if hook:
+        if hook and len(self.val_data):  # the extra pictures show validation sprites: none, no pictures
             gen = torch.Generator(self.device).manual_seed(self.config.seed)
             with torch.no_grad(), torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
                 self.eval_model.eval()
@@ -931,10 +1005,102 @@ def fmt_time(seconds: float) -> str:
 # -----------------------------------------------------------------------------
 
 
+class RunFolder:
+    """A run folder, claimed by one run at a time (`with RunFolder(path):`).
+
+    Entering creates the folder and claims it: a lock file, run.lock, holding
+    the owner's PID. A second run or resume into a claimed folder is refused
+    in one line. On POSIX the claim is an flock(2) on that file, which the
+    kernel drops when its process dies, however it dies: a lock file left by a
+    killed run is stale, named with its PID and taken over. Then temporary
+    files of interrupted atomic writes (*.tmp) are swept. Leaving removes the
+    lock, and removes again the folders entering created if nothing was
+    written into them: a failed start leaves no empty run folder behind."""
+
+    LOCK = "run.lock"
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.created = [p for p in (self.path, *self.path.parents) if not p.exists()]  # deepest first
+        self.fd: int | None = None
+
+    def __enter__(self) -> "RunFolder":
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._claim()
+        except BaseException:
+            self._remove_empty()
+            raise
+        self._sweep()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path / self.LOCK)
+            os.close(self.fd)
+            self.fd = None
+        self._remove_empty()
+
+    def _claim(self) -> None:
+        lock = self.path / self.LOCK
+        try:
+            import fcntl
+        except ImportError:  # Windows: an exclusive create; a stale lock must be deleted by hand
+            try:
+                self.fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                raise UserError(f"{self.path} is in use by another run ({lock} exists); wait for it to finish, "
+                                f"choose another --out, or delete {lock} if no run is using it") from None
+            os.write(self.fd, f"{os.getpid()}\n".encode())
+            return
+        while True:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise UserError(f"{self.path} is in use by another run (PID {owner}); wait for it to finish "
+                                f"or choose another --out") from None
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                    break
+            os.close(fd)  # the owner removed the file while we locked it: claim the new one
+        stale = os.read(fd, 32).decode(errors="replace").strip()
+        if stale:
+            print(f"note: {lock} was left by PID {stale}, which has ended; taking the folder over")
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+
+    def _sweep(self) -> None:
+        """Temporary files of atomic writes (download.write_atomic) that a kill
+        left behind; safe to delete, as this run now owns the folder."""
+        orphans = [p for p in self.path.rglob("*.tmp") if p.is_file()]
+        for p in orphans:
+            p.unlink()
+        if orphans:
+            print(f"note: removed {len(orphans)} temporary file(s) left by an interrupted write in {self.path}")
+
+    def _remove_empty(self) -> None:
+        for p in self.created:
+            try:
+                p.rmdir()  # only if empty
+            except OSError:
+                break
+
+
 def train(strategy_cls, config: TrainConfig) -> Path:
     """Train one model end to end; returns the run folder. Used by every
-    model file's main() and by compare.py."""
+    model file's main() and by compare.py. Every input is checked before the
+    run folder is created and claimed (RunFolder); a Ctrl-C saves a checkpoint
+    and raises Interrupted."""
     resume_state = load_checkpoint(config.resume) if config.resume else None
+    name = strategy_cls.name
+    if resume_state:
+        check_model_type(resume_state, name, config.resume)
     device = select_device(config.device)
     seed_everything(config.seed)
     if device.type == "cpu":
@@ -942,47 +1108,94 @@ def train(strategy_cls, config: TrainConfig) -> Path:
     data = load_sprites(config.data, device, config.palette_size, config.seed)
     palette = resume_state["palette"].to(device) if resume_state else data.palette
 
-    name = strategy_cls.name
     if resume_state:
         run_dir = Path(config.resume).resolve().parent.parent
     else:
         run_dir = Path(config.out) if config.out else Path("runs") / name / time.strftime("%Y%m%d-%H%M%S")
-        if (run_dir / "checkpoints" / "last.pt").exists():
+    with RunFolder(run_dir):
+        if not resume_state and (run_dir / "checkpoints" / "last.pt").exists():
             raise UserError(f"{run_dir} already holds a run; continue it with "
                             f"--resume {run_dir / 'checkpoints' / 'last.pt'} or choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
+        strategy = strategy_cls(config, palette)
+        tracker = Tracker(config.mlflow, experiment=name, run_name=run_dir.name,
+                          run_id=resume_state.get("mlflow_run_id") if resume_state else None)
+        status = "FAILED"
+        try:
+            trainer = Trainer(strategy, config, data.train, data.val, palette, run_dir, tracker)
+            print(f"{name}: {trainer.n_params():,} parameters | {data.train.shape[0]} train / {data.val.shape[0]} val "
+                  f"sprites from {data.path} | device {device}{' + bf16 autocast' if config.amp else ''} | run folder {run_dir}")
+            if not len(data.val):
+                print(f"note: {data.path} has no validation sprites: no val/ metrics and no validation pictures")
+            if resume_state:
+                resume(trainer, resume_state, config)
+                where = f"epoch {trainer.epoch + 1}, step {trainer.resume_batch + 1}" if trainer.resume_batch else f"epoch {trainer.epoch + 1}"
+                print(f"resuming from {config.resume} at {where}")
+            else:
+                tracker.log_params({**dataclasses.asdict(config), "n_params": trainer.n_params(),
+                                    "n_train": data.train.shape[0], "n_val": data.val.shape[0]})
+                tracker.log_dataset(data.path, data.train)
 
-    strategy = strategy_cls(config, palette)
-    tracker = Tracker(config.mlflow, experiment=name, run_name=run_dir.name,
-                      run_id=resume_state.get("mlflow_run_id") if resume_state else None)
-    trainer = Trainer(strategy, config, data.train, data.val, palette, run_dir, tracker)
-    print(f"{name}: {trainer.n_params():,} parameters | {data.train.shape[0]} train / {data.val.shape[0]} val "
-          f"sprites from {data.path} | device {device}{' + bf16 autocast' if config.amp else ''} | run folder {run_dir}")
-    if resume_state:
-        trainer.load_state_dict(resume_state)
-        where = f"epoch {trainer.epoch + 1}, step {trainer.resume_batch + 1}" if trainer.resume_batch else f"epoch {trainer.epoch + 1}"
-        print(f"resuming from {config.resume} at {where}")
-    else:
-        tracker.log_params({**dataclasses.asdict(config), "n_params": trainer.n_params(),
-                            "n_train": data.train.shape[0], "n_val": data.val.shape[0]})
-        tracker.log_dataset(data.path, data.train)
-
-    status = "FAILED"
-    try:
-        trainer.fit()
-        if trainer.stop_requested:
-            status = "KILLED"
-            return run_dir
-        final = finish(trainer, data)
-        status = "FINISHED"
-        print(f"done: {final['samples']} | checkpoint {trainer.ckpt_path}")
-    except NonFiniteLoss as e:
-        good = f"the last good checkpoint is {trainer.ckpt_path} (epoch {trainer.epoch})" if trainer.ckpt_path.exists() \
-            else "no epoch finished, so there is no checkpoint"
-        raise UserError(f"{e}; {good}. Try a lower --lr or --grad-clip 1") from None
-    finally:
-        tracker.end(status)
+            trainer.fit()
+            if trainer.stop_requested:
+                status = "KILLED"
+                raise Interrupted(f"interrupted; checkpoint saved, resume with: --resume {trainer.ckpt_path}")
+            final = finish(trainer, data)
+            status = "FINISHED"
+            print(f"done: {final['samples']} | checkpoint {trainer.ckpt_path}")
+        except NonFiniteLoss as e:
+            good = f"the last good checkpoint is {trainer.ckpt_path} (epoch {trainer.epoch})" if trainer.ckpt_path.exists() \
+                else "no epoch finished, so there is no checkpoint"
+            raise UserError(f"{e}; {good}. Try a lower --lr or --grad-clip 1") from None
+        except OSError as e:  # e.g. the disk filled up: the last checkpoint written is still whole
+            ckpt = run_dir / "checkpoints" / "last.pt"
+            then = f"the last good checkpoint is {ckpt}; free some space, then --resume {ckpt}" if ckpt.exists() \
+                else "no checkpoint was written; free some space or choose another --out"
+            raise UserError(f"cannot write {e.filename or run_dir} ({e.strerror or e}); {then}") from None
+        finally:
+            tracker.end(status)
     return run_dir
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C stopped training after a checkpoint was saved; the message says
+    how to resume. The command line exits with status 130."""
+
+
+def check_model_type(state: dict, name: str, path) -> None:
+    """A checkpoint of another model is refused by its type, before its
+    config or weights can cause a confusing error."""
+    kind = state.get("strategy")
+    if kind != name:
+        raise UserError(f"{path} is a {kind} checkpoint, not {name}; resume it with `python {kind}.py --resume {path}`")
+
+
+RESUMABLE_OPTIMIZER_FLAGS = ("lr", "weight_decay")
+
+
+def resume(trainer: Trainer, state: dict, config: TrainConfig) -> None:
+    """Restore a checkpoint into the trainer. Flags given with --resume that
+    differ from the checkpoint's config take effect and are printed (and
+    logged to MLflow): --lr and --weight-decay are written into the restored
+    optimizer, which would otherwise keep the checkpoint's values. Flags that
+    change the model's shape cannot: refused in one line."""
+    saved = state["config"]
+    changed = {k: (saved[k], v) for k, v in dataclasses.asdict(config).items()
+               if k in saved and saved[k] != v and k not in ("resume", "out")}
+    try:
+        trainer.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError) as e:  # weights of another shape
+        flags = ", ".join(f"--{k.replace('_', '-')} {new} (checkpoint: {old})" for k, (old, new) in changed.items())
+        raise UserError(f"{config.resume} does not fit the model built from {flags or 'these flags'} "
+                        f"({first_line(e)}); resume without changing the model's shape, or start a new run "
+                        f"with another --out") from None
+    for key in RESUMABLE_OPTIMIZER_FLAGS:
+        if key in changed:
+            for group in trainer.optimizer.param_groups:
+                group[key] = getattr(config, key)
+    if changed:
+        print("resuming with changed settings: " + ", ".join(
+            f"--{k.replace('_', '-')} {new} (was {old})" for k, (old, new) in changed.items()))
+        trainer.tracker.log_params({f"resumed_at_epoch_{trainer.epoch}/{k}": new for k, (_, new) in changed.items()})
 
 
 def finish(trainer: Trainer, data: Sprites) -> dict[str, Path]:
@@ -1002,6 +1215,10 @@ def finish(trainer: Trainer, data: Sprites) -> dict[str, Path]:
     trainer.tracker.log_metrics(quality, step=trainer.epoch)
     summary = {"epochs": trainer.epoch, "n_params": trainer.n_params(), "train_seconds": trainer.train_seconds,
                **trainer.history[-1], **quality}
+    if trainer.tracker.stopped:  # MLflow failed mid-run: say where its record ends
+        summary["mlflow"] = trainer.tracker.stopped
+    if not len(trainer.val_data):
+        summary["note"] = "no validation sprites: no val/ metrics and no validation pictures"
     atomic_write_bytes(trainer.run_dir / "metrics.json", json.dumps(summary, indent=2).encode())
     trainer.tracker.log_artifact(trainer.run_dir / "metrics.json")
     trainer.tracker.log_artifact(trainer.ckpt_path)
@@ -1035,7 +1252,7 @@ def load_for_sampling(strategy_cls, config_cls, checkpoint: str, overrides: dict
 
 
 def sample_command(strategy_cls, config_cls, argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(
+    parser = download.OneLineParser(
         prog=f"{Path(sys.argv[0]).name} sample",
         description="Draw sprites from a trained checkpoint. Model flags given here override the checkpoint's "
                     "config (e.g. a sampling temperature).")
@@ -1055,6 +1272,8 @@ def sample_command(strategy_cls, config_cls, argv: list[str]) -> None:
     args = parser.parse_args(argv)
     if args.n < 1:
         parser.error("--n must be at least 1")
+    if not 0 <= args.seed <= SEED_MAX:
+        parser.error(f"--seed must be between 0 and {SEED_MAX}")
     overrides = {k: v for k, v in vars(args).items() if k in own}
     device = select_device(args.device)
     strategy, model, palette, _ = load_for_sampling(strategy_cls, config_cls, args.checkpoint, overrides, device)
@@ -1168,7 +1387,7 @@ def bench_command(strategy_cls, config_cls, argv: list[str]) -> dict:
     "sample_of_peak" (fractions of the fp32 peak)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    parser = argparse.ArgumentParser(
+    parser = download.OneLineParser(
         prog=f"{Path(sys.argv[0]).name} bench",
         description="Measure this model's speed on this machine: FLOPs (torch.utils.flop_counter, matmul and "
                     "conv only), training images/s and sampling seconds in fp32 and bf16 autocast, each as a "
@@ -1285,8 +1504,8 @@ def bench_command(strategy_cls, config_cls, argv: list[str]) -> dict:
     return figures
 
 
-def parse_train_args(config_cls, argv: list[str]) -> TrainConfig:
-    parser = argparse.ArgumentParser(
+def parse_train_args(config_cls, argv: list[str], strategy_name: str = "") -> TrainConfig:
+    parser = download.OneLineParser(
         description=(sys.modules[config_cls.__module__].__doc__ or "").split("\n\n")[0],
         epilog=f"other modes: `{Path(sys.argv[0]).name} sample --help`, `{Path(sys.argv[0]).name} bench --help`")
     add_config_flags(parser, config_cls)
@@ -1295,7 +1514,10 @@ def parse_train_args(config_cls, argv: list[str]) -> TrainConfig:
     if values.get("resume"):
         # Resuming: the checkpoint's config, overridden by the flags given now.
         given = vars(_given_only(config_cls, argv))
-        saved = load_checkpoint(values["resume"])["config"]
+        state = load_checkpoint(values["resume"])
+        if strategy_name:  # another model's config would fail in confusing ways below
+            check_model_type(state, strategy_name, values["resume"])
+        saved = state["config"]
         known = {f.name for f in dataclasses.fields(config_cls)}
         values = {**{k: v for k, v in saved.items() if k in known}, **given, "resume": values["resume"]}
     return make_config(config_cls, parser, values)
@@ -1314,19 +1536,14 @@ def main(strategy_cls, config_cls, argv: list[str] | None = None) -> None:
         python X.py bench                     FLOPs and speed on this machine
     """
     argv = sys.argv[1:] if argv is None else argv
-    try:
+
+    def run():
         if argv[:1] == ["sample"]:
             sample_command(strategy_cls, config_cls, argv[1:])
         elif argv[:1] == ["bench"]:
             bench_command(strategy_cls, config_cls, argv[1:])
         else:
-            train(strategy_cls, parse_train_args(config_cls, argv))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("aborted (no checkpoint written for the unfinished step)", file=sys.stderr)
-        sys.exit(130)
-    except download.DataError as e:  # download.py's user-facing errors
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+            train(strategy_cls, parse_train_args(config_cls, argv, strategy_cls.name))
+    # A UserError, download.py's DataError or an OSError (full disk...) is one
+    # line and exit status 2; Ctrl-C exits with 130; a bug keeps its traceback.
+    download.guarded(run, user_errors=(UserError,))

@@ -19,8 +19,13 @@ parent (the table is also the run's description, which the MLflow UI renders).
 
 from __future__ import annotations
 
-import argparse
+import signal
 import sys
+
+if __name__ == "__main__":  # Ctrl-C while the imports below load: exit quietly (130), no traceback
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+
+import argparse
 import time
 from pathlib import Path
 
@@ -166,7 +171,10 @@ def compare(configs: dict, data_path: str, out: Path, seed: int = 0, n_show: int
     into `out`; returns (figure path, table markdown)."""
     dev = common.select_device(device)
     data = common.load_sprites(data_path, dev, seed=seed)
-    out.mkdir(parents=True, exist_ok=True)
+    if not len(data.val):
+        raise common.UserError(f"{data_path} has no validation sprites, which the comparison's real row needs; "
+                               f"use a dataset from `python download.py`")
+    # `out` is not created here: the runs and files written into it create it, so a run that fails first leaves none.
     label = "SMOKE RUN (--quick: a few epochs each, not a result)" if quick else "comparison"
     parent = common.Tracker(use_mlflow, experiment="compare", run_name=("compare-quick" if quick else "compare"))
     try:
@@ -203,7 +211,7 @@ def compare(configs: dict, data_path: str, out: Path, seed: int = 0, n_show: int
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = common.download.OneLineParser(description=__doc__.split("\n\n")[0],
                                 epilog="`python compare.py bench` prints each model's bench figures in one table")
     p.add_argument("--epochs-vae", type=int, help=f"VAE epochs (default: {vae.Config.epochs})")
     p.add_argument("--epochs-vqvae", type=int, help=f"VQ-VAE stage-1 epochs (default: {vqvae.Config.epochs})")
@@ -226,6 +234,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.n_eval = args.n_eval or (64 if args.quick else 256)
     if args.n_show < 1 or args.n_eval < 2:
         p.error("--n-show must be at least 1 and --n-eval at least 2")
+    if not 0 <= args.seed <= common.SEED_MAX:
+        p.error(f"--seed must be between 0 and {common.SEED_MAX}, got {args.seed}")
+    try:
+        common.select_device(args.device)  # an unknown or unavailable device: refused before anything runs
+    except common.UserError as e:
+        p.error(str(e))
     return args
 
 
@@ -245,7 +259,8 @@ def configs_from(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    try:
+
+    def run():
         if argv[:1] == ["bench"]:
             figures = {}
             for name, (strategy_cls, config_cls) in MODELS.items():
@@ -256,9 +271,7 @@ def main(argv: list[str] | None = None) -> None:
         args = parse_args(argv)
         compare(configs_from(args), args.data, args.out, args.seed, args.n_show, args.n_eval, args.device,
                 args.amp, args.checkpoints, args.quick, not args.no_mlflow)
-    except (common.UserError, common.download.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    common.download.guarded(run, user_errors=(common.UserError,))  # one line and exit 2 for what the user can fix
 
 
 if __name__ == "__main__":

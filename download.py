@@ -20,12 +20,17 @@ Options: --variant mono (white sprites), --all (keep all non-empty tiles),
 The archive is read in memory; nothing from it is extracted to disk.
 """
 
+import signal
+import sys
+
+if __name__ == "__main__":  # Ctrl-C while the imports below load: exit quietly (130), no traceback
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+
 import argparse
 import hashlib
 import http.client
 import io
 import os
-import sys
 import tempfile
 import urllib.error
 import urllib.request
@@ -46,6 +51,7 @@ FALLBACK = (f"download it by hand from {PACK_PAGE} and run: "
 
 DOWNLOAD_TIMEOUT = 30           # seconds without an answer before giving up
 MAX_BYTES = 50 * 1024 * 1024    # the pack is 0.66 MB; refuse anything absurdly large
+MAX_MEMBER_BYTES = 10 * 1024 * 1024   # the sheet inside it is 6 KB; a zip member may inflate no further
 TILE = 16                       # sprites are 16x16 pixels, packed with no spacing
 ALPHA_MIN = 128                 # alpha >= this counts as foreground
 DENSITY_MIN, DENSITY_MAX = 0.15, 0.50   # the focused subset (inclusive bounds)
@@ -117,12 +123,31 @@ def sheet_from_zip(zip_bytes, origin="the zip"):
                 # Zips made on Windows sometimes use backslashes as separators.
                 name = PurePosixPath(info.filename.replace("\\", "/")).name
                 if name == SHEET_NAME and not info.is_dir():
-                    return archive.read(info)
+                    return read_member(archive, info, origin)
     except (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError) as exc:
         raise DataError(f"{origin} is not a readable zip ({exc}); "
                         f"download the pack again from {PACK_PAGE}") from None
     raise DataError(f"{origin} does not contain {SHEET_NAME}; is it the 1-Bit Pack? "
                     f"It is on {PACK_PAGE}")
+
+
+def read_member(archive, info, origin):
+    """The bytes of one zip member, refused early if it inflates past
+    MAX_MEMBER_BYTES: a tiny zip can hold a member of gigabytes (a "zip bomb").
+    The size in the header is checked first, but the header can lie, so the
+    member is also read in bounded chunks and never past the limit."""
+    too_big = DataError(f"{SHEET_NAME} in {origin} inflates to more than {MAX_MEMBER_BYTES // 2**20} MB (the real "
+                        f"sheet is 6 KB); this is not the 1-Bit Pack, download it again from {PACK_PAGE}")
+    if info.file_size > MAX_MEMBER_BYTES:
+        raise too_big
+    chunks, size = [], 0
+    with archive.open(info) as member:
+        while chunk := member.read(1 << 20):
+            size += len(chunk)
+            if size > MAX_MEMBER_BYTES:
+                raise too_big
+            chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def read_source(path, log=print):
@@ -252,6 +277,8 @@ def write_atomic(path, write):
     try:
         with tmp:
             write(tmp)
+            tmp.flush()
+            os.fsync(tmp.fileno())  # the bytes are on disk before the name points at them
         os.chmod(tmp.name, 0o644)   # temporary files are private; datasets need not be
         os.replace(tmp.name, path)
     except BaseException:
@@ -344,8 +371,53 @@ def prepare(source=None, variant="colored", keep_all=False, out="data", force=Fa
     return path
 
 
+# --- The command line: every expected failure is one line --------------------
+# Shared by every script of the project (common.py and compare.py use these too).
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line, `error: ...; see --help`,
+    instead of the whole usage block."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}; run `python {self.prog} --help` for the flags\n")
+
+
+def fail(message):
+    """Print `error: <what is wrong>; <what to do>` as one line and exit with status 2."""
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+    sys.exit(2)
+
+
+def os_error_line(exc):
+    """An OSError (unwritable or missing folder, full disk...) as one line."""
+    where = f" {exc.filename}" if exc.filename else ""
+    if isinstance(exc, (FileExistsError, NotADirectoryError)):  # e.g. --out some_file/run
+        return f"cannot create{where}: a file is in the way ({exc.strerror}); choose another path"
+    return (f"cannot write or read{where} ({exc.strerror or exc}); check that the path is a writable folder "
+            f"with free space, or choose another one")
+
+
+def guarded(main, user_errors=()):
+    """Run a script's main(): a problem the user can fix (DataError, the
+    `user_errors` given, an OSError such as a full disk) becomes one line and
+    exit status 2; Ctrl-C exits with status 130, printing the interruption's
+    message if it has one (e.g. where the checkpoint was saved). Anything
+    else is a bug and keeps its traceback."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # undo the quiet import-time handler
+    try:
+        main()
+    except (DataError, *user_errors) as exc:
+        fail(exc)
+    except OSError as exc:
+        fail(os_error_line(exc))
+    except KeyboardInterrupt as exc:
+        print(str(exc) or "interrupted; nothing half-written was left behind", file=sys.stderr)
+        sys.exit(130)
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         description="Fetch Kenney's 1-Bit Pack (CC0) and save its 16x16 sprites as a\n"
                     "compressed numpy file (.npz), plus a preview image (.png).",
         epilog="two ways to run it:\n"
@@ -368,16 +440,10 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
+    def run():
+        args = parse_args(argv)
         prepare(args.source, args.variant, args.keep_all, args.out, args.force)
-    except DataError as exc:
-        # One line, no traceback: these are problems with the input, not bugs.
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted; nothing half-written was left behind", file=sys.stderr)
-        sys.exit(130)
+    guarded(run)  # problems with the input are one line, not a traceback
 
 
 if __name__ == "__main__":
