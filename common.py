@@ -523,14 +523,20 @@ class Tracker:
     """Thin wrapper over MLflow. Without MLFLOW_TRACKING_URI, MLflow's own
     default store is used (sqlite:///mlflow.db in the working directory; view
     it with `mlflow ui`). A remote server is checked once at start; after
-    that, a failed call prints one warning and training goes on."""
+    that, a failed call prints one warning and training goes on untracked."""
+
+    # Process-wide: once a call failed, no tracker of this process calls
+    # MLflow again (compare.py trains three models under one parent run).
+    lost = ""
 
     def __init__(self, enabled: bool, experiment: str, run_name: str, run_id: str | None = None):
         self.run_id = None
-        self._warned: set[str] = set()
         self.epoch = 0        # the Trainer's current epoch, for the note below
         self.stopped = ""     # set when a call failed: "tracking stopped at epoch N (...)"
         if not enabled:
+            return
+        if Tracker.lost:
+            self.stopped = f"not tracked: MLflow failed earlier in this process ({Tracker.lost})"
             return
         # Fail fast, not after minutes: one retry, short waits. A lost server
         # then costs a few seconds once, and no call is made after that.
@@ -563,7 +569,7 @@ class Tracker:
         print(f"MLflow: run {self.run_id} in experiment '{experiment}' at {mlflow.get_tracking_uri()}")
 
     def _call(self, what: str, fn: Callable, *args, **kwargs):
-        if self.run_id is None or self.stopped:
+        if self.run_id is None or self.stopped or Tracker.lost:
             return
         try:
             fn(*args, **kwargs)
@@ -571,6 +577,7 @@ class Tracker:
             # One warning, then no more calls for the rest of the run: a lost
             # server would otherwise cost its retries on every call.
             self.stopped = f"tracking stopped at epoch {self.epoch} ({what} failed: {type(e).__name__})"
+            Tracker.lost = self.stopped
             print(f"warning: MLflow {what} failed ({type(e).__name__}: {first_line(e)}); training continues "
                   f"without tracking (noted in metrics.json)")
             self._forget_run()
@@ -620,7 +627,9 @@ class Tracker:
         self._call("set_description", lambda: self.mlflow.set_tag("mlflow.note.content", text))
 
     def end(self, status: str = "FINISHED"):
-        if self.stopped or self.run_id is None:
+        if self.stopped or self.run_id is None or Tracker.lost:
+            if self.run_id is not None:
+                self._forget_run()  # e.g. compare.py's parent run, after a child lost the server
             return
         self._call("end_run", lambda: self.mlflow.end_run(status=status))
 

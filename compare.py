@@ -19,11 +19,12 @@ parent (the table is also the run's description, which the MLflow UI renders).
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
-if __name__ == "__main__":  # Ctrl-C while the imports below load: exit quietly (130), no traceback
-    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+if __name__ == "__main__":  # Ctrl-C while the imports below load: exit at once (130), no traceback
+    signal.signal(signal.SIGINT, lambda *_: os._exit(130))
 
 import argparse
 import time

@@ -32,7 +32,12 @@ Pictures, every --sample-every epochs and at the end, from the EMA weights:
 from __future__ import annotations
 
 import math
+import os
+import signal
 from dataclasses import dataclass
+
+if __name__ == "__main__":  # Ctrl-C while torch loads: exit at once (130), nothing to save yet, no traceback
+    signal.signal(signal.SIGINT, lambda *_: os._exit(130))
 
 import torch
 import torch.nn as nn

@@ -20,17 +20,17 @@ Options: --variant mono (white sprites), --all (keep all non-empty tiles),
 The archive is read in memory; nothing from it is extracted to disk.
 """
 
+import os
 import signal
 import sys
 
-if __name__ == "__main__":  # Ctrl-C while the imports below load: exit quietly (130), no traceback
-    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+if __name__ == "__main__":  # Ctrl-C while the imports below load: exit at once (130), no traceback
+    signal.signal(signal.SIGINT, lambda *_: os._exit(130))
 
 import argparse
 import hashlib
 import http.client
 import io
-import os
 import tempfile
 import urllib.error
 import urllib.request
