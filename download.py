@@ -28,6 +28,7 @@ if __name__ == "__main__":  # Ctrl-C while the imports below load: exit at once 
     signal.signal(signal.SIGINT, lambda *_: os._exit(130))
 
 import argparse
+import errno
 import hashlib
 import http.client
 import io
@@ -394,6 +395,8 @@ def os_error_line(exc):
     where = f" {exc.filename}" if exc.filename else ""
     if isinstance(exc, (FileExistsError, NotADirectoryError)):  # e.g. --out some_file/run
         return f"cannot create{where}: a file is in the way ({exc.strerror}); choose another path"
+    if exc.errno == errno.ENOSPC:
+        return f"cannot write{where} ({exc.strerror}): the disk is full; free some space or choose another path"
     return (f"cannot write or read{where} ({exc.strerror or exc}); check that the path is a writable folder "
             f"with free space, or choose another one")
 
