@@ -1281,7 +1281,7 @@ def _best_time(fn: Callable, repeats: int, device: torch.device) -> tuple[float,
 
 
 def cpu_probe(n: int = 256, seconds: float = 0.05, repeats: int = 3) -> tuple[float, float]:
-    """A quick look at this machine now (~0.2 s on an idle 2-core CPU): the
+    """A quick look at this machine now (0.33 s on 2 cores shared with other jobs): the
     GFLOP/s of fp32 n x n matrix products with all of torch's threads, and
     the CPU share they got (see _best_time: near 1 when the cores are ours)."""
     cpu = torch.device("cpu")

@@ -1681,7 +1681,7 @@ def test_the_real_probe_is_cheap():
     t0 = time.perf_counter()
     gflops, share = common.cpu_probe()
     assert gflops > 0 and 0 < share <= 1.5
-    assert time.perf_counter() - t0 < 3.0  # ~0.2 s on an idle 2-core CPU; generous for a loaded one
+    assert time.perf_counter() - t0 < 3.0  # 0.33 s measured on 2 loaded cores; generous
 
 
 if __name__ == "__main__":
