@@ -168,13 +168,19 @@ def add_config_flags(parser, config_cls, suppress_defaults=False, only: set[str]
         flag = "--" + f.name.replace("_", "-")
         default = argparse.SUPPRESS if suppress_defaults else f.default
         help_text = (helps.get(f.name) or "(undocumented)").replace("%", "%%")  # argparse reads % as a format
+        # "(default: ...)" once: not when the help already explains it, nor for an empty default.
+        show_default = not suppress_defaults and f.default != "" and "(default" not in help_text
         if f.type in (bool, "bool"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
-                                help=help_text + (" (default: %(default)s)" if not suppress_defaults else ""))
+                                help=help_text + (" (default: %(default)s)" if show_default else ""))
         else:
             kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            parser.add_argument(flag, type=kind, default=default, metavar=f.name.upper(),
-                                help=help_text + (" (default: %(default)s)" if not suppress_defaults else ""))
+            # A field with metadata {"choices": (...)} shows them, e.g. --recon-loss {mse,bce,ce};
+            # the Config still checks the value, so every path refuses it with the same message.
+            choices = f.metadata.get("choices")
+            metavar = "{" + ",".join(choices) + "}" if choices else f.name.upper()
+            parser.add_argument(flag, type=kind, default=default, metavar=metavar,
+                                help=help_text + (" (default: %(default)s)" if show_default else ""))
 
 
 def make_config(config_cls, parser: argparse.ArgumentParser, values: dict):
@@ -530,7 +536,8 @@ class Tracker:
     lost = ""
 
     def __init__(self, enabled: bool, experiment: str, run_name: str, run_id: str | None = None):
-        self.run_id = None
+        self.run_id = self.experiment_id = None
+        self.experiment = experiment
         self.epoch = 0        # the Trainer's current epoch, for the note below
         self.stopped = ""     # set when a call failed: "tracking stopped at epoch N (...)"
         if not enabled:
@@ -547,6 +554,7 @@ class Tracker:
         check_tracking_uri(uri)
         if uri.startswith(("http://", "https://")):
             check_server(uri)
+        quiet_mlflow_logs()
         import mlflow
 
         self.mlflow = mlflow
@@ -555,7 +563,9 @@ class Tracker:
             # nested child, in the parent's experiment.
             nested = mlflow.active_run() is not None
             if not nested:
-                mlflow.set_experiment(experiment)
+                found = mlflow.get_experiment_by_name(experiment)  # created here, silently, when new
+                mlflow.set_experiment(experiment_id=found.experiment_id if found
+                                      else mlflow.create_experiment(experiment))
             try:
                 run = (mlflow.start_run(run_id=run_id, nested=nested) if run_id
                        else mlflow.start_run(run_name=run_name, nested=nested))
@@ -565,8 +575,10 @@ class Tracker:
         except Exception as e:  # a tracking URI MLflow cannot use, e.g. an unknown scheme
             raise UserError(f"MLflow cannot track to {uri or mlflow.get_tracking_uri()} ({type(e).__name__}: "
                             f"{first_line(e)}); fix MLFLOW_TRACKING_URI or pass --no-mlflow") from None
-        self.run_id = run.info.run_id
-        print(f"MLflow: run {self.run_id} in experiment '{experiment}' at {mlflow.get_tracking_uri()}")
+        self.run_id, self.experiment_id = run.info.run_id, run.info.experiment_id
+        self.experiment = mlflow.get_experiment(self.experiment_id).name  # a nested run: the parent's
+        print(f"MLflow: run '{run.info.run_name}' ({self.run_id}) in experiment '{self.experiment}' "
+              f"at {mlflow.get_tracking_uri()}")
 
     def _call(self, what: str, fn: Callable, *args, **kwargs):
         if self.run_id is None or self.stopped or Tracker.lost:
@@ -592,6 +604,30 @@ class Tracker:
             if stack and stack[-1].info.run_id == self.run_id:
                 stack.pop()
 
+    def how_to_view(self) -> str:
+        """Two lines for the end of a run: the command that serves this store,
+        and this run's page in the UI's "Model training" view (MLflow 3 opens
+        an experiment on its GenAI "Traces" page, where training runs do not
+        show)."""
+        if self.run_id is None:
+            return ""
+        uri = self.mlflow.get_tracking_uri()
+        if uri.startswith(("http://", "https://")):
+            base, command = uri.rstrip("/"), ""
+        else:
+            base = "http://127.0.0.1:5000"
+            store = uri
+            if uri.startswith("sqlite:///") and Path(uri[len("sqlite:///"):]) == Path.cwd() / "mlflow.db":
+                store = "sqlite:///mlflow.db"  # MLflow's default store, in this folder
+            command = f"mlflow ui --backend-store-uri {store}"
+        page = f"{base}/#/experiments/{self.experiment_id}/runs/{self.run_id}?workflowType=machine_learning"
+        if command:
+            return f"MLflow: to look at this run, start `{command}` here, then open\n  {page}"
+        return f"MLflow: this run is at {page}"
+
+    def set_tags(self, tags: dict):
+        self._call("set_tags", lambda: self.mlflow.set_tags({k: str(v)[:500] for k, v in tags.items()}))
+
     def log_params(self, params: dict):
         self._call("log_params", lambda: self.mlflow.log_params({k: str(v)[:500] for k, v in params.items()}))
 
@@ -612,15 +648,17 @@ class Tracker:
     def log_image(self, key: str, img: Image.Image, step: int):
         self._call("log_image", lambda: self.mlflow.log_image(np.asarray(img), key=key, step=step))
 
-    def log_artifact(self, path: str | os.PathLike):
-        self._call("log_artifact", lambda: self.mlflow.log_artifact(str(path)))
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None):
+        self._call("log_artifact", lambda: self.mlflow.log_artifact(str(path), artifact_path=artifact_path))
 
     def log_dataset(self, path: Path, images: Tensor):
         def send():
             import mlflow.data
             arr = (images.detach().cpu().permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
-            self.mlflow.log_input(mlflow.data.from_numpy(arr, source=str(path.resolve()), name=path.stem),
-                                  context="training")
+            with warnings.catch_warnings():  # a local path matches two of MLflow's source types, which is harmless
+                warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+                self.mlflow.log_input(mlflow.data.from_numpy(arr, source=str(path.resolve()), name=path.stem),
+                                      context="training")
         self._call("log_input", send)
 
     def set_description(self, text: str):
@@ -645,6 +683,16 @@ def check_tracking_uri(uri: str) -> None:
     if uri and "://" not in uri and re.match(r"(https?|file|sqlite|postgresql|mysql|mssql|databricks)\b", uri):
         raise UserError(f"MLFLOW_TRACKING_URI={uri!r} is not a valid URI (no '://'); "
                         f"use e.g. http://127.0.0.1:5000 or sqlite:///mlflow.db, or pass --no-mlflow")
+
+
+def quiet_mlflow_logs() -> None:
+    """MLflow's start-up chatter ("Creating initial MLflow database tables...",
+    alembic's migration lines) is INFO logging: raise those loggers to WARNING,
+    so real warnings and errors still show."""
+    import logging
+
+    for name in ("mlflow.store.db.utils", "mlflow.store.db_migrations", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def check_server(uri: str, tries: int = 2, timeout: float = 3.0) -> None:
@@ -805,6 +853,10 @@ class Trainer:
         previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
         t_start, epochs_timed = time.time(), 0
         self._fit_start = t_start
+        if cfg.sample_every and self.epoch == 0 and self.resume_batch == 0:
+            # The untrained model's grid at step 0: MLflow's image slider starts there, and it shows
+            # where training begins. (Forked RNGs: training's random stream is untouched.)
+            self.write_pictures(0)
         try:
             for epoch in range(self.epoch + 1, self.epochs + 1):
                 t0 = time.time()
@@ -829,7 +881,7 @@ class Trainer:
                     scalars = self.train_step(batch, epoch, i)
                     for k, v in scalars.items():
                         self.epoch_sums[k] = self.epoch_sums.get(k, 0.0) + v * batch.shape[0]
-                        step_log.append((f"train/{k}_step", v, self.step))
+                        step_log.append((f"train_step/{k}", v, self.step))  # x-axis: optimizer step
                     if self.stop_requested and i + 1 < n_batches:
                         self.resume_batch = i + 1
                         self.save()
@@ -841,7 +893,8 @@ class Trainer:
                 self.epoch = epoch
                 train_time = time.time() - t0
                 metrics = {f"train/{k}": v / n for k, v in self.epoch_sums.items()}
-                metrics["train/images_per_sec"] = n / max(train_time, 1e-9)
+                # Throughput measures the machine (other processes slow it), not the model: system/.
+                metrics["system/images_per_sec"] = n / max(train_time, 1e-9)
                 metrics.update(self.validate(epoch))
                 self.history.append({"epoch": epoch, **metrics})
                 self.save()  # every epoch: the last good state is always on disk
@@ -851,6 +904,12 @@ class Trainer:
                 elapsed = time.time() - t_start
                 eta = elapsed / epochs_timed * (self.epochs - epoch)
                 print(self.progress_line(epoch, metrics, elapsed, eta), flush=True)
+                if epochs_timed == 1:
+                    script = Path(sys.argv[0]).name  # compare.py trains through the model scripts' Trainer
+                    script = f"{self.strategy.name}.py" if script == "compare.py" else script
+                    hint = contention_hint(self.device, f"OMP_NUM_THREADS=1 python {script} --resume {self.ckpt_path}")
+                    if hint:
+                        print(hint, flush=True)
                 if cfg.sample_every and epoch % cfg.sample_every == 0 and epoch < self.epochs:
                     self.write_pictures(epoch)
                     quality = self.score_samples(epoch)  # quality during training, not only at the end
@@ -946,7 +1005,8 @@ class Trainer:
         for key, (images, nrow) in pictures.items():
             img = make_grid(images, nrow=nrow, scale=4, palette=self.palette)
             paths[key] = save_png(img, self.run_dir / key / f"{name}.png")
-            self.tracker.log_image(key, img, step=epoch)
+            self.tracker.log_image(key, img, step=epoch)  # the image chart (MLflow names these files itself)
+            self.tracker.log_artifact(paths[key], artifact_path=key)  # the same, named as in the run folder
         return paths
 
     def score_samples(self, epoch: int) -> dict[str, float]:
@@ -956,7 +1016,7 @@ class Trainer:
         samples = self.generate(self.config.n_eval, self.config.seed + 2)
         quality = {f"sample/{k}": v for k, v in sprite_metrics(samples, self.train_data, self.palette).items()}
         print(f"sprite quality on {self.config.n_eval} samples (epoch {epoch}):",
-              " ".join(f"{k} {v:.3f}" for k, v in quality.items()), flush=True)
+              " ".join(f"{k.removeprefix('sample/')} {v:.3f}" for k, v in quality.items()), flush=True)
         return quality
 
     def write_animation(self, n: int = 16) -> Path | None:
@@ -976,12 +1036,29 @@ class Trainer:
         self.tracker.log_artifact(path)
         return path
 
-    def progress_line(self, epoch: int, metrics: dict, elapsed: float, eta: float) -> str:
-        width = len(str(self.epochs))
-        shown = [f"{k} {v:.4g}" for k, v in metrics.items()
-                 if k != "train/images_per_sec" and not k.endswith("_step") and "grad_norm" not in k]
-        return (f"epoch {epoch:>{width}}/{self.epochs} | " + " ".join(shown) +
-                f" | {metrics['train/images_per_sec']:.0f} img/s | {fmt_time(elapsed)} elapsed, ETA {fmt_time(eta)}")
+    def progress_line(self, epoch: int, metrics: dict, elapsed: float, eta: float, width: int = 110) -> str:
+        """One line of at most `width` characters: the losses first, then as
+        many other metrics as fit (all of them are in MLflow and metrics.json),
+        e.g. "epoch  12/200 | train loss 2.04 | val loss 2 pixel_acc 0.7 | 40 img/s | 0:00:20, ETA 0:01:00"."""
+        head = f"epoch {epoch:>{len(str(self.epochs))}}/{self.epochs}"
+        tail = f"{metrics['system/images_per_sec']:.0f} img/s | {fmt_time(elapsed)}, ETA {fmt_time(eta)}"
+        order = [k for k in ("train/loss", "val/loss") if k in metrics]
+        order += [k for k in metrics if k.startswith("val/") and k not in order]
+        order += [k for k in metrics if k.startswith("train/") and k not in order and "grad_norm" not in k]
+
+        def render(keys):
+            groups = {}
+            for k in keys:
+                prefix, _, short = k.partition("/")
+                groups.setdefault(prefix, []).append(f"{short} {metrics[k]:.4g}")
+            return " | ".join([head] + [f"{p} " + " ".join(items) for p, items in groups.items()] + [tail])
+
+        shown = []
+        for k in order:
+            if len(render(shown + [k])) > width:
+                break
+            shown.append(k)
+        return render(shown)
 
 
 @torch.no_grad()
@@ -1117,16 +1194,17 @@ def train(strategy_cls, config: TrainConfig) -> Path:
     data = load_sprites(config.data, device, config.palette_size, config.seed)
     palette = resume_state["palette"].to(device) if resume_state else data.palette
 
+    started = time.localtime()
     if resume_state:
         run_dir = Path(config.resume).resolve().parent.parent
     else:
-        run_dir = Path(config.out) if config.out else Path("runs") / name / time.strftime("%Y%m%d-%H%M%S")
+        run_dir = Path(config.out) if config.out else Path("runs") / name / time.strftime("%Y%m%d-%H%M%S", started)
     with RunFolder(run_dir):
         if not resume_state and (run_dir / "checkpoints" / "last.pt").exists():
             raise UserError(f"{run_dir} already holds a run; continue it with "
                             f"--resume {run_dir / 'checkpoints' / 'last.pt'} or choose another --out")
         strategy = strategy_cls(config, palette)
-        tracker = Tracker(config.mlflow, experiment=name, run_name=run_dir.name,
+        tracker = Tracker(config.mlflow, experiment=name, run_name=run_name(name, config, started),
                           run_id=resume_state.get("mlflow_run_id") if resume_state else None)
         status = "FAILED"
         try:
@@ -1140,8 +1218,12 @@ def train(strategy_cls, config: TrainConfig) -> Path:
                 where = f"epoch {trainer.epoch + 1}, step {trainer.resume_batch + 1}" if trainer.resume_batch else f"epoch {trainer.epoch + 1}"
                 print(f"resuming from {config.resume} at {where}")
             else:
-                tracker.log_params({**dataclasses.asdict(config), "n_params": trainer.n_params(),
-                                    "n_train": data.train.shape[0], "n_val": data.val.shape[0]})
+                settings = dataclasses.asdict(config)
+                tracker.log_params({k: v for k, v in settings.items() if k not in PLUMBING})
+                tracker.set_tags({"run_folder": str(run_dir.resolve()), "device": str(device), "data": str(data.path),
+                                  **{k: settings[k] for k in ("sample_every", "n_samples")},
+                                  "n_params": trainer.n_params(), "n_train": data.train.shape[0],
+                                  "n_val": data.val.shape[0]})
                 tracker.log_dataset(data.path, data.train)
 
             trainer.fit()
@@ -1151,6 +1233,8 @@ def train(strategy_cls, config: TrainConfig) -> Path:
             final = finish(trainer, data)
             status = "FINISHED"
             print(f"done: {final['samples']} | checkpoint {trainer.ckpt_path}")
+            if tracker.run_id:
+                print(tracker.how_to_view())
         except NonFiniteLoss as e:
             good = f"the last good checkpoint is {trainer.ckpt_path} (epoch {trainer.epoch})" if trainer.ckpt_path.exists() \
                 else "no epoch finished, so there is no checkpoint"
@@ -1205,6 +1289,29 @@ def resume(trainer: Trainer, state: dict, config: TrainConfig) -> None:
         print("resuming with changed settings: " + ", ".join(
             f"--{k.replace('_', '-')} {new} (was {old})" for k, (old, new) in changed.items()))
         trainer.tracker.log_params({f"resumed_at_epoch_{trainer.epoch}/{k}": new for k, (_, new) in changed.items()})
+
+
+# Settings that say where and how a run is kept, not what is trained: MLflow
+# gets them as tags (run_folder, device, data...) or not at all, so the params
+# list holds the hyperparameters only.
+PLUMBING = ("mlflow", "out", "resume", "device", "data", "sample_every", "n_samples")
+
+
+def run_name(model: str, config: TrainConfig, when: time.struct_time) -> str:
+    """A run's name in MLflow: the model, its fields with listed choices (e.g.
+    vae's recon loss), the epochs, the flags that differ from the defaults,
+    and the start time, e.g. "vae ce 200ep lr=0.003 2026-11-30 04:10"."""
+    picked, changed = [], []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.metadata.get("choices"):
+            picked.append(str(value))
+        elif f.name not in PLUMBING and f.name != "epochs" and value != f.default:
+            changed.append(f"{f.name.replace('_', '-')}={value:g}" if isinstance(value, float)
+                           else f"{f.name.replace('_', '-')}={value}")
+    text = " ".join([model, *picked, f"{config.epochs}ep", *changed])
+    text = text if len(text) <= 70 else text[:67] + "..."
+    return f"{text} {time.strftime('%Y-%m-%d %H:%M', when)}"
 
 
 def finish(trainer: Trainer, data: Sprites) -> dict[str, Path]:
@@ -1267,32 +1374,43 @@ def sample_command(strategy_cls, config_cls, argv: list[str]) -> None:
                     "config (e.g. a sampling temperature).")
     parser.add_argument("--checkpoint", required=True, help="a checkpoints/last.pt from a run folder")
     parser.add_argument("--n", type=int, default=64, help="number of sprites (default: %(default)s)")
-    parser.add_argument("--out", default="samples.png",
-                        help="a .png for a grid, or a directory for one 16x16 PNG per sprite (default: %(default)s)")
+    parser.add_argument("--out", default="", metavar="FILE.png|FOLDER|FILE.gif",
+                        help="by its suffix: .png a grid; none, a folder of one 16x16 PNG per sprite; .gif an "
+                             "animation of one sampling run (models with a trajectory: diffusion.py). "
+                             "Default: sample-seed<SEED>.png in the checkpoint's run folder")
     parser.add_argument("--seed", type=int, default=0, help="same seed, same sprites (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
     parser.add_argument("--gif", default="", help="also write an animated GIF of one sampling run of the first "
                         "(up to) 16 sprites, for models that define a trajectory (diffusion.py)")
     # The model's own fields (not the shared training ones) can be overridden,
-    # e.g. a sampling temperature or a number of denoising steps.
+    # e.g. a sampling temperature or a number of denoising steps. A Config that
+    # names its sampling fields (`sample_flags`) offers only those, not
+    # training-only ones such as vae.py's KL weight.
     own = {f.name for f in dataclasses.fields(config_cls)} - {f.name for f in dataclasses.fields(TrainConfig)}
-    add_config_flags(parser.add_argument_group("model flags (override the checkpoint's config)"),
-                     config_cls, suppress_defaults=True, only=own)
+    own &= set(getattr(config_cls, "sample_flags", own))
+    if own:
+        add_config_flags(parser.add_argument_group("model flags (override the checkpoint's config)"),
+                         config_cls, suppress_defaults=True, only=own)
     args = parser.parse_args(argv)
     if args.n < 1:
         parser.error("--n must be at least 1")
     if not 0 <= args.seed <= SEED_MAX:
         parser.error(f"--seed must be between 0 and {SEED_MAX}")
+    out = sample_out(args.out, args.checkpoint, args.seed)
     overrides = {k: v for k, v in vars(args).items() if k in own}
     device = select_device(args.device)
     strategy, model, palette, _ = load_for_sampling(strategy_cls, config_cls, args.checkpoint, overrides, device)
-    if args.gif and not hasattr(strategy, "trajectory"):
-        raise UserError(f"{strategy_cls.name} has no sampling trajectory to animate; drop --gif")
-    t0 = time.perf_counter()
-    x = draw_samples(strategy, model, args.n, args.seed, device)
-    took = f"sampled in {time.perf_counter() - t0:.2f} s on {device}"  # draw_samples reads x: the device is done
-    out = Path(args.out)
-    if out.suffix.lower() == ".png":
+    if (args.gif or out.suffix.lower() == ".gif") and not hasattr(strategy, "trajectory"):
+        raise UserError(f"{strategy_cls.name} has no sampling trajectory to animate; write a .png or a folder")
+    if out.suffix.lower() == ".gif":
+        args.gif, out = str(out), None
+    if out is not None:
+        t0 = time.perf_counter()
+        x = draw_samples(strategy, model, args.n, args.seed, device)
+        took = f"sampled in {time.perf_counter() - t0:.2f} s on {device}"  # draw_samples reads x: the device is done
+    if out is None:
+        pass  # --out NAME.gif: only the animation below
+    elif out.suffix.lower() == ".png":
         save_png(make_grid(x, nrow=8, scale=4, palette=palette), out)
         print(f"wrote {args.n} sprites to {out} ({took})")
     else:
@@ -1310,6 +1428,22 @@ def sample_command(strategy_cls, config_cls, argv: list[str]) -> None:
 # -----------------------------------------------------------------------------
 # Bench: how fast is this model on this machine, as a fraction of its peak?
 # -----------------------------------------------------------------------------
+
+
+def sample_out(out: str, checkpoint: str, seed: int) -> Path:
+    """Where `sample` writes, decided by the suffix of --out: .png a grid,
+    .gif an animation, no suffix (or an existing folder) a folder of PNGs;
+    any other suffix is refused. Default: a grid in the checkpoint's run
+    folder (runs/<model>/<date-time>/sample-seed0.png), not the working one."""
+    if not out:
+        ckpt = Path(checkpoint)
+        run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+        return run_dir / f"sample-seed{seed}.png"
+    path = Path(out)
+    if path.suffix.lower() not in ("", ".png", ".gif") and not path.is_dir():
+        raise UserError(f"--out {out}: cannot write {path.suffix} files; use a .png (a grid), a folder name "
+                        f"without a suffix (one PNG per sprite) or a .gif (an animation, diffusion.py)")
+    return path
 
 
 def matmul_peak(dtype: torch.dtype, device: torch.device, repeats: int,
@@ -1375,6 +1509,35 @@ def _best_time(fn: Callable, repeats: int, device: torch.device) -> tuple[float,
         times.append((time.perf_counter() - t0, time.process_time() - c0))
     wall, cpu = min(times)
     return wall, cpu / wall / torch.get_num_threads()
+
+
+def cpu_probe(n: int = 256, seconds: float = 0.05, repeats: int = 3) -> tuple[float, float]:
+    """A quick look at this machine now (0.33 s on 2 cores shared with other jobs): the
+    GFLOP/s of fp32 n x n matrix products with all of torch's threads, and
+    the CPU share they got (see _best_time: near 1 when the cores are ours)."""
+    cpu = torch.device("cpu")
+    gen = torch.Generator().manual_seed(0)  # its own: training's random stream must not move
+    a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
+    once, _ = _best_time(lambda: a @ b, 1, cpu)
+    k = max(1, math.ceil(seconds / once))  # products per timed run
+    wall, share = _best_time(lambda: [a @ b for _ in range(k)], repeats, cpu)
+    return 2 * n ** 3 * k / wall / 1e9, share
+
+
+def contention_hint(device: torch.device, resume_command: str, threshold: float = 0.6) -> str:
+    """After a run's first epoch on a CPU with several threads: when the quick
+    probe gets far less than the cores can give (other processes compete for
+    them, and PyTorch's threads then wait for each other), one line pointing to
+    OMP_NUM_THREADS=1; "" otherwise."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads < 2:
+        return ""
+    gflops, share = cpu_probe()
+    if share >= threshold:
+        return ""
+    return (f"hint: other processes share these CPU cores (a quick probe got {share:.0%} of {threads} threads' time, "
+            f"{gflops:.0f} GFLOP/s), so training is slower than on an idle machine; one thread is often much "
+            f"faster then: Ctrl-C, then {resume_command}")
 
 
 def bench_sprites(n: int, palette: Tensor, generator: torch.Generator) -> Tensor:
@@ -1514,7 +1677,11 @@ def bench_command(strategy_cls, config_cls, argv: list[str]) -> dict:
 
 
 def parse_train_args(config_cls, argv: list[str], strategy_name: str = "") -> TrainConfig:
+    prog = Path(sys.argv[0]).name
     parser = download.OneLineParser(
+        usage=f"{prog} [options]                     train (options below)\n"
+              f"       {prog} sample --checkpoint PATH ...  draw sprites from a run ({prog} sample --help)\n"
+              f"       {prog} bench ...                     speed on this machine ({prog} bench --help)",
         description=(sys.modules[config_cls.__module__].__doc__ or "").split("\n\n")[0],
         epilog=f"other modes: `{Path(sys.argv[0]).name} sample --help`, `{Path(sys.argv[0]).name} bench --help`")
     add_config_flags(parser, config_cls)

@@ -9,6 +9,7 @@ the same way, so every figure has a scale.
     python compare.py                           # train all three with their own defaults
     python compare.py --quick                   # smoke run of the whole pipeline in minutes
     python compare.py --checkpoints runs/compare   # load finished runs instead of training
+    python compare.py --checkpoints runs           # the newest runs/<model>/<date-time>/ of each model
     python compare.py --epochs-diffusion 50 --amp  # override a budget; bf16 autocast
 
 Outputs (in --out, default runs/compare): comparison.png, comparison.md (the
@@ -58,10 +59,7 @@ METRICS = ["palette_distance", "one_colour_rate", "density_in_range", "precision
 def checkpoint_of(name: str, configs: dict, out: Path, checkpoints: Path | None) -> Path:
     """A finished run's checkpoint: loaded from --checkpoints, or trained now."""
     if checkpoints is not None:
-        path = checkpoints / name / "checkpoints" / "last.pt"
-        if not path.exists():
-            raise common.UserError(f"no {name} run in {checkpoints} (expected {path}); "
-                                   f"train it with `python compare.py --out {checkpoints}`")
+        path = run_checkpoint(checkpoints, name)
         strategy, _, _, config = common.load_for_sampling(*MODELS[name], str(path), {}, torch.device("cpu"))
         epoch = common.load_checkpoint(path)["epoch"]
         if epoch < common.total_epochs(strategy, config):
@@ -72,6 +70,22 @@ def checkpoint_of(name: str, configs: dict, out: Path, checkpoints: Path | None)
     print(f"\n=== training {name} ===")
     run_dir = common.train(strategy_cls, configs[name])
     return run_dir / "checkpoints" / "last.pt"
+
+
+def run_checkpoint(checkpoints: Path, name: str) -> Path:
+    """The checkpoint of `name` under --checkpoints DIR: DIR/<name>/checkpoints/last.pt
+    (what `compare.py --out DIR` writes) or, for runs made by the model scripts
+    (runs/<name>/<date-time>/), the newest DIR/<name>/*/checkpoints/last.pt."""
+    path = checkpoints / name / "checkpoints" / "last.pt"
+    if path.exists():
+        return path
+    runs = sorted((checkpoints / name).glob("*/checkpoints/last.pt"), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        raise common.UserError(f"no {name} run in {checkpoints} (expected {path} or "
+                               f"{checkpoints / name}/<run>/checkpoints/last.pt); train it with "
+                               f"`python {name}.py --out {checkpoints / name}` or `python compare.py --out {checkpoints}`")
+    print(f"{name}: the newest of {len(runs)} run(s) in {checkpoints / name}: {runs[-1].parent.parent}")
+    return runs[-1]
 
 
 # -----------------------------------------------------------------------------
@@ -205,6 +219,8 @@ def compare(configs: dict, data_path: str, out: Path, seed: int = 0, n_show: int
         parent.set_description(md)
         print(f"wrote {fig_path} and {out / 'comparison.md'}")
         parent.end("FINISHED")
+        if parent.run_id:
+            print(parent.how_to_view())
     except BaseException:
         parent.end("FAILED")
         raise
@@ -221,7 +237,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--amp", action="store_true", help="bf16 autocast for training and sampling")
     p.add_argument("--seed", type=int, default=0, help="one seed for every model (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="a smoke run: a few epochs each, labelled as such")
-    p.add_argument("--checkpoints", type=Path, help="load DIR/<model>/checkpoints/last.pt instead of training")
+    p.add_argument("--checkpoints", type=Path, help="load finished runs instead of training: DIR/<model>/checkpoints/last.pt, or the newest "
+                        "DIR/<model>/<run>/checkpoints/last.pt (e.g. DIR = runs, as the model scripts write)")
     p.add_argument("--out", type=Path, default=Path("runs/compare"), help="output folder (default: %(default)s)")
     p.add_argument("--n-show", type=int, default=32, help="sprites per panel in the figure (default: %(default)s)")
     p.add_argument("--n-eval", type=int, help="samples scored per model (default: 256; 64 with --quick)")

@@ -48,7 +48,9 @@ PACK_URL = ("https://kenney.nl/media/pages/assets/1-bit-pack/"
 PACK_SHA256 = "129a0e74e1dc9091a769d5118be5c88780484c7a3771ee33ac9ef0df02583a9a"  # 657,579 bytes
 SHEET_NAME = "colored-transparent_packed.png"
 FALLBACK = (f"download it by hand from {PACK_PAGE} and run: "
-            "python download.py --from PATH/TO/kenney_1-bit-pack.zip")
+            "python download.py --from PATH/TO/kenney_1-bit-pack.zip (the sheet inside it, "
+            f"{SHEET_NAME}, works too); then, in the activated .venv (. .venv/bin/activate), "
+            "start the training again: python vae.py --epochs 200")
 
 DOWNLOAD_TIMEOUT = 30           # seconds without an answer before giving up
 MAX_BYTES = 50 * 1024 * 1024    # the pack is 0.66 MB; refuse anything absurdly large

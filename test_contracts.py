@@ -11,6 +11,7 @@ Run this file directly to train the tiny test model with the real CLI:
 `python test_contracts.py --epochs 2 --data data/sprites-colored.npz`.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib
@@ -23,6 +24,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 import urllib.error
 import zipfile
 from dataclasses import dataclass
@@ -639,7 +641,7 @@ def test_mlflow_run_can_be_read_back(dataset, tmp_path, monkeypatch):
     assert run.info.status == "FINISHED"
     assert run.data.params["batch_size"] == "16" and run.data.params["hidden"] == "32"
     assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1, 2]
-    assert len(client.get_metric_history(run_id, "train/loss_step")) > 2
+    assert len(client.get_metric_history(run_id, "train_step/loss")) > 2
     assert "sample/precision" in run.data.metrics
     artifacts = [a.path for a in client.list_artifacts(run_id)]
     assert "images" in artifacts and "last.pt" in artifacts
@@ -1071,7 +1073,7 @@ def test_both_stages_run_and_sample_as_a_subprocess(dataset, tmp_path):
                  "--no-mlflow", "--device", "cpu"])
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "stage 1 = encoder" in r.stdout and "stage 2: training the prior" in r.stdout
-    assert "epoch 2/2" in r.stdout and "val/bits_per_code" in r.stdout and "sample_random/precision" in r.stdout
+    assert "epoch 2/2" in r.stdout and "sample_random/precision" in r.stdout
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     for key in ("val/codebook_usage", "val/perplexity", "val/bits_per_code", "sample/precision",
                 "sample_random/precision"):
@@ -1901,6 +1903,196 @@ def test_full_and_read_only_disk_are_one_line_and_keep_the_last_checkpoint(datas
         assert_one_clean_line(code, out, err, "Read-only file system")
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+# -----------------------------------------------------------------------------
+# A new user's first hour: what MLflow shows, sampling outputs, hints, --help
+# -----------------------------------------------------------------------------
+
+
+def test_mlflow_run_has_a_step_0_grid_a_descriptive_name_and_no_plumbing_params(dataset, tmp_path, monkeypatch,
+                                                                                capsys):
+    import logging
+    import warnings
+
+    db = tmp_path / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    monkeypatch.chdir(tmp_path)
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{db}")
+    chatter = []  # INFO records of MLflow's start-up, caught before any handler prints them
+    catcher = logging.Handler(logging.INFO)
+    catcher.emit = lambda record: chatter.append(record.getMessage())
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).addHandler(catcher)
+    for name in ("mlflow.store.db.utils", "alembic"):
+        logging.getLogger(name).setLevel(logging.NOTSET)  # as in a fresh process: the Tracker must quieten them
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run_dir = common.train(TinyStrategy, tiny_config(dataset, tmp_path, epochs=2, sample_every=1,
+                                                             mlflow=True, lr=0.003))
+    finally:
+        for name in ("mlflow", "alembic"):
+            logging.getLogger(name).removeHandler(catcher)
+    assert not [m for m in chatter if "database tables" in m or "does not exist" in m], chatter
+    assert not [w for w in caught if "dataset source" in str(w.message)]
+    printed = capsys.readouterr().out
+
+    run_id = common.load_checkpoint(run_dir / "checkpoints" / "last.pt")["mlflow_run_id"]
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
+    run = client.get_run(run_id)
+    # The name: model, epochs, the flags that differ from the defaults, the date.
+    assert re.fullmatch(r"tiny 2ep .*lr=0\.003.* \d{4}-\d{2}-\d{2} \d{2}:\d{2}", run.info.run_name), run.info.run_name
+    # Hyperparameters only; where the run lives goes to tags.
+    assert not set(common.PLUMBING) & set(run.data.params), run.data.params
+    assert run.data.params["lr"] == "0.003"
+    assert run.data.tags["run_folder"] == str(run_dir.resolve()) and run.data.tags["device"] == "cpu"
+    # A grid at step 0 (the untrained model), under readable names too.
+    artifacts = [a.path for a in client.list_artifacts(run_id, "images")]
+    assert any(p.startswith("images/samples+step+0+") for p in artifacts), artifacts
+    assert [a.path for a in client.list_artifacts(run_id, "samples")] == [
+        "samples/epoch_0000.png", "samples/epoch_0001.png", "samples/final.png"]
+    # Per-step metrics under their own prefix, x-axis the optimizer step; epoch metrics, x-axis the epoch.
+    steps = [m.step for m in client.get_metric_history(run_id, "train_step/loss")]
+    assert steps == list(range(1, 2 * math.ceil(int(run.data.tags["n_train"]) / 16) + 1))
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1, 2]
+    assert not [k for k in run.data.metrics if k.startswith("train/") and k.endswith("_step")]
+    assert "system/images_per_sec" in run.data.metrics and "train/images_per_sec" not in run.data.metrics
+    # The end of the run says how to open it, on the Model-training page of this run.
+    assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in printed
+    assert f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run_id}" in printed
+    assert f"in experiment 'tiny'" in printed
+    # A run opened inside another (compare.py's children) is in the parent's experiment, and says so.
+    parent = common.Tracker(True, "compare", "parent")
+    child = common.Tracker(True, "vae", "child")
+    child.end()
+    parent.end()
+    assert child.experiment == "compare" and "in experiment 'compare'" in capsys.readouterr().out.splitlines()[-1]
+
+
+def test_run_name_lists_choice_fields_and_changed_flags():
+    when = time.strptime("2026-01-02 03:04", "%Y-%m-%d %H:%M")
+    assert common.run_name("vae", vae.Config(), when) == "vae ce 200ep 2026-01-02 03:04"
+    name = common.run_name("vae", vae.Config(recon_loss="mse", kl_weight=1e-3, out="x", device="cpu"), when)
+    assert name == "vae mse 200ep kl-weight=0.001 2026-01-02 03:04"  # no plumbing (out, device)
+
+
+def test_progress_line_fits_110_columns_and_starts_with_the_losses():
+    metrics = {"train/loss": 2.0361, "train/recon": 2.0359, "train/kl": 0.05122, "train/grad_norm": 0.9,
+               "val/recon": 1.997, "val/kl": 0.5647, "val/loss": 1.9971, "val/nelbo": 511.8, "val/bpd": 2.884,
+               "val/pixel_acc": 0.7007, "system/images_per_sec": 40.2}
+    line = common.Trainer.progress_line(types.SimpleNamespace(epochs=200), 12, metrics, 20.0, 3600.0)
+    assert len(line) <= 110, (len(line), line)
+    assert line.startswith("epoch  12/200 | train loss 2.036 | val loss 1.997 ") and "grad_norm" not in line
+    assert line.endswith("| 40 img/s | 0:00:20, ETA 1:00:00")
+
+
+def test_sample_out_decides_by_suffix():
+    assert common.sample_out("", "runs/vae/x/checkpoints/last.pt", 3) == Path("runs/vae/x/sample-seed3.png")
+    assert common.sample_out("", "elsewhere/model.pt", 0) == Path("elsewhere/sample-seed0.png")
+    for out in ("grid.png", "GRID.PNG", "sprites", "anim.gif"):
+        assert common.sample_out(out, "c.pt", 0) == Path(out)
+    with pytest.raises(common.UserError, match=r"--out out\.jpg: cannot write \.jpg files; use a \.png"):
+        common.sample_out("out.jpg", "c.pt", 0)
+
+
+@pytest.fixture(scope="module")
+def vae_run(dataset, tmp_path_factory) -> Path:
+    """One tiny finished vae run laid out as the model script writes it: runs/vae/<date-time>/."""
+    root = tmp_path_factory.mktemp("runs")
+    config = vae.Config(**{**TINY["vae"], "epochs": 1, "data": str(dataset), "device": "cpu", "mlflow": False,
+                           "out": str(root / "vae" / "20260101-000000"), "sample_every": 0, "n_eval": 16})
+    with contextlib.redirect_stdout(io.StringIO()):
+        return common.train(vae.VAEStrategy, config)
+
+
+def test_sample_writes_by_suffix_into_the_run_folder_and_never_imports_mlflow(vae_run, tmp_path):
+    ckpt = vae_run / "checkpoints" / "last.pt"
+    # The default output goes next to the run, and sampling does not load MLflow (seconds of imports).
+    probe = ("import runpy, sys; sys.argv = ['vae.py', 'sample', '--checkpoint', sys.argv[1], '--n', '4']; "
+             "runpy.run_path('vae.py', run_name='__main__'); print('mlflow loaded:', 'mlflow' in sys.modules)")
+    r = run_cli(["-c", probe, str(ckpt)])
+    assert r.returncode == 0, r.stderr
+    assert "mlflow loaded: False" in r.stdout and (vae_run / "sample-seed0.png").exists()
+    r = run_cli(["vae.py", "sample", "--checkpoint", str(ckpt), "--n", "4", "--out", str(tmp_path / "out.jpg")])
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "cannot write .jpg files" in r.stderr
+    assert not (tmp_path / "out.jpg").exists()
+    r = run_cli(["vae.py", "sample", "--checkpoint", str(ckpt), "--out", str(tmp_path / "a.gif")])
+    assert r.returncode == 2 and "no sampling trajectory to animate" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_help_shows_the_modes_each_default_once_and_sample_only_sampling_flags(capsys):
+    with pytest.raises(SystemExit):
+        vae.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "sample --checkpoint PATH" in text and "bench ..." in text
+    assert text.count("(default: runs/<model>/<date-time>)") == 1 and "(default: )" not in text
+    assert "--recon-loss {mse,bce,ce}" in text
+    with pytest.raises(SystemExit):
+        vae.main(["sample", "--help"])
+    text = capsys.readouterr().out
+    assert "--temperature" in text and "--kl-weight" not in text and "--kl-warmup-epochs" not in text
+
+
+def test_offline_download_error_names_the_sheet_and_the_next_step(tmp_path, monkeypatch):
+    def offline(url, timeout=30):
+        raise urllib.error.URLError("no route to kenney.nl")
+    monkeypatch.setattr(download, "fetch_url", offline)
+    with pytest.raises(download.DataError) as error:
+        download.prepare(out=tmp_path, log=quiet)
+    message = str(error.value)
+    assert "\n" not in message and "python download.py --from PATH/TO/kenney_1-bit-pack.zip" in message
+    assert f"{download.SHEET_NAME}, works too" in message
+    assert ". .venv/bin/activate" in message and "python vae.py --epochs 200" in message
+
+
+def test_compare_takes_the_newest_run_of_the_model_scripts_layout(vae_run, tmp_path, capsys):
+    import compare
+
+    runs = vae_run.parent.parent  # runs/vae/20260101-000000 -> runs
+    older = runs / "vae" / "20251231-000000" / "checkpoints" / "last.pt"
+    older.parent.mkdir(parents=True)
+    older.write_bytes(b"an older run")
+    os.utime(older, (1, 1))
+    path = compare.checkpoint_of("vae", {}, tmp_path, runs)  # loads it and checks it finished
+    assert path == vae_run / "checkpoints" / "last.pt"
+    assert "the newest of 2 run(s)" in capsys.readouterr().out
+    flat = tmp_path / "flat" / "vae" / "checkpoints" / "last.pt"  # what compare.py --out writes wins
+    flat.parent.mkdir(parents=True)
+    flat.write_bytes(b"x")
+    assert compare.run_checkpoint(tmp_path / "flat", "vae") == flat
+    with pytest.raises(common.UserError, match=r"no diffusion run in .*<run>/checkpoints/last.pt"):
+        compare.run_checkpoint(runs, "diffusion")
+
+
+def test_slow_throughput_hint_with_the_probe_mocked(dataset, tmp_path, monkeypatch, capsys):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(common, "cpu_probe", lambda: (12.0, 0.3))  # other processes took 70% of the cores
+    hint = common.contention_hint(cpu, "OMP_NUM_THREADS=1 python vae.py --resume X")
+    assert hint.startswith("hint: other processes share these CPU cores (a quick probe got 30% of 2 threads'")
+    assert hint.endswith("Ctrl-C, then OMP_NUM_THREADS=1 python vae.py --resume X") and "\n" not in hint
+    assert common.contention_hint(torch.device("cuda"), "X") == ""
+    # In a run: printed once, after the first epoch, with this run's checkpoint.
+    common.train(TinyStrategy, tiny_config(dataset, tmp_path, epochs=2))
+    out = capsys.readouterr().out
+    assert out.count("hint: ") == 1 and f"--resume {tmp_path / 'run' / 'checkpoints' / 'last.pt'}" in out
+    assert out.index("hint: ") > out.index("epoch 1/2") and out.index("hint: ") < out.index("epoch 2/2")
+    # Cores to ourselves, or one thread: no hint.
+    monkeypatch.setattr(common, "cpu_probe", lambda: (100.0, 0.95))
+    assert common.contention_hint(cpu, "X") == ""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    monkeypatch.setattr(common, "cpu_probe", lambda: (12.0, 0.3))
+    assert common.contention_hint(cpu, "X") == ""
+
+
+def test_the_real_probe_is_cheap():
+    t0 = time.perf_counter()
+    gflops, share = common.cpu_probe()
+    assert gflops > 0 and 0 < share <= 1.5
+    assert time.perf_counter() - t0 < 3.0  # 0.33 s measured on 2 loaded cores; generous
 
 
 if __name__ == "__main__":

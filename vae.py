@@ -96,7 +96,7 @@ from __future__ import annotations
 import math
 import os
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 if __name__ == "__main__":  # Ctrl-C while torch loads: exit at once (130), nothing to save yet, no traceback
     signal.signal(signal.SIGINT, lambda *_: os._exit(130))
@@ -120,13 +120,14 @@ PIXELS = 16 * 16  # one sprite: the "per pixel" in recon and the dimension count
 @dataclass
 class Config(common.TrainConfig):
     epochs: int = 200
-    # passes over the training sprites (200 took 6-7 minutes on 2 shared CPU cores)
+    # passes over the training sprites (200: about 4 minutes on an idle 2-core CPU
+    # at 113 GFLOP/s fp32; README, Results)
     latent_dim: int = 32
     # size of the latent code z
     channels: int = 20
     # width of the 16x16 convolutions; the 8x8 and 4x4 stages use twice as many
     # (20 gives about 140K parameters)
-    recon_loss: str = "ce"
+    recon_loss: str = field(default="ce", metadata={"choices": RECON_LOSSES})
     # decoder likelihood p(x|z): mse (Gaussian on RGB), bce (Bernoulli per RGB
     # channel) or ce (categorical over the palette colours of each pixel)
     kl_weight: float = 5e-4
@@ -137,6 +138,8 @@ class Config(common.TrainConfig):
     temperature: float = 0.0
     # ce only: 0 decodes each pixel as its most likely colour (argmax); T > 0
     # draws each pixel from softmax(logits / T)
+
+    sample_flags = ("temperature",)  # what `vae.py sample` may override; the rest is training-only
 
     def __post_init__(self):
         super().__post_init__()

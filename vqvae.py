@@ -119,7 +119,7 @@ from __future__ import annotations
 import math
 import os
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 if __name__ == "__main__":  # Ctrl-C while torch loads: exit at once (130), nothing to save yet, no traceback
     signal.signal(signal.SIGINT, lambda *_: os._exit(130))
@@ -158,7 +158,7 @@ class Config(common.TrainConfig):
     # D, length of each codebook entry and of each encoder output vector
     beta: float = 0.25
     # weight of the commitment term ||z_e - sg[e]||^2 (Eq. 3)
-    recon_loss: str = "ce"
+    recon_loss: str = field(default="ce", metadata={"choices": RECON_LOSSES})
     # decoder likelihood: mse (Gaussian on RGB) or ce (categorical over the palette colours of each pixel)
     restart_dead: bool = True
     # after each stage-1 epoch, re-initialise entries no training sprite used from random encoder outputs
@@ -178,12 +178,14 @@ class Config(common.TrainConfig):
     prior_dropout: float = 0.5
     # dropout in the prior: 792 sprites are few for 0.8M parameters; the validation
     # NLL turned upwards after about 17 prior epochs with 0.1, 34 with 0.3, 86 with 0.5
-    sampler: str = "prior"
+    sampler: str = field(default="prior", metadata={"choices": SAMPLERS})
     # how codes are drawn: prior (the transformer) or random (uniform: shows why a prior is needed)
     temperature: float = 1.0
     # prior sampling: divide the logits by this (< 1: safer, more common codes)
     top_k: int = 0
     # prior sampling: draw only from the k most likely codes at each step (0 = all)
+
+    sample_flags = ("sampler", "temperature", "top_k")  # what `vqvae.py sample` may override
 
     def __post_init__(self):
         super().__post_init__()
