@@ -150,7 +150,7 @@ def add_config_flags(parser, config_cls, suppress_defaults=False, only: set[str]
             continue
         flag = "--" + f.name.replace("_", "-")
         default = argparse.SUPPRESS if suppress_defaults else f.default
-        help_text = helps.get(f.name) or "(undocumented)"
+        help_text = (helps.get(f.name) or "(undocumented)").replace("%", "%%")  # argparse reads % as a format
         if f.type in (bool, "bool"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
                                 help=help_text + (" (default: %(default)s)" if not suppress_defaults else ""))

@@ -1492,5 +1492,197 @@ def test_model_script_runs_and_samples_as_a_subprocess(model, dataset, tmp_path)
     assert Image.open(tmp_path / "grid.png").size == ((4 * 17 + 1) * 4, (1 * 17 + 1) * 4)
 
 
+# -----------------------------------------------------------------------------
+# Docs: every command in README.md and docs/learn runs as written
+# -----------------------------------------------------------------------------
+# The commands are read from the pages at test time: the lines of fenced
+# shell blocks (only the `$ ` lines where a block shows output too) and inline
+# `python X.py ...` spans, in page order. Each is parsed by the very parser its
+# script builds for it, caught by intercepting ArgumentParser.parse_args, so
+# flags and subcommands added later are known without a list kept here.
+
+DOC_PAGES = [ROOT / "README.md", *sorted((ROOT / "docs" / "learn").glob("*.md"))]
+SUBCOMMANDS = ("sample", "bench", "report")
+COMMAND = re.compile(r"^(?:\w+=\S+\s+)*(?:nice -n \d+\s+)?(?:time\s+)?(python3?\s+[\w-]+\.py\b.*)$")
+PLACEHOLDER = re.compile(r"<[\w .-]+>")  # <run>, <file>: a value the reader fills in, as the text says
+
+
+def doc_commands(page: Path) -> list[tuple[int, list[str]]]:
+    """(line number, argv after `python`) of every `python X.py ...` command on a page, in page order."""
+    import shlex
+    lines = page.read_text().splitlines()
+    fenced, blocks, current = [False] * len(lines), [], None
+    for i, line in enumerate(lines):
+        if line.lstrip().startswith("```"):
+            fenced[i] = True
+            if current is None:  # an opening fence
+                current = []
+            else:
+                blocks.append(current)
+                current = None
+        elif current is not None:
+            fenced[i] = True
+            current.append((i + 1, line.strip()))
+    candidates = []
+    for block in blocks:
+        prompts = [(no, line[2:]) for no, line in block if line.startswith("$ ")]
+        pending = None
+        for no, line in prompts or block:
+            if pending:
+                no, line = pending[0], pending[1] + " " + line
+            pending = (no, line[:-1]) if line.endswith("\\") else None
+            if not pending:
+                candidates.append((no, line))
+    prose = "\n".join("" if f else line for f, line in zip(fenced, lines))
+    for m in re.finditer(r"`(python3?\s[^`]+)`", prose):  # inline spans may wrap onto the next line
+        candidates.append((prose.count("\n", 0, m.start()) + 1, " ".join(m.group(1).split())))
+    commands = []
+    for no, line in sorted(candidates):
+        for part in re.split(r"&&|;|\|", line):
+            m = COMMAND.match(part.strip())
+            if m:
+                commands.append((no, shlex.split(m.group(1), comments=True)[1:]))
+    return commands
+
+
+class _ParserBuilt(BaseException):
+    """Raised instead of parsing; carries the parser a script built. A BaseException,
+    so that no script's `except` clause swallows it."""
+
+    def __init__(self, parser):
+        self.parser = parser
+
+
+def script_entry(script: str):
+    """The function `python <script> ARGS` calls with ARGS."""
+    if script == "test_contracts.py":
+        return lambda argv: common.main(TinyStrategy, TinyConfig, argv)
+    return importlib.import_module(script[:-3]).main
+
+
+_DOC_PARSERS: dict = {}
+
+
+def parser_of(script: str, sub: str | None):
+    """The ArgumentParser that `python <script> [sub]` builds (None if it builds none)."""
+    import argparse
+    if (script, sub) not in _DOC_PARSERS:
+        def built(self, args=None, namespace=None):
+            raise _ParserBuilt(self)
+        _DOC_PARSERS[script, sub] = None
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(argparse.ArgumentParser, "parse_args", built)
+            try:
+                script_entry(script)([sub] if sub else [])
+            except _ParserBuilt as got:
+                _DOC_PARSERS[script, sub] = got.parser
+            except BaseException:  # the script ran without building a parser for these words
+                pass
+    return _DOC_PARSERS[script, sub]
+
+
+def doc_command_problems(page: Path) -> list[str]:
+    """Static checks of one page's commands: the script and every flag exist, the
+    parser accepts the line, and every file a command reads is written by an earlier
+    command on the same page (its --out), is the default dataset, or is a <placeholder>."""
+    import contextlib
+    problems, produced = [], {str(Path(common.TrainConfig.data))}
+    for no, argv in doc_commands(page):
+        where = f"{page.name}:{no}: `python {' '.join(argv)}`"
+        script, rest = argv[0], argv[1:]
+        if not (ROOT / script).exists():
+            problems.append(f"{where}: there is no {script}")
+            continue
+        sub = rest[0] if rest[:1] and rest[0] in SUBCOMMANDS else None
+        args = rest[1:] if sub else rest
+        parser = parser_of(script, sub)
+        if parser is None:
+            problems.append(f"{where}: `{script} {sub}` is not a mode of {script}")
+            continue
+        for token in args:
+            flag = token.split("=")[0]
+            if token.startswith("-") and flag not in parser._option_string_actions:
+                problems.append(f"{where}: {flag} is not a flag of `python {script}{' ' + sub if sub else ''}`")
+            if token.startswith("../") or token in ("...", "DIR", "PATH"):
+                problems.append(f"{where}: {token!r} is not a path on a fresh clone; "
+                                f"name a file the page writes, or a placeholder like <run>")
+        if "-h" in args or "--help" in args:
+            continue
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err):
+                ns = vars(parser.parse_args(args))
+        except SystemExit:
+            if not any(PLACEHOLDER.search(t) for t in args):
+                problems.append(f"{where}: refused: {err.getvalue().strip().splitlines()[-1]}")
+            continue
+
+        def reads(path, what):
+            if path and not PLACEHOLDER.search(str(path)) and str(Path(path)) not in produced and "..." not in str(path):
+                problems.append(f"{where}: reads {what} {path}, which no earlier command on this page "
+                                f"writes; give the training line an --out, or write a placeholder like <run>")
+        reads(ns.get("checkpoint"), "the checkpoint")
+        reads(ns.get("resume"), "the checkpoint")
+        reads(ns.get("data"), "the dataset")
+        models = ["vae", "vqvae", "diffusion"]
+        if ns.get("checkpoints"):
+            for m in models:
+                reads(Path(ns["checkpoints"]) / m / "checkpoints" / "last.pt", "the checkpoint")
+        if script == "download.py":
+            produced.add(str(download.default_path(ns["variant"], ns["keep_all"], ns["out"])))
+        elif sub is None and ns.get("out") and not ns.get("checkpoints") and not ns.get("resume"):
+            outs = [Path(ns["out"]) / m for m in models] if script == "compare.py" else [Path(ns["out"])]
+            produced.update(str(o / "checkpoints" / "last.pt") for o in outs)
+    return problems
+
+
+def test_doc_commands_name_real_flags_and_files_an_earlier_command_writes():
+    commands = {page.name: doc_commands(page) for page in DOC_PAGES}
+    assert sum(map(len, commands.values())) > 20, commands  # the extraction finds the pages' commands
+    problems = [p for page in DOC_PAGES for p in doc_command_problems(page)]
+    assert not problems, "\n".join(problems)
+
+
+def test_doc_checks_catch_a_sample_line_without_its_training_run(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("```bash\npython vae.py --epochs 200\n"
+                    "python vae.py sample --checkpoint runs/vae-ce/checkpoints/last.pt --n 8\n"
+                    "python vae.py --epochs 2 --no-such-flag 1\n```\n"
+                    "Then `python vae.py sample --checkpoint runs/vae/<run>/checkpoints/last.pt`.\n")
+    problems = doc_command_problems(page)
+    assert len(problems) == 3, problems  # the placeholder <run> is not one of them
+    assert "reads the checkpoint runs/vae-ce/checkpoints/last.pt" in problems[0]
+    assert "--no-such-flag is not a flag" in problems[1] and "unrecognized arguments" in problems[2]
+    page.write_text("```bash\npython vae.py --epochs 200 --out runs/vae-ce\n"
+                    "python vae.py sample --checkpoint runs/vae-ce/checkpoints/last.pt --n 8\n```\n")
+    assert doc_command_problems(page) == []
+
+
+def test_doc_commands_help_runs_for_every_script_and_mode(capsys):
+    modes = sorted({(argv[0], argv[1] if argv[1:2] and argv[1] in SUBCOMMANDS else None)
+                    for page in DOC_PAGES for _, argv in doc_commands(page)}, key=str)
+    assert len(modes) >= 8, modes
+    for script, sub in modes:
+        with pytest.raises(SystemExit) as exit_:
+            script_entry(script)(([sub] if sub else []) + ["--help"])
+        out = capsys.readouterr().out
+        assert exit_.value.code in (0, None) and "usage:" in out, (script, sub, out[-500:])
+
+
+@needs_real_sheet
+def test_doc_download_commands_run_on_the_shared_sheet(tmp_path):
+    ran = 0
+    for page in DOC_PAGES:
+        for _, argv in doc_commands(page):
+            if argv[0] != "download.py" or "--from" not in argv:
+                continue  # without --from it downloads: tests stay offline
+            args = list(argv[1:])
+            args[args.index("--from") + 1] = str(REAL_SHEET)  # <file>: the sheet or the pack zip
+            r = run_download(*args, "--out", str(tmp_path / f"run{ran}"))
+            assert r.returncode == 0 and "kept:" in r.stdout, (page.name, argv, r.stderr)
+            ran += 1
+    assert ran >= 2
+
+
 if __name__ == "__main__":
     common.main(TinyStrategy, TinyConfig)
