@@ -896,6 +896,31 @@ def test_sample_mode_writes_pngs_of_the_right_size(dataset, tmp_path):
     assert len(pngs) == 3 and all(Image.open(p).size == (16, 16) for p in pngs)
 
 
+def test_latent_stats_count_active_units_and_measure_the_aggregate_posterior():
+    torch.manual_seed(0)
+    n = 20000
+    # dims 0-1 informative: mu ~ N(0, 0.75), sigma^2 = 0.25, so q(z) = N(0, 1) exactly;
+    # dims 2-3 collapsed: q(z_j|x) = N(0, 1) for every x (KL 0).
+    mu = torch.cat([torch.randn(n, 2) * 0.75 ** 0.5, torch.zeros(n, 2)], 1)
+    logvar = torch.cat([torch.full((n, 2), math.log(0.25)), torch.zeros(n, 2)], 1)
+    r = vae.latent_stats(mu, logvar)
+    assert r["active_units"] == 2 and r["latent_dim"] == 4
+    # per-dim KL of an informative dim: 1/2 (E[mu^2] + 0.25 - 1 - log 0.25)
+    assert r["kl_dim_max"] == pytest.approx(0.5 * (0.75 + 0.25 - 1 - math.log(0.25)), rel=0.02)
+    assert r["agg_kl"] < 1e-3 and r["agg_var_min"] == pytest.approx(1, abs=0.03) and r["agg_mean_norm"] < 0.03
+    # shifted and squeezed codes: the aggregate posterior leaves the prior
+    far = vae.latent_stats(mu * 0.1 + 2, logvar - 3)
+    assert far["agg_mean_norm"] == pytest.approx(4, rel=0.01) and far["agg_kl"] > 5
+
+
+def test_latent_report_on_a_trained_checkpoint(dataset, tmp_path, capsys):
+    run = common.train(vae.VAEStrategy, tiny_vae_config(dataset, tmp_path))
+    r = vae.latent_report(str(run / "checkpoints" / "last.pt"), n=16)
+    assert 0 <= r["active_units"] <= TINY["vae"]["latent_dim"] and r["agg_kl"] >= 0
+    assert {"prior/precision", "aggregate/precision", "aggregate/near_copy_rate"} <= set(r)
+    assert "active_units" in capsys.readouterr().out.splitlines()[-1]
+
+
 # -----------------------------------------------------------------------------
 # vqvae.py
 # -----------------------------------------------------------------------------
