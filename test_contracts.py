@@ -1709,5 +1709,55 @@ def test_doc_download_commands_run_on_the_shared_sheet(tmp_path):
     assert ran >= 2
 
 
+
+# -----------------------------------------------------------------------------
+# Docs: the DDPM derivation of tutorial 04, on the code's own schedule
+# -----------------------------------------------------------------------------
+
+
+def test_ddpm_derivation_in_tutorial_04_holds_on_the_schedule():
+    # The code stores its schedule in float32; redo the products in float64 from its beta_t
+    # (the code's alpha_bar agrees with them to float32 precision), so that 1 - alpha_bar near
+    # t = 1 keeps its digits.
+    code = diffusion.linear_schedule(1000, torch.device("cpu"))
+    beta_all = code["beta"].double()
+    ab_all = torch.cumprod(1 - beta_all, 0)
+    assert torch.allclose(code["alpha_bar"].double(), ab_all, rtol=1e-5)
+    beta, alpha, ab, ab_prev = beta_all[1:], 1 - beta_all[1:], ab_all[1:], ab_all[:-1]  # t = 2..T
+    torch.manual_seed(0)
+    x0, eps = torch.randn(2, beta.shape[0], dtype=torch.float64)
+    xt = ab.sqrt() * x0 + (1 - ab).sqrt() * eps  # Step 1
+    # Step 2: the posterior from Bayes' rule (product of the two Gaussians in x_{t-1}) ...
+    precision = alpha / beta + 1 / (1 - ab_prev)
+    mean = (alpha.sqrt() * xt / beta + ab_prev.sqrt() * x0 / (1 - ab_prev)) / precision
+    # ... equals Ho et al.'s Eqs. 6-7 as the tutorial writes them
+    beta_tilde = (1 - ab_prev) / (1 - ab) * beta
+    mu_tilde = ab_prev.sqrt() * beta / (1 - ab) * x0 + alpha.sqrt() * (1 - ab_prev) / (1 - ab) * xt
+    assert torch.allclose(1 / precision, beta_tilde, rtol=1e-4) and torch.allclose(mean, mu_tilde, rtol=1e-4, atol=1e-6)
+    # Step 3: the epsilon form of the mean, as sample_ddpm computes it
+    assert torch.allclose(alpha.rsqrt() * (xt - beta / (1 - ab).sqrt() * eps), mu_tilde, rtol=1e-4, atol=1e-6)
+    # Step 6: q_sigma(x_{t-1} | x_0) keeps the marginal for any sigma_t^2 <= 1 - alpha_bar_{t-1}
+    for sigma2 in (torch.zeros_like(beta), beta_tilde, 0.5 * (1 - ab_prev)):
+        k = (1 - ab_prev - sigma2).sqrt() / (1 - ab).sqrt()  # coefficient of (x_t - sqrt(ab_t) x_0)
+        assert torch.allclose(k ** 2 * (1 - ab) + sigma2, 1 - ab_prev, rtol=1e-4)  # variance 1 - ab_{t-1}
+    # Step 7: DDIM's Eq. 16 with eta = 1 over consecutive levels is beta_tilde, and Eq. 12's mean is mu_tilde
+    eta, ab_t, ab_next = 1.0, ab, ab_prev  # sample_ddim's names: level t, then the next level s = t - 1
+    sigma = eta * ((1 - ab_next) / (1 - ab_t) * (1 - ab_t / ab_next)).sqrt()
+    assert torch.allclose(sigma ** 2, beta_tilde, rtol=1e-3)
+    ddim_mean = ab_next.sqrt() * x0 + (1 - ab_next - sigma ** 2).clamp(min=0).sqrt() * eps
+    assert torch.allclose(ddim_mean, mu_tilde, rtol=1e-3, atol=1e-5)
+    assert (beta > beta_tilde).all()  # sample_ddpm's sigma_t^2 = beta_t is the larger choice
+
+
+def test_code_lines_quoted_in_tutorial_04_are_in_diffusion_py():
+    code = {line.split("  #")[0].strip() for line in (ROOT / "diffusion.py").read_text().splitlines()}
+    quoted = [line.split("  #")[0].strip() for block in
+              re.findall(r"```python\n(.*?)```", (ROOT / "docs/learn/04-diffusion.md").read_text(), flags=re.S)
+              for line in block.splitlines() if line.strip()]
+    assert len(quoted) >= 10
+    missing = [line for line in quoted if line not in code]
+    assert not missing, f"tutorial 04 quotes lines diffusion.py no longer has: {missing}"
+
+
 if __name__ == "__main__":
     common.main(TinyStrategy, TinyConfig)
