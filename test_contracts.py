@@ -1759,5 +1759,44 @@ def test_code_lines_quoted_in_tutorial_04_are_in_diffusion_py():
     assert not missing, f"tutorial 04 quotes lines diffusion.py no longer has: {missing}"
 
 
+
+# -----------------------------------------------------------------------------
+# Docs: results tables are generated from the committed run files
+# -----------------------------------------------------------------------------
+
+
+def test_results_tables_in_the_docs_equal_what_compare_report_generates():
+    import compare
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    assert any("<!-- results:" in p.read_text() for p in pages), "no generated results table in the docs"
+    assert compare.report(ROOT, write=False) == [], "run `python compare.py report` and commit the result"
+    for run in sorted((ROOT / "docs" / "results").iterdir()):  # every run quoted has its evidence
+        assert {"command.txt", "metrics.json"} <= {f.name for f in run.iterdir()}, run
+
+
+def test_compare_report_rewrites_a_stale_table_and_refuses_a_missing_run(tmp_path):
+    import compare
+    run = tmp_path / "docs" / "results" / "demo"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps({"val/kl": 12.5, "epochs": 3, "train_seconds": 75.0}))
+    (run / "latent.json").write_text(json.dumps({"active_units": 7}))
+    page = tmp_path / "docs" / "page.md"
+    page.write_text("Before.\n<!-- results: runs=demo metrics=val/kl,latent/active_units,train_seconds -->\n"
+                    "| stale |\n<!-- /results -->\nAfter.\n")
+    (tmp_path / "README.md").write_text("no tables here\n")
+    assert compare.report(tmp_path, write=False) == ["docs/page.md"] and "stale" in page.read_text()
+    assert compare.report(tmp_path) == ["docs/page.md"]
+    text = page.read_text()
+    assert "| [demo](results/demo/) | 12.5 | 7 | 0:01:15 |" in text and "stale" not in text
+    assert text.startswith("Before.\n<!-- results:") and text.endswith("<!-- /results -->\nAfter.\n")
+    assert compare.report(tmp_path) == []  # idempotent
+    page.write_text("<!-- results: runs=demo metrics=val/kl,epochs rows=metrics -->\n<!-- /results -->\n")
+    compare.report(tmp_path)
+    assert "| | [demo](results/demo/) |\n|---|---|\n| `val/kl` | 12.5 |\n| `epochs` | 3 |\n" in page.read_text()
+    page.write_text("<!-- results: runs=gone metrics=val/kl -->\n<!-- /results -->\n")
+    with pytest.raises(common.UserError, match="run 'gone'"):
+        compare.report(tmp_path)
+
+
 if __name__ == "__main__":
     common.main(TinyStrategy, TinyConfig)
