@@ -51,7 +51,7 @@ temperature 0.5 and 1 the ce samples score one_colour_rate 0.789 and 0.645
 
 Run (from the repository root; the dataset is prepared by download.py):
 
-    python vae.py --epochs 200                          # ce, the default
+    python vae.py --epochs 200 --out runs/vae-ce        # ce, the default
     python vae.py --epochs 200 --recon-loss mse --out runs/vae-mse
     python vae.py --epochs 200 --recon-loss bce --out runs/vae-bce
     python vae.py sample --checkpoint runs/vae-ce/checkpoints/last.pt --n 64 --out grid.png
