@@ -1643,7 +1643,8 @@ def doc_command_problems(page: Path) -> list[str]:
             continue
 
         def reads(path, what):
-            if path and not PLACEHOLDER.search(str(path)) and str(Path(path)) not in produced and "..." not in str(path):
+            unclear = {"...", "DIR", "PATH"} & set(Path(path).parts) if path else True  # reported above
+            if not unclear and not PLACEHOLDER.search(str(path)) and str(Path(path)) not in produced:
                 problems.append(f"{where}: reads {what} {path}, which no earlier command on this page "
                                 f"writes; give the training line an --out, or write a placeholder like <run>")
         reads(ns.get("checkpoint"), "the checkpoint")
