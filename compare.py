@@ -11,6 +11,7 @@ the same way, so every figure has a scale.
     python compare.py --checkpoints runs/compare   # load finished runs instead of training
     python compare.py --checkpoints runs           # the newest runs/<model>/<date-time>/ of each model
     python compare.py --epochs-diffusion 50 --amp  # override a budget; bf16 autocast
+    python compare.py report                    # regenerate the results tables in the docs from docs/results/
 
 Outputs (in --out, default runs/compare): comparison.png, comparison.md (the
 table) and one run folder per model. With MLflow on, a parent run "compare"
@@ -20,14 +21,16 @@ parent (the table is also the run's description, which the MLflow UI renders).
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import re
 import signal
 import sys
 
 if __name__ == "__main__":  # Ctrl-C while the imports below load: exit at once (130), no traceback
     signal.signal(signal.SIGINT, lambda *_: os._exit(130))
 
-import argparse
 import time
 from pathlib import Path
 
@@ -227,9 +230,89 @@ def compare(configs: dict, data_path: str, out: Path, seed: int = 0, n_show: int
     return fig_path, md
 
 
+# -----------------------------------------------------------------------------
+# Report: the results tables in README.md and docs/, regenerated from docs/results/
+# -----------------------------------------------------------------------------
+# Every run a page quotes has a folder docs/results/<run>/ holding command.txt
+# (what was run, on which machine), the run's metrics.json, the tail of its log
+# and any further measurement of it as <name>.json. A table in a page is
+# written between two HTML comments that say what it shows:
+#     <!-- results: runs=vae-ce,vae-kl1 metrics=val/kl,latent/active_units -->
+#     ...generated table...
+#     <!-- /results -->
+# and `python compare.py report` rewrites it from those files, so a number in
+# the docs cannot drift from its source (a test checks they agree).
+
+ROOT = Path(__file__).resolve().parent
+RESULTS_TABLE = re.compile(r"(<!-- results: (.*?) -->\n)(.*?)(<!-- /results -->)", re.S)
+
+
+def run_results(run: Path) -> dict:
+    """One run's figures: metrics.json as it is, plus every other <name>.json as <name>/<key>."""
+    figures = {}
+    for path in sorted(run.glob("*.json")):
+        data = json.loads(path.read_text())
+        figures.update(data if path.stem == "metrics" else {f"{path.stem}/{k}": v for k, v in data.items()})
+    return figures
+
+
+def results_table(spec: str, page: Path, results: Path) -> str:
+    """The markdown table a `<!-- results: runs=... metrics=... [rows=metrics] -->` comment asks
+    for: one row per run (linked to its folder) and one column per metric, or the other way round."""
+    fields = dict(part.split("=", 1) for part in spec.split())
+    runs, metrics = fields["runs"].split(","), fields["metrics"].split(",")
+    cells = {}  # (run, metric) -> the figure as written
+    for run in runs:
+        if not (results / run).is_dir():
+            raise common.UserError(f"{page.name} asks for run {run!r}, which has no folder in {results}")
+        figures = run_results(results / run)
+        for m in metrics:
+            if m not in figures:
+                raise common.UserError(f"{page.name}: run {run} has no figure {m!r} in {results / run}")
+            v = figures[m]
+            cells[run, m] = common.fmt_time(v) if m == "train_seconds" else f"{v:.4g}" if isinstance(v, float) else str(v)
+    links = {run: f"[{run}]({Path(os.path.relpath(results / run, page.parent)).as_posix()}/)" for run in runs}
+    if fields.get("rows") == "metrics":
+        lines = ["| | " + " | ".join(links[r] for r in runs) + " |", "|---" * (len(runs) + 1) + "|"]
+        lines += [f"| `{m}` | " + " | ".join(cells[r, m] for r in runs) + " |" for m in metrics]
+    else:
+        lines = ["| run | " + " | ".join(f"`{m}`" for m in metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+        lines += [f"| {links[r]} | " + " | ".join(cells[r, m] for m in metrics) + " |" for r in runs]
+    return "\n".join(lines) + "\n"
+
+
+def report(root: Path = ROOT, write: bool = True) -> list[str]:
+    """Regenerate every results table in README.md and docs/**/*.md from root/docs/results;
+    returns the pages whose tables changed (written unless write is False)."""
+    changed = []
+    for page in [root / "README.md", *sorted((root / "docs").rglob("*.md"))]:
+        text = page.read_text()
+        new = RESULTS_TABLE.sub(lambda m: m.group(1) + results_table(m.group(2), page, root / "docs" / "results")
+                                + m.group(4), text)
+        if new != text:
+            changed.append(str(page.relative_to(root)))
+            if write:
+                common.atomic_write_bytes(page, new.encode())
+    return changed
+
+
+def report_command(argv: list[str]) -> None:
+    p = common.download.OneLineParser(prog="compare.py report",
+                                description="Rewrite the results tables in README.md and docs/ from the run "
+                                            "files in docs/results/ (see the <!-- results: ... --> comments).")
+    p.add_argument("--check", action="store_true", help="change nothing; exit 1 if a table is out of date")
+    args = p.parse_args(argv)
+    changed = report(write=not args.check)
+    verb = "out of date" if args.check else "rewritten"
+    print(f"{verb}: {', '.join(changed)}" if changed else "every results table is up to date")
+    if args.check and changed:
+        sys.exit(1)
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = common.download.OneLineParser(description=__doc__.split("\n\n")[0],
-                                epilog="`python compare.py bench` prints each model's bench figures in one table")
+                                      epilog="`python compare.py bench` prints each model's bench figures in one "
+                                             "table; `python compare.py report` regenerates the docs' results tables")
     p.add_argument("--epochs-vae", type=int, help=f"VAE epochs (default: {vae.Config.epochs})")
     p.add_argument("--epochs-vqvae", type=int, help=f"VQ-VAE stage-1 epochs (default: {vqvae.Config.epochs})")
     p.add_argument("--epochs-prior", type=int, help=f"VQ-VAE prior epochs (default: {vqvae.Config.prior_epochs})")
@@ -279,6 +362,8 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
 
     def run():
+        if argv[:1] == ["report"]:
+            return report_command(argv[1:])
         if argv[:1] == ["bench"]:
             figures = {}
             for name, (strategy_cls, config_cls) in MODELS.items():

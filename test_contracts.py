@@ -901,6 +901,31 @@ def test_sample_mode_writes_pngs_of_the_right_size(dataset, tmp_path):
     assert len(pngs) == 3 and all(Image.open(p).size == (16, 16) for p in pngs)
 
 
+def test_latent_stats_count_active_units_and_measure_the_aggregate_posterior():
+    torch.manual_seed(0)
+    n = 20000
+    # dims 0-1 informative: mu ~ N(0, 0.75), sigma^2 = 0.25, so q(z) = N(0, 1) exactly;
+    # dims 2-3 collapsed: q(z_j|x) = N(0, 1) for every x (KL 0).
+    mu = torch.cat([torch.randn(n, 2) * 0.75 ** 0.5, torch.zeros(n, 2)], 1)
+    logvar = torch.cat([torch.full((n, 2), math.log(0.25)), torch.zeros(n, 2)], 1)
+    r = vae.latent_stats(mu, logvar)
+    assert r["active_units"] == 2 and r["latent_dim"] == 4
+    # per-dim KL of an informative dim: 1/2 (E[mu^2] + 0.25 - 1 - log 0.25)
+    assert r["kl_dim_max"] == pytest.approx(0.5 * (0.75 + 0.25 - 1 - math.log(0.25)), rel=0.02)
+    assert r["agg_kl"] < 1e-3 and r["agg_var_min"] == pytest.approx(1, abs=0.03) and r["agg_mean_norm"] < 0.03
+    # shifted and squeezed codes: the aggregate posterior leaves the prior
+    far = vae.latent_stats(mu * 0.1 + 2, logvar - 3)
+    assert far["agg_mean_norm"] == pytest.approx(4, rel=0.01) and far["agg_kl"] > 5
+
+
+def test_latent_report_on_a_trained_checkpoint(dataset, tmp_path, capsys):
+    run = common.train(vae.VAEStrategy, tiny_vae_config(dataset, tmp_path))
+    r = vae.latent_report(str(run / "checkpoints" / "last.pt"), n=16)
+    assert 0 <= r["active_units"] <= TINY["vae"]["latent_dim"] and r["agg_kl"] >= 0
+    assert {"prior/precision", "aggregate/precision", "aggregate/near_copy_rate"} <= set(r)
+    assert "active_units" in capsys.readouterr().out.splitlines()[-1]
+
+
 # -----------------------------------------------------------------------------
 # vqvae.py
 # -----------------------------------------------------------------------------
@@ -2093,6 +2118,288 @@ def test_the_real_probe_is_cheap():
     gflops, share = common.cpu_probe()
     assert gflops > 0 and 0 < share <= 1.5
     assert time.perf_counter() - t0 < 3.0  # 0.33 s measured on 2 loaded cores; generous
+
+
+# -----------------------------------------------------------------------------
+# Docs: every command in README.md and docs/learn runs as written
+# -----------------------------------------------------------------------------
+# The commands are read from the pages at test time: the lines of fenced
+# shell blocks (only the `$ ` lines where a block shows output too) and inline
+# `python X.py ...` spans, in page order. Each is parsed by the very parser its
+# script builds for it, caught by intercepting ArgumentParser.parse_args, so
+# flags and subcommands added later are known without a list kept here.
+
+DOC_PAGES = [ROOT / "README.md", *sorted((ROOT / "docs" / "learn").glob("*.md"))]
+SUBCOMMANDS = ("sample", "bench", "report")
+COMMAND = re.compile(r"^(?:\w+=\S+\s+)*(?:nice -n \d+\s+)?(?:time\s+)?(python3?\s+[\w-]+\.py\b.*)$")
+PLACEHOLDER = re.compile(r"<[\w .-]+>")  # <run>, <file>: a value the reader fills in, as the text says
+
+
+def doc_commands(page: Path) -> list[tuple[int, list[str]]]:
+    """(line number, argv after `python`) of every `python X.py ...` command on a page, in page order."""
+    import shlex
+    lines = page.read_text().splitlines()
+    fenced, blocks, current = [False] * len(lines), [], None
+    for i, line in enumerate(lines):
+        if line.lstrip().startswith("```"):
+            fenced[i] = True
+            if current is None:  # an opening fence
+                current = []
+            else:
+                blocks.append(current)
+                current = None
+        elif current is not None:
+            fenced[i] = True
+            current.append((i + 1, line.strip()))
+    candidates = []
+    for block in blocks:
+        prompts = [(no, line[2:]) for no, line in block if line.startswith("$ ")]
+        pending = None
+        for no, line in prompts or block:
+            if pending:
+                no, line = pending[0], pending[1] + " " + line
+            pending = (no, line[:-1]) if line.endswith("\\") else None
+            if not pending:
+                candidates.append((no, line))
+    prose = "\n".join("" if f else line for f, line in zip(fenced, lines))
+    for m in re.finditer(r"`(python3?\s[^`]+)`", prose):  # inline spans may wrap onto the next line
+        candidates.append((prose.count("\n", 0, m.start()) + 1, " ".join(m.group(1).split())))
+    commands = []
+    for no, line in sorted(candidates):
+        for part in re.split(r"&&|;|\|", line):
+            m = COMMAND.match(part.strip())
+            if m:
+                commands.append((no, shlex.split(m.group(1), comments=True)[1:]))
+    return commands
+
+
+class _ParserBuilt(BaseException):
+    """Raised instead of parsing; carries the parser a script built. A BaseException,
+    so that no script's `except` clause swallows it."""
+
+    def __init__(self, parser):
+        self.parser = parser
+
+
+def script_entry(script: str):
+    """The function `python <script> ARGS` calls with ARGS."""
+    if script == "test_contracts.py":
+        return lambda argv: common.main(TinyStrategy, TinyConfig, argv)
+    return importlib.import_module(script[:-3]).main
+
+
+_DOC_PARSERS: dict = {}
+
+
+def parser_of(script: str, sub: str | None):
+    """The ArgumentParser that `python <script> [sub]` builds (None if it builds none)."""
+    import argparse
+    if (script, sub) not in _DOC_PARSERS:
+        def built(self, args=None, namespace=None):
+            raise _ParserBuilt(self)
+        _DOC_PARSERS[script, sub] = None
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(argparse.ArgumentParser, "parse_args", built)
+            try:
+                script_entry(script)([sub] if sub else [])
+            except _ParserBuilt as got:
+                _DOC_PARSERS[script, sub] = got.parser
+            except BaseException:  # the script ran without building a parser for these words
+                pass
+    return _DOC_PARSERS[script, sub]
+
+
+def doc_command_problems(page: Path) -> list[str]:
+    """Static checks of one page's commands: the script and every flag exist, the
+    parser accepts the line, and every file a command reads is written by an earlier
+    command on the same page (its --out), is the default dataset, or is a <placeholder>."""
+    import contextlib
+    problems, produced = [], {str(Path(common.TrainConfig.data))}
+    for no, argv in doc_commands(page):
+        where = f"{page.name}:{no}: `python {' '.join(argv)}`"
+        script, rest = argv[0], argv[1:]
+        if not (ROOT / script).exists():
+            problems.append(f"{where}: there is no {script}")
+            continue
+        sub = rest[0] if rest[:1] and rest[0] in SUBCOMMANDS else None
+        args = rest[1:] if sub else rest
+        parser = parser_of(script, sub)
+        if parser is None:
+            problems.append(f"{where}: `{script} {sub}` is not a mode of {script}")
+            continue
+        for token in args:
+            flag = token.split("=")[0]
+            if token.startswith("-") and flag not in parser._option_string_actions:
+                problems.append(f"{where}: {flag} is not a flag of `python {script}{' ' + sub if sub else ''}`")
+            if token.startswith("../") or token in ("...", "DIR", "PATH"):
+                problems.append(f"{where}: {token!r} is not a path on a fresh clone; "
+                                f"name a file the page writes, or a placeholder like <run>")
+        if "-h" in args or "--help" in args:
+            continue
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err):
+                ns = vars(parser.parse_args(args))
+        except SystemExit:
+            if not any(PLACEHOLDER.search(t) for t in args):
+                problems.append(f"{where}: refused: {err.getvalue().strip().splitlines()[-1]}")
+            continue
+
+        def reads(path, what):
+            unclear = {"...", "DIR", "PATH"} & set(Path(path).parts) if path else True  # reported above
+            if not unclear and not PLACEHOLDER.search(str(path)) and str(Path(path)) not in produced:
+                problems.append(f"{where}: reads {what} {path}, which no earlier command on this page "
+                                f"writes; give the training line an --out, or write a placeholder like <run>")
+        reads(ns.get("checkpoint"), "the checkpoint")
+        reads(ns.get("resume"), "the checkpoint")
+        reads(ns.get("data"), "the dataset")
+        models = ["vae", "vqvae", "diffusion"]
+        if ns.get("checkpoints"):
+            for m in models:
+                reads(Path(ns["checkpoints"]) / m / "checkpoints" / "last.pt", "the checkpoint")
+        if script == "download.py":
+            produced.add(str(download.default_path(ns["variant"], ns["keep_all"], ns["out"])))
+        elif sub is None and ns.get("out") and not ns.get("checkpoints") and not ns.get("resume"):
+            outs = [Path(ns["out"]) / m for m in models] if script == "compare.py" else [Path(ns["out"])]
+            produced.update(str(o / "checkpoints" / "last.pt") for o in outs)
+    return problems
+
+
+def test_doc_commands_name_real_flags_and_files_an_earlier_command_writes():
+    commands = {page.name: doc_commands(page) for page in DOC_PAGES}
+    assert sum(map(len, commands.values())) > 20, commands  # the extraction finds the pages' commands
+    problems = [p for page in DOC_PAGES for p in doc_command_problems(page)]
+    assert not problems, "\n".join(problems)
+
+
+def test_doc_checks_catch_a_sample_line_without_its_training_run(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("```bash\npython vae.py --epochs 200\n"
+                    "python vae.py sample --checkpoint runs/vae-ce/checkpoints/last.pt --n 8\n"
+                    "python vae.py --epochs 2 --no-such-flag 1\n```\n"
+                    "Then `python vae.py sample --checkpoint runs/vae/<run>/checkpoints/last.pt`.\n")
+    problems = doc_command_problems(page)
+    assert len(problems) == 3, problems  # the placeholder <run> is not one of them
+    assert "reads the checkpoint runs/vae-ce/checkpoints/last.pt" in problems[0]
+    assert "--no-such-flag is not a flag" in problems[1] and "unrecognized arguments" in problems[2]
+    page.write_text("```bash\npython vae.py --epochs 200 --out runs/vae-ce\n"
+                    "python vae.py sample --checkpoint runs/vae-ce/checkpoints/last.pt --n 8\n```\n")
+    assert doc_command_problems(page) == []
+
+
+def test_doc_commands_help_runs_for_every_script_and_mode(capsys):
+    modes = sorted({(argv[0], argv[1] if argv[1:2] and argv[1] in SUBCOMMANDS else None)
+                    for page in DOC_PAGES for _, argv in doc_commands(page)}, key=str)
+    assert len(modes) >= 8, modes
+    for script, sub in modes:
+        with pytest.raises(SystemExit) as exit_:
+            script_entry(script)(([sub] if sub else []) + ["--help"])
+        out = capsys.readouterr().out
+        assert exit_.value.code in (0, None) and "usage:" in out, (script, sub, out[-500:])
+
+
+@needs_real_sheet
+def test_doc_download_commands_run_on_the_shared_sheet(tmp_path):
+    ran = 0
+    for page in DOC_PAGES:
+        for _, argv in doc_commands(page):
+            if argv[0] != "download.py" or "--from" not in argv:
+                continue  # without --from it downloads: tests stay offline
+            args = list(argv[1:])
+            args[args.index("--from") + 1] = str(REAL_SHEET)  # <file>: the sheet or the pack zip
+            r = run_download(*args, "--out", str(tmp_path / f"run{ran}"))
+            assert r.returncode == 0 and "kept:" in r.stdout, (page.name, argv, r.stderr)
+            ran += 1
+    assert ran >= 2
+
+
+
+# -----------------------------------------------------------------------------
+# Docs: the DDPM derivation of tutorial 04, on the code's own schedule
+# -----------------------------------------------------------------------------
+
+
+def test_ddpm_derivation_in_tutorial_04_holds_on_the_schedule():
+    # The code stores its schedule in float32; redo the products in float64 from its beta_t
+    # (the code's alpha_bar agrees with them to float32 precision), so that 1 - alpha_bar near
+    # t = 1 keeps its digits.
+    code = diffusion.linear_schedule(1000, torch.device("cpu"))
+    beta_all = code["beta"].double()
+    ab_all = torch.cumprod(1 - beta_all, 0)
+    assert torch.allclose(code["alpha_bar"].double(), ab_all, rtol=1e-5)
+    beta, alpha, ab, ab_prev = beta_all[1:], 1 - beta_all[1:], ab_all[1:], ab_all[:-1]  # t = 2..T
+    torch.manual_seed(0)
+    x0, eps = torch.randn(2, beta.shape[0], dtype=torch.float64)
+    xt = ab.sqrt() * x0 + (1 - ab).sqrt() * eps  # Step 1
+    # Step 2: the posterior from Bayes' rule (product of the two Gaussians in x_{t-1}) ...
+    precision = alpha / beta + 1 / (1 - ab_prev)
+    mean = (alpha.sqrt() * xt / beta + ab_prev.sqrt() * x0 / (1 - ab_prev)) / precision
+    # ... equals Ho et al.'s Eqs. 6-7 as the tutorial writes them
+    beta_tilde = (1 - ab_prev) / (1 - ab) * beta
+    mu_tilde = ab_prev.sqrt() * beta / (1 - ab) * x0 + alpha.sqrt() * (1 - ab_prev) / (1 - ab) * xt
+    assert torch.allclose(1 / precision, beta_tilde, rtol=1e-4) and torch.allclose(mean, mu_tilde, rtol=1e-4, atol=1e-6)
+    # Step 3: the epsilon form of the mean, as sample_ddpm computes it
+    assert torch.allclose(alpha.rsqrt() * (xt - beta / (1 - ab).sqrt() * eps), mu_tilde, rtol=1e-4, atol=1e-6)
+    # Step 6: q_sigma(x_{t-1} | x_0) keeps the marginal for any sigma_t^2 <= 1 - alpha_bar_{t-1}
+    for sigma2 in (torch.zeros_like(beta), beta_tilde, 0.5 * (1 - ab_prev)):
+        k = (1 - ab_prev - sigma2).sqrt() / (1 - ab).sqrt()  # coefficient of (x_t - sqrt(ab_t) x_0)
+        assert torch.allclose(k ** 2 * (1 - ab) + sigma2, 1 - ab_prev, rtol=1e-4)  # variance 1 - ab_{t-1}
+    # Step 7: DDIM's Eq. 16 with eta = 1 over consecutive levels is beta_tilde, and Eq. 12's mean is mu_tilde
+    eta, ab_t, ab_next = 1.0, ab, ab_prev  # sample_ddim's names: level t, then the next level s = t - 1
+    sigma = eta * ((1 - ab_next) / (1 - ab_t) * (1 - ab_t / ab_next)).sqrt()
+    assert torch.allclose(sigma ** 2, beta_tilde, rtol=1e-3)
+    ddim_mean = ab_next.sqrt() * x0 + (1 - ab_next - sigma ** 2).clamp(min=0).sqrt() * eps
+    assert torch.allclose(ddim_mean, mu_tilde, rtol=1e-3, atol=1e-5)
+    assert (beta > beta_tilde).all()  # sample_ddpm's sigma_t^2 = beta_t is the larger choice
+
+
+def test_code_lines_quoted_in_tutorial_04_are_in_diffusion_py():
+    code = {line.split("  #")[0].strip() for line in (ROOT / "diffusion.py").read_text().splitlines()}
+    quoted = [line.split("  #")[0].strip() for block in
+              re.findall(r"```python\n(.*?)```", (ROOT / "docs/learn/04-diffusion.md").read_text(), flags=re.S)
+              for line in block.splitlines() if line.strip()]
+    assert len(quoted) >= 10
+    missing = [line for line in quoted if line not in code]
+    assert not missing, f"tutorial 04 quotes lines diffusion.py no longer has: {missing}"
+
+
+
+# -----------------------------------------------------------------------------
+# Docs: results tables are generated from the committed run files
+# -----------------------------------------------------------------------------
+
+
+def test_results_tables_in_the_docs_equal_what_compare_report_generates():
+    import compare
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    assert any("<!-- results:" in p.read_text() for p in pages), "no generated results table in the docs"
+    assert compare.report(ROOT, write=False) == [], "run `python compare.py report` and commit the result"
+    for run in sorted((ROOT / "docs" / "results").iterdir()):  # every run quoted has its evidence
+        assert {"command.txt", "metrics.json"} <= {f.name for f in run.iterdir()}, run
+
+
+def test_compare_report_rewrites_a_stale_table_and_refuses_a_missing_run(tmp_path):
+    import compare
+    run = tmp_path / "docs" / "results" / "demo"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps({"val/kl": 12.5, "epochs": 3, "train_seconds": 75.0}))
+    (run / "latent.json").write_text(json.dumps({"active_units": 7}))
+    page = tmp_path / "docs" / "page.md"
+    page.write_text("Before.\n<!-- results: runs=demo metrics=val/kl,latent/active_units,train_seconds -->\n"
+                    "| stale |\n<!-- /results -->\nAfter.\n")
+    (tmp_path / "README.md").write_text("no tables here\n")
+    assert compare.report(tmp_path, write=False) == ["docs/page.md"] and "stale" in page.read_text()
+    assert compare.report(tmp_path) == ["docs/page.md"]
+    text = page.read_text()
+    assert "| [demo](results/demo/) | 12.5 | 7 | 0:01:15 |" in text and "stale" not in text
+    assert text.startswith("Before.\n<!-- results:") and text.endswith("<!-- /results -->\nAfter.\n")
+    assert compare.report(tmp_path) == []  # idempotent
+    page.write_text("<!-- results: runs=demo metrics=val/kl,epochs rows=metrics -->\n<!-- /results -->\n")
+    compare.report(tmp_path)
+    assert "| | [demo](results/demo/) |\n|---|---|\n| `val/kl` | 12.5 |\n| `epochs` | 3 |\n" in page.read_text()
+    page.write_text("<!-- results: runs=gone metrics=val/kl -->\n<!-- /results -->\n")
+    with pytest.raises(common.UserError, match="run 'gone'"):
+        compare.report(tmp_path)
 
 
 if __name__ == "__main__":

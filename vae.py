@@ -51,7 +51,7 @@ temperature 0.5 and 1 the ce samples score one_colour_rate 0.789 and 0.645
 
 Run (from the repository root; the dataset is prepared by download.py):
 
-    python vae.py --epochs 200                          # ce, the default
+    python vae.py --epochs 200 --out runs/vae-ce        # ce, the default
     python vae.py --epochs 200 --recon-loss mse --out runs/vae-mse
     python vae.py --epochs 200 --recon-loss bce --out runs/vae-bce
     python vae.py sample --checkpoint runs/vae-ce/checkpoints/last.pt --n 64 --out grid.png
@@ -401,6 +401,67 @@ class VAEStrategy:
         strip = torch.cat([a[:, None], middle, b[:, None]], dim=1)     # (pairs, 10, 3, 16, 16)
         return {"reconstructions": (reconstructions, per_row),
                 "interpolation": (strip.reshape(-1, 3, 16, 16), 10)}   # (pairs * 10, 3, 16, 16)
+
+
+# -----------------------------------------------------------------------------
+# Latent-space diagnostics (tutorial 02): posterior collapse and the prior hole
+# -----------------------------------------------------------------------------
+
+ACTIVE_KL = 0.01  # nats: a latent dimension whose mean KL is below this carries (almost) no information
+
+
+def latent_stats(mu: Tensor, logvar: Tensor) -> dict[str, float]:
+    """How an encoder uses its latent space, from q(z|x) = N(mu, diag exp(logvar)) of N sprites,
+    mu and logvar (N, D):
+
+      active_units   dims whose KL(q(z_j|x) || N(0, 1)), averaged over the sprites, exceeds
+                     ACTIVE_KL nats. An inactive dim has q(z_j|x) = N(0, 1) for every x: the
+                     decoder cannot learn anything from it ("posterior collapse" when all are).
+      kl_dim_max, kl_dim_median   that mean KL per dim, in nats
+      agg_mean_norm  ||m||, m the mean of the aggregate posterior q(z) = 1/N sum_x q(z|x)
+      agg_var_min, agg_var_max    smallest and largest eigenvalue of q(z)'s covariance
+                     S = Cov_x(mu) + mean_x diag(sigma^2) (law of total variance)
+      agg_kl         KL(N(m, S) || N(0, I)) = 1/2 (tr S + m.m - D - log det S): 0 when q(z) has
+                     the prior's first two moments. Samples come from the prior, so this
+                     measures how far the codes the decoder learned from sit from where
+                     samples are drawn."""
+    mu, logvar = mu.double(), logvar.double()
+    kl_dim = 0.5 * (mu ** 2 + logvar.exp() - 1 - logvar).mean(0)  # (D,) closed-form KL per dim, mean over x
+    m = mu.mean(0)  # (D,)
+    S = torch.cov(mu.T, correction=0) + torch.diag(logvar.exp().mean(0))  # (D, D)
+    eig = torch.linalg.eigvalsh(S)  # (D,) ascending
+    d = mu.shape[1]
+    agg_kl = 0.5 * (S.trace() + m @ m - d - torch.linalg.slogdet(S)[1])
+    return {"active_units": int((kl_dim > ACTIVE_KL).sum()), "latent_dim": d,
+            "kl_dim_max": float(kl_dim.max()), "kl_dim_median": float(kl_dim.median()),
+            "agg_mean_norm": float(m.norm()), "agg_var_min": float(eig[0]), "agg_var_max": float(eig[-1]),
+            "agg_kl": float(agg_kl)}
+
+
+@torch.no_grad()
+def latent_report(checkpoint: str, n: int = 256, seed: int = 0) -> dict:
+    """latent_stats on the training sprites of a trained VAE, plus the sprite metrics of n
+    samples decoded from the prior, z ~ N(0, I), and from the aggregate posterior, z ~ q(z|x)
+    for random training sprites x: if the second set is much better, the prior draws codes
+    the decoder was never trained on. Prints the figures on one line and returns them.
+    A one-off command (tutorial 02 shows its output):
+        python -c "import vae; vae.latent_report('runs/vae-ce/checkpoints/last.pt')"
+    """
+    device = torch.device("cpu")
+    strategy, model, palette, config = common.load_for_sampling(VAEStrategy, Config, checkpoint, {}, device)
+    data = common.load_sprites(config.data, device, config.palette_size, config.seed)
+    mu, logvar = model.encoder(common.to_model_range(data.train))  # (N, D) each
+    report = latent_stats(mu, logvar)
+    gen = torch.Generator(device).manual_seed(seed)
+    z_prior = torch.randn(n, model.latent_dim, generator=gen)  # (n, D) from p(z)
+    pick = torch.randint(0, mu.shape[0], (n,), generator=gen)  # (n,) random training sprites
+    z_agg = mu[pick] + (0.5 * logvar[pick]).exp() * torch.randn(n, model.latent_dim, generator=gen)  # from q(z)
+    for name, z in (("prior", z_prior), ("aggregate", z_agg)):
+        x = strategy.decode(model, z, gen, config.temperature)
+        for k, v in common.sprite_metrics(x, data.train, palette).items():
+            report[f"{name}/{k}"] = v
+    print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in report.items()))
+    return report
 
 
 # -----------------------------------------------------------------------------
