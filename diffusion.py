@@ -16,10 +16,20 @@ Run (from the repository root):
     python diffusion.py sample --checkpoint ... --sampler ddim --steps 50 --eta 0 --gif ddim.gif
     python diffusion.py sample --checkpoint ... --sampler ddpm           # 1000 ancestral steps
     python diffusion.py bench                          # parameters, FLOPs, images/s, seconds for 16 sprites
+    python diffusion.py sample --checkpoint ... --sampler dpm++ --steps 15   # DPM-Solver++(2M), Lu et al. 2022
+    python diffusion.py --eval-every-minutes 5 ...     # time to quality: score the EMA model every 5 minutes
+    python diffusion.py plot RUN_A RUN_B --metric precision --out curve.png   # ... and draw the curves
+    python diffusion.py plot --schedules --out schedules.png                  # linear vs cosine noise schedule
+
+Levers beyond the paper, each a flag with its citation in Config: U-Net size (--channel-mult,
+--res-blocks), cosine schedule (Nichol & Dhariwal 2021), v-prediction (Salimans & Ho 2022),
+min-SNR weighting (Hang et al. 2023), LR warm-up and cosine decay, DPM-Solver++ (Lu et al. 2022).
+The defaults are the reference model (the README shows the flags that pin it).
 
 Metrics (the shared ones are documented in common.py and the README):
     train/loss  noise-prediction MSE, mean over pixels of (eps - eps_theta(x_t, t))^2 (Algorithm 1),
-                one random t per sprite
+                one random t per sprite (with --prediction v the MSE on v, with --loss-weight min-snr
+                weighted per sprite: values are not comparable across those flags)
     val/loss    the same on the validation sprites, with noise and t fixed (the Trainer reseeds), so
                 epochs compare; it measures denoising, not sample quality -- the sample/ metrics do that
 Pictures, every --sample-every epochs and at the end, from the EMA weights:
