@@ -80,7 +80,10 @@ class TrainConfig:
     # decay of the exponential moving average of the weights used for sampling
     # and validation (0 = no EMA)
     amp: bool = False
-    # bf16 autocast for forward passes (faster on CPUs with bf16 instructions and on GPUs)
+    # bf16 autocast for forward passes (faster on CPUs with bf16 instructions and on GPUs). On a CPU
+    # without them a quick probe measures bf16 against fp32 and, if slower, says so and trains in fp32
+    amp_force: bool = False
+    # with --amp: use bf16 autocast even where the probe measured it slower than fp32
     compile: bool = False
     # torch.compile the model (slow first epoch, faster afterwards)
     seed: int = 0
@@ -101,6 +104,9 @@ class TrainConfig:
     # sprites in each sample grid
     n_eval: int = 256
     # samples scored by the sprite-quality metrics at the end of training
+    eval_every_minutes: float = 0.0
+    # time-to-quality: score the EMA model on --n-eval samples every this many minutes of training
+    # wall time (scoring time is left off the clock), into time_to_quality.json and MLflow (0 = off)
     resume: str = ""
     # checkpoint to continue from; flags given with it override its config
     mlflow: bool = True
@@ -116,6 +122,8 @@ class TrainConfig:
             raise ValueError(f"--lr must be positive, got {self.lr}")
         if self.sample_every < 0 or self.grad_clip < 0 or self.weight_decay < 0:
             raise ValueError("--sample-every, --grad-clip and --weight-decay cannot be negative")
+        if self.eval_every_minutes < 0:
+            raise ValueError(f"--eval-every-minutes cannot be negative, got {self.eval_every_minutes}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
@@ -388,6 +396,54 @@ def save_gif(frames: Tensor, path: str | os.PathLike, nrow: int = 8, scale: int 
                   duration=[frame_ms] * (len(grids) - 1) + [hold_ms])
     atomic_write_bytes(path, buf.getvalue())
     return Path(path)
+
+
+CHART_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
+
+
+def line_chart(series: dict[str, list[tuple[float, float]]], title: str, xlabel: str, ylabel: str,
+               size: tuple[int, int] = (640, 400)) -> Image.Image:
+    """A plain line chart with PIL only (no plotting library in requirements):
+    one coloured line (with dots, up to 50 points) per named series of (x, y)
+    points, axes with 5 ticks over the data's range, the legend above the plot."""
+    from PIL import ImageDraw
+
+    w, h = size
+    left, right, top, bottom = 60, 20, 30 + 14 * len(series), 45  # the legend sits above the plot
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    xs = [x for pts in series.values() for x, _ in pts] or [0.0, 1.0]
+    ys = [y for pts in series.values() for _, y in pts] or [0.0, 1.0]
+    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    pad = 0.05 * (max(ys) - min(ys) or 1.0)
+    y0, y1 = min(ys) - pad, max(ys) + pad
+
+    def to_px(x, y):  # data -> pixel, y up
+        return (left + (x - x0) / (x1 - x0) * (w - left - right), h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom))
+
+    draw.rectangle([left, top, w - right, h - bottom], outline="black")
+    for i in range(5):
+        xv, yv = x0 + i / 4 * (x1 - x0), y0 + i / 4 * (y1 - y0)
+        px, _ = to_px(xv, y0)
+        _, py = to_px(x0, yv)
+        draw.line([px, h - bottom, px, h - bottom + 4], fill="black")
+        draw.text((px - 12, h - bottom + 6), f"{xv:.3g}", fill="black")
+        draw.line([left - 4, py, left, py], fill="black")
+        draw.text((4, py - 6), f"{yv:.3g}", fill="black")
+    draw.text((left, 8), title, fill="black")
+    draw.text(((w - len(xlabel) * 6) // 2, h - 18), xlabel, fill="black")
+    draw.text((left + 4, top + 4), ylabel, fill=(90, 90, 90))
+    dots = max(len(pts) for pts in series.values()) <= 50 if series else False
+    for k, (name, pts) in enumerate(series.items()):
+        colour = CHART_COLOURS[k % len(CHART_COLOURS)]
+        px = [to_px(x, y) for x, y in sorted(pts)]
+        if len(px) > 1:
+            draw.line(px, fill=colour, width=2)
+        for cx, cy in px if dots else []:
+            draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=colour)
+        draw.line([left, 30 + 14 * k, left + 20, 30 + 14 * k], fill=colour, width=3)
+        draw.text((left + 26, 24 + 14 * k), name, fill="black")
+    return img
 
 
 # -----------------------------------------------------------------------------
@@ -796,6 +852,9 @@ class Trainer:
         self.epoch_sums: dict[str, float] = {}
         self.history: list[dict] = []  # one dict of metrics per epoch
         self.train_seconds = 0.0       # wall time spent in fit(), summed over resumes
+        self.total_steps = self.epochs * math.ceil(train_data.shape[0] / config.batch_size)
+        self.quality_curve: list[dict] = []  # time-to-quality points (--eval-every-minutes)
+        self._eval_pause = 0.0  # seconds of this fit() spent scoring those points: off the training clock
         self.stop_requested = False
         self._fit_start = None
 
@@ -821,7 +880,7 @@ class Trainer:
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "config": dataclasses.asdict(self.config), "strategy": self.strategy.name,
             "palette": self.palette.cpu(), "history": self.history, "mlflow_run_id": self.tracker.run_id,
-            "train_seconds": self.train_seconds + (time.time() - self._fit_start if self._fit_start else 0.0),
+            "train_seconds": self.train_seconds + self._fit_seconds(), "quality_curve": self.quality_curve,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -833,6 +892,7 @@ class Trainer:
         self.epoch_gen_state, self.epoch_sums = state["epoch_gen_state"], state["epoch_sums"]
         self.history = state["history"]
         self.train_seconds = state.get("train_seconds", 0.0)
+        self.quality_curve = state.get("quality_curve", [])
         self.data_gen.set_state(state["data_gen_state"])
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] and torch.cuda.is_available():
@@ -852,14 +912,14 @@ class Trainer:
         n_batches = math.ceil(n / cfg.batch_size)
         previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
         t_start, epochs_timed = time.time(), 0
-        self._fit_start = t_start
+        self._fit_start, self._eval_pause = t_start, 0.0
         if cfg.sample_every and self.epoch == 0 and self.resume_batch == 0:
             # The untrained model's grid at step 0: MLflow's image slider starts there, and it shows
             # where training begins. (Forked RNGs: training's random stream is untouched.)
             self.write_pictures(0)
         try:
             for epoch in range(self.epoch + 1, self.epochs + 1):
-                t0 = time.time()
+                t0, pause_at_start = time.time(), self._eval_pause
                 self.tracker.epoch = epoch
                 if self.resume_batch == 0:  # a fresh epoch: remember where its shuffle began
                     self.epoch_gen_state, self.epoch_sums = self.data_gen.get_state(), {}
@@ -879,6 +939,7 @@ class Trainer:
                     if i < self.resume_batch:
                         continue  # already trained on before the interruption
                     scalars = self.train_step(batch, epoch, i)
+                    self.maybe_score_curve(epoch - 1 + (i + 1) / n_batches)
                     for k, v in scalars.items():
                         self.epoch_sums[k] = self.epoch_sums.get(k, 0.0) + v * batch.shape[0]
                         step_log.append((f"train_step/{k}", v, self.step))  # x-axis: optimizer step
@@ -891,7 +952,7 @@ class Trainer:
                         return self.history
                 self.resume_batch = 0
                 self.epoch = epoch
-                train_time = time.time() - t0
+                train_time = time.time() - t0 - (self._eval_pause - pause_at_start)
                 metrics = {f"train/{k}": v / n for k, v in self.epoch_sums.items()}
                 # Throughput measures the machine (other processes slow it), not the model: system/.
                 metrics["system/images_per_sec"] = n / max(train_time, 1e-9)
@@ -920,7 +981,7 @@ class Trainer:
                     return self.history
         finally:
             signal.signal(signal.SIGINT, previous_handler)
-            self.train_seconds += time.time() - t_start
+            self.train_seconds += self._fit_seconds()
             self._fit_start = None
         return self.history
 
@@ -936,11 +997,40 @@ class Trainer:
         loss.backward()
         if self.config.grad_clip > 0:
             scalars["grad_norm"] = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip))
+        lr_factor = getattr(self.strategy, "lr_factor", None)  # optional: warm-up / decay by step
+        if lr_factor:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.config.lr * lr_factor(self.step, self.total_steps)
         self.optimizer.step()
         if self.ema is not None:
             self.ema.update_parameters(self.model)
         self.step += 1
         return scalars
+
+    def _fit_seconds(self) -> float:
+        """Training wall time of the current fit() so far, scoring for the curve left out."""
+        return time.time() - self._fit_start - self._eval_pause if self._fit_start else 0.0
+
+    def maybe_score_curve(self, epoch: float) -> None:
+        """Time-to-quality (--eval-every-minutes M): once the training clock passes
+        the next multiple of M minutes, score the EMA model (score_samples) and
+        add a point {minutes, epoch, step, sample/...} to time_to_quality.json.
+        Its own time is kept off the clock; its RNG is forked, so training's
+        stream and losses are the same with or without it."""
+        every = self.config.eval_every_minutes
+        minutes = (self.train_seconds + self._fit_seconds()) / 60
+        last = max((p["minutes"] for p in self.quality_curve if not p.get("final")), default=0.0)
+        if not every or math.floor(minutes / every) <= math.floor(last / every):
+            return  # the next multiple of `every` minutes is not reached yet
+        t0 = time.time()
+        self.add_curve_point(self.score_samples(self.epoch), minutes, epoch)
+        self._eval_pause += time.time() - t0
+
+    def add_curve_point(self, quality: dict, minutes: float, epoch: float, final: bool = False) -> None:
+        self.quality_curve.append({"minutes": minutes, "epoch": epoch, "step": self.step, **quality,
+                                   **({"final": True} if final else {})})
+        self.tracker.log_metrics({**quality, "sample/minutes": minutes}, step=math.ceil(epoch))
+        atomic_write_bytes(self.run_dir / "time_to_quality.json", json.dumps(self.quality_curve, indent=1).encode())
 
     def _on_sigint(self, signum, frame):
         if self.stop_requested:  # a second Ctrl-C: stop now
@@ -1193,6 +1283,8 @@ def train(strategy_cls, config: TrainConfig) -> Path:
         torch.use_deterministic_algorithms(True, warn_only=True)
     data = load_sprites(config.data, device, config.palette_size, config.seed)
     palette = resume_state["palette"].to(device) if resume_state else data.palette
+    if config.amp and not amp_worth_it(device, config.amp_force):
+        config = dataclasses.replace(config, amp=False)
 
     started = time.localtime()
     if resume_state:
@@ -1321,6 +1413,8 @@ def finish(trainer: Trainer, data: Sprites) -> dict[str, Path]:
     paths = trainer.write_pictures(trainer.epoch, final=True)
     trainer.write_animation()
     quality = trainer.score_samples(trainer.epoch)
+    if cfg.eval_every_minutes:  # the curve ends with the end-of-run score
+        trainer.add_curve_point(quality, trainer.train_seconds / 60, trainer.epoch, final=True)
     hook = getattr(trainer.strategy, "on_train_end", None)
     if hook:  # e.g. vqvae.py scores its second sampler too
         trainer.eval_model.eval()
@@ -1341,14 +1435,23 @@ def finish(trainer: Trainer, data: Sprites) -> dict[str, Path]:
     return paths
 
 
+def saved_config(config_cls, saved: dict) -> dict:
+    """A checkpoint's config as keyword arguments for config_cls: fields it
+    does not know are dropped, and fields added after the checkpoint was
+    written take config_cls.LEGACY's values (those that rebuild the model it
+    was trained as), not today's defaults."""
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    legacy = {k: v for k, v in getattr(config_cls, "LEGACY", {}).items() if k not in saved}
+    return {**legacy, **{k: v for k, v in saved.items() if k in known}}
+
+
 def load_for_sampling(strategy_cls, config_cls, checkpoint: str, overrides: dict, device: torch.device):
     """Rebuild a trained model from a checkpoint: (strategy, eval model, palette)."""
     state = load_checkpoint(checkpoint)
     if state.get("strategy") != strategy_cls.name:
         raise UserError(f"{checkpoint} is a {state.get('strategy')} checkpoint, not {strategy_cls.name}")
-    known = {f.name for f in dataclasses.fields(config_cls)}
     try:
-        config = config_cls(**{**{k: v for k, v in state["config"].items() if k in known}, **overrides})
+        config = config_cls(**{**saved_config(config_cls, state["config"]), **overrides})
     except ValueError as e:  # e.g. a sampling flag out of range
         raise UserError(str(e)) from None
     palette = state["palette"].to(device)
@@ -1465,6 +1568,51 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, repeats: int,
         if 8 * seconds > budget_s:  # the next size costs 8x as much
             break
     return best, best_n, best_share
+
+
+def native_bf16(device: torch.device) -> tuple[bool, str]:
+    """Does this device have bf16 arithmetic in hardware? CPU: the avx512_bf16
+    or amx_bf16 flags in /proc/cpuinfo (elsewhere: unknown, so no); CUDA:
+    torch's own check. Returns (yes/no, what was found, in words)."""
+    if device.type == "cuda":
+        ok = torch.cuda.is_bf16_supported()
+        return ok, f"{torch.cuda.get_device_name(device)}: bf16 {'supported' if ok else 'not supported'}"
+    if device.type != "cpu":
+        return True, f"{device.type}: bf16 not checked"
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    found = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+    return bool(found), (f"CPU flags {', '.join(found)}" if found else "no avx512_bf16 or amx_bf16 CPU flag")
+
+
+def bf16_probe(device: torch.device) -> float:
+    """How fast a bf16 matmul runs here as a multiple of fp32 (best of 3
+    products of 512x512; ~0.1 s on a CPU without bf16 instructions)."""
+    a = torch.randn(512, 512, device=device)
+    times = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x = a.to(dtype)
+        times[dtype], _ = _best_time(lambda: x @ x, 3, device)
+    return times[torch.float32] / times[torch.bfloat16]
+
+
+def amp_worth_it(device: torch.device, force: bool) -> bool:
+    """--amp's decision: bf16 autocast where the hardware has bf16, or where the
+    probe finds it no slower; otherwise one line saying why, and fp32 --
+    unless --amp-force. On a CPU without bf16 instructions PyTorch emulates
+    bf16 and, measured on this project's 2-core AVX2 machine, trains ~13x slower."""
+    native, found = native_bf16(device)
+    if native or device.type != "cpu":
+        return True
+    ratio = bf16_probe(device)
+    if ratio >= 1.0 or force:
+        return True
+    print(f"--amp: this CPU has {found}; a bf16 matmul runs {ratio:.2f}x as fast as fp32 here, so training "
+          f"runs in fp32 (--amp-force to use bf16 anyway)")
+    return False
 
 
 def time_by_op(fn: Callable, top: int = 5) -> str:
@@ -1598,6 +1746,9 @@ def bench_command(strategy_cls, config_cls, argv: list[str]) -> dict:
     if hasattr(os, "getloadavg"):
         print(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs (other work on the machine "
               f"slows every figure below)")
+    native, found = native_bf16(device)
+    print(f"bf16 in hardware: {'yes' if native else 'no'} ({found})"
+          + ("" if native else "; --amp measures bf16 first and trains in fp32 if it is slower"))
     precisions = ["fp32"] + (["bf16"] if args.bf16 else [])
     peak = {}
     for p in precisions:
@@ -1666,7 +1817,7 @@ def bench_command(strategy_cls, config_cls, argv: list[str]) -> dict:
                       lambda: draw_samples(base.strategy, base.eval_model, args.n, 0, device))):
         base.eval_model.eval()
         print(f"fp32 {what}, where the time goes (torch.profiler, self time): {time_by_op(fn)}")
-    figures = {"params": base.n_params(), "n": args.n, "batch_size": batch_size}
+    figures = {"params": base.n_params(), "n": args.n, "batch_size": batch_size, "bf16_native": native}
     for p, (train_s, sample_s, _, _) in rows.items():
         figures[p] = dict(peak_gflops=peak[p][0], train_sprites_per_s=batch_size / train_s,
                           train_of_peak=train_flops / train_s / 1e9 / peak["fp32"][0], sample_s=sample_s,
@@ -1693,9 +1844,7 @@ def parse_train_args(config_cls, argv: list[str], strategy_name: str = "") -> Tr
         state = load_checkpoint(values["resume"])
         if strategy_name:  # another model's config would fail in confusing ways below
             check_model_type(state, strategy_name, values["resume"])
-        saved = state["config"]
-        known = {f.name for f in dataclasses.fields(config_cls)}
-        values = {**{k: v for k, v in saved.items() if k in known}, **given, "resume": values["resume"]}
+        values = {**saved_config(config_cls, state["config"]), **given, "resume": values["resume"]}
     return make_config(config_cls, parser, values)
 
 

@@ -16,10 +16,20 @@ Run (from the repository root):
     python diffusion.py sample --checkpoint ... --sampler ddim --steps 50 --eta 0 --gif ddim.gif
     python diffusion.py sample --checkpoint ... --sampler ddpm           # 1000 ancestral steps
     python diffusion.py bench                          # parameters, FLOPs, images/s, seconds for 16 sprites
+    python diffusion.py sample --checkpoint ... --sampler dpm++ --steps 15   # DPM-Solver++(2M), Lu et al. 2022
+    python diffusion.py --eval-every-minutes 5 ...     # time to quality: score the EMA model every 5 minutes
+    python diffusion.py plot RUN_A RUN_B --metric precision --out curve.png   # ... and draw the curves
+    python diffusion.py plot --schedules --out schedules.png                  # linear vs cosine noise schedule
+
+Levers beyond the paper, each a flag with its citation in Config: U-Net size (--channel-mult,
+--res-blocks), cosine schedule (Nichol & Dhariwal 2021), v-prediction (Salimans & Ho 2022),
+min-SNR weighting (Hang et al. 2023), LR warm-up and cosine decay, DPM-Solver++ (Lu et al. 2022).
+The defaults are the reference model (the README shows the flags that pin it).
 
 Metrics (the shared ones are documented in common.py and the README):
     train/loss  noise-prediction MSE, mean over pixels of (eps - eps_theta(x_t, t))^2 (Algorithm 1),
-                one random t per sprite
+                one random t per sprite (with --prediction v the MSE on v, with --loss-weight min-snr
+                weighted per sprite: values are not comparable across those flags)
     val/loss    the same on the validation sprites, with noise and t fixed (the Trainer reseeds), so
                 epochs compare; it measures denoising, not sample quality -- the sample/ metrics do that
 Pictures, every --sample-every epochs and at the end, from the EMA weights:
@@ -34,6 +44,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 from dataclasses import dataclass
 
 if __name__ == "__main__":  # Ctrl-C while torch loads: exit at once (130), nothing to save yet, no traceback
@@ -72,22 +83,62 @@ class Config(common.TrainConfig):
     # sample grid, denoising strip and sprite-quality metrics every this many epochs
     # (each costs ~2 minutes on 2 CPU cores, mostly the 256 DDIM samples for the metrics)
     base_channels: int = 64
-    # U-Net width at 16x16; doubled at 8x8 and at 4x4 (64, 128, 256)
+    # U-Net width at 16x16; the widths at 16x16, 8x8 and 4x4 are this times --channel-mult
+    channel_mult: str = "1,2,4"
+    # width multipliers of the three levels 16x16, 8x8, 4x4 (Ho et al. use 1,2,2,2 on CIFAR-10).
+    # With 1,2,4 the 4x4 level holds 4.7M of the 7.0M parameters: a 3x3 conv costs width^2
+    res_blocks: int = 2
+    # residual blocks per level on each side of the U-Net (Ho et al.: 2); the 4x4 middle has twice this
     dropout: float = 0.1
     # dropout inside each residual block (Ho et al. use 0.1 on CIFAR-10; 792 sprites overfit easily)
     timesteps: int = 1000
     # T, the number of noise levels of the forward process
+    schedule: str = "linear"
+    # noise schedule: linear (Ho et al. 2020, beta 1e-4 to 0.02) or cosine (Nichol and Dhariwal 2021,
+    # Eq. 17: alpha_bar falls slowly at both ends, so fewer of the T levels are almost pure noise)
+    prediction: str = "eps"
+    # what the U-Net predicts: eps, the noise (Ho et al. 2020), or v = sqrt(alpha_bar) eps -
+    # sqrt(1 - alpha_bar) x_0 (Salimans and Ho 2022, Sec. 4), well scaled at every noise level
+    loss_weight: str = "none"
+    # none (Ho et al.'s L_simple) or min-snr: weight each t by min(SNR_t, gamma) / SNR_t for eps,
+    # min(SNR_t, gamma) / (SNR_t + 1) for v (Hang et al. 2023, "Efficient Diffusion Training via
+    # Min-SNR Weighting"), so the easy low-noise levels stop dominating the gradient
+    snr_gamma: float = 5.0
+    # gamma of --loss-weight min-snr (Hang et al.'s choice: 5)
+    warmup_steps: int = 0
+    # linear learning-rate warm-up over this many optimizer steps (Goyal et al. 2017; 0 = none)
+    lr_decay: str = "none"
+    # none (constant --lr) or cosine: lr falls as 0.5 (1 + cos(pi progress)) to 0 at the last step
+    # (Loshchilov and Hutter 2017, SGDR, without restarts)
     sampler: str = "ddim"
-    # ddim (Song et al. 2021, --steps steps) or ddpm (Ho et al. 2020, Algorithm 2: all T steps)
+    # ddim (Song et al. 2021, --steps steps), ddpm (Ho et al. 2020, Algorithm 2: all T steps) or dpm++
+    # (DPM-Solver++(2M), Lu et al. 2022, Algorithm 2: second order, --steps steps, 10 to 25 suffice)
     steps: int = 50
-    # DDIM steps: the sub-sequence of the T noise levels visited (ignored by ddpm)
+    # model calls of ddim and dpm++: the sub-sequence of the T noise levels visited (ignored by ddpm)
     eta: float = 0.0
     # DDIM noise scale: 0 = deterministic (same seed, same sprites), 1 = DDPM-like noise
 
+    # Checkpoints written before a field existed were trained with these values (common.saved_config).
+    LEGACY = dict(channel_mult="1,2,4", res_blocks=2, schedule="linear", prediction="eps", loss_weight="none",
+                  warmup_steps=0, lr_decay="none")
+
     def __post_init__(self):
         super().__post_init__()
-        if self.sampler not in ("ddim", "ddpm"):
-            raise ValueError(f"--sampler must be ddim or ddpm, got {self.sampler!r}")
+        if self.sampler not in ("ddim", "ddpm", "dpm++"):
+            raise ValueError(f"--sampler must be ddim, ddpm or dpm++, got {self.sampler!r}")
+        for name, allowed in (("schedule", ("linear", "cosine")), ("prediction", ("eps", "v")),
+                              ("loss_weight", ("none", "min-snr")), ("lr_decay", ("none", "cosine"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name.replace('_', '-')} must be {' or '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.snr_gamma <= 0:
+            raise ValueError(f"--snr-gamma must be positive, got {self.snr_gamma}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"--warmup-steps cannot be negative, got {self.warmup_steps}")
+        if self.res_blocks < 1:
+            raise ValueError(f"--res-blocks must be at least 1, got {self.res_blocks}")
+        mult = self.channel_mult.split(",")
+        if len(mult) != 3 or not all(m.strip().isdigit() and int(m) >= 1 for m in mult):
+            raise ValueError(f"--channel-mult must be three positive integers like 1,2,4, got {self.channel_mult!r}")
         if self.timesteps < 2:
             raise ValueError(f"--timesteps must be at least 2, got {self.timesteps}")
         if not 2 <= self.steps <= self.timesteps:
@@ -107,15 +158,37 @@ class Config(common.TrainConfig):
 BETA_1, BETA_T = 1e-4, 0.02  # the paper's linear schedule for T = 1000
 
 
+COSINE_S = 0.008  # Nichol & Dhariwal's offset: beta_1 is not vanishingly small
+
+
+def cosine_schedule(T: int, device: torch.device) -> dict[str, Tensor]:
+    """Nichol & Dhariwal 2021, Eq. 17: alpha_bar_t = f(t) / f(0) with
+    f(t) = cos^2((t/T + s) / (1 + s) * pi/2), s = 0.008; beta_t = 1 - alpha_bar_t / alpha_bar_{t-1}
+    clipped to <= 0.999 (their Sec. 3.2: near t = T the ratio goes to 0). alpha_bar
+    falls almost linearly through the middle, where the linear schedule has
+    already destroyed the sprite by t ~ 600."""
+    t = torch.arange(T + 1, dtype=torch.float64)  # 0..T; index i + 1 is the paper's t = i + 1
+    f = torch.cos((t / T + COSINE_S) / (1 + COSINE_S) * math.pi / 2) ** 2  # (T + 1,)
+    beta = (1 - f[1:] / f[:-1]).clamp(max=0.999)  # (T,)
+    return schedule_from_beta(beta, device)
+
+
 def linear_schedule(T: int, device: torch.device) -> dict[str, Tensor]:
-    """beta_t rising linearly from 1e-4 to 0.02, and everything the loss and
-    the samplers derive from it, computed once (in float64, then stored as
-    float32 on the device). Index t = 0..T-1 is the paper's t = 1..T."""
-    beta = torch.linspace(BETA_1, BETA_T, T, dtype=torch.float64)  # (T,)
+    """Ho et al. 2020, Sec. 4: beta_t rising linearly from 1e-4 to 0.02."""
+    return schedule_from_beta(torch.linspace(BETA_1, BETA_T, T, dtype=torch.float64), device)
+
+
+def schedule_from_beta(beta: Tensor, device: torch.device) -> dict[str, Tensor]:
+    """beta_t (T,) and everything the loss and the samplers derive from it,
+    computed once in float64, stored as float32 on the device. Index
+    t = 0..T-1 is the paper's t = 1..T. Also the log signal-to-noise ratio
+    lambda_t = log(sqrt(alpha_bar_t) / sqrt(1 - alpha_bar_t)) that DPM-Solver++ steps in,
+    and SNR_t = alpha_bar_t / (1 - alpha_bar_t) for min-SNR weighting."""
     alpha = 1.0 - beta
     alpha_bar = torch.cumprod(alpha, 0)  # alpha_bar_t = prod_{s <= t} alpha_s
     table = dict(beta=beta, alpha=alpha, alpha_bar=alpha_bar,
-                 sqrt_alpha_bar=alpha_bar.sqrt(), sqrt_one_minus_alpha_bar=(1 - alpha_bar).sqrt())
+                 sqrt_alpha_bar=alpha_bar.sqrt(), sqrt_one_minus_alpha_bar=(1 - alpha_bar).sqrt(),
+                 snr=alpha_bar / (1 - alpha_bar), log_snr=0.5 * (alpha_bar.log() - (1 - alpha_bar).log()))
     return {k: v.float().to(device) for k, v in table.items()}
 
 
@@ -182,7 +255,8 @@ class ResBlock(nn.Module):
 
 class UNet(nn.Module):
     """eps_theta: a noisy sprite x_t (B, 3, 16, 16) in about [-1, 1] and its
-    timestep t (B,) -> the predicted noise (B, 3, 16, 16).
+    timestep t (B,) -> the predicted noise (B, 3, 16, 16) (or v, --prediction v).
+    Drawn for the reference widths (--channel-mult 1,2,4, --res-blocks 2):
 
         16x16   64 ch  2 blocks ------------------ skip ------------- 2 blocks  64 ch -> 3 ch
           | stride-2 conv                                               ^ nearest x2
@@ -197,20 +271,21 @@ class UNet(nn.Module):
     entire image. Attention would add parameters and time, not reach.
     """
 
-    def __init__(self, base: int = 64, dropout: float = 0.1):
+    def __init__(self, base: int = 64, dropout: float = 0.1, mult: tuple[int, int, int] = (1, 2, 4), blocks: int = 2):
         super().__init__()
-        c1, c2, c3 = base, 2 * base, 4 * base  # widths at 16x16, 8x8, 4x4
+        c1, c2, c3 = (base * m for m in mult)  # widths at 16x16, 8x8, 4x4 (64, 128, 256 by default)
         self.t_dim = 4 * base
         self.time_mlp = nn.Sequential(nn.Linear(base, self.t_dim), nn.SiLU(), nn.Linear(self.t_dim, self.t_dim))
         self.conv_in = nn.Conv2d(3, c1, 3, padding=1)
         block = lambda a, b: ResBlock(a, b, self.t_dim, dropout)
-        self.down1 = nn.ModuleList([block(c1, c1), block(c1, c1)])
+        stack = lambda a, b, k: nn.ModuleList([block(a, b)] + [block(b, b) for _ in range(k - 1)])  # k blocks, a -> b
+        self.down1 = stack(c1, c1, blocks)
         self.downsample1 = nn.Conv2d(c1, c1, 3, stride=2, padding=1)
-        self.down2 = nn.ModuleList([block(c1, c2), block(c2, c2)])
+        self.down2 = stack(c1, c2, blocks)
         self.downsample2 = nn.Conv2d(c2, c2, 3, stride=2, padding=1)
-        self.bottom = nn.ModuleList([block(c2, c3), block(c3, c3), block(c3, c3), block(c3, c3)])
-        self.up2 = nn.ModuleList([block(c3 + c2, c2), block(c2, c2)])
-        self.up1 = nn.ModuleList([block(c2 + c1, c1), block(c1, c1)])
+        self.bottom = stack(c2, c3, 2 * blocks)
+        self.up2 = stack(c3 + c2, c2, blocks)
+        self.up1 = stack(c2 + c1, c1, blocks)
         self.norm_out = group_norm(c1)
         self.conv_out = nn.Conv2d(c1, 3, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)  # predicts eps = 0 at first: the loss starts at 1
@@ -221,6 +296,7 @@ class UNet(nn.Module):
             f"expected x (B, 3, 16, 16) and t (B,), got {tuple(x.shape)} and {tuple(t.shape)}"
         # The blocks only ever use SiLU(temb), so it is applied once here.
         temb = F.silu(self.time_mlp(timestep_embedding(t, self.t_dim // 4)))  # (B, t_dim)
+        # Shapes below for the reference widths 64, 128, 256.
         h = self.conv_in(x)  # (B, 64, 16, 16)
         for blk in self.down1:
             h = blk(h, temb)
@@ -258,10 +334,12 @@ class DiffusionStrategy:
         self.config, self.palette = config, palette
         self.T = config.timesteps
         # beta_t, alpha_t, alpha_bar_t and their square roots, once, on the training device.
-        self.schedule = linear_schedule(self.T, palette.device)
+        make = cosine_schedule if config.schedule == "cosine" else linear_schedule
+        self.schedule = make(self.T, palette.device)
 
     def build_model(self, config: Config) -> nn.Module:
-        model = UNet(config.base_channels, config.dropout)
+        mult = tuple(int(m) for m in config.channel_mult.split(","))
+        model = UNet(config.base_channels, config.dropout, mult, config.res_blocks)
         parts = {"encoder (16x16, 8x8)": [model.conv_in, model.down1, model.downsample1, model.down2, model.downsample2],
                  "bottom (4x4)": [model.bottom], "decoder (8x8, 16x16)": [model.up2, model.up1, model.norm_out, model.conv_out],
                  "time embedding MLP": [model.time_mlp]}
@@ -283,12 +361,62 @@ class DiffusionStrategy:
     def loss(self, model: nn.Module, batch: Tensor) -> Tensor:
         """Algorithm 1: t ~ Uniform({1..T}), eps ~ N(0, I),
         minimise || eps - eps_theta(sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, t) ||^2
-        (the paper's simplified objective L_simple, Eq. 14)."""
+        (the paper's simplified objective L_simple, Eq. 14).
+        --prediction v: the target is v instead (Salimans & Ho 2022, see v_target);
+        --loss-weight min-snr: each sprite's squared error is weighted by w_t (min_snr_weight)."""
         x0 = common.to_model_range(batch)  # (B, 3, 16, 16) in [-1, 1]
         t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device)  # (B,)
         eps = torch.randn_like(x0)
-        eps_theta = model(self.q_sample(x0, t, eps), t)
-        return F.mse_loss(eps_theta.float(), eps)
+        out = model(self.q_sample(x0, t, eps), t).float()
+        target = eps if self.config.prediction == "eps" else self.v_target(x0, t, eps)
+        err = ((out - target) ** 2).mean(dim=(1, 2, 3))  # (B,) squared error per sprite
+        if self.config.loss_weight == "min-snr":
+            err = self.min_snr_weight(t) * err
+        return err.mean()
+
+    def _coef(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t) for each t (B,), as (B, 1, 1, 1)."""
+        s = self.schedule
+        return s["sqrt_alpha_bar"][t][:, None, None, None], s["sqrt_one_minus_alpha_bar"][t][:, None, None, None]
+
+    def v_target(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        """Salimans & Ho 2022, Sec. 4 and App. D: v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0.
+        (Their alpha_t, sigma_t are our sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t).) v has unit
+        variance at every t, unlike eps at t ~ 0 (it barely changes x_t) or x_0 at t ~ T."""
+        a, b = self._coef(t)
+        return a * eps - b * x0
+
+    def x0_eps_from_v(self, x_t: Tensor, t: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Invert v_target, using a^2 + b^2 = 1 (a = sqrt(alpha_bar_t), b = sqrt(1 - alpha_bar_t)):
+        x_0 = a x_t - b v,  eps = b x_t + a v."""
+        a, b = self._coef(t)
+        return a * x_t - b * v, b * x_t + a * v
+
+    def min_snr_weight(self, t: Tensor) -> Tensor:
+        """Hang et al. 2023, Eq. 7-8: SNR_t = alpha_bar_t / (1 - alpha_bar_t); the
+        weight that turns each prediction's MSE into min(SNR_t, gamma) x (the MSE on x_0):
+        eps-prediction  w_t = min(SNR_t, gamma) / SNR_t,
+        v-prediction    w_t = min(SNR_t, gamma) / (SNR_t + 1).   (B,)"""
+        snr = self.schedule["snr"][t]
+        clipped = snr.clamp(max=self.config.snr_gamma)
+        return clipped / snr if self.config.prediction == "eps" else clipped / (snr + 1)
+
+    def eps_theta(self, model: nn.Module, x_t: Tensor, t: Tensor) -> Tensor:
+        """The samplers speak eps: the U-Net's output, converted from v when --prediction v."""
+        out = model(x_t, t).float()
+        return out if self.config.prediction == "eps" else self.x0_eps_from_v(x_t, t, out)[1]
+
+    def lr_factor(self, step: int, total_steps: int) -> float:
+        """The Trainer multiplies --lr by this before optimizer step `step` (0-based):
+        linear warm-up min(1, (step + 1) / warmup_steps) (Goyal et al. 2017), then with
+        --lr-decay cosine 0.5 (1 + cos(pi p)), p = the fraction of post-warm-up steps done
+        (Loshchilov & Hutter 2017)."""
+        cfg = self.config
+        factor = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+        if cfg.lr_decay == "cosine" and step >= cfg.warmup_steps:
+            p = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+            factor *= 0.5 * (1 + math.cos(math.pi * min(p, 1.0)))
+        return factor
 
     def train_step(self, model: nn.Module, batch: Tensor) -> dict[str, Tensor]:
         return {"loss": self.loss(model, batch)}
@@ -304,6 +432,8 @@ class DiffusionStrategy:
         cfg = self.config
         if cfg.sampler == "ddpm":
             x0 = self.sample_ddpm(model, n, generator)
+        elif cfg.sampler == "dpm++":
+            x0 = self.sample_dpm_pp(model, n, generator, cfg.steps)
         else:
             x0 = self.sample_ddim(model, n, generator, cfg.steps, cfg.eta)
         return common.from_model_range(x0)  # (n, 3, 16, 16) in [0, 1]
@@ -320,7 +450,7 @@ class DiffusionStrategy:
         ts = torch.arange(self.T, device=device)
         x = torch.randn(n, 3, 16, 16, generator=generator, device=device)  # x_T
         for t in range(self.T - 1, -1, -1):  # Python ints: no host sync inside the loop
-            eps_theta = model(x, ts[t].expand(n)).float()  # one batched U-Net call per step
+            eps_theta = self.eps_theta(model, x, ts[t].expand(n))  # one batched U-Net call per step
             x = inv_sqrt_alpha[t] * (x - coef_eps[t] * eps_theta)
             if t > 0:
                 x = x + sigma[t] * torch.randn(x.shape, generator=generator, device=device)
@@ -353,7 +483,7 @@ class DiffusionStrategy:
         if frames is not None:
             frames.append(common.from_model_range(x))
         for i in range(steps):  # Python ints index device tensors: no host sync inside the loop
-            eps_theta = model(x, tau[i].expand(n)).float()  # one batched U-Net call per step
+            eps_theta = self.eps_theta(model, x, tau[i].expand(n))  # one batched U-Net call per step
             x0_pred = (x - sqrt_1m_ab[i] * eps_theta) / sqrt_ab[i]
             # Departure from the paper: x0_pred is clipped to the data range [-1, 1] (as in Ho et al.'s
             # code), and eps recomputed from the clipped x0_pred so both terms describe the same x_t.
@@ -365,6 +495,44 @@ class DiffusionStrategy:
             if frames is not None:
                 frames.append(common.from_model_range(x))
         return x  # x_0, in [-1, 1]
+
+    @torch.inference_mode()
+    def sample_dpm_pp(self, model: nn.Module, n: int, generator: torch.Generator, steps: int) -> Tensor:
+        """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2): the
+        probability-flow ODE solved in lambda_t = log(alpha_t / sigma_t) (alpha_t = sqrt(alpha_bar_t),
+        sigma_t = sqrt(1 - alpha_bar_t)), with the data prediction x0_theta = (x_t - sigma_t eps_theta) / alpha_t,
+        second order by reusing the previous step's x0_theta (multistep: one model call per step).
+        From level t_{i-1} to t_i, with h_i = lambda_{t_i} - lambda_{t_{i-1}}:
+
+          first step      x_{t_1} = sigma_{t_1} / sigma_{t_0} x_{t_0} - alpha_{t_1} (e^{-h_1} - 1) x0_0
+          later steps     r_i = h_{i-1} / h_i,  D_i = (1 + 1 / (2 r_i)) x0_{i-1} - 1 / (2 r_i) x0_{i-2}
+                          x_{t_i} = sigma_{t_i} / sigma_{t_{i-1}} x_{t_{i-1}} - alpha_{t_i} (e^{-h_i} - 1) D_i
+
+        Same levels as DDIM (ddim_timesteps: T-1 ... 0, `steps` model calls); after t = 0 the
+        clean data has sigma = 0, lambda = infinity, and the update reduces to x = x0_theta
+        (first order at the last step, as DDIM ends). DDIM is exactly the first-order
+        update (D_i = x0_{i-1}); the second-order term cancels most of its error per step."""
+        s, device = self.schedule, self.palette.device
+        tau = ddim_timesteps(self.T, steps).to(device)  # (steps,) T-1 ... 0
+        alpha, sigma, lam = s["sqrt_alpha_bar"][tau], s["sqrt_one_minus_alpha_bar"][tau], s["log_snr"][tau]  # (steps,)
+        x = torch.randn(n, 3, 16, 16, generator=generator, device=device)  # x_T
+        x0_prev, h_prev = None, None
+        for i in range(steps):
+            eps_theta = self.eps_theta(model, x, tau[i].expand(n))  # one batched U-Net call per step
+            # Departure from the paper's plain form: x0_theta clipped to the data range [-1, 1],
+            # as in sample_ddim (Lu et al.'s "thresholding" for data prediction, Sec. 5, in its simplest form).
+            x0 = ((x - sigma[i] * eps_theta) / alpha[i]).clamp(-1.0, 1.0)
+            if i == steps - 1:
+                return x0  # t = 0 -> clean data: sigma = 0, so x = x0_theta
+            h = lam[i + 1] - lam[i]
+            if x0_prev is None:
+                d = x0  # first step: first order (= DDIM)
+            else:
+                r = h_prev / h
+                d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev
+            x = sigma[i + 1] / sigma[i] * x - alpha[i + 1] * torch.expm1(-h) * d
+            x0_prev, h_prev = x0, h
+        return x  # not reached: steps >= 2
 
     # -- pictures ---------------------------------------------------------------
 
@@ -394,7 +562,7 @@ class DiffusionStrategy:
         t_rep = t.repeat(k)  # (4 * 8,)
         eps = torch.randn(x0_rep.shape, generator=generator, device=x0.device)
         x_t = self.q_sample(x0_rep, t_rep, eps)
-        eps_theta = model(x_t, t_rep).float()
+        eps_theta = self.eps_theta(model, x_t, t_rep)
         x0_pred = (x_t - s["sqrt_one_minus_alpha_bar"][t_rep][:, None, None, None] * eps_theta) \
             / s["sqrt_alpha_bar"][t_rep][:, None, None, None]
         rows = torch.stack([x_t.view(k, len(levels), 3, 16, 16), x0_pred.view(k, len(levels), 3, 16, 16)], 1)
@@ -407,7 +575,50 @@ class DiffusionStrategy:
 # -----------------------------------------------------------------------------
 
 
-def main(argv=None):
+def plot_command(argv: list[str]) -> None:
+    """`python diffusion.py plot`: line charts (PNG, PIL only) of time-to-quality
+    curves (the time_to_quality.json of runs trained with --eval-every-minutes)
+    or, with --schedules, of the signal share sqrt(alpha_bar_t) of both noise schedules."""
+    import json
+    from pathlib import Path
+
+    parser = common.download.OneLineParser(prog="diffusion.py plot", description=plot_command.__doc__)
+    parser.add_argument("runs", nargs="*", help="run folders or time_to_quality.json files; LABEL=PATH names a line")
+    parser.add_argument("--metric", default="precision", help="sprite metric on the y axis (default: precision)")
+    parser.add_argument("--x", default="minutes", choices=["minutes", "epoch", "step"], help="x axis (default: minutes)")
+    parser.add_argument("--schedules", action="store_true", help="plot sqrt(alpha_bar_t) of linear and cosine instead")
+    parser.add_argument("--out", required=True, help="the PNG to write")
+    args = parser.parse_args(argv)
+    if args.schedules:
+        T = Config.timesteps
+        series = {name: [(t, float(v)) for t, v in enumerate(make(T, torch.device("cpu"))["sqrt_alpha_bar"])][::10]
+                  for name, make in (("linear (Ho et al. 2020)", linear_schedule),
+                                     ("cosine (Nichol & Dhariwal 2021)", cosine_schedule))}
+        img = common.line_chart(series, f"signal share sqrt(alpha_bar_t), T = {T}", "t", "sqrt(alpha_bar_t)")
+    else:
+        if not args.runs:
+            parser.error("give run folders or time_to_quality.json files, or --schedules")
+        series = {}
+        for item in args.runs:
+            label, _, path = item.rpartition("=")
+            path = Path(path)
+            path = path / "time_to_quality.json" if path.is_dir() else path
+            if not path.exists():
+                raise common.UserError(f"{path} not found; train with --eval-every-minutes to write it")
+            points = json.loads(path.read_text())
+            key = f"sample/{args.metric}"
+            if not points or key not in points[0]:
+                raise common.UserError(f"{path} has no {key}; metrics there: {sorted(points[0]) if points else 'none'}")
+            series[label or path.parent.name] = [(p[args.x], p[key]) for p in points]
+        img = common.line_chart(series, f"time to quality: {args.metric} of EMA samples", args.x, args.metric)
+    common.save_png(img, args.out)
+    print(f"wrote {args.out}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["plot"]:  # one line and exit 2 for what the user can fix, as every mode
+        return common.download.guarded(lambda: plot_command(argv[1:]), user_errors=(common.UserError,))
     common.main(DiffusionStrategy, Config, argv)
 
 

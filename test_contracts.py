@@ -1214,7 +1214,7 @@ def test_bad_sampling_settings_are_refused():
         diffusion.Config(steps=1001)
     with pytest.raises(ValueError, match="--steps"):
         diffusion.Config(steps=1)
-    with pytest.raises(ValueError, match="--sampler must be ddim or ddpm"):
+    with pytest.raises(ValueError, match="--sampler must be ddim, ddpm or dpm"):
         diffusion.Config(sampler="euler")
     with pytest.raises(ValueError, match="--eta cannot be negative"):
         diffusion.Config(eta=-0.5)
@@ -1375,7 +1375,222 @@ def test_compare_bench_tabulates_what_each_bench_run_returns(capsys):
 
 def test_cli_refuses_a_bad_sampler_in_one_line():
     r = run_diffusion("--sampler", "euler", "--no-mlflow")
-    assert r.returncode == 2 and "--sampler must be ddim or ddpm" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "--sampler must be ddim, ddpm or dpm++" in r.stderr and "Traceback" not in r.stderr
+
+
+# -----------------------------------------------------------------------------
+# diffusion.py levers (issue 11): U-Net size, cosine schedule, v-prediction,
+# min-SNR weighting, LR warm-up/decay, DPM-Solver++, time-to-quality, --amp probe
+# -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(schedule="quadratic"), "--schedule must be linear or cosine"),
+    (dict(prediction="x0"), "--prediction must be eps or v"),
+    (dict(loss_weight="p2"), "--loss-weight must be none or min-snr"),
+    (dict(lr_decay="step"), "--lr-decay must be none or cosine"),
+    (dict(snr_gamma=0.0), "--snr-gamma must be positive"),
+    (dict(warmup_steps=-1), "--warmup-steps cannot be negative"),
+    (dict(res_blocks=0), "--res-blocks must be at least 1"),
+    (dict(channel_mult="1,2"), "--channel-mult must be three positive integers"),
+    (dict(channel_mult="1,0,2"), "--channel-mult must be three positive integers"),
+    (dict(sampler="euler"), "--sampler must be ddim, ddpm or dpm\\+\\+"),
+    (dict(eval_every_minutes=-1.0), "--eval-every-minutes cannot be negative"),
+])
+def test_new_diffusion_flags_refuse_bad_values(kw, message):
+    with pytest.raises(ValueError, match=message):
+        diffusion.Config(**kw)
+
+
+def test_unet_width_and_depth_flags_and_the_reference_model():
+    ref = diffusion.DiffusionStrategy(diffusion.Config(**diffusion.Config.LEGACY), torch.rand(8, 3))
+    with contextlib.redirect_stdout(io.StringIO()):
+        n_ref = sum(p.numel() for p in ref.build_model(ref.config).parameters())
+        cfg = diffusion.Config(base_channels=16, channel_mult="1,2,2", res_blocks=1)
+        small = diffusion.DiffusionStrategy(cfg, torch.rand(8, 3)).build_model(cfg)
+    assert 6.8e6 < n_ref < 7.6e6, n_ref  # LEGACY + base 64 rebuilds today's 7.0M reference U-Net
+    widths = {m.out_channels for m in small.modules() if isinstance(m, nn.Conv2d)}
+    assert max(widths) == 32 and {16, 32} <= widths
+    assert len(small.down1) == len(small.up1) == 1 and len(small.bottom) == 2
+    assert small(torch.randn(2, 3, 16, 16), torch.tensor([0, 9])).shape == (2, 3, 16, 16)
+
+
+def test_old_checkpoint_configs_get_the_legacy_values_not_new_defaults():
+    old = {f.name: getattr(diffusion.Config(), f.name) for f in dataclasses.fields(common.TrainConfig)}
+    old.update(base_channels=64, dropout=0.1, timesteps=1000, sampler="ddim", steps=50, eta=0.0, retired_field=1)
+    values = common.saved_config(diffusion.Config, old)
+    assert "retired_field" not in values
+    for k, v in diffusion.Config.LEGACY.items():
+        assert values[k] == v, k
+    assert common.saved_config(diffusion.Config, {**old, "schedule": "cosine"})["schedule"] == "cosine"
+
+
+def test_cosine_schedule_matches_its_closed_form():
+    T, s = 1000, 0.008
+    sched = diffusion.cosine_schedule(T, torch.device("cpu"))
+    f = lambda t: np.cos((t / T + s) / (1 + s) * np.pi / 2) ** 2
+    t = np.arange(1, T + 1)  # the paper's t = 1..T is index 0..T-1
+    closed = f(t) / f(0)
+    beta = 1 - closed / np.concatenate([[1.0], closed[:-1]])
+    unclipped = beta <= 0.999
+    assert unclipped[:-1].all() and not unclipped[-1]  # only the last beta hits the 0.999 clip
+    assert np.allclose(sched["alpha_bar"].numpy()[:-1], closed[:-1], rtol=1e-5, atol=1e-9)
+    assert sched["beta"].max() == pytest.approx(0.999)
+    assert np.allclose(sched["alpha_bar"][-1].item(), closed[-2] * (1 - 0.999), rtol=1e-4)
+    assert (sched["alpha_bar"][1:] < sched["alpha_bar"][:-1]).all()
+    # SNR and log-SNR follow from alpha_bar (computed in float64 before storing float32)
+    snr = closed[:-1] / (1 - closed[:-1])
+    assert np.allclose(sched["snr"].numpy()[:-1], snr, rtol=1e-5)
+    assert np.allclose(sched["log_snr"].numpy()[:-1], 0.5 * np.log(snr), atol=1e-5)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_min_snr_weights_match_the_formula(prediction):
+    gamma = 5.0
+    strategy = diffusion.DiffusionStrategy(diffusion.Config(prediction=prediction, loss_weight="min-snr",
+                                                            snr_gamma=gamma), torch.rand(8, 3))
+    beta = np.linspace(1e-4, 0.02, 1000)
+    alpha_bar = np.cumprod(1 - beta)
+    t = torch.tensor([0, 50, 200, 500, 999])
+    snr = alpha_bar[t.numpy()] / (1 - alpha_bar[t.numpy()])
+    expected = np.minimum(snr, gamma) / (snr if prediction == "eps" else snr + 1)
+    assert np.allclose(strategy.min_snr_weight(t).numpy(), expected, rtol=1e-4)
+    # high noise (SNR < gamma): eps weight is exactly 1; low noise: clipped to gamma / SNR < 1
+    w = strategy.min_snr_weight(t).numpy()
+    assert (w <= 1 + 1e-6).all() and (w[-1] == pytest.approx(1.0) if prediction == "eps" else w[0] < 1e-3)
+
+
+def test_v_target_and_its_inverse_round_trip():
+    for schedule in ("linear", "cosine"):
+        strategy = diffusion.DiffusionStrategy(diffusion.Config(schedule=schedule, prediction="v"), torch.rand(8, 3))
+        g = torch.Generator().manual_seed(0)
+        x0 = torch.rand(6, 3, 16, 16, generator=g, dtype=torch.float64) * 2 - 1
+        eps = torch.randn(6, 3, 16, 16, generator=g, dtype=torch.float64)
+        t = torch.tensor([0, 1, 300, 600, 998, 999])
+        strategy.schedule = {k: v.double() for k, v in strategy.schedule.items()}  # exact in float64
+        x_t = strategy.q_sample(x0, t, eps)
+        v = strategy.v_target(x0, t, eps)
+        x0_back, eps_back = strategy.x0_eps_from_v(x_t, t, v)
+        assert torch.allclose(x0_back, x0, atol=1e-6) and torch.allclose(eps_back, eps, atol=1e-6)
+
+
+def test_v_and_min_snr_losses_start_near_their_expected_values(sprites):
+    """Zero-initialised output: the v loss is E[v^2] = 1 and the eps loss 1, per pixel."""
+    for prediction in ("eps", "v"):
+        strategy, model = tiny_diffusion(sprites.palette, prediction=prediction)
+        torch.manual_seed(0)
+        assert strategy.loss(model, sprites.train[:32]).item() == pytest.approx(1.0, abs=0.2)
+
+
+def test_lr_warmup_and_cosine_decay():
+    strategy = diffusion.DiffusionStrategy(diffusion.Config(warmup_steps=10, lr_decay="cosine"), torch.rand(8, 3))
+    f = [strategy.lr_factor(step, 110) for step in range(110)]
+    assert f[0] == pytest.approx(0.1) and f[4] == pytest.approx(0.5) and f[9] == pytest.approx(1.0)
+    assert f[60] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))  # halfway through the decay
+    assert f[-1] < 0.01 and all(a >= b for a, b in zip(f[9:], f[10:]))
+    constant = diffusion.DiffusionStrategy(diffusion.Config(), torch.rand(8, 3))
+    assert {constant.lr_factor(s, 100) for s in range(100)} == {1.0}  # the defaults keep --lr fixed
+
+
+class GaussianOracle(nn.Module):
+    """The ideal eps_theta when every pixel of the data is N(mu, s^2), independent:
+    x_t = a x_0 + b eps is Gaussian too, and E[eps | x_t] = b (x_t - a mu) / (a^2 s^2 + b^2)
+    (a = sqrt(alpha_bar_t), b = sqrt(1 - alpha_bar_t))."""
+
+    def __init__(self, strategy, mu, s):
+        super().__init__()
+        self.sched, self.mu, self.s = strategy.schedule, mu, s
+
+    def forward(self, x, t):
+        a = self.sched["sqrt_alpha_bar"][t][:, None, None, None].double()
+        b = self.sched["sqrt_one_minus_alpha_bar"][t][:, None, None, None].double()
+        return (b * (x.double() - a * self.mu) / (a ** 2 * self.s ** 2 + b ** 2)).float()
+
+
+def test_dpm_solver_pp_recovers_a_gaussian_in_few_steps():
+    """With the oracle, the probability-flow ODE maps x_T to
+    x_0 = mu + s (x_T - a_T mu) / sqrt(a_T^2 s^2 + b_T^2) exactly (an affine map
+    between Gaussians). DPM-Solver++(2M) must land there in 10 steps, much
+    closer than DDIM (its first-order special case) with the same 10 steps."""
+    mu, s = 0.1, 0.2
+    strategy = diffusion.DiffusionStrategy(diffusion.Config(sampler="dpm++", steps=10), torch.rand(8, 3))
+    oracle = GaussianOracle(strategy, mu, s)
+    n, seed = 8, 0
+    z = torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed))  # the sampler's x_T
+    a, b = strategy.schedule["sqrt_alpha_bar"][-1].item(), strategy.schedule["sqrt_one_minus_alpha_bar"][-1].item()
+    exact = mu + s * (z - a * mu) / math.sqrt(a ** 2 * s ** 2 + b ** 2)
+    dpm = strategy.sample_dpm_pp(oracle, n, torch.Generator().manual_seed(seed), 10)
+    ddim = strategy.sample_ddim(oracle, n, torch.Generator().manual_seed(seed), 10, 0.0)
+    err_dpm, err_ddim = (dpm - exact).abs().max().item(), (ddim - exact).abs().max().item()
+    assert err_dpm < 0.01, err_dpm
+    assert err_dpm < err_ddim / 3, (err_dpm, err_ddim)
+    assert dpm.mean().item() == pytest.approx(mu, abs=0.01) and dpm.std().item() == pytest.approx(s, abs=0.01)
+
+
+def test_dpm_solver_pp_is_finite_in_range_and_deterministic(sprites):
+    strategy, model = tiny_diffusion(sprites.palette, sampler="dpm++", prediction="v", schedule="cosine")
+    model.eval()
+    a = strategy.sample(model, 4, torch.Generator().manual_seed(3))
+    b = strategy.sample(model, 4, torch.Generator().manual_seed(3))
+    c = strategy.sample(model, 4, torch.Generator().manual_seed(4))
+    common.check_samples(a, 4)  # (4, 3, 16, 16), finite, in [0, 1]
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    x_star = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    eps_strategy = diffusion.DiffusionStrategy(diffusion.Config(sampler="dpm++", steps=10), sprites.palette)
+    out = eps_strategy.sample(Oracle(eps_strategy, x_star), 2, torch.Generator().manual_seed(0))
+    assert torch.allclose(out, common.from_model_range(x_star).expand(2, -1, -1, -1), atol=2e-4)
+
+
+def test_time_to_quality_points_leave_training_unchanged(sprites, tmp_path):
+    """--eval-every-minutes scores the EMA model while training; the points go
+    to time_to_quality.json, and the losses are the same as without them
+    (scoring forks the RNG). The LR warm-up hook sets the optimizer's lr."""
+    losses = {}
+    for every in (0.0, 1e-9):  # 1e-9 minutes: a point after every step
+        torch.manual_seed(0)
+        cfg = tiny_diffusion_config(epochs=1, eval_every_minutes=every, n_eval=8, ema_decay=0.9, warmup_steps=8,
+                                    sampler="dpm++", batch_size=16)
+        run = tmp_path / f"every-{every}"
+        trainer = common.Trainer(diffusion.DiffusionStrategy(cfg, sprites.palette), cfg, sprites.train[:48],
+                                 sprites.val[:8], sprites.palette, run)
+        with contextlib.redirect_stdout(io.StringIO()):
+            history = trainer.fit()
+        losses[every] = history[-1]["train/loss"]
+        assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(cfg.lr * 3 / 8)  # 3 steps of 8 warm-up
+    assert losses[0.0] == losses[1e-9]
+    points = json.loads((run / "time_to_quality.json").read_text())
+    assert [p["step"] for p in points] == [1, 2, 3] and points[-1]["epoch"] == pytest.approx(1.0)
+    assert all(0 < p["minutes"] for p in points) and "sample/precision" in points[0]
+    assert not (tmp_path / "every-0.0" / "time_to_quality.json").exists()
+    out = tmp_path / "curve.png"
+    diffusion.plot_command([f"tiny={run}", "--metric", "palette_distance", "--x", "step", "--out", str(out)])
+    diffusion.plot_command(["--schedules", "--out", str(tmp_path / "schedules.png")])
+    assert Image.open(out).size == (640, 400) and (tmp_path / "schedules.png").exists()
+    with pytest.raises(common.UserError, match="--eval-every-minutes"):
+        diffusion.plot_command([str(tmp_path / "every-0.0"), "--out", str(out)])
+
+
+@pytest.mark.parametrize("native, ratio, force, expected", [
+    (False, 0.08, False, False),  # AVX2-only CPU: bf16 emulated, 13x slower -> fp32, with one line
+    (False, 0.08, True, True),    # --amp-force: the user insists
+    (False, 1.3, False, True),    # no flag found but measured faster: keep bf16
+    (True, 0.5, False, True),     # native bf16 (avx512_bf16 / AMX): trust the hardware
+])
+def test_amp_probe_decision(monkeypatch, capsys, native, ratio, force, expected):
+    monkeypatch.setattr(common, "native_bf16", lambda device: (native, "mocked CPU flags"))
+    monkeypatch.setattr(common, "bf16_probe", lambda device: ratio)
+    assert common.amp_worth_it(torch.device("cpu"), force) is expected
+    printed = capsys.readouterr().out
+    if expected:
+        assert printed == ""
+    else:
+        assert printed.count("\n") == 1 and "0.08x as fast as fp32" in printed and "--amp-force" in printed
+
+
+def test_amp_probe_really_measures_this_machine():
+    native, found = common.native_bf16(torch.device("cpu"))
+    assert isinstance(native, bool) and found
+    assert common.bf16_probe(torch.device("cpu")) > 0
 
 
 # -----------------------------------------------------------------------------
@@ -2130,7 +2345,7 @@ def test_the_real_probe_is_cheap():
 # flags and subcommands added later are known without a list kept here.
 
 DOC_PAGES = [ROOT / "README.md", *sorted((ROOT / "docs" / "learn").glob("*.md"))]
-SUBCOMMANDS = ("sample", "bench", "report")
+SUBCOMMANDS = ("sample", "bench", "report", "plot")
 COMMAND = re.compile(r"^(?:\w+=\S+\s+)*(?:nice -n \d+\s+)?(?:time\s+)?(python3?\s+[\w-]+\.py\b.*)$")
 PLACEHOLDER = re.compile(r"<[\w .-]+>")  # <run>, <file>: a value the reader fills in, as the text says
 
