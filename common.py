@@ -1557,17 +1557,27 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, repeats: int,
     it, the CPU share of that run; see _best_time)."""
     best, best_n, best_share = 0.0, 0, 0.0
     for n in (256, 512, 1024, 2048):
-        a = torch.randn(n, n, device=device).to(dtype)
-        b = torch.randn(n, n, device=device).to(dtype)
-        once, _ = _best_time(lambda: a @ b, 1, device)
-        k = max(1, math.ceil(0.1 / once))  # products per timed run: >= 0.1 s, so the CPU time is reliable
-        seconds, share = _best_time(lambda: [a @ b for _ in range(k)], repeats, device)
-        seconds /= k
-        if 2 * n ** 3 / seconds / 1e9 > best:
-            best, best_n, best_share = 2 * n ** 3 / seconds / 1e9, n, share
-        if 8 * seconds > budget_s:  # the next size costs 8x as much
+        gflops, share = matmul_rate(n, dtype, device, repeats, run_seconds=0.1)  # >= 0.1 s: reliable CPU time
+        if gflops > best:
+            best, best_n, best_share = gflops, n, share
+        if 8 * 2 * n ** 3 / gflops / 1e9 > budget_s:  # the next size costs 8x as much
             break
     return best, best_n, best_share
+
+
+def matmul_rate(n: int, dtype: torch.dtype, device: torch.device, repeats: int,
+                run_seconds: float) -> tuple[float, float]:
+    """GFLOP/s of n x n products in `dtype` (best of `repeats` timed runs of
+    about `run_seconds` each) and the CPU share of that run (see _best_time).
+    The matrices come from a generator of their own, so measuring never moves
+    the random stream a seeded training run draws from."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+    b = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+    once, _ = _best_time(lambda: a @ b, 1, device)
+    k = max(1, math.ceil(run_seconds / once))  # products per timed run
+    wall, share = _best_time(lambda: [a @ b for _ in range(k)], repeats, device)
+    return 2 * n ** 3 * k / wall / 1e9, share
 
 
 def native_bf16(device: torch.device) -> tuple[bool, str]:
@@ -1591,12 +1601,9 @@ def native_bf16(device: torch.device) -> tuple[bool, str]:
 def bf16_probe(device: torch.device) -> float:
     """How fast a bf16 matmul runs here as a multiple of fp32 (best of 3
     products of 512x512; ~0.1 s on a CPU without bf16 instructions)."""
-    a = torch.randn(512, 512, device=device)
-    times = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        x = a.to(dtype)
-        times[dtype], _ = _best_time(lambda: x @ x, 3, device)
-    return times[torch.float32] / times[torch.bfloat16]
+    fp32, _ = matmul_rate(512, torch.float32, device, 3, run_seconds=0.0)  # one product per timed run
+    bf16, _ = matmul_rate(512, torch.bfloat16, device, 3, run_seconds=0.0)
+    return bf16 / fp32
 
 
 def amp_worth_it(device: torch.device, force: bool) -> bool:
@@ -1663,13 +1670,7 @@ def cpu_probe(n: int = 256, seconds: float = 0.05, repeats: int = 3) -> tuple[fl
     """A quick look at this machine now (0.33 s on 2 cores shared with other jobs): the
     GFLOP/s of fp32 n x n matrix products with all of torch's threads, and
     the CPU share they got (see _best_time: near 1 when the cores are ours)."""
-    cpu = torch.device("cpu")
-    gen = torch.Generator().manual_seed(0)  # its own: training's random stream must not move
-    a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
-    once, _ = _best_time(lambda: a @ b, 1, cpu)
-    k = max(1, math.ceil(seconds / once))  # products per timed run
-    wall, share = _best_time(lambda: [a @ b for _ in range(k)], repeats, cpu)
-    return 2 * n ** 3 * k / wall / 1e9, share
+    return matmul_rate(n, torch.float32, torch.device("cpu"), repeats, run_seconds=seconds)
 
 
 def contention_hint(device: torch.device, resume_command: str, threshold: float = 0.6) -> str:
