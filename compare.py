@@ -248,10 +248,13 @@ RESULTS_TABLE = re.compile(r"(<!-- results: (.*?) -->\n)(.*?)(<!-- /results -->)
 
 
 def run_results(run: Path) -> dict:
-    """One run's figures: metrics.json as it is, plus every other <name>.json as <name>/<key>."""
+    """One run's figures: metrics.json as it is, plus every other <name>.json that holds one
+    object as <name>/<key> (a list, such as time_to_quality.json's points, is not a figure)."""
     figures = {}
     for path in sorted(run.glob("*.json")):
         data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            continue
         figures.update(data if path.stem == "metrics" else {f"{path.stem}/{k}": v for k, v in data.items()})
     return figures
 
