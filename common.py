@@ -12,7 +12,7 @@ subtly wrong when written three times:
     palette                 NumPy k-means++ over pixel colours, and snapping
     pictures                sample grids with PIL, nearest-neighbour only
     sprite metrics          shared quality metrics for samples (and compare.py)
-    Strategy                the protocol a model file implements
+    Strategy                the abstract base class a model file implements
     MLflow                  lazy, fail-soft experiment tracking
     Trainer                 the one training loop: optimizer, EMA, AMP,
                             clipping, checkpoints, resume, Ctrl-C, NaN guard
@@ -24,6 +24,7 @@ a main() that calls `common.main(Strategy, Config)`.
 
 from __future__ import annotations
 
+import abc
 import argparse
 import contextlib
 import dataclasses
@@ -39,7 +40,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -525,9 +526,11 @@ def _knn_precision_recall(real: Tensor, fake: Tensor, k: int) -> tuple[float, fl
 # -----------------------------------------------------------------------------
 
 
-class Strategy(Protocol):
-    """What a model file implements. The Trainer below calls these four methods
-    and nothing else is required; a strategy is built as `Cls(config, palette)`.
+class Strategy(abc.ABC):
+    """What a model file implements: subclass it, set `name`, write the four
+    abstract methods, and override whichever optional hook below the model
+    needs (each does nothing by default). A strategy is built as
+    `Cls(config, palette)`; the Trainer calls these methods and nothing else.
 
     The strategy says *what* to compute (the model, the loss, how to sample);
     the Trainer owns *how* it is optimised: backward, the optimizer, gradient
@@ -535,45 +538,77 @@ class Strategy(Protocol):
     wrong (EMA of buffers, autocast scope, resuming the optimizer state), so
     they are written once, here, for every model -- and a fourth model cannot
     forget one of them.
-
-    Optional hooks, called when a strategy defines them:
-      on_epoch_start(model, epoch)            e.g. a KL warm-up schedule
-      on_epoch_end(model, epoch, val) -> dict e.g. codebook restarts; returns
-                                              extra val/ metrics
-      images(model, val, generator) -> dict  name -> (sprites (N, 3, 16, 16)
-                                              in [0, 1], sprites per row):
-                                              extra pictures per sample grid
-      trajectory(model, n, generator) -> (F, n, 3, 16, 16) in [0, 1]: frames
-                                              of one sampling run, written as an
-                                              animated GIF at the end of training
-                                              and by `sample --gif`
-      total_epochs(config) -> int             epochs the Trainer runs in all, for a
-                                              strategy that trains in stages (vqvae.py:
-                                              the VQ-VAE, then its prior); default
-                                              config.epochs
-      on_train_end(model, train) -> dict      extra end-of-run metrics, full names
-                                              (e.g. sample_random/precision): printed,
-                                              logged and written to metrics.json
     """
 
-    name: str  # "vae", "vqvae", ...: names the run folder and MLflow experiment
+    name: str = ""  # "vae", "vqvae", ...: names the run folder and MLflow experiment
 
-    def build_model(self, config) -> nn.Module: ...
+    # -- required ---------------------------------------------------------------
 
+    @abc.abstractmethod
+    def build_model(self, config) -> nn.Module:
+        """The network, freshly initialised from torch's global RNG (seeded by
+        the Trainer). Prints nothing: `describe` says what was built."""
+
+    @abc.abstractmethod
     def train_step(self, model: nn.Module, batch: Tensor) -> dict[str, Tensor]:
         """batch (B, 3, 16, 16) in [0, 1] -> {"loss": scalar to minimise,
         other named scalars to log}. Random numbers come from torch's global
         RNG (the Trainer seeds and checkpoints it)."""
-        ...
 
+    @abc.abstractmethod
     def sample(self, model: nn.Module, n: int, generator: torch.Generator) -> Tensor:
         """n new sprites (n, 3, 16, 16) in [0, 1], not snapped; every random
         number comes from `generator` (same seed, same sprites)."""
-        ...
 
+    @abc.abstractmethod
     def get_metrics(self, model: nn.Module, batch: Tensor) -> dict[str, float]:
         """Validation metrics for one batch (the Trainer averages them)."""
-        ...
+
+    # -- optional hooks: the defaults do nothing ----------------------------------
+
+    def describe(self, model: nn.Module) -> str:
+        """One line on what build_model built (e.g. parameters per part),
+        printed by the Trainer at the start of a run; "" prints nothing."""
+        return ""
+
+    def total_epochs(self, config) -> int:
+        """Epochs the Trainer runs in all, for a strategy that trains in stages
+        (vqvae.py: the VQ-VAE, then its prior)."""
+        return config.epochs
+
+    def on_epoch_start(self, model: nn.Module, epoch: int) -> None:
+        """Before each training epoch (1-based), e.g. a KL warm-up schedule."""
+
+    def on_epoch_end(self, model: nn.Module, epoch: int, val: Tensor) -> dict[str, float]:
+        """After each epoch's validation, e.g. codebook restarts; returns extra
+        val/ metrics (names without the prefix). `val` is the validation split,
+        or the training one when there is none (its metrics are then dropped)."""
+        return {}
+
+    def lr_factor(self, step: int, total_steps: int) -> float:
+        """The learning rate at optimizer step `step` of `total_steps`, as a
+        multiple of --lr (warm-up, decay)."""
+        return 1.0
+
+    def images(self, model: nn.Module, val: Tensor, generator: torch.Generator) -> dict[str, tuple[Tensor, int]]:
+        """Extra pictures with each sample grid: name -> (sprites (N, 3, 16, 16)
+        in [0, 1], sprites per row), drawn from validation sprites `val`."""
+        return {}
+
+    def trajectory(self, model: nn.Module, n: int, generator: torch.Generator) -> Tensor | None:
+        """Frames of one sampling run, (F, n, 3, 16, 16) in [0, 1], written as
+        an animated GIF at the end of training and by `sample --gif`; None: the
+        model has no trajectory to show (see `animates`)."""
+        return None
+
+    def on_train_end(self, model: nn.Module, train: Tensor) -> dict[str, float]:
+        """Extra end-of-run metrics with full names (e.g. sample_random/precision):
+        printed, logged and written to metrics.json."""
+        return {}
+
+    def animates(self) -> bool:
+        """Whether this strategy overrides `trajectory`."""
+        return type(self).trajectory is not Strategy.trajectory
 
 
 # -----------------------------------------------------------------------------
@@ -800,12 +835,6 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 # -----------------------------------------------------------------------------
 
 
-def total_epochs(strategy, config) -> int:
-    """Epochs the Trainer runs in all: config.epochs, unless the strategy
-    trains in stages and says otherwise (vqvae.py: the VQ-VAE, then its prior)."""
-    return strategy.total_epochs(config) if hasattr(strategy, "total_epochs") else config.epochs
-
-
 class NonFiniteLoss(Exception):
     pass
 
@@ -819,7 +848,7 @@ class Trainer:
     saves a checkpoint that resumes exactly there, and exits.
     """
 
-    def __init__(self, strategy, config: TrainConfig, train_data: Tensor, val_data: Tensor,
+    def __init__(self, strategy: Strategy, config: TrainConfig, train_data: Tensor, val_data: Tensor,
                  palette: Tensor, run_dir: Path, tracker: Tracker | None = None,
                  augment: Callable[[Tensor, torch.Generator], Tensor] | None = random_hflip):
         self.strategy, self.config = strategy, config
@@ -829,7 +858,7 @@ class Trainer:
         self.device = train_data.device
         self.ckpt_path = self.run_dir / "checkpoints" / "last.pt"
         # All epochs of the run: config.epochs, unless the strategy trains in stages.
-        self.epochs = total_epochs(strategy, config)
+        self.epochs = strategy.total_epochs(config)
 
         self.model = strategy.build_model(config).to(self.device)
         # torch.compile wraps the model; checkpoints always hold the original.
@@ -926,9 +955,7 @@ class Trainer:
                 self.data_gen.set_state(self.epoch_gen_state)
                 perm = torch.randperm(n, generator=self.data_gen)
                 flip_gen = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=self.data_gen)))
-                hook = getattr(self.strategy, "on_epoch_start", None)
-                if hook:
-                    hook(self.model, epoch)
+                self.strategy.on_epoch_start(self.model, epoch)
                 self.model.train()
                 step_log: list[tuple[str, float, int]] = []
                 for i in range(n_batches):
@@ -997,10 +1024,8 @@ class Trainer:
         loss.backward()
         if self.config.grad_clip > 0:
             scalars["grad_norm"] = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip))
-        lr_factor = getattr(self.strategy, "lr_factor", None)  # optional: warm-up / decay by step
-        if lr_factor:
-            for group in self.optimizer.param_groups:
-                group["lr"] = self.config.lr * lr_factor(self.step, self.total_steps)
+        for group in self.optimizer.param_groups:  # the strategy's warm-up / decay by step
+            group["lr"] = self.config.lr * self.strategy.lr_factor(self.step, self.total_steps)
         self.optimizer.step()
         if self.ema is not None:
             self.ema.update_parameters(self.model)
@@ -1055,14 +1080,11 @@ class Trainer:
                     m = self.strategy.get_metrics(model, batch)
                 for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + float(v) * batch.shape[0]
-        extra = {}
-        hook = getattr(self.strategy, "on_epoch_end", None)
-        if hook:
-            # No validation sprites: the hook still runs (it may act on training,
-            # e.g. codebook restarts), on the training sprites, and its val/
-            # metrics are dropped rather than measured on the wrong split.
-            extra = hook(self.model, epoch, self.val_data if len(self.val_data) else self.train_data) or {}
-            extra = extra if len(self.val_data) else {}
+        # No validation sprites: the hook still runs (it may act on training,
+        # e.g. codebook restarts), on the training sprites, and its val/
+        # metrics are dropped rather than measured on the wrong split.
+        extra = self.strategy.on_epoch_end(self.model, epoch, self.val_data if len(self.val_data) else self.train_data)
+        extra = extra if len(self.val_data) else {}
         self.model.train()
         out = {f"val/{k}": v / self.val_data.shape[0] for k, v in sums.items()}
         out.update({f"val/{k}": float(v) for k, v in extra.items()})
@@ -1084,12 +1106,11 @@ class Trainer:
         pictures; to the run folder and to MLflow."""
         name = "final" if final else f"epoch_{epoch:04d}"
         pictures = {"samples": (self.generate(self.config.n_samples, self.config.seed), 8)}
-        hook = getattr(self.strategy, "images", None)
-        if hook and len(self.val_data):  # the extra pictures show validation sprites: none, no pictures
+        if len(self.val_data):  # the extra pictures show validation sprites: none, no pictures
             gen = torch.Generator(self.device).manual_seed(self.config.seed)
             with torch.no_grad(), torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
                 self.eval_model.eval()
-                pictures.update(hook(self.eval_model, self.val_data, gen))
+                pictures.update(self.strategy.images(self.eval_model, self.val_data, gen))
                 self.model.train()
         paths = {}
         for key, (images, nrow) in pictures.items():
@@ -1110,17 +1131,16 @@ class Trainer:
         return quality
 
     def write_animation(self, n: int = 16) -> Path | None:
-        """If the strategy has the optional `trajectory` hook (frames of one
-        sampling run, e.g. a diffusion model's denoising steps): an animated
-        GIF of n sprites, run_dir/trajectory.gif, logged to MLflow."""
-        hook = getattr(self.strategy, "trajectory", None)
-        if hook is None:
+        """If the strategy has a `trajectory` (frames of one sampling run, e.g. a
+        diffusion model's denoising steps): an animated GIF of n sprites,
+        run_dir/trajectory.gif, logged to MLflow."""
+        if not self.strategy.animates():
             return None
         gen = torch.Generator(self.device).manual_seed(self.config.seed)
         self.eval_model.eval()
         with torch.no_grad(), self.autocast(), \
                 torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            frames = hook(self.eval_model, n, gen).float()
+            frames = self.strategy.trajectory(self.eval_model, n, gen).float()
         self.model.train()
         path = save_gif(frames, self.run_dir / "trajectory.gif", nrow=4)
         self.tracker.log_artifact(path)
@@ -1301,6 +1321,8 @@ def train(strategy_cls, config: TrainConfig) -> Path:
         status = "FAILED"
         try:
             trainer = Trainer(strategy, config, data.train, data.val, palette, run_dir, tracker)
+            if strategy.describe(trainer.model):
+                print(strategy.describe(trainer.model))
             print(f"{name}: {trainer.n_params():,} parameters | {data.train.shape[0]} train / {data.val.shape[0]} val "
                   f"sprites from {data.path} | device {device}{' + bf16 autocast' if config.amp else ''} | run folder {run_dir}")
             if not len(data.val):
@@ -1415,13 +1437,12 @@ def finish(trainer: Trainer, data: Sprites) -> dict[str, Path]:
     quality = trainer.score_samples(trainer.epoch)
     if cfg.eval_every_minutes:  # the curve ends with the end-of-run score
         trainer.add_curve_point(quality, trainer.train_seconds / 60, trainer.epoch, final=True)
-    hook = getattr(trainer.strategy, "on_train_end", None)
-    if hook:  # e.g. vqvae.py scores its second sampler too
-        trainer.eval_model.eval()
-        with torch.no_grad(), torch.random.fork_rng(devices=[trainer.device] if trainer.device.type == "cuda" else []):
-            extra = hook(trainer.eval_model, data.train)
+    trainer.eval_model.eval()
+    with torch.no_grad(), torch.random.fork_rng(devices=[trainer.device] if trainer.device.type == "cuda" else []):
+        extra = trainer.strategy.on_train_end(trainer.eval_model, data.train)  # e.g. vqvae.py's second sampler
+    if extra:
         print("end-of-run metrics:", " ".join(f"{k} {v:.3f}" for k, v in extra.items()))
-        quality.update(extra)
+    quality.update(extra)
     trainer.tracker.log_metrics(quality, step=trainer.epoch)
     summary = {"epochs": trainer.epoch, "n_params": trainer.n_params(), "train_seconds": trainer.train_seconds,
                **trainer.history[-1], **quality}
@@ -1503,7 +1524,7 @@ def sample_command(strategy_cls, config_cls, argv: list[str]) -> None:
     overrides = {k: v for k, v in vars(args).items() if k in own}
     device = select_device(args.device)
     strategy, model, palette, _ = load_for_sampling(strategy_cls, config_cls, args.checkpoint, overrides, device)
-    if (args.gif or out.suffix.lower() == ".gif") and not hasattr(strategy, "trajectory"):
+    if (args.gif or out.suffix.lower() == ".gif") and not strategy.animates():
         raise UserError(f"{strategy_cls.name} has no sampling trajectory to animate; write a .png or a folder")
     if out.suffix.lower() == ".gif":
         args.gif, out = str(out), None
@@ -1757,15 +1778,12 @@ def bench_command(strategy_cls, config_cls, argv: list[str]) -> dict:
         print(f"matmul peak {p}: {peak[p][0]:.1f} GFLOP/s ({peak[p][1]}x{peak[p][1]} products, best of "
               f"{args.repeats}; CPU share {peak[p][2]:.0%})")
 
-    with contextlib.redirect_stdout(io.StringIO()):  # the strategies' own build messages
-        trainers = {p: Trainer(strategy_cls(config, palette), dataclasses.replace(config, amp=(p == "bf16")),
-                               data, data[:8], palette, Path("."), augment=None) for p in precisions}
+    trainers = {p: Trainer(strategy_cls(config, palette), dataclasses.replace(config, amp=(p == "bf16")),
+                           data, data[:8], palette, Path("."), augment=None) for p in precisions}
     base = trainers["fp32"]
     print(f"parameters: {base.n_params():,}")
     for trainer in trainers.values():
-        hook = getattr(trainer.strategy, "on_epoch_start", None)
-        if hook:
-            hook(trainer.model, 1)
+        trainer.strategy.on_epoch_start(trainer.model, 1)
         trainer.model.train()
     batch = data[:batch_size]
 

@@ -42,14 +42,50 @@ import diffusion
 import vae
 import vqvae
 
-# name -> (Strategy, Config, the label in the figure and table, config overrides
-# for that panel). The VQ-VAE appears twice: with its learned prior, and with
-# uniformly random codes, to show what the prior is for.
-MODELS = {"vae": (vae.VAEStrategy, vae.Config), "vqvae": (vqvae.VQVAEStrategy, vqvae.Config),
-          "diffusion": (diffusion.DiffusionStrategy, diffusion.Config)}
-PANELS = [("vae", "VAE", {}), ("vqvae", "VQ-VAE (prior)", {"sampler": "prior"}),
-          ("diffusion", "diffusion (DDIM)", {}), ("vqvae", "VQ-VAE (random codes)", {"sampler": "random"})]
-QUICK = {"vae": dict(epochs=10), "vqvae": dict(epochs=10, prior_epochs=10), "diffusion": dict(epochs=2)}
+# -----------------------------------------------------------------------------
+# The registry: one line per model
+# -----------------------------------------------------------------------------
+# Adding a model is its file plus one line here. Everything else compare.py and
+# the tests need is read from the model's module, next to its Config:
+#   Config    the dataclass of its flags
+#   COMPARE   optional; dict(
+#               panels=[(label, Config overrides), ...]  the figure's panels: the
+#                   first is the model's own; the others (e.g. vqvae.py's random
+#                   codes) follow after every model's first panel (default: the name);
+#               budgets={suffix: (Config field, help)}   compare.py's --epochs-<suffix>
+#                   flags (default: --epochs-<name> for epochs);
+#               quick={field: value}                     the --quick budget (default: {}))
+#   TINY      Config values that train in seconds on 2 cores (the tests)
+
+REGISTRY = [
+    vae.VAEStrategy,
+    vqvae.VQVAEStrategy,
+    diffusion.DiffusionStrategy,
+]
+
+
+def module_of(strategy_cls) -> object:
+    return sys.modules[strategy_cls.__module__]
+
+
+def declared(strategy_cls) -> dict:
+    """A model's COMPARE declaration, with the defaults above filled in."""
+    name = strategy_cls.name
+    own = getattr(module_of(strategy_cls), "COMPARE", {})
+    return {"panels": own.get("panels", [(name, {})]),
+            "budgets": own.get("budgets", {name: ("epochs", f"{name} epochs")}),
+            "quick": own.get("quick", {})}
+
+
+# name -> (Strategy, Config), in registry order
+MODELS = {cls.name: (cls, module_of(cls).Config) for cls in REGISTRY}
+# (name, label in the figure and table, Config overrides), every model's own panel first
+PANELS = ([(name, *declared(cls)["panels"][0]) for name, (cls, _) in MODELS.items()]
+          + [(name, *panel) for name, (cls, _) in MODELS.items() for panel in declared(cls)["panels"][1:]])
+QUICK = {name: declared(cls)["quick"] for name, (cls, _) in MODELS.items()}
+# compare.py's flag suffix -> (model, Config field, help): --epochs-vae, --epochs-prior, ...
+BUDGETS = {suffix: (name, field, text) for name, (cls, _) in MODELS.items()
+           for suffix, (field, text) in declared(cls)["budgets"].items()}
 METRICS = ["palette_distance", "one_colour_rate", "density_in_range", "precision", "recall",
            "near_copy_rate", "unique_rate"]
 
@@ -65,7 +101,7 @@ def checkpoint_of(name: str, configs: dict, out: Path, checkpoints: Path | None)
         path = run_checkpoint(checkpoints, name)
         strategy, _, _, config = common.load_for_sampling(*MODELS[name], str(path), {}, torch.device("cpu"))
         epoch = common.load_checkpoint(path)["epoch"]
-        if epoch < common.total_epochs(strategy, config):
+        if epoch < strategy.total_epochs(config):
             raise common.UserError(f"{path} stopped at epoch {epoch}: finish it with "
                                    f"`python {name}.py --resume {path}`")
         return path
@@ -184,9 +220,11 @@ def bench_table(figures: dict) -> str:
 
 def compare(configs: dict, data_path: str, out: Path, seed: int = 0, n_show: int = 32, n_eval: int = 256,
             device: str = "auto", amp: bool = False, checkpoints: Path | None = None, quick: bool = False,
-            use_mlflow: bool = True) -> tuple[Path, str]:
+            use_mlflow: bool = True, models: list[str] | None = None) -> tuple[Path, str]:
     """Train or load every model, then write comparison.png and comparison.md
-    into `out`; returns (figure path, table markdown)."""
+    into `out`; returns (figure path, table markdown). `models`: the registry
+    names to compare (default: all)."""
+    models = list(MODELS) if models is None else models
     dev = common.select_device(device)
     data = common.load_sprites(data_path, dev, seed=seed)
     if not len(data.val):
@@ -196,10 +234,10 @@ def compare(configs: dict, data_path: str, out: Path, seed: int = 0, n_show: int
     label = "SMOKE RUN (--quick: a few epochs each, not a result)" if quick else "comparison"
     parent = common.Tracker(use_mlflow, experiment="compare", run_name=("compare-quick" if quick else "compare"))
     try:
-        ckpts = {name: checkpoint_of(name, configs, out, checkpoints) for name in MODELS}
+        ckpts = {name: checkpoint_of(name, configs, out, checkpoints) for name in models}
         print("\n=== sampling and scoring ===")
         rows, columns = [], [("real (validation)", data.val[:n_show])]
-        for name, panel_label, overrides in PANELS:
+        for name, panel_label, overrides in [panel for panel in PANELS if panel[0] in models]:
             r = evaluate(name, overrides, ckpts[name], data, n_show, n_eval, seed, dev, amp)
             rows.append((panel_label, r))
             columns.append((panel_label, r.pop("show")))
@@ -313,10 +351,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = common.download.OneLineParser(description=__doc__.split("\n\n")[0],
                                       epilog="`python compare.py bench` prints each model's bench figures in one "
                                              "table; `python compare.py report` regenerates the docs' results tables")
-    p.add_argument("--epochs-vae", type=int, help=f"VAE epochs (default: {vae.Config.epochs})")
-    p.add_argument("--epochs-vqvae", type=int, help=f"VQ-VAE stage-1 epochs (default: {vqvae.Config.epochs})")
-    p.add_argument("--epochs-prior", type=int, help=f"VQ-VAE prior epochs (default: {vqvae.Config.prior_epochs})")
-    p.add_argument("--epochs-diffusion", type=int, help=f"diffusion epochs (default: {diffusion.Config.epochs})")
+    for suffix, (name, field, text) in BUDGETS.items():
+        p.add_argument(f"--epochs-{suffix}", type=int, help=f"{text} (default: {getattr(MODELS[name][1], field)})")
     p.add_argument("--amp", action="store_true", help="bf16 autocast for training and sampling")
     p.add_argument("--seed", type=int, default=0, help="one seed for every model (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="a smoke run: a few epochs each, labelled as such")
@@ -328,10 +364,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--data", default=common.TrainConfig.data, help="dataset (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
     p.add_argument("--no-mlflow", action="store_true", help="do not track with MLflow")
+    add_models_flag(p)
     args = p.parse_args(argv)
-    for flag in ("epochs_vae", "epochs_vqvae", "epochs_prior", "epochs_diffusion"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    for suffix in BUDGETS:
+        value = getattr(args, f"epochs_{suffix.replace('-', '_')}")
+        if value is not None and value < 1:
+            p.error(f"--epochs-{suffix} must be at least 1")
     args.n_eval = args.n_eval or (64 if args.quick else 256)
     if args.n_show < 1 or args.n_eval < 2:
         p.error("--n-show must be at least 1 and --n-eval at least 2")
@@ -344,12 +382,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def add_models_flag(parser) -> None:
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), metavar="NAME",
+                        help=f"which models of the registry, by name (default: all: {' '.join(MODELS)})")
+
+
 def configs_from(args: argparse.Namespace) -> dict:
     """Each model's own defaults, with the budgets and shared settings given here."""
-    budgets = {"vae": dict(epochs=args.epochs_vae), "vqvae": dict(epochs=args.epochs_vqvae, prior_epochs=args.epochs_prior),
-               "diffusion": dict(epochs=args.epochs_diffusion)}
+    budgets = {name: {} for name in MODELS}
+    for suffix, (name, field, _) in BUDGETS.items():
+        budgets[name][field] = getattr(args, f"epochs_{suffix.replace('-', '_')}")
     configs = {}
     for name, (_, config_cls) in MODELS.items():
+        if name not in args.models:
+            continue
         values = QUICK[name] if args.quick else {}
         values = {**values, **{k: v for k, v in budgets[name].items() if v is not None}}
         configs[name] = config_cls(**values, seed=args.seed, amp=args.amp, data=args.data, device=args.device,
@@ -373,7 +419,7 @@ def main(argv: list[str] | None = None) -> None:
             return
         args = parse_args(argv)
         compare(configs_from(args), args.data, args.out, args.seed, args.n_show, args.n_eval, args.device,
-                args.amp, args.checkpoints, args.quick, not args.no_mlflow)
+                args.amp, args.checkpoints, args.quick, not args.no_mlflow, args.models)
     common.download.guarded(run, user_errors=(common.UserError,))  # one line and exit 2 for what the user can fix
 
 

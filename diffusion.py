@@ -151,6 +151,14 @@ class Config(common.TrainConfig):
             raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
 
 
+# What compare.py (its registry holds one line per model: the Strategy) and the
+# tests know of this model, declared next to its Config; the keys are explained
+# at compare.py's registry. TINY trains in a few seconds on 2 cores (the tests).
+COMPARE = dict(panels=[("diffusion (DDIM)", {})], budgets={"diffusion": ("epochs", "diffusion epochs")},
+               quick=dict(epochs=2))
+TINY = dict(base_channels=8, timesteps=10, steps=5, batch_size=16, lr=1e-2)
+
+
 # -----------------------------------------------------------------------------
 # The noise schedule (Ho et al. 2020, Sec. 4)
 # -----------------------------------------------------------------------------
@@ -324,7 +332,7 @@ class UNet(nn.Module):
 # -----------------------------------------------------------------------------
 
 
-class DiffusionStrategy:
+class DiffusionStrategy(common.Strategy):
     """DDPM training (Algorithm 1) and two samplers: DDPM ancestral sampling
     (Algorithm 2) and DDIM (Song et al. 2021, Eq. 12)."""
 
@@ -340,15 +348,17 @@ class DiffusionStrategy:
     def build_model(self, config: Config) -> nn.Module:
         mult = tuple(int(m) for m in config.channel_mult.split(","))
         model = UNet(config.base_channels, config.dropout, mult, config.res_blocks)
-        parts = {"encoder (16x16, 8x8)": [model.conv_in, model.down1, model.downsample1, model.down2, model.downsample2],
-                 "bottom (4x4)": [model.bottom], "decoder (8x8, 16x16)": [model.up2, model.up1, model.norm_out, model.conv_out],
-                 "time embedding MLP": [model.time_mlp]}
-        counts = {k: sum(p.numel() for m in ms for p in m.parameters()) for k, ms in parts.items()}
-        print("U-Net parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
         # channels_last (NHWC) weights: oneDNN's CPU convolutions then run in NHWC, and a U-Net
         # call on 16 sprites is ~1.1x as fast (measured, median of 10 interleaved calls on 2 cores);
         # training speed is unchanged. Same numbers either way: only the memory layout differs.
         return model.to(memory_format=torch.channels_last)
+
+    def describe(self, model: nn.Module) -> str:
+        parts = {"encoder (16x16, 8x8)": [model.conv_in, model.down1, model.downsample1, model.down2, model.downsample2],
+                 "bottom (4x4)": [model.bottom], "decoder (8x8, 16x16)": [model.up2, model.up1, model.norm_out, model.conv_out],
+                 "time embedding MLP": [model.time_mlp]}
+        counts = {k: sum(p.numel() for m in ms for p in m.parameters()) for k, ms in parts.items()}
+        return "U-Net parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items())
 
     # -- training -------------------------------------------------------------
 

@@ -37,6 +37,7 @@ import torch.nn as nn
 from PIL import Image
 
 import common
+import compare
 import download
 import diffusion
 import vae
@@ -346,7 +347,7 @@ class TinyConfig(common.TrainConfig):
     # send ourselves Ctrl-C (SIGINT) at this step (0 = never): tests interruption
 
 
-class TinyStrategy:
+class TinyStrategy(common.Strategy):
     """A denoising autoencoder on flattened sprites: small, fast, and its loss
     falls quickly, which is all the Trainer tests need."""
 
@@ -1603,8 +1604,6 @@ def test_amp_probe_really_measures_this_machine():
 
 
 def test_compare_writes_figure_and_table_and_reloads_the_same_samples(dataset, tmp_path):
-    import compare
-
     configs = {name: config_cls(**{**TINY[name], "epochs": 1, "data": str(dataset), "device": "cpu",
                                    "mlflow": False, "out": str(tmp_path / "runs" / name), "n_eval": 8,
                                    "sample_every": 0, **({"prior_epochs": 1} if name == "vqvae" else {})})
@@ -1620,6 +1619,39 @@ def test_compare_writes_figure_and_table_and_reloads_the_same_samples(dataset, t
     assert Image.open(fig).tobytes() == Image.open(fig2).tobytes()
     with pytest.raises(common.UserError, match="no vae run"):
         compare.compare(configs, str(dataset), tmp_path / "x", checkpoints=tmp_path / "empty", **kw)
+
+
+def fenced_python(page: Path) -> list[str]:
+    """The ```python blocks of a page, in order."""
+    return re.findall(r"```python\n(.*?)```", page.read_text(), re.S)
+
+
+def test_compare_fourth_model_from_tutorial_00(dataset, tmp_path):
+    """Tutorial 00's walkthrough, as written: its toy.py and its registry (compare.py's
+    own plus one line, and the import), in a scratch copy of the project; then
+    compare.py --quick trains, samples and scores the fourth model with no other edit."""
+    blocks = fenced_python(ROOT / "docs" / "learn" / "00-strategy-pattern.md")
+    toy = next(b for b in blocks if b.startswith('"""toy.py'))
+    registry = next(b for b in blocks if "REGISTRY = [" in b)
+    source = (ROOT / "compare.py").read_text()
+    ours = re.search(r"REGISTRY = \[\n.*?\n\]\n", source, re.S).group(0)
+    theirs = re.search(r"REGISTRY = \[\n.*?\n\]\n", registry, re.S).group(0)
+    added = [line for line in theirs.splitlines() if line not in ours.splitlines()]
+    assert added == ["    toy.ToyStrategy,"] and len(theirs.splitlines()) == len(ours.splitlines()) + 1
+    for name in ("common.py", "download.py", "vae.py", "vqvae.py", "diffusion.py"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    (tmp_path / "toy.py").write_text(toy)
+    (tmp_path / "compare.py").write_text(source.replace(ours, theirs).replace("import vqvae\n", "import vqvae\nimport toy\n"))
+    r = subprocess.run([sys.executable, "compare.py", "--quick", "--models", "toy", "--data", str(dataset),
+                        "--out", str(tmp_path / "cmp"), "--no-mlflow", "--device", "cpu", "--n-show", "4",
+                        "--n-eval", "8"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "=== training toy ===" in r.stdout and "epoch 2/2" in r.stdout  # its --quick budget
+    md = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "SMOKE RUN" in md and "| toy autoencoder |" in md and "| VAE |" not in md
+    assert (tmp_path / "cmp" / "toy" / "checkpoints" / "last.pt").exists()
+    help_ = subprocess.run([sys.executable, "compare.py", "--help"], cwd=tmp_path, capture_output=True, text=True)
+    assert "--epochs-toy" in help_.stdout and "toy epochs (default: 100)" in " ".join(help_.stdout.split())
 
 
 # -----------------------------------------------------------------------------
@@ -1640,41 +1672,28 @@ def test_relative_links_and_images_resolve():
     assert not broken, broken
 
 
-MODEL_FILES = ["vae", "vqvae", "diffusion"]
-TINY: dict[str, dict] = {
-    "vae": dict(channels=8, latent_dim=8, batch_size=32, lr=3e-3, kl_warmup_epochs=0),
-    # prior_epochs=0 keeps `--epochs 1` a one-epoch run; the vqvae tests run both stages
-    "vqvae": dict(hidden=16, codebook_size=16, code_dim=8, prior_dim=32, prior_layers=1, prior_heads=2,
-                  prior_epochs=0, batch_size=16, lr=3e-3, n_samples=8, n_eval=16, sample_every=0),
-    "diffusion": dict(base_channels=8, timesteps=10, steps=5, batch_size=16, lr=1e-2),
-}
+# The model files are compare.py's registry; each declares its tiny configuration (TINY) next to its Config.
+TINY: dict[str, dict] = {name: compare.module_of(cls).TINY for name, (cls, _) in compare.MODELS.items()}
 
 
 def model_modules():
-    return [importlib.import_module(m) for m in MODEL_FILES if (ROOT / f"{m}.py").exists()]
+    return [compare.module_of(cls) for cls in compare.REGISTRY]
 
 
-def strategy_of(module):
-    """The Strategy class of a model file: the class whose `name` is the file's name."""
-    found = [v for v in vars(module).values()
-             if isinstance(v, type) and getattr(v, "name", None) == module.__name__ and hasattr(v, "train_step")]
-    assert len(found) == 1, f"{module.__name__}.py must define exactly one Strategy with name = {module.__name__!r}"
-    return found[0]
+def test_compare_registry_names_each_model_after_its_file():
+    # `python <name>.py` is how messages tell the user to resume or sample a <name> checkpoint.
+    for name, (cls, config_cls) in compare.MODELS.items():
+        assert issubclass(cls, common.Strategy) and cls.__module__ == name, (name, cls)
+        assert issubclass(config_cls, common.TrainConfig) and (ROOT / f"{name}.py").exists()
 
 
-MODELS = [m for m in MODEL_FILES if (ROOT / f"{m}.py").exists()]
-needs_models = pytest.mark.skipif(not MODELS, reason="no model file written yet")
-
-
-@pytest.fixture(params=MODELS or ["none"])
+@pytest.fixture(params=list(compare.MODELS))
 def model(request, dataset):
-    """(module, Strategy class, tiny Config, palette, fixed batch) for each model file."""
-    if request.param == "none":
-        pytest.skip("no model file written yet")
-    module = importlib.import_module(request.param)
-    config = module.Config(**{**TINY[request.param], "data": str(dataset), "device": "cpu", "mlflow": False})
+    """(module, Strategy class, tiny Config, palette, fixed batch) for each model of the registry."""
+    cls, config_cls = compare.MODELS[request.param]
+    config = config_cls(**{**TINY[request.param], "data": str(dataset), "device": "cpu", "mlflow": False})
     data = common.load_sprites(dataset, torch.device("cpu"))
-    return module, strategy_of(module), config, data.palette, data.train[:16]
+    return compare.module_of(cls), cls, config, data.palette, data.train[:16]
 
 
 def test_model_contract_shapes_dtype_range(model):
@@ -2460,7 +2479,7 @@ def doc_command_problems(page: Path) -> list[str]:
         reads(ns.get("checkpoint"), "the checkpoint")
         reads(ns.get("resume"), "the checkpoint")
         reads(ns.get("data"), "the dataset")
-        models = ["vae", "vqvae", "diffusion"]
+        models = ns.get("models") or list(compare.MODELS)
         if ns.get("checkpoints"):
             for m in models:
                 reads(Path(ns["checkpoints"]) / m / "checkpoints" / "last.pt", "the checkpoint")

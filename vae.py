@@ -153,6 +153,13 @@ class Config(common.TrainConfig):
             raise ValueError(f"--temperature applies to --recon-loss ce only (this is {self.recon_loss}); drop it")
 
 
+# What compare.py (its registry holds one line per model: the Strategy) and the
+# tests know of this model, declared next to its Config; the keys are explained
+# at compare.py's registry. TINY trains in a few seconds on 2 cores (the tests).
+COMPARE = dict(panels=[("VAE", {})], budgets={"vae": ("epochs", "VAE epochs")}, quick=dict(epochs=10))
+TINY = dict(channels=8, latent_dim=8, batch_size=32, lr=3e-3, kl_warmup_epochs=0)
+
+
 # -----------------------------------------------------------------------------
 # The two terms of the ELBO
 # -----------------------------------------------------------------------------
@@ -244,7 +251,7 @@ class VAE(nn.Module):
 # -----------------------------------------------------------------------------
 
 
-class VAEStrategy:
+class VAEStrategy(common.Strategy):
     """A VAE trained on recon + w * kl (a beta-VAE, Higgins et al. 2017, with a
     small beta; see `train_step`), sampled by decoding z ~ N(0, I).
 
@@ -265,11 +272,12 @@ class VAEStrategy:
 
     def build_model(self, config: Config) -> nn.Module:
         out_channels = self.palette.shape[0] if self.mode == "ce" else 3
-        model = VAE(config.channels, config.latent_dim, out_channels)
+        return VAE(config.channels, config.latent_dim, out_channels)
+
+    def describe(self, model: nn.Module) -> str:
         count = lambda m: sum(p.numel() for p in m.parameters())
-        print(f"vae: encoder {count(model.encoder):,} + decoder {count(model.decoder):,} parameters "
-              f"(--recon-loss {self.mode}: decoder emits {out_channels} numbers per pixel)")
-        return model
+        return (f"vae: encoder {count(model.encoder):,} + decoder {count(model.decoder):,} parameters "
+                f"(--recon-loss {self.mode}: decoder emits {model.decoder.convs[-1].out_channels} numbers per pixel)")
 
     # -- the KL weight and its warm-up ----------------------------------------
 

@@ -212,6 +212,18 @@ class Config(common.TrainConfig):
             raise ValueError(f"--top-k must be in [0, --codebook-size], got {self.top_k}")
 
 
+# What compare.py (its registry holds one line per model: the Strategy) and the
+# tests know of this model, declared next to its Config; the keys are explained
+# at compare.py's registry. TINY trains in a few seconds on 2 cores (the tests).
+# The random-codes panel shows what the prior is for.
+COMPARE = dict(panels=[("VQ-VAE (prior)", {"sampler": "prior"}), ("VQ-VAE (random codes)", {"sampler": "random"})],
+               budgets={"vqvae": ("epochs", "VQ-VAE stage-1 epochs"), "prior": ("prior_epochs", "VQ-VAE prior epochs")},
+               quick=dict(epochs=10, prior_epochs=10))
+# prior_epochs=0 keeps `--epochs 1` a one-epoch run; the vqvae tests run both stages
+TINY = dict(hidden=16, codebook_size=16, code_dim=8, prior_dim=32, prior_layers=1, prior_heads=2,
+            prior_epochs=0, batch_size=16, lr=3e-3, n_samples=8, n_eval=16, sample_every=0)
+
+
 # -----------------------------------------------------------------------------
 # Stage 1 building blocks: encoder, vector quantizer, decoder
 # -----------------------------------------------------------------------------
@@ -481,7 +493,7 @@ class VQVAE(nn.Module):
 # -----------------------------------------------------------------------------
 
 
-class VQVAEStrategy:
+class VQVAEStrategy(common.Strategy):
     """Stage 1 trains the VQ-VAE on Eq. 3, stage 2 the prior on the codes; the
     stage follows from the epoch (see the module docstring)."""
 
@@ -498,13 +510,15 @@ class VQVAEStrategy:
 
     def build_model(self, config: Config) -> nn.Module:
         out_channels = self.palette.shape[0] if config.recon_loss == "ce" else 3
-        model = VQVAE(config, out_channels)
+        return VQVAE(config, out_channels)
+
+    def describe(self, model: nn.Module) -> str:
+        config = self.config
         count = lambda m: sum(p.numel() for p in m.parameters())
         stage1 = count(model.encoder) + count(model.quantizer) + count(model.decoder)
-        print(f"vqvae: stage 1 = encoder {count(model.encoder):,} + codebook {count(model.quantizer):,} "
-              f"({config.codebook_size} x {config.code_dim}) + decoder {count(model.decoder):,} = {stage1:,} "
-              f"parameters (--recon-loss {config.recon_loss}); stage 2 = prior {count(model.prior):,}")
-        return model
+        return (f"vqvae: stage 1 = encoder {count(model.encoder):,} + codebook {count(model.quantizer):,} "
+                f"({config.codebook_size} x {config.code_dim}) + decoder {count(model.decoder):,} = {stage1:,} "
+                f"parameters (--recon-loss {config.recon_loss}); stage 2 = prior {count(model.prior):,}")
 
     # -- stages ---------------------------------------------------------------
 
