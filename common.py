@@ -1549,11 +1549,6 @@ def sample_command(strategy_cls, config_cls, argv: list[str]) -> None:
         print(f"wrote an animation of {min(args.n, 16)} sprites ({frames.shape[0]} frames) to {args.gif}")
 
 
-# -----------------------------------------------------------------------------
-# Bench: how fast is this model on this machine, as a fraction of its peak?
-# -----------------------------------------------------------------------------
-
-
 def sample_out(out: str, checkpoint: str, seed: int) -> Path:
     """Where `sample` writes, decided by the suffix of --out: .png a grid,
     .gif an animation, no suffix (or an existing folder) a folder of PNGs;
@@ -1570,20 +1565,10 @@ def sample_out(out: str, checkpoint: str, seed: int) -> Path:
     return path
 
 
-def matmul_peak(dtype: torch.dtype, device: torch.device, repeats: int,
-                budget_s: float = 2.0) -> tuple[float, int, float]:
-    """This machine's matrix-multiply throughput in GFLOP/s for `dtype`: the
-    best of `repeats` square products, at growing sizes until the next product
-    would take longer than `budget_s`. Returns (GFLOP/s, the size that gave
-    it, the CPU share of that run; see _best_time)."""
-    best, best_n, best_share = 0.0, 0, 0.0
-    for n in (256, 512, 1024, 2048):
-        gflops, share = matmul_rate(n, dtype, device, repeats, run_seconds=0.1)  # >= 0.1 s: reliable CPU time
-        if gflops > best:
-            best, best_n, best_share = gflops, n, share
-        if 8 * 2 * n ** 3 / gflops / 1e9 > budget_s:  # the next size costs 8x as much
-            break
-    return best, best_n, best_share
+# -----------------------------------------------------------------------------
+# Speed: matmul throughput, the --amp decision, the contention hint
+# -----------------------------------------------------------------------------
+# (compare.py's `bench` measures a model's speed with these.)
 
 
 def matmul_rate(n: int, dtype: torch.dtype, device: torch.device, repeats: int,
@@ -1643,32 +1628,6 @@ def amp_worth_it(device: torch.device, force: bool) -> bool:
     return False
 
 
-def time_by_op(fn: Callable, top: int = 5) -> str:
-    """One profiled call of fn: the `top` operators by self time, as shares of
-    the total, e.g. "convolution 72%, native_group_norm 16%, ..."."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    stderr_fd, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    try:  # the profiler's C++ side prints start/stop lines straight to file descriptor 2
-        sys.stderr.flush()
-        os.dup2(devnull, 2)
-        with profile(activities=activities) as prof:
-            fn()
-    finally:
-        os.dup2(stderr_fd, 2)
-        os.close(stderr_fd)
-        os.close(devnull)
-    averages = prof.key_averages()
-    on_device = any(e.self_device_time_total > 0 for e in averages)
-    key = "self_device_time_total" if on_device else "self_cpu_time_total"
-    # Operators only: leave out annotated ranges such as "Optimizer.step#AdamW.step".
-    events = [e for e in averages if getattr(e, key) > 0 and (on_device or e.key.startswith("aten::"))]
-    total = sum(getattr(e, key) for e in events) or 1
-    events.sort(key=lambda e: getattr(e, key), reverse=True)
-    return ", ".join(f"{e.key.removeprefix('aten::')} {getattr(e, key) / total:.0%}" for e in events[:top])
-
-
 def _best_time(fn: Callable, repeats: int, device: torch.device) -> tuple[float, float]:
     """Best wall time of `repeats` calls after one warm-up call. The best, not
     the mean: on a shared machine the fastest run is the least disturbed one.
@@ -1710,140 +1669,9 @@ def contention_hint(device: torch.device, resume_command: str, threshold: float 
             f"faster then: Ctrl-C, then {resume_command}")
 
 
-def bench_sprites(n: int, palette: Tensor, generator: torch.Generator) -> Tensor:
-    """Random sprites shaped like the real ones: one palette colour (not black)
-    on a black background, ~30% of the pixels. (n, 3, 16, 16) in [0, 1]."""
-    colour = palette[1 + torch.randint(len(palette) - 1, (n,), generator=generator)]  # (n, 3)
-    mask = (torch.rand(n, 1, 16, 16, generator=generator) < 0.3).float()  # (n, 1, 16, 16)
-    return mask * colour[:, :, None, None]
-
-
-def bench_command(strategy_cls, config_cls, argv: list[str]) -> dict:
-    """`python X.py bench`: parameters, FLOPs, training images/s and seconds to
-    sample, in fp32 and with bf16 autocast (--amp), next to this machine's own
-    matmul throughput measured in the same run. Needs no data and no
-    checkpoint: a freshly initialised model on random sprites costs the same.
-    Prints its figures and returns them (compare.py bench tabulates them):
-    {"params", "n", "batch_size", "fp32": {...}, "bf16": {...}}, each precision
-    with "peak_gflops", "train_sprites_per_s", "train_of_peak", "sample_s",
-    "sample_of_peak" (fractions of the fp32 peak)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    parser = download.OneLineParser(
-        prog=f"{Path(sys.argv[0]).name} bench",
-        description="Measure this model's speed on this machine: FLOPs (torch.utils.flop_counter, matmul and "
-                    "conv only), training images/s and sampling seconds in fp32 and bf16 autocast, each as a "
-                    "fraction of the matmul GFLOP/s measured in the same run.")
-    parser.add_argument("--batch-size", type=int, default=0,
-                        help="training batch (default: the model's own --batch-size)")
-    parser.add_argument("--n", type=int, default=16, help="sprites per sampling run (default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="timed runs of each measurement, the best is shown (default: %(default)s)")
-    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
-                        help="also measure with bf16 autocast, as --amp trains (default: %(default)s)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
-    own = {f.name for f in dataclasses.fields(config_cls)} - {f.name for f in dataclasses.fields(TrainConfig)}
-    add_config_flags(parser.add_argument_group("model flags (default: the model's defaults)"),
-                     config_cls, suppress_defaults=True, only=own)
-    args = parser.parse_args(argv)
-    if args.n < 1 or args.repeats < 1 or args.batch_size < 0:
-        parser.error("--n and --repeats must be at least 1, --batch-size at least 0")
-    device = select_device(args.device)
-    seed_everything(0)
-    if device.type == "cpu":
-        torch.use_deterministic_algorithms(True, warn_only=True)  # as training runs
-    values = {k: v for k, v in vars(args).items() if k in own}
-    values.update(mlflow=False, device=str(device))
-    if args.batch_size:
-        values["batch_size"] = args.batch_size
-    config = make_config(config_cls, parser, values)
-    batch_size = config.batch_size
-    gen = torch.Generator().manual_seed(0)
-    palette = torch.cat([torch.zeros(1, 3), torch.rand(config.palette_size - 1, 3, generator=gen)]).to(device)
-    data = bench_sprites(max(batch_size, 8), palette.cpu(), gen).to(device)
-
-    where = f"{device}" + (f", {torch.get_num_threads()} threads, CPU capability "
-                           f"{torch.backends.cpu.get_cpu_capability()}" if device.type == "cpu" else "")
-    print(f"bench: {strategy_cls.name} on {where}, torch {torch.__version__}")
-    if hasattr(os, "getloadavg"):
-        print(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs (other work on the machine "
-              f"slows every figure below)")
-    native, found = native_bf16(device)
-    print(f"bf16 in hardware: {'yes' if native else 'no'} ({found})"
-          + ("" if native else "; --amp measures bf16 first and trains in fp32 if it is slower"))
-    precisions = ["fp32"] + (["bf16"] if args.bf16 else [])
-    peak = {}
-    for p in precisions:
-        peak[p] = matmul_peak(torch.float32 if p == "fp32" else torch.bfloat16, device, args.repeats)
-        print(f"matmul peak {p}: {peak[p][0]:.1f} GFLOP/s ({peak[p][1]}x{peak[p][1]} products, best of "
-              f"{args.repeats}; CPU share {peak[p][2]:.0%})")
-
-    trainers = {p: Trainer(strategy_cls(config, palette), dataclasses.replace(config, amp=(p == "bf16")),
-                           data, data[:8], palette, Path("."), augment=None) for p in precisions}
-    base = trainers["fp32"]
-    print(f"parameters: {base.n_params():,}")
-    for trainer in trainers.values():
-        trainer.strategy.on_epoch_start(trainer.model, 1)
-        trainer.model.train()
-    batch = data[:batch_size]
-
-    # FLOPs, counted on one fp32 training step and one fp32 sampling run.
-    with FlopCounterMode(display=False) as counter:
-        out = base.strategy.train_step(base.model, batch)
-        out["loss"].backward()
-    base.model.zero_grad(set_to_none=True)
-    train_flops = counter.get_total_flops()
-    calls = []
-    handle = base.eval_model.register_forward_hook(lambda *a: calls.append(1))
-    with FlopCounterMode(display=False) as counter:
-        base.eval_model.eval()
-        draw_samples(base.strategy, base.eval_model, args.n, 0, device)
-    handle.remove()
-    sample_flops = counter.get_total_flops()
-    print(f"FLOPs (matmul and conv, torch.utils.flop_counter): training step {train_flops / batch_size / 1e9:.3g} "
-          f"GFLOP per sprite (forward + backward); sampling {args.n} sprites {sample_flops / 1e9:.3g} GFLOP"
-          + (f" = {len(calls)} model calls of {sample_flops / len(calls) / args.n / 1e9:.3g} GFLOP per sprite"
-             if calls else ""))
-
-    rows = {}
-    for p, trainer in trainers.items():
-        step = iter(range(10 ** 9))
-        train_s, train_share = _best_time(lambda: trainer.train_step(batch, 1, next(step)), args.repeats, device)
-        trainer.eval_model.eval()
-        sample_s, sample_share = _best_time(lambda: draw_samples(trainer.strategy, trainer.eval_model, args.n, 0,
-                                                                 device, amp=(p == "bf16")), args.repeats, device)
-        rows[p] = (train_s, sample_s, train_share, sample_share)
-
-    def fraction(flops, seconds, p, share):
-        rate = flops / seconds / 1e9
-        text = f"{rate:.3g} GFLOP/s = {rate / peak[p][0]:.0%} of {p} matmul peak"
-        return text + (f", {rate / peak['fp32'][0]:.0%} of fp32" if p != "fp32" else "") + f"; CPU share {share:.0%}"
-
-    for p, (train_s, sample_s, train_share, sample_share) in rows.items():
-        name = "fp32" if p == "fp32" else "bf16 autocast (--amp)"
-        print(f"{name}: training {batch_size / train_s:.1f} sprites/s ({train_s * 1e3:.0f} ms per step of "
-              f"{batch_size}; {fraction(train_flops, train_s, p, train_share)})")
-        print(f"{name}: sampling {args.n} sprites {sample_s:.3g} s "
-              f"({fraction(sample_flops, sample_s, p, sample_share)})")
-    if "bf16" in rows:
-        print(f"bf16 autocast vs fp32: training {rows['fp32'][0] / rows['bf16'][0]:.2f}x as fast, "
-              f"sampling {rows['fp32'][1] / rows['bf16'][1]:.2f}x as fast")
-    # What limits the fractions above: the FLOP count covers matmuls and convolutions only, so time
-    # spent in normalisation, activations and additions (memory-bound, no FLOPs counted) lowers them.
-    step = iter(range(10 ** 9))
-    for what, fn in (("training step", lambda: base.train_step(batch, 1, next(step))),
-                     (f"sampling {args.n} sprites",
-                      lambda: draw_samples(base.strategy, base.eval_model, args.n, 0, device))):
-        base.eval_model.eval()
-        print(f"fp32 {what}, where the time goes (torch.profiler, self time): {time_by_op(fn)}")
-    figures = {"params": base.n_params(), "n": args.n, "batch_size": batch_size, "bf16_native": native}
-    for p, (train_s, sample_s, _, _) in rows.items():
-        figures[p] = dict(peak_gflops=peak[p][0], train_sprites_per_s=batch_size / train_s,
-                          train_of_peak=train_flops / train_s / 1e9 / peak["fp32"][0], sample_s=sample_s,
-                          sample_of_peak=sample_flops / sample_s / 1e9 / peak["fp32"][0])
-    if hasattr(os, "getloadavg"):
-        print(f"load average after: {os.getloadavg()[0]:.2f}")
-    return figures
+# -----------------------------------------------------------------------------
+# The command line of a model file: train, sample, bench
+# -----------------------------------------------------------------------------
 
 
 def parse_train_args(config_cls, argv: list[str], strategy_name: str = "") -> TrainConfig:
@@ -1884,8 +1712,9 @@ def main(strategy_cls, config_cls, argv: list[str] | None = None) -> None:
     def run():
         if argv[:1] == ["sample"]:
             sample_command(strategy_cls, config_cls, argv[1:])
-        elif argv[:1] == ["bench"]:
-            bench_command(strategy_cls, config_cls, argv[1:])
+        elif argv[:1] == ["bench"]:  # its code lives in compare.py, beside the table of every model's figures
+            import compare
+            compare.bench_command(strategy_cls, config_cls, argv[1:])
         else:
             train(strategy_cls, parse_train_args(config_cls, argv, strategy_cls.name))
     # A UserError, download.py's DataError or an OSError (full disk...) is one

@@ -1358,11 +1358,9 @@ def test_bench_prints_its_figures_for_diffusion_and_for_the_tiny_test_strategy()
 
 
 def test_compare_bench_tabulates_what_each_bench_run_returns(capsys):
-    import compare
-
     deterministic = torch.are_deterministic_algorithms_enabled()
     try:  # bench_command sets deterministic algorithms, as training does; this process goes on testing
-        figures = common.bench_command(TinyStrategy, TinyConfig, ["--repeats", "1", "--n", "2", "--batch-size", "8"])
+        figures = compare.bench_command(TinyStrategy, TinyConfig, ["--repeats", "1", "--n", "2", "--batch-size", "8"])
     finally:
         torch.use_deterministic_algorithms(deterministic)
     printed = capsys.readouterr().out
@@ -1376,6 +1374,14 @@ def test_compare_bench_tabulates_what_each_bench_run_returns(capsys):
     assert lines[0].startswith("| model | params | fp32 train sprites/s") and len(lines[0].split("|")) == 9
     assert lines[2].startswith(f"| tiny | {figures['params'] / 1e6:.2f}M | {figures['fp32']['train_sprites_per_s']:.1f} (")
     assert lines[3].startswith("| again |") and "sampling: 2 sprites" in md
+
+
+def test_compare_bench_runs_the_models_named():
+    r = run_cli(["compare.py", "bench", "--models", "vae", "--repeats", "1", "--n", "2", "--no-bf16",
+                 "--channels", "8", "--latent-dim", "8", "--device", "cpu"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "=== vae ===" in r.stdout and "=== vqvae ===" not in r.stdout
+    assert "\n| vae | " in r.stdout and "| vqvae |" not in r.stdout
 
 
 def test_cli_refuses_a_bad_sampler_in_one_line():
