@@ -936,73 +936,25 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.amp)
 
     def fit(self) -> list[dict]:
-        cfg = self.config
-        n = self.train_data.shape[0]
-        n_batches = math.ceil(n / cfg.batch_size)
+        """Train from the epoch after the last completed one to the end; returns
+        the history (one dict of metrics per epoch). Ctrl-C finishes the
+        current step and saves a checkpoint that resumes exactly there."""
         previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
-        t_start, epochs_timed = time.time(), 0
-        self._fit_start, self._eval_pause = t_start, 0.0
-        if cfg.sample_every and self.epoch == 0 and self.resume_batch == 0:
+        self._fit_start, self._eval_pause = time.time(), 0.0
+        epochs_timed = 0
+        if self.config.sample_every and self.epoch == 0 and self.resume_batch == 0:
             # The untrained model's grid at step 0: MLflow's image slider starts there, and it shows
             # where training begins. (Forked RNGs: training's random stream is untouched.)
             self.write_pictures(0)
         try:
             for epoch in range(self.epoch + 1, self.epochs + 1):
                 t0, pause_at_start = time.time(), self._eval_pause
-                self.tracker.epoch = epoch
-                if self.resume_batch == 0:  # a fresh epoch: remember where its shuffle began
-                    self.epoch_gen_state, self.epoch_sums = self.data_gen.get_state(), {}
-                self.data_gen.set_state(self.epoch_gen_state)
-                perm = torch.randperm(n, generator=self.data_gen)
-                flip_gen = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=self.data_gen)))
-                self.strategy.on_epoch_start(self.model, epoch)
-                self.model.train()
-                step_log: list[tuple[str, float, int]] = []
-                for i in range(n_batches):
-                    idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size].to(self.device)
-                    batch = self.train_data[idx]
-                    if self.augment is not None:  # drawn for every batch, so skipping keeps the stream aligned
-                        batch = self.augment(batch, flip_gen)
-                    if i < self.resume_batch:
-                        continue  # already trained on before the interruption
-                    scalars = self.train_step(batch, epoch, i)
-                    self.maybe_score_curve(epoch - 1 + (i + 1) / n_batches)
-                    for k, v in scalars.items():
-                        self.epoch_sums[k] = self.epoch_sums.get(k, 0.0) + v * batch.shape[0]
-                        step_log.append((f"train_step/{k}", v, self.step))  # x-axis: optimizer step
-                    if self.stop_requested and i + 1 < n_batches:
-                        self.resume_batch = i + 1
-                        self.save()
-                        self.tracker.log_metric_history(step_log)
-                        print(f"\ninterrupted in epoch {epoch}, step {i + 1}/{n_batches}; checkpoint saved. "
-                              f"Resume with: --resume {self.ckpt_path}")
-                        return self.history
-                self.resume_batch = 0
-                self.epoch = epoch
+                step_log = self.train_epoch(epoch)
+                if step_log is None:  # stopped inside the epoch; the checkpoint says where
+                    return self.history
                 train_time = time.time() - t0 - (self._eval_pause - pause_at_start)
-                metrics = {f"train/{k}": v / n for k, v in self.epoch_sums.items()}
-                # Throughput measures the machine (other processes slow it), not the model: system/.
-                metrics["system/images_per_sec"] = n / max(train_time, 1e-9)
-                metrics.update(self.validate(epoch))
-                self.history.append({"epoch": epoch, **metrics})
-                self.save()  # every epoch: the last good state is always on disk
-                self.tracker.log_metric_history(step_log)
-                self.tracker.log_metrics(metrics, step=epoch)
                 epochs_timed += 1
-                elapsed = time.time() - t_start
-                eta = elapsed / epochs_timed * (self.epochs - epoch)
-                print(self.progress_line(epoch, metrics, elapsed, eta), flush=True)
-                if epochs_timed == 1:
-                    script = Path(sys.argv[0]).name  # compare.py trains through the model scripts' Trainer
-                    script = f"{self.strategy.name}.py" if script == "compare.py" else script
-                    hint = contention_hint(self.device, f"OMP_NUM_THREADS=1 python {script} --resume {self.ckpt_path}")
-                    if hint:
-                        print(hint, flush=True)
-                if cfg.sample_every and epoch % cfg.sample_every == 0 and epoch < self.epochs:
-                    self.write_pictures(epoch)
-                    quality = self.score_samples(epoch)  # quality during training, not only at the end
-                    self.history[-1].update(quality)
-                    self.tracker.log_metrics(quality, step=epoch)
+                self.end_epoch(epoch, train_time, step_log, epochs_timed)
                 if self.stop_requested:
                     print(f"interrupted after epoch {epoch}; checkpoint saved. Resume with: --resume {self.ckpt_path}")
                     return self.history
@@ -1012,7 +964,75 @@ class Trainer:
             self._fit_start = None
         return self.history
 
-    def train_step(self, batch: Tensor, epoch: int, i: int) -> dict[str, float]:
+    def train_epoch(self, epoch: int) -> list[tuple[str, float, int]] | None:
+        """One pass over the training sprites: shuffle, flip, optimizer_step per
+        batch. Returns the per-step log (train_step/<name>, value, step), or None
+        when Ctrl-C stopped the epoch midway (a checkpoint then holds the step)."""
+        cfg, n = self.config, self.train_data.shape[0]
+        n_batches = math.ceil(n / cfg.batch_size)
+        self.tracker.epoch = epoch
+        if self.resume_batch == 0:  # a fresh epoch: remember where its shuffle began
+            self.epoch_gen_state, self.epoch_sums = self.data_gen.get_state(), {}
+        self.data_gen.set_state(self.epoch_gen_state)
+        perm = torch.randperm(n, generator=self.data_gen)
+        flip_gen = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=self.data_gen)))
+        self.strategy.on_epoch_start(self.model, epoch)
+        self.model.train()
+        step_log: list[tuple[str, float, int]] = []
+        for i in range(n_batches):
+            idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size].to(self.device)
+            batch = self.train_data[idx]
+            if self.augment is not None:  # drawn for every batch, so skipping keeps the stream aligned
+                batch = self.augment(batch, flip_gen)
+            if i < self.resume_batch:
+                continue  # already trained on before the interruption
+            scalars = self.optimizer_step(batch, epoch, i)
+            self.maybe_score_curve(epoch - 1 + (i + 1) / n_batches)
+            for k, v in scalars.items():
+                self.epoch_sums[k] = self.epoch_sums.get(k, 0.0) + v * batch.shape[0]
+                step_log.append((f"train_step/{k}", v, self.step))  # x-axis: optimizer step
+            if self.stop_requested and i + 1 < n_batches:
+                self.resume_batch = i + 1
+                self.save()
+                self.tracker.log_metric_history(step_log)
+                print(f"\ninterrupted in epoch {epoch}, step {i + 1}/{n_batches}; checkpoint saved. "
+                      f"Resume with: --resume {self.ckpt_path}")
+                return None
+        self.resume_batch = 0
+        self.epoch = epoch
+        return step_log
+
+    def end_epoch(self, epoch: int, train_time: float, step_log: list, epochs_timed: int) -> None:
+        """After an epoch: validation, the checkpoint, MLflow, the progress line
+        and, every --sample-every epochs, pictures and sprite-quality metrics."""
+        cfg, n = self.config, self.train_data.shape[0]
+        metrics = {f"train/{k}": v / n for k, v in self.epoch_sums.items()}
+        # Throughput measures the machine (other processes slow it), not the model: system/.
+        metrics["system/images_per_sec"] = n / max(train_time, 1e-9)
+        metrics.update(self.validate(epoch))
+        self.history.append({"epoch": epoch, **metrics})
+        self.save()  # every epoch: the last good state is always on disk
+        self.tracker.log_metric_history(step_log)
+        self.tracker.log_metrics(metrics, step=epoch)
+        elapsed = time.time() - self._fit_start
+        eta = elapsed / epochs_timed * (self.epochs - epoch)
+        print(self.progress_line(epoch, metrics, elapsed, eta), flush=True)
+        if epochs_timed == 1:
+            script = Path(sys.argv[0]).name  # compare.py trains through the model scripts' Trainer
+            script = f"{self.strategy.name}.py" if script == "compare.py" else script
+            hint = contention_hint(self.device, f"OMP_NUM_THREADS=1 python {script} --resume {self.ckpt_path}")
+            if hint:
+                print(hint, flush=True)
+        if cfg.sample_every and epoch % cfg.sample_every == 0 and epoch < self.epochs:
+            self.write_pictures(epoch)
+            quality = self.score_samples(epoch)  # quality during training, not only at the end
+            self.history[-1].update(quality)
+            self.tracker.log_metrics(quality, step=epoch)
+
+    def optimizer_step(self, batch: Tensor, epoch: int, i: int) -> dict[str, float]:
+        """One step on one batch: the strategy's loss (autocast), the NaN guard,
+        backward, clipping, the learning rate, AdamW, the EMA. Returns the
+        step's scalars as floats."""
         with self.autocast():
             out = self.strategy.train_step(self.step_model, batch)
         loss = out["loss"]
@@ -1063,17 +1083,30 @@ class Trainer:
         self.stop_requested = True
         print("\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to abort at once)")
 
-    @torch.no_grad()
-    def validate(self, epoch: int) -> dict[str, float]:
-        """Average get_metrics over the validation split, with the EMA weights
-        if kept. The RNG is forked and reseeded so validation noise is the
-        same every epoch (comparable numbers) and training's stream is
-        untouched (exact resume)."""
+    @contextlib.contextmanager
+    def evaluating(self, seed: int | None = None):
+        """`with trainer.evaluating() as model:` the eval model (the EMA if kept)
+        in eval mode, without gradients, under a fork of torch's RNG (reseeded
+        with `seed` if given): what is drawn inside never moves training's
+        random stream, so validation, pictures and scores leave the losses of a
+        seeded run as they are, and resume stays exact. The trained model is
+        back in train mode afterwards."""
         model = self.eval_model
         model.eval()
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                if seed is not None:
+                    torch.manual_seed(seed)
+                yield model
+        finally:
+            self.model.train()
+
+    def validate(self, epoch: int) -> dict[str, float]:
+        """Average get_metrics over the validation split, with the EMA weights
+        if kept, reseeded so validation noise is the same every epoch
+        (comparable numbers)."""
         sums: dict[str, float] = {}
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(self.config.seed + 1)
+        with self.evaluating(seed=self.config.seed + 1) as model:
             for i in range(0, self.val_data.shape[0], self.config.batch_size):
                 batch = self.val_data[i:i + self.config.batch_size]
                 with self.autocast():
@@ -1083,22 +1116,18 @@ class Trainer:
         # No validation sprites: the hook still runs (it may act on training,
         # e.g. codebook restarts), on the training sprites, and its val/
         # metrics are dropped rather than measured on the wrong split.
-        extra = self.strategy.on_epoch_end(self.model, epoch, self.val_data if len(self.val_data) else self.train_data)
+        with torch.no_grad():
+            extra = self.strategy.on_epoch_end(self.model, epoch,
+                                               self.val_data if len(self.val_data) else self.train_data)
         extra = extra if len(self.val_data) else {}
-        self.model.train()
         out = {f"val/{k}": v / self.val_data.shape[0] for k, v in sums.items()}
         out.update({f"val/{k}": float(v) for k, v in extra.items()})
         return out
 
-    @torch.no_grad()
     def generate(self, n: int, seed: int) -> Tensor:
         """n raw samples from the eval model, in chunks of 256, reproducible."""
-        model = self.eval_model
-        model.eval()
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            x = draw_samples(self.strategy, model, n, seed, self.device, self.config.amp)
-        model.train()
-        return x
+        with self.evaluating() as model:
+            return draw_samples(self.strategy, model, n, seed, self.device, self.config.amp)
 
     def write_pictures(self, epoch: int, final: bool = False) -> dict[str, Path]:
         """A sample grid (same seed every time, so the grids show one set of
@@ -1108,10 +1137,8 @@ class Trainer:
         pictures = {"samples": (self.generate(self.config.n_samples, self.config.seed), 8)}
         if len(self.val_data):  # the extra pictures show validation sprites: none, no pictures
             gen = torch.Generator(self.device).manual_seed(self.config.seed)
-            with torch.no_grad(), torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-                self.eval_model.eval()
-                pictures.update(self.strategy.images(self.eval_model, self.val_data, gen))
-                self.model.train()
+            with self.evaluating() as model:
+                pictures.update(self.strategy.images(model, self.val_data, gen))
         paths = {}
         for key, (images, nrow) in pictures.items():
             img = make_grid(images, nrow=nrow, scale=4, palette=self.palette)
@@ -1137,11 +1164,8 @@ class Trainer:
         if not self.strategy.animates():
             return None
         gen = torch.Generator(self.device).manual_seed(self.config.seed)
-        self.eval_model.eval()
-        with torch.no_grad(), self.autocast(), \
-                torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            frames = self.strategy.trajectory(self.eval_model, n, gen).float()
-        self.model.train()
+        with self.evaluating() as model, self.autocast():
+            frames = self.strategy.trajectory(model, n, gen).float()
         path = save_gif(frames, self.run_dir / "trajectory.gif", nrow=4)
         self.tracker.log_artifact(path)
         return path
@@ -1437,9 +1461,8 @@ def finish(trainer: Trainer, data: Sprites) -> dict[str, Path]:
     quality = trainer.score_samples(trainer.epoch)
     if cfg.eval_every_minutes:  # the curve ends with the end-of-run score
         trainer.add_curve_point(quality, trainer.train_seconds / 60, trainer.epoch, final=True)
-    trainer.eval_model.eval()
-    with torch.no_grad(), torch.random.fork_rng(devices=[trainer.device] if trainer.device.type == "cuda" else []):
-        extra = trainer.strategy.on_train_end(trainer.eval_model, data.train)  # e.g. vqvae.py's second sampler
+    with trainer.evaluating() as model:
+        extra = trainer.strategy.on_train_end(model, data.train)  # e.g. vqvae.py's second sampler
     if extra:
         print("end-of-run metrics:", " ".join(f"{k} {v:.3f}" for k, v in extra.items()))
     quality.update(extra)

@@ -332,7 +332,7 @@ def bench_command(strategy_cls, config_cls, argv: list[str], parents: tuple = ()
     rows = {}
     for p, trainer in trainers.items():
         step = iter(range(10 ** 9))
-        train_s, train_share = common._best_time(lambda: trainer.train_step(batch, 1, next(step)), args.repeats, device)
+        train_s, train_share = common._best_time(lambda: trainer.optimizer_step(batch, 1, next(step)), args.repeats, device)
         trainer.eval_model.eval()
         sample_s, sample_share = common._best_time(lambda: common.draw_samples(trainer.strategy, trainer.eval_model, args.n, 0,
                                                                  device, amp=(p == "bf16")), args.repeats, device)
@@ -355,7 +355,7 @@ def bench_command(strategy_cls, config_cls, argv: list[str], parents: tuple = ()
     # What limits the fractions above: the FLOP count covers matmuls and convolutions only, so time
     # spent in normalisation, activations and additions (memory-bound, no FLOPs counted) lowers them.
     step = iter(range(10 ** 9))
-    for what, fn in (("training step", lambda: base.train_step(batch, 1, next(step))),
+    for what, fn in (("training step", lambda: base.optimizer_step(batch, 1, next(step))),
                      (f"sampling {args.n} sprites",
                       lambda: common.draw_samples(base.strategy, base.eval_model, args.n, 0, device))):
         base.eval_model.eval()
