@@ -130,6 +130,10 @@ class TrainConfig:
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise ValueError(f"unknown --device {self.device!r}; use auto, cpu, cuda, cuda:N or mps")
         check_finite_and_seed(self)
+        for f in dataclasses.fields(self):  # a model's fields with listed choices, e.g. vae.py's --recon-loss
+            choices, value = f.metadata.get("choices"), getattr(self, f.name)
+            if choices and value not in choices:
+                raise ValueError(f"unknown --{f.name.replace('_', '-')} {value!r}; use one of {', '.join(choices)}")
 
 
 SEED_MAX = 2**32 - 1  # NumPy's seeds are 32-bit
@@ -372,6 +376,19 @@ def make_grid(images: Tensor, nrow: int = 8, scale: int = 4, palette: Tensor | N
         images = snap_to_palette(images, palette)
     x = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
     return download.grid_image(x.permute(0, 2, 3, 1).cpu().numpy(), nrow, scale, gutter=(48, 48, 48))  # (N, 16, 16, 3)
+
+
+def reconstruction_strip(val: Tensor, order: Tensor, reconstruct: Callable[[Tensor], Tensor]) -> tuple[Tensor, int]:
+    """The reconstructions picture of the autoencoders: up to 4 rows of up to 8
+    validation sprites (taken in `order`, a permutation of val), each row
+    followed by the same sprites through `reconstruct`. Returns (sprites,
+    sprites per row) as Strategy.images does."""
+    per_row = min(8, val.shape[0])
+    rows = max(1, min(4, val.shape[0] // per_row))
+    real = val[order[:rows * per_row]]
+    rec = reconstruct(real)
+    pairs = torch.stack([real.view(rows, per_row, 3, 16, 16), rec.view(rows, per_row, 3, 16, 16)], dim=1)
+    return pairs.reshape(-1, 3, 16, 16), per_row  # (rows, 2, per_row, 3, 16, 16) -> (rows * 2 * per_row, ...)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -556,7 +556,7 @@ class DiffusionStrategy(common.Strategy):
         return torch.stack(frames)  # (steps + 2, n, 3, 16, 16)
 
     @torch.no_grad()
-    def images(self, model: nn.Module, val_data: Tensor, generator: torch.Generator) -> dict:
+    def images(self, model: nn.Module, val: Tensor, generator: torch.Generator) -> dict:
         """The denoising strip: 4 validation sprites noised to x_t by q_sample at
         8 levels t (upper row of each pair) and the model's one-shot estimate
         x0_pred = (x_t - sqrt(1 - alpha_bar_t) eps_theta) / sqrt(alpha_bar_t) (lower row).
@@ -564,7 +564,7 @@ class DiffusionStrategy(common.Strategy):
         every error in eps_theta: one step cannot denoise there, which is why
         samplers take many small ones."""
         s = self.schedule
-        x0 = common.to_model_range(val_data[:4])  # (4, 3, 16, 16)
+        x0 = common.to_model_range(val[:4])  # (4, 3, 16, 16)
         k = x0.shape[0]
         levels = [0, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0]
         t = torch.tensor([round(f * (self.T - 1)) for f in levels], device=x0.device)  # (8,) 0, 50, ..., 999
