@@ -16,10 +16,12 @@ subtly wrong when written three times:
     MLflow                  lazy, fail-soft experiment tracking
     Trainer                 the one training loop: optimizer, EMA, AMP,
                             clipping, checkpoints, resume, Ctrl-C, NaN guard
-    CLI                     `python X.py`, `python X.py sample ...`
+    CLI                     `python X.py`, `python X.py sample ...` (and `bench`,
+                            whose code is in compare.py)
 
-Adding a fourth model is one new file: a Config dataclass, a Strategy class and
-a main() that calls `common.main(Strategy, Config)`.
+Adding a fourth model is one new file (a Config dataclass, a subclass of
+Strategy and a main() that calls `common.main(Strategy, Config)`) and one line
+in compare.py's registry (docs/learn/00-strategy-pattern.md walks through it).
 """
 
 from __future__ import annotations
@@ -539,7 +541,7 @@ def _knn_precision_recall(real: Tensor, fake: Tensor, k: int) -> tuple[float, fl
 
 
 # -----------------------------------------------------------------------------
-# The Strategy protocol
+# The Strategy: what a model file implements
 # -----------------------------------------------------------------------------
 
 
