@@ -155,6 +155,14 @@ class Config(common.TrainConfig):
             raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
 
 
+# What compare.py (its registry holds one line per model: the Strategy) and the
+# tests know of this model, declared next to its Config; the keys are explained
+# at compare.py's registry. TINY trains in a few seconds on 2 cores (the tests).
+COMPARE = dict(panels=[("diffusion", {})], budgets={"diffusion": ("epochs", "diffusion epochs")},
+               quick=dict(epochs=2))
+TINY = dict(base_channels=8, timesteps=10, steps=5, batch_size=16, lr=1e-2)
+
+
 # -----------------------------------------------------------------------------
 # The noise schedule (Ho et al. 2020, Sec. 4)
 # -----------------------------------------------------------------------------
@@ -328,7 +336,7 @@ class UNet(nn.Module):
 # -----------------------------------------------------------------------------
 
 
-class DiffusionStrategy:
+class DiffusionStrategy(common.Strategy):
     """DDPM training (Algorithm 1) and two samplers: DDPM ancestral sampling
     (Algorithm 2) and DDIM (Song et al. 2021, Eq. 12)."""
 
@@ -344,15 +352,17 @@ class DiffusionStrategy:
     def build_model(self, config: Config) -> nn.Module:
         mult = tuple(int(m) for m in config.channel_mult.split(","))
         model = UNet(config.base_channels, config.dropout, mult, config.res_blocks)
-        parts = {"encoder (16x16, 8x8)": [model.conv_in, model.down1, model.downsample1, model.down2, model.downsample2],
-                 "bottom (4x4)": [model.bottom], "decoder (8x8, 16x16)": [model.up2, model.up1, model.norm_out, model.conv_out],
-                 "time embedding MLP": [model.time_mlp]}
-        counts = {k: sum(p.numel() for m in ms for p in m.parameters()) for k, ms in parts.items()}
-        print("U-Net parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
         # channels_last (NHWC) weights: oneDNN's CPU convolutions then run in NHWC, and a U-Net
         # call on 16 sprites is ~1.1x as fast (measured, median of 10 interleaved calls on 2 cores);
         # training speed is unchanged. Same numbers either way: only the memory layout differs.
         return model.to(memory_format=torch.channels_last)
+
+    def describe(self, model: nn.Module) -> str:
+        parts = {"encoder (16x16, 8x8)": [model.conv_in, model.down1, model.downsample1, model.down2, model.downsample2],
+                 "bottom (4x4)": [model.bottom], "decoder (8x8, 16x16)": [model.up2, model.up1, model.norm_out, model.conv_out],
+                 "time embedding MLP": [model.time_mlp]}
+        counts = {k: sum(p.numel() for m in ms for p in m.parameters()) for k, ms in parts.items()}
+        return "U-Net parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items())
 
     # -- training -------------------------------------------------------------
 
@@ -550,7 +560,7 @@ class DiffusionStrategy:
         return torch.stack(frames)  # (steps + 2, n, 3, 16, 16)
 
     @torch.no_grad()
-    def images(self, model: nn.Module, val_data: Tensor, generator: torch.Generator) -> dict:
+    def images(self, model: nn.Module, val: Tensor, generator: torch.Generator) -> dict:
         """The denoising strip: 4 validation sprites noised to x_t by q_sample at
         8 levels t (upper row of each pair) and the model's one-shot estimate
         x0_pred = (x_t - sqrt(1 - alpha_bar_t) eps_theta) / sqrt(alpha_bar_t) (lower row).
@@ -558,7 +568,7 @@ class DiffusionStrategy:
         every error in eps_theta: one step cannot denoise there, which is why
         samplers take many small ones."""
         s = self.schedule
-        x0 = common.to_model_range(val_data[:4])  # (4, 3, 16, 16)
+        x0 = common.to_model_range(val[:4])  # (4, 3, 16, 16)
         k = x0.shape[0]
         levels = [0, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0]
         t = torch.tensor([round(f * (self.T - 1)) for f in levels], device=x0.device)  # (8,) 0, 50, ..., 999
