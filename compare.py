@@ -615,6 +615,8 @@ def main(argv: list[str] | None = None) -> None:
         if argv[:1] == ["bench"]:
             return bench_models(argv[1:])
         args = parse_args(argv)
+        if args.amp:  # sampling gets training's decision: no emulated bf16 where it is slower (common.amp_worth_it)
+            args.amp = common.amp_worth_it(common.select_device(args.device), force=False)
         compare(configs_from(args), args.data, args.out, args.seed, args.n_show, args.n_eval, args.device,
                 args.amp, args.checkpoints, args.quick, not args.no_mlflow, args.models)
     common.download.guarded(run, user_errors=(common.UserError,))  # one line and exit 2 for what the user can fix

@@ -1604,6 +1604,16 @@ def test_amp_probe_really_measures_this_machine():
     assert common.bf16_probe(torch.device("cpu")) > 0
 
 
+def test_compare_amp_samples_in_fp32_where_the_probe_says_bf16_is_slower(monkeypatch, capsys):
+    import compare
+    monkeypatch.setattr(common, "native_bf16", lambda device: (False, "mocked CPU flags"))
+    monkeypatch.setattr(common, "bf16_probe", lambda device: 0.08)
+    seen = {}
+    monkeypatch.setattr(compare, "compare", lambda configs, *args, **kw: seen.update(amp=args[6]))
+    compare.main(["--amp", "--quick", "--no-mlflow", "--device", "cpu"])
+    assert seen == {"amp": False} and "0.08x as fast as fp32" in capsys.readouterr().out
+
+
 # -----------------------------------------------------------------------------
 # compare.py
 # -----------------------------------------------------------------------------
