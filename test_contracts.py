@@ -1165,7 +1165,7 @@ class Oracle(nn.Module):
 
 def test_linear_schedule_and_q_sample_match_the_closed_form():
     palette = torch.rand(8, 3)
-    strategy = diffusion.DiffusionStrategy(diffusion.Config(), palette)
+    strategy = diffusion.DiffusionStrategy(diffusion.Config(**diffusion.Config.LEGACY), palette)  # linear
     s = strategy.schedule
     beta = np.linspace(1e-4, 0.02, 1000)
     assert np.allclose(s["beta"].numpy(), beta, atol=1e-9)
@@ -1185,7 +1185,7 @@ def test_q_sample_equals_running_the_forward_chain():
     """Eq. 4 (closed form) against Eq. 2 run step by step,
     x_t = sqrt(1 - beta_t) x_{t-1} + sqrt(beta_t) z, on 50,000 noisings of
     one pixel: same mean and standard deviation at several t."""
-    strategy = diffusion.DiffusionStrategy(diffusion.Config(), torch.rand(8, 3))
+    strategy = diffusion.DiffusionStrategy(diffusion.Config(**diffusion.Config.LEGACY), torch.rand(8, 3))
     s = strategy.schedule
     g = torch.Generator().manual_seed(0)
     x0 = 0.7
@@ -1232,7 +1232,7 @@ def test_samplers_return_the_data_when_eps_theta_is_exact(sampler, eta):
     too: both samplers must return x_star. A sampler that stopped one level
     early (at alpha_bar_0 instead of clean data) would leave noise of ~0.01."""
     palette = torch.rand(8, 3)
-    cfg = diffusion.Config(sampler=sampler, eta=eta, steps=50)
+    cfg = diffusion.Config(**diffusion.Config.LEGACY, sampler=sampler, eta=eta, steps=50)  # the oracle predicts eps
     strategy = diffusion.DiffusionStrategy(cfg, palette)
     x_star = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
     out = strategy.sample(Oracle(strategy, x_star), 3, torch.Generator().manual_seed(0))
@@ -1257,7 +1257,7 @@ def test_default_unet_shape_and_size():
 
 
 def test_ddim_with_eta_zero_is_deterministic_under_a_seed(sprites):
-    strategy, model = tiny_diffusion(sprites.palette)
+    strategy, model = tiny_diffusion(sprites.palette, sampler="ddim")
     model.eval()
     a = strategy.sample(model, 4, torch.Generator().manual_seed(3))
     b = strategy.sample(model, 4, torch.Generator().manual_seed(3))
@@ -1414,7 +1414,7 @@ def test_new_diffusion_flags_refuse_bad_values(kw, message):
 
 
 def test_unet_width_and_depth_flags_and_the_reference_model():
-    ref = diffusion.DiffusionStrategy(diffusion.Config(**diffusion.Config.LEGACY), torch.rand(8, 3))
+    ref = diffusion.DiffusionStrategy(diffusion.Config(**diffusion.Config.LEGACY, base_channels=64), torch.rand(8, 3))
     with contextlib.redirect_stdout(io.StringIO()):
         n_ref = sum(p.numel() for p in ref.build_model(ref.config).parameters())
         cfg = diffusion.Config(base_channels=16, channel_mult="1,2,2", res_blocks=1)
@@ -1459,7 +1459,7 @@ def test_cosine_schedule_matches_its_closed_form():
 def test_min_snr_weights_match_the_formula(prediction):
     gamma = 5.0
     strategy = diffusion.DiffusionStrategy(diffusion.Config(prediction=prediction, loss_weight="min-snr",
-                                                            snr_gamma=gamma), torch.rand(8, 3))
+                                                            snr_gamma=gamma, schedule="linear"), torch.rand(8, 3))
     beta = np.linspace(1e-4, 0.02, 1000)
     alpha_bar = np.cumprod(1 - beta)
     t = torch.tensor([0, 50, 200, 500, 999])
@@ -1499,8 +1499,8 @@ def test_lr_warmup_and_cosine_decay():
     assert f[0] == pytest.approx(0.1) and f[4] == pytest.approx(0.5) and f[9] == pytest.approx(1.0)
     assert f[60] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))  # halfway through the decay
     assert f[-1] < 0.01 and all(a >= b for a, b in zip(f[9:], f[10:]))
-    constant = diffusion.DiffusionStrategy(diffusion.Config(), torch.rand(8, 3))
-    assert {constant.lr_factor(s, 100) for s in range(100)} == {1.0}  # the defaults keep --lr fixed
+    constant = diffusion.DiffusionStrategy(diffusion.Config(**diffusion.Config.LEGACY), torch.rand(8, 3))
+    assert {constant.lr_factor(s, 100) for s in range(100)} == {1.0}  # the reference keeps --lr fixed
 
 
 class GaussianOracle(nn.Module):
@@ -1524,7 +1524,8 @@ def test_dpm_solver_pp_recovers_a_gaussian_in_few_steps():
     between Gaussians). DPM-Solver++(2M) must land there in 10 steps, much
     closer than DDIM (its first-order special case) with the same 10 steps."""
     mu, s = 0.1, 0.2
-    strategy = diffusion.DiffusionStrategy(diffusion.Config(sampler="dpm++", steps=10), torch.rand(8, 3))
+    strategy = diffusion.DiffusionStrategy(diffusion.Config(**diffusion.Config.LEGACY, sampler="dpm++", steps=10),
+                                           torch.rand(8, 3))  # the oracle predicts eps
     oracle = GaussianOracle(strategy, mu, s)
     n, seed = 8, 0
     z = torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed))  # the sampler's x_T
@@ -1547,7 +1548,8 @@ def test_dpm_solver_pp_is_finite_in_range_and_deterministic(sprites):
     common.check_samples(a, 4)  # (4, 3, 16, 16), finite, in [0, 1]
     assert torch.equal(a, b) and not torch.equal(a, c)
     x_star = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    eps_strategy = diffusion.DiffusionStrategy(diffusion.Config(sampler="dpm++", steps=10), sprites.palette)
+    eps_strategy = diffusion.DiffusionStrategy(diffusion.Config(**diffusion.Config.LEGACY, sampler="dpm++", steps=10),
+                                               sprites.palette)
     out = eps_strategy.sample(Oracle(eps_strategy, x_star), 2, torch.Generator().manual_seed(0))
     assert torch.allclose(out, common.from_model_range(x_star).expand(2, -1, -1, -1), atol=2e-4)
 
