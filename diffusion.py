@@ -41,6 +41,7 @@ Pictures, every --sample-every epochs and at the end, from the EMA weights:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -117,10 +118,21 @@ class Config(common.TrainConfig):
     # model calls of ddim and dpm++: the sub-sequence of the T noise levels visited (ignored by ddpm)
     eta: float = 0.0
     # DDIM noise scale: 0 = deterministic (same seed, same sprites), 1 = DDPM-like noise
+    condition: str = "none"
+    # class label the U-Net is conditioned on (common.Labeller): none, colour (the sprite's one
+    # non-black palette colour: 7 classes) or cluster (k-means on foreground masks: --clusters classes)
+    clusters: int = 8
+    # shape clusters of --condition cluster (the smallest of the 8 holds 52 of the 792 training sprites)
+    p_uncond: float = 0.1
+    # label dropout: the chance that a training sprite's label is replaced by the null label, so one
+    # network learns p(x | y) and p(x) (Ho and Salimans 2022, "Classifier-Free Diffusion Guidance": 0.1 to 0.2)
+    guidance: float = 2.0
+    # classifier-free guidance w: eps = eps_uncond + w (eps_cond - eps_uncond); 0 = unconditional,
+    # 1 = plain conditional, > 1 extrapolates away from p(x) (conditional checkpoints only)
 
     # Checkpoints written before a field existed were trained with these values (common.saved_config).
     LEGACY = dict(channel_mult="1,2,4", res_blocks=2, schedule="linear", prediction="eps", loss_weight="none",
-                  warmup_steps=0, lr_decay="none")
+                  warmup_steps=0, lr_decay="none", condition="none")
 
     def __post_init__(self):
         super().__post_init__()
@@ -149,6 +161,12 @@ class Config(common.TrainConfig):
             raise ValueError(f"--base-channels must be an even number >= 2, got {self.base_channels}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.condition not in common.LABEL_KINDS:
+            raise ValueError(f"--condition must be {', '.join(common.LABEL_KINDS)}, got {self.condition!r}")
+        if self.clusters < 2:
+            raise ValueError(f"--clusters must be at least 2, got {self.clusters}")
+        if not 0 <= self.p_uncond < 1:
+            raise ValueError(f"--p-uncond must be in [0, 1), got {self.p_uncond}")
 
 
 # -----------------------------------------------------------------------------
@@ -271,11 +289,21 @@ class UNet(nn.Module):
     entire image. Attention would add parameters and time, not reach.
     """
 
-    def __init__(self, base: int = 64, dropout: float = 0.1, mult: tuple[int, int, int] = (1, 2, 4), blocks: int = 2):
+    def __init__(self, base: int = 64, dropout: float = 0.1, mult: tuple[int, int, int] = (1, 2, 4), blocks: int = 2,
+                 n_classes: int = 0):
         super().__init__()
         c1, c2, c3 = (base * m for m in mult)  # widths at 16x16, 8x8, 4x4 (64, 128, 256 by default)
         self.t_dim = 4 * base
         self.time_mlp = nn.Sequential(nn.Linear(base, self.t_dim), nn.SiLU(), nn.Linear(self.t_dim, self.t_dim))
+        # Conditioning (--condition): one learned vector per class, added to the time embedding,
+        # so every ResBlock sees "which class" exactly as it sees "which noise level". Row n_classes
+        # is the null label of classifier-free guidance (no class: p(x)). Zero at the start: the
+        # conditional model begins as the unconditional one. No classes: no such layer at all, and
+        # an unconditional model has exactly the parameters (and checkpoints) it always had.
+        self.n_classes = n_classes
+        self.class_emb = nn.Embedding(n_classes + 1, self.t_dim) if n_classes else None
+        if self.class_emb is not None:
+            nn.init.zeros_(self.class_emb.weight)
         self.conv_in = nn.Conv2d(3, c1, 3, padding=1)
         block = lambda a, b: ResBlock(a, b, self.t_dim, dropout)
         stack = lambda a, b, k: nn.ModuleList([block(a, b)] + [block(b, b) for _ in range(k - 1)])  # k blocks, a -> b
@@ -291,11 +319,18 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.weight)  # predicts eps = 0 at first: the loss starts at 1
         nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         assert x.shape[1:] == (3, 16, 16) and t.shape == x.shape[:1], \
             f"expected x (B, 3, 16, 16) and t (B,), got {tuple(x.shape)} and {tuple(t.shape)}"
+        temb = self.time_mlp(timestep_embedding(t, self.t_dim // 4))  # (B, t_dim)
+        if self.class_emb is not None:  # y (B,) in 0..n_classes, n_classes = null; None = all null
+            y = torch.full_like(t, self.n_classes) if y is None else y
+            assert y.shape == t.shape, f"expected labels y {tuple(t.shape)}, got {tuple(y.shape)}"
+            temb = temb + self.class_emb(y)  # (B, t_dim)
+        else:
+            assert y is None, "this U-Net was built without classes (--condition none)"
         # The blocks only ever use SiLU(temb), so it is applied once here.
-        temb = F.silu(self.time_mlp(timestep_embedding(t, self.t_dim // 4)))  # (B, t_dim)
+        temb = F.silu(temb)  # (B, t_dim)
         # Shapes below for the reference widths 64, 128, 256.
         h = self.conv_in(x)  # (B, 64, 16, 16)
         for blk in self.down1:
@@ -336,13 +371,22 @@ class DiffusionStrategy:
         # beta_t, alpha_t, alpha_bar_t and their square roots, once, on the training device.
         make = cosine_schedule if config.schedule == "cosine" else linear_schedule
         self.schedule = make(self.T, palette.device)
+        # --condition: the class of each sprite (common.Labeller; None when unconditional), the
+        # class `sample --class` asks for (None: a grid with one class per row of 8), and the
+        # labels of the sampling run in progress (set by `conditioned`, read by model_output).
+        self.labeller = common.make_labeller(config.condition, palette, config.data, config.clusters, config.seed)
+        self.sample_class: int | None = None
+        self._y: Tensor | None = None
 
     def build_model(self, config: Config) -> nn.Module:
         mult = tuple(int(m) for m in config.channel_mult.split(","))
-        model = UNet(config.base_channels, config.dropout, mult, config.res_blocks)
+        model = UNet(config.base_channels, config.dropout, mult, config.res_blocks,
+                     self.labeller.n_classes if self.labeller else 0)
         parts = {"encoder (16x16, 8x8)": [model.conv_in, model.down1, model.downsample1, model.down2, model.downsample2],
                  "bottom (4x4)": [model.bottom], "decoder (8x8, 16x16)": [model.up2, model.up1, model.norm_out, model.conv_out],
                  "time embedding MLP": [model.time_mlp]}
+        if model.class_emb is not None:
+            parts[f"class embedding ({model.n_classes} {config.condition} classes + null)"] = [model.class_emb]
         counts = {k: sum(p.numel() for m in ms for p in m.parameters()) for k, ms in parts.items()}
         print("U-Net parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
         # channels_last (NHWC) weights: oneDNN's CPU convolutions then run in NHWC, and a U-Net
@@ -358,16 +402,23 @@ class DiffusionStrategy:
         s = self.schedule
         return s["sqrt_alpha_bar"][t][:, None, None, None] * x0 + s["sqrt_one_minus_alpha_bar"][t][:, None, None, None] * eps
 
-    def loss(self, model: nn.Module, batch: Tensor) -> Tensor:
+    def loss(self, model: nn.Module, batch: Tensor, drop_labels: bool = True) -> Tensor:
         """Algorithm 1: t ~ Uniform({1..T}), eps ~ N(0, I),
         minimise || eps - eps_theta(sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, t) ||^2
         (the paper's simplified objective L_simple, Eq. 14).
         --prediction v: the target is v instead (Salimans & Ho 2022, see v_target);
-        --loss-weight min-snr: each sprite's squared error is weighted by w_t (min_snr_weight)."""
+        --loss-weight min-snr: each sprite's squared error is weighted by w_t (min_snr_weight);
+        --condition: eps_theta(x_t, t, y) with each sprite's class y, replaced by the null
+        label with probability --p-uncond when drop_labels (Ho & Salimans 2022, Algorithm 1)."""
         x0 = common.to_model_range(batch)  # (B, 3, 16, 16) in [-1, 1]
         t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device)  # (B,)
         eps = torch.randn_like(x0)
-        out = model(self.q_sample(x0, t, eps), t).float()
+        if self.labeller is None:  # unconditional: the same random draws and calls as ever
+            out = model(self.q_sample(x0, t, eps), t).float()
+        else:
+            y = self.class_labels(batch)
+            y = self.drop_labels(y) if drop_labels else y
+            out = model(self.q_sample(x0, t, eps), t, y).float()
         target = eps if self.config.prediction == "eps" else self.v_target(x0, t, eps)
         err = ((out - target) ** 2).mean(dim=(1, 2, 3))  # (B,) squared error per sprite
         if self.config.loss_weight == "min-snr":
@@ -402,8 +453,9 @@ class DiffusionStrategy:
         return clipped / snr if self.config.prediction == "eps" else clipped / (snr + 1)
 
     def eps_theta(self, model: nn.Module, x_t: Tensor, t: Tensor) -> Tensor:
-        """The samplers speak eps: the U-Net's output, converted from v when --prediction v."""
-        out = model(x_t, t).float()
+        """The samplers speak eps: the U-Net's output (guided, see model_output), converted
+        from v when --prediction v."""
+        out = self.model_output(model, x_t, t).float()
         return out if self.config.prediction == "eps" else self.x0_eps_from_v(x_t, t, out)[1]
 
     def lr_factor(self, step: int, total_steps: int) -> float:
@@ -424,18 +476,99 @@ class DiffusionStrategy:
     @torch.no_grad()
     def get_metrics(self, model: nn.Module, batch: Tensor) -> dict[str, float]:
         # The Trainer reseeds the RNG before validation: the same t and eps every epoch.
-        return {"loss": float(self.loss(model, batch))}
+        # A conditional model is validated with every true label (no dropout): the loss of p(x | y).
+        return {"loss": float(self.loss(model, batch, drop_labels=False))}
+
+    # -- conditioning and classifier-free guidance (--condition, Ho & Salimans 2022) ---
+
+    def class_labels(self, images: Tensor) -> Tensor:
+        """images (B, 3, 16, 16) in [0, 1] -> y (B,) in 0..n_classes-1; a sprite without
+        a class (no foreground: never a real sprite) gets the null label n_classes."""
+        y = self.labeller(images)
+        return torch.where(y >= 0, y, self.labeller.n_classes)
+
+    def drop_labels(self, y: Tensor) -> Tensor:
+        """Label dropout: each label becomes the null label n_classes with probability
+        --p-uncond (one uniform draw per sprite from the global RNG, which the Trainer
+        seeds and checkpoints). The dropped sprites teach the same network p(x), the
+        unconditional model that guidance needs; the rest teach p(x | y)."""
+        drop = torch.rand(y.shape, device=y.device) < self.config.p_uncond  # (B,)
+        return torch.where(drop, self.labeller.n_classes, y)
+
+    def requested_classes(self, n: int, device: torch.device) -> Tensor:
+        """The classes of n samples: --class for all, or else one class per row of 8
+        (rows cycle through the classes), so a default grid shows every class."""
+        if self.sample_class is not None:
+            return torch.full((n,), self.sample_class, dtype=torch.long, device=device)
+        return (torch.arange(n, device=device) // 8) % self.labeller.n_classes
+
+    @contextlib.contextmanager
+    def conditioned(self, y: Tensor | None):
+        """Sampling with labels y (n,) (None: unconditional): the samplers' model calls go
+        through model_output, which reads them."""
+        self._y = y
+        try:
+            yield
+        finally:
+            self._y = None
+
+    def model_output(self, model: nn.Module, x_t: Tensor, t: Tensor) -> Tensor:
+        """The U-Net's output for the samplers, guided when sampling with labels.
+        Classifier-free guidance (Ho & Salimans 2022, Eq. 6, with their w + 1 written as our w):
+            eps_guided = eps_theta(x_t, t, null) + w (eps_theta(x_t, t, y) - eps_theta(x_t, t, null))
+        Both branches in one batched U-Net call of 2n sprites: the same weights, one pass.
+        With --prediction v the same line combines v: v and eps are linear in each other at a
+        fixed x_t (eps = sqrt(1 - alpha_bar_t) x_t + sqrt(alpha_bar_t) v), so guiding v is
+        exactly guiding eps. w = 0 needs only the null branch and w = 1 only the conditional
+        one: a single plain call of n sprites, the same numbers as without guidance."""
+        y, w = self._y, self.config.guidance
+        if y is None:
+            return model(x_t, t)
+        null = torch.full_like(y, self.labeller.n_classes)
+        if w == 0:
+            return model(x_t, t, null)
+        if w == 1:
+            return model(x_t, t, y)
+        out = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null]))  # (2n, 3, 16, 16)
+        out_cond, out_uncond = out.chunk(2)  # (n, 3, 16, 16) each
+        return out_uncond + w * (out_cond - out_uncond)
+
+    def class_accuracy(self, samples: Tensor, y: Tensor) -> float:
+        """Fraction of samples (n, 3, 16, 16) in [0, 1] whose class, by the labeller that
+        labelled the training sprites, is the requested y (n,): for colour, the sample's
+        majority non-black colour (after snapping to the palette); for cluster, the
+        nearest centre of its foreground mask."""
+        return float((self.labeller(samples) == y).float().mean())
+
+    def on_train_end(self, model: nn.Module, train: Tensor) -> dict[str, float]:
+        """Conditional runs: class accuracy of --n-eval samples with balanced classes
+        (sample i asks for class i mod n_classes), seed + 2 as the sprite metrics."""
+        if self.labeller is None:
+            return {}
+        n, device = self.config.n_eval, train.device
+        y = torch.arange(n, device=device) % self.labeller.n_classes
+        x = self.sample_classes(model, y, torch.Generator(device).manual_seed(self.config.seed + 2))
+        return {"sample/class_accuracy": self.class_accuracy(x, y)}
+
+    @torch.no_grad()
+    def sample_classes(self, model: nn.Module, y: Tensor, generator: torch.Generator, chunk: int = 256) -> Tensor:
+        """Samples (n, 3, 16, 16) in [0, 1] of the classes y (n,), in chunks, at --guidance."""
+        return torch.cat([self.sample(model, len(part), generator, part) for part in y.split(chunk)])
 
     # -- sampling -------------------------------------------------------------
 
-    def sample(self, model: nn.Module, n: int, generator: torch.Generator) -> Tensor:
+    def sample(self, model: nn.Module, n: int, generator: torch.Generator, y: Tensor | None = None) -> Tensor:
+        """n sprites; a conditional model draws the classes y (n,) (default: requested_classes)."""
         cfg = self.config
-        if cfg.sampler == "ddpm":
-            x0 = self.sample_ddpm(model, n, generator)
-        elif cfg.sampler == "dpm++":
-            x0 = self.sample_dpm_pp(model, n, generator, cfg.steps)
-        else:
-            x0 = self.sample_ddim(model, n, generator, cfg.steps, cfg.eta)
+        if self.labeller is not None and y is None:
+            y = self.requested_classes(n, generator.device)
+        with self.conditioned(y):
+            if cfg.sampler == "ddpm":
+                x0 = self.sample_ddpm(model, n, generator)
+            elif cfg.sampler == "dpm++":
+                x0 = self.sample_dpm_pp(model, n, generator, cfg.steps)
+            else:
+                x0 = self.sample_ddim(model, n, generator, cfg.steps, cfg.eta)
         return common.from_model_range(x0)  # (n, 3, 16, 16) in [0, 1]
 
     @torch.inference_mode()
@@ -541,7 +674,9 @@ class DiffusionStrategy:
         then the final sprites snapped to the palette as they appear in grids.
         Returns (steps + 2, n, 3, 16, 16) in [0, 1]."""
         frames: list[Tensor] = []
-        x0 = self.sample_ddim(model, n, generator, self.config.steps, self.config.eta, frames)
+        y = self.requested_classes(n, generator.device) if self.labeller is not None else None
+        with self.conditioned(y):
+            x0 = self.sample_ddim(model, n, generator, self.config.steps, self.config.eta, frames)
         frames.append(common.snap_to_palette(common.from_model_range(x0), self.palette))
         return torch.stack(frames)  # (steps + 2, n, 3, 16, 16)
 
@@ -562,7 +697,10 @@ class DiffusionStrategy:
         t_rep = t.repeat(k)  # (4 * 8,)
         eps = torch.randn(x0_rep.shape, generator=generator, device=x0.device)
         x_t = self.q_sample(x0_rep, t_rep, eps)
-        eps_theta = self.eps_theta(model, x_t, t_rep)
+        # a conditional model is told each sprite's true class (and guided at --guidance)
+        y = self.class_labels(val_data[:4]).repeat_interleave(len(levels)) if self.labeller is not None else None
+        with self.conditioned(y):
+            eps_theta = self.eps_theta(model, x_t, t_rep)
         x0_pred = (x_t - s["sqrt_one_minus_alpha_bar"][t_rep][:, None, None, None] * eps_theta) \
             / s["sqrt_alpha_bar"][t_rep][:, None, None, None]
         rows = torch.stack([x_t.view(k, len(levels), 3, 16, 16), x0_pred.view(k, len(levels), 3, 16, 16)], 1)
