@@ -475,14 +475,15 @@ def make_labeller(kind: str, palette: Tensor, data: str, clusters: int, seed: in
 def class_stats(images: Tensor, labels: Tensor, labeller: Labeller) -> dict[str, float]:
     """What a class leaves free, measured on sprites (real or sampled) that carry
     class `labels` (N,): the within-class variety, a stand-in for H(X|Y).
-    shape_variety   mean over classes of the mean fraction of the 256 mask pixels
-                    on which two sprites of the class differ (0 = one shape per class)
-    colour_entropy  mean over classes of the entropy, in bits, of the sprites' colour
+    shape_variety   the mean fraction of the 256 mask pixels on which two sprites of
+                    one class differ (0 = one shape per class)
+    colour_entropy  the entropy, in bits, of the sprites' colour within a class
                     (0 = one colour per class; log2(7) = 2.81 for 7 equally common colours)
-    Classes with fewer than 2 sprites are left out."""
+    Each is a class's figure averaged over the classes weighted by their share of
+    the sprites, as H(X|Y) = sum_y p(y) H(X | Y = y). Classes of one sprite are left out."""
     masks = foreground_masks(images, labeller.palette)  # (N, 256)
     colour = Labeller("colour", labeller.palette)(images)  # (N,)
-    shape, entropy = [], []
+    shape, entropy, weight = [], [], []
     for c in labels.unique():
         m, col = masks[labels == c], colour[labels == c]
         if len(m) < 2:
@@ -491,8 +492,11 @@ def class_stats(images: Tensor, labels: Tensor, labeller: Labeller) -> dict[str,
         shape.append(float(diff.sum() / (len(m) * (len(m) - 1))))
         p = torch.bincount(col + 1).float() / len(col)  # +1: the "no colour" class -1 counts too
         entropy.append(float(-(p[p > 0] * p[p > 0].log2()).sum()))
-    return dict(shape_variety=float(np.mean(shape)) if shape else float("nan"),
-                colour_entropy=float(np.mean(entropy)) if entropy else float("nan"))
+        weight.append(len(m))
+    if not weight:
+        return dict(shape_variety=float("nan"), colour_entropy=float("nan"))
+    return dict(shape_variety=float(np.average(shape, weights=weight)),
+                colour_entropy=float(np.average(entropy, weights=weight)))
 
 
 # -----------------------------------------------------------------------------

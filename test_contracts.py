@@ -2765,6 +2765,32 @@ def test_sample_class_by_name_and_unknown_class(dataset, tmp_path):
     r = run_diffusion("sample", "--checkpoint", ckpt, "--n", 8, "--out", tmp_path / "x.png", "--class", "teal")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert "unknown class 'teal' for colour labels" in r.stderr and "an index 0..6" in r.stderr
+    r = run_diffusion("guidance", "--checkpoint", ckpt, "--w", "0,2", "--n", 14, "--grid-class", "red",
+                      "--out", tmp_path / "sweep")
+    assert r.returncode == 0, r.stderr
+    for name in ("w0/metrics.json", "w2/metrics.json", "real.json", "sweep.png", "grid-red.png"):
+        assert (tmp_path / "sweep" / name).exists(), name
+    m = json.loads((tmp_path / "sweep" / "w2" / "metrics.json").read_text())
+    assert 0 <= m["sample/class_accuracy"] <= 1 and m["guidance"] == 2 and "sample/precision" in m
+    real = json.loads((tmp_path / "sweep" / "real.json").read_text())
+    assert real["class_accuracy_mirrored"] == 1.0 and real["colour_entropy"] == 0.0  # colour labels: exact
+    assert Image.open(tmp_path / "sweep" / "grid-red.png").size == ((8 * 17 + 1) * 4, (2 * 17 + 1) * 4)  # 2 rows of 2
+
+
+def test_compare_conditional_trains_scores_and_tabulates_class_accuracy(dataset, tmp_path):
+    import compare
+
+    configs = {"diffusion": tiny_diffusion_config(epochs=1, data=str(dataset), sample_every=0, n_eval=8)}
+    ckpts = compare.conditional_checkpoints(configs, tmp_path, None, "colour")
+    assert list(ckpts) == ["diffusion"] and ckpts["diffusion"] == tmp_path / "diffusion-colour" / "checkpoints" / "last.pt"
+    assert compare.conditional_checkpoints(configs, tmp_path / "x", tmp_path, "colour") == ckpts  # --checkpoints: loaded
+    with pytest.raises(common.UserError, match="no .*diffusion-cluster"):
+        compare.conditional_checkpoints(configs, tmp_path / "x", tmp_path, "cluster")
+    data = common.load_sprites(dataset, torch.device("cpu"))
+    r = compare.evaluate("diffusion", {"guidance": 3.0}, ckpts["diffusion"], data, 4, 8, 0, torch.device("cpu"), False)
+    assert 0 <= r["class_accuracy"] <= 1 and r.pop("show").shape == (4, 3, 16, 16)
+    md = compare.table([("diffusion | colour, w=3", r), ("real", common.sprite_metrics(data.val, data.train, data.palette))])
+    assert "| class_accuracy |" in md and md.rstrip().endswith("| - |")  # the real row has no class accuracy
 
 if __name__ == "__main__":
     common.main(TinyStrategy, TinyConfig)
