@@ -472,6 +472,15 @@ def make_labeller(kind: str, palette: Tensor, data: str, clusters: int, seed: in
     return Labeller("cluster", palette, fit_shape_clusters(train, palette, clusters, seed))
 
 
+def requested_classes(n_classes: int, sample_class: int | None, n: int, device: torch.device) -> Tensor:
+    """The classes (n,) a conditional model draws: `sample --class` for all, or else one
+    class per row of 8 of a sample grid (rows cycle through the classes), so a default grid
+    shows every class."""
+    if sample_class is not None:
+        return torch.full((n,), sample_class, dtype=torch.long, device=device)
+    return (torch.arange(n, device=device) // 8) % n_classes
+
+
 def class_stats(images: Tensor, labels: Tensor, labeller: Labeller) -> dict[str, float]:
     """What a class leaves free, measured on sprites (real or sampled) that carry
     class `labels` (N,): the within-class variety, a stand-in for H(X|Y).

@@ -496,11 +496,8 @@ class DiffusionStrategy:
         return torch.where(drop, self.labeller.n_classes, y)
 
     def requested_classes(self, n: int, device: torch.device) -> Tensor:
-        """The classes of n samples: --class for all, or else one class per row of 8
-        (rows cycle through the classes), so a default grid shows every class."""
-        if self.sample_class is not None:
-            return torch.full((n,), self.sample_class, dtype=torch.long, device=device)
-        return (torch.arange(n, device=device) // 8) % self.labeller.n_classes
+        """The classes of n samples (common.requested_classes): --class, or one per row of 8."""
+        return common.requested_classes(self.labeller.n_classes, self.sample_class, n, device)
 
     @contextlib.contextmanager
     def conditioned(self, y: Tensor | None):

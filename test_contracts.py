@@ -2792,5 +2792,41 @@ def test_compare_conditional_trains_scores_and_tabulates_class_accuracy(dataset,
     md = compare.table([("diffusion | colour, w=3", r), ("real", common.sprite_metrics(data.val, data.train, data.palette))])
     assert "| class_accuracy |" in md and md.rstrip().endswith("| - |")  # the real row has no class accuracy
 
+
+def test_conditional_vq_prior_class_token_dropout_and_guided_logits(dataset):
+    torch.manual_seed(0)
+    config = tiny_vq(dataset, condition="colour", epochs=1, prior_epochs=1)
+    data = common.load_sprites(dataset, torch.device("cpu"))
+    strategy = vqvae.VQVAEStrategy(config, data.palette)
+    model = strategy.build_model(config).eval()
+    prior, k = model.prior, config.codebook_size
+    with torch.no_grad():  # GPT-2's N(0, 0.02) start makes every logit about 0: scale up, so the class matters
+        prior.tok_emb.weight.normal_(0, 1, generator=torch.Generator().manual_seed(0))
+        prior.head.weight.normal_(0, 1, generator=torch.Generator().manual_seed(1))
+    codes, y = torch.randint(k, (4, 16)), torch.tensor([0, 2, 6, 7])  # 7 = the null label of 7 colour classes
+    assert prior.inputs_for(codes, y)[:, 0].tolist() == [k + 1, k + 3, k + 7, k]  # class tokens; null = start token
+    assert prior.inputs_for(codes)[:, 1:].equal(codes[:, :-1])
+    torch.manual_seed(0)
+    dropped = strategy.drop_labels(torch.zeros(20000, dtype=torch.long)) == 7
+    assert dropped.float().mean().item() == pytest.approx(config.p_uncond, abs=0.01)
+    y = y[:3]
+    calls = []
+    forward = prior.forward
+    prior.forward = lambda tokens: (calls.append(tokens.shape[0]), forward(tokens))[1]
+    draw = lambda w, labels=y: (setattr(strategy.config, "guidance", w),
+                                strategy.sample_codes(model, 3, torch.Generator().manual_seed(5), "prior", labels))[1]
+    uncond = draw(1.0, torch.full((3,), 7))  # the null label: the unconditional prior
+    assert draw(0.0).equal(uncond) and not draw(1.0).equal(uncond)
+    calls.clear()
+    draw(3.0)
+    assert calls == [6] * 16  # one call of 2 x 3 sequences per code
+    tokens = torch.cat([torch.full((3, 1), k), codes[:3, :5]], dim=1)
+    strategy.config.guidance = 2.5
+    with torch.no_grad():
+        guided = strategy.prior_logits(model, tokens, y)
+        c = forward(torch.cat([prior.start_token(y)[:, None], tokens[:, 1:]], 1))[:, -1]
+        u = forward(tokens)[:, -1]
+    assert torch.allclose(guided, u + 2.5 * (c - u), atol=1e-5)
+
 if __name__ == "__main__":
     common.main(TinyStrategy, TinyConfig)
