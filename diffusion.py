@@ -797,6 +797,12 @@ def guidance_command(argv: list[str]) -> None:
     common.atomic_write_bytes(out / "real.json", json.dumps(real, indent=1).encode())
     print(f"real training sprites: {json.dumps(real)}")
 
+    # what made these files, and on what: next to every metrics.json (the docs' results convention)
+    load = f", load average {os.getloadavg()[0]:.2f} at the start" if hasattr(os, "getloadavg") else ""
+    command = (f"python diffusion.py guidance {' '.join(argv)}\n# {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, "
+               f"device {device}, {torch.get_num_threads()} torch thread(s){load}; checkpoint: "
+               f"--condition {config.condition}, epoch {common.load_checkpoint(args.checkpoint)['epoch']}, "
+               f"--sampler {config.sampler} --steps {config.steps}\n")
     y = torch.arange(args.n, device=device) % labeller.n_classes
     rows, series = [], {"precision": [], "recall": [], "class accuracy": [], "one-colour rate": []}
     print(f"{'w':>5} {'class_acc':>9} {'precision':>9} {'recall':>6} {'one_col':>7} {'pal_dist':>8} "
@@ -811,6 +817,7 @@ def guidance_command(argv: list[str]) -> None:
         m.update({f"sample/{k}": v for k, v in common.class_stats(x, y, labeller).items()})
         m.update({"guidance": w, "n": args.n, "sample_seconds": seconds})
         common.atomic_write_bytes(out / f"w{w:g}" / "metrics.json", json.dumps(m, indent=1).encode())
+        common.atomic_write_bytes(out / f"w{w:g}" / "command.txt", command.encode())
         row = x[y == show][:8]  # the first 8 samples of the grid's class; black where there are fewer
         rows.append(torch.cat([row, row.new_zeros(8 - len(row), 3, 16, 16)]))
         for key, name in (("precision", "precision"), ("recall", "recall"), ("class accuracy", "class_accuracy"),

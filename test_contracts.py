@@ -2337,7 +2337,7 @@ def test_the_real_probe_is_cheap():
 # flags and subcommands added later are known without a list kept here.
 
 DOC_PAGES = [ROOT / "README.md", *sorted((ROOT / "docs" / "learn").glob("*.md"))]
-SUBCOMMANDS = ("sample", "bench", "report", "plot")
+SUBCOMMANDS = ("sample", "bench", "report", "plot", "guidance", "labels")
 COMMAND = re.compile(r"^(?:\w+=\S+\s+)*(?:nice -n \d+\s+)?(?:time\s+)?(python3?\s+[\w-]+\.py\b.*)$")
 PLACEHOLDER = re.compile(r"<[\w .-]+>")  # <run>, <file>: a value the reader fills in, as the text says
 
