@@ -20,6 +20,10 @@ Run (from the repository root):
     python diffusion.py --eval-every-minutes 5 ...     # time to quality: score the EMA model every 5 minutes
     python diffusion.py plot RUN_A RUN_B --metric precision --out curve.png   # ... and draw the curves
     python diffusion.py plot --schedules --out schedules.png                  # linear vs cosine noise schedule
+    python diffusion.py --condition colour             # p(x | colour) and p(x) in one U-Net (label dropout)
+    python diffusion.py sample --checkpoint ... --class red --guidance 3     # classifier-free guidance
+    python diffusion.py guidance --checkpoint ... --out sweep               # the guidance sweep, w = 0..8
+    python diffusion.py labels --out clusters.png       # the colour and shape-cluster labels (tutorial 06)
 
 Levers beyond the paper, each a flag with its citation in Config: U-Net size (--channel-mult,
 --res-blocks), cosine schedule (Nichol & Dhariwal 2021), v-prediction (Salimans & Ho 2022),
@@ -32,6 +36,8 @@ Metrics (the shared ones are documented in common.py and the README):
                 weighted per sprite: values are not comparable across those flags)
     val/loss    the same on the validation sprites, with noise and t fixed (the Trainer reseeds), so
                 epochs compare; it measures denoising, not sample quality -- the sample/ metrics do that
+    sample/class_accuracy  (--condition runs, end of run) fraction of --n-eval samples, classes
+                balanced, whose class (common.Labeller) is the one asked for, at --guidance
 Pictures, every --sample-every epochs and at the end, from the EMA weights:
     samples/    a grid of sprites drawn with the configured sampler
     denoising/  the strip: for 4 validation sprites, x_t (upper row) and the model's predicted x_0
@@ -814,6 +820,10 @@ def guidance_command(argv: list[str]) -> None:
         seconds = time.perf_counter() - t0
         m = {f"sample/{k}": v for k, v in common.sprite_metrics(x, train, palette).items()}
         m["sample/class_accuracy"] = strategy.class_accuracy(x, y)
+        hit = (labeller(x) == y).float()  # (n,)
+        per_class = {labeller.names[c]: float(hit[y == c].mean()) for c in range(labeller.n_classes)}
+        m["sample/worst_class_accuracy"] = min(per_class.values())
+        m["per_class_accuracy"] = per_class
         m.update({f"sample/{k}": v for k, v in common.class_stats(x, y, labeller).items()})
         m.update({"guidance": w, "n": args.n, "sample_seconds": seconds})
         common.atomic_write_bytes(out / f"w{w:g}" / "metrics.json", json.dumps(m, indent=1).encode())

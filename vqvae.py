@@ -72,6 +72,8 @@ Metrics (the Trainer prefixes train/ and val/; averaged over the split):
     sample_random/... (or sample_prior/... when --sampler random) the shared
                   sprite-quality metrics for the other sampler, on the same
                   --n-eval samples as the Trainer's sample/... metrics
+    sample_prior/class_accuracy  (--condition runs, end of run) fraction of --n-eval prior
+                  samples, classes balanced, whose class is the one asked for, at --guidance
 
 Pictures (run folder and MLflow; every --sample-every epochs and at the end):
 samples/ (the --sampler, prior by default), samples_random/ (the other
