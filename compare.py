@@ -253,7 +253,7 @@ def conditional_checkpoints(configs: dict, out: Path, checkpoints: Path | None, 
     --checkpoints DIR/<model>-<KIND>/checkpoints/last.pt)."""
     found = {}
     for name, (strategy_cls, config_cls) in MODELS.items():
-        if "condition" not in config_cls.__dataclass_fields__:
+        if "condition" not in config_cls.__dataclass_fields__ or name not in configs:
             continue
         folder = f"{name}-{kind}"
         if checkpoints is not None:
