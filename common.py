@@ -12,18 +12,21 @@ subtly wrong when written three times:
     palette                 NumPy k-means++ over pixel colours, and snapping
     pictures                sample grids with PIL, nearest-neighbour only
     sprite metrics          shared quality metrics for samples (and compare.py)
-    Strategy                the protocol a model file implements
+    Strategy                the abstract base class a model file implements
     MLflow                  lazy, fail-soft experiment tracking
     Trainer                 the one training loop: optimizer, EMA, AMP,
                             clipping, checkpoints, resume, Ctrl-C, NaN guard
-    CLI                     `python X.py`, `python X.py sample ...`
+    CLI                     `python X.py`, `python X.py sample ...` (and `bench`,
+                            whose code is in compare.py)
 
-Adding a fourth model is one new file: a Config dataclass, a Strategy class and
-a main() that calls `common.main(Strategy, Config)`.
+Adding a fourth model is one new file (a Config dataclass, a subclass of
+Strategy and a main() that calls `common.main(Strategy, Config)`) and one line
+in compare.py's registry (docs/learn/00-strategy-pattern.md walks through it).
 """
 
 from __future__ import annotations
 
+import abc
 import argparse
 import contextlib
 import dataclasses
@@ -39,7 +42,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -129,6 +132,10 @@ class TrainConfig:
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise ValueError(f"unknown --device {self.device!r}; use auto, cpu, cuda, cuda:N or mps")
         check_finite_and_seed(self)
+        for f in dataclasses.fields(self):  # a model's fields with listed choices, e.g. vae.py's --recon-loss
+            choices, value = f.metadata.get("choices"), getattr(self, f.name)
+            if choices and value not in choices:
+                raise ValueError(f"unknown --{f.name.replace('_', '-')} {value!r}; use one of {', '.join(choices)}")
 
 
 SEED_MAX = 2**32 - 1  # NumPy's seeds are 32-bit
@@ -522,6 +529,19 @@ def make_grid(images: Tensor, nrow: int = 8, scale: int = 4, palette: Tensor | N
     return download.grid_image(x.permute(0, 2, 3, 1).cpu().numpy(), nrow, scale, gutter=(48, 48, 48))  # (N, 16, 16, 3)
 
 
+def reconstruction_strip(val: Tensor, order: Tensor, reconstruct: Callable[[Tensor], Tensor]) -> tuple[Tensor, int]:
+    """The reconstructions picture of the autoencoders: up to 4 rows of up to 8
+    validation sprites (taken in `order`, a permutation of val), each row
+    followed by the same sprites through `reconstruct`. Returns (sprites,
+    sprites per row) as Strategy.images does."""
+    per_row = min(8, val.shape[0])
+    rows = max(1, min(4, val.shape[0] // per_row))
+    real = val[order[:rows * per_row]]
+    rec = reconstruct(real)
+    pairs = torch.stack([real.view(rows, per_row, 3, 16, 16), rec.view(rows, per_row, 3, 16, 16)], dim=1)
+    return pairs.reshape(-1, 3, 16, 16), per_row  # (rows, 2, per_row, 3, 16, 16) -> (rows * 2 * per_row, ...)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write to a temporary file next to `path`, then rename: readers see the
     old file or the new one, never half of one."""
@@ -670,13 +690,15 @@ def _knn_precision_recall(real: Tensor, fake: Tensor, k: int) -> tuple[float, fl
 
 
 # -----------------------------------------------------------------------------
-# The Strategy protocol
+# The Strategy: what a model file implements
 # -----------------------------------------------------------------------------
 
 
-class Strategy(Protocol):
-    """What a model file implements. The Trainer below calls these four methods
-    and nothing else is required; a strategy is built as `Cls(config, palette)`.
+class Strategy(abc.ABC):
+    """What a model file implements: subclass it, set `name`, write the four
+    abstract methods, and override whichever optional hook below the model
+    needs (each does nothing by default). A strategy is built as
+    `Cls(config, palette)`; the Trainer calls these methods and nothing else.
 
     The strategy says *what* to compute (the model, the loss, how to sample);
     the Trainer owns *how* it is optimised: backward, the optimizer, gradient
@@ -684,45 +706,77 @@ class Strategy(Protocol):
     wrong (EMA of buffers, autocast scope, resuming the optimizer state), so
     they are written once, here, for every model -- and a fourth model cannot
     forget one of them.
-
-    Optional hooks, called when a strategy defines them:
-      on_epoch_start(model, epoch)            e.g. a KL warm-up schedule
-      on_epoch_end(model, epoch, val) -> dict e.g. codebook restarts; returns
-                                              extra val/ metrics
-      images(model, val, generator) -> dict  name -> (sprites (N, 3, 16, 16)
-                                              in [0, 1], sprites per row):
-                                              extra pictures per sample grid
-      trajectory(model, n, generator) -> (F, n, 3, 16, 16) in [0, 1]: frames
-                                              of one sampling run, written as an
-                                              animated GIF at the end of training
-                                              and by `sample --gif`
-      total_epochs(config) -> int             epochs the Trainer runs in all, for a
-                                              strategy that trains in stages (vqvae.py:
-                                              the VQ-VAE, then its prior); default
-                                              config.epochs
-      on_train_end(model, train) -> dict      extra end-of-run metrics, full names
-                                              (e.g. sample_random/precision): printed,
-                                              logged and written to metrics.json
     """
 
-    name: str  # "vae", "vqvae", ...: names the run folder and MLflow experiment
+    name: str = ""  # "vae", "vqvae", ...: names the run folder and MLflow experiment
 
-    def build_model(self, config) -> nn.Module: ...
+    # -- required ---------------------------------------------------------------
 
+    @abc.abstractmethod
+    def build_model(self, config) -> nn.Module:
+        """The network, freshly initialised from torch's global RNG (seeded by
+        the Trainer). Prints nothing: `describe` says what was built."""
+
+    @abc.abstractmethod
     def train_step(self, model: nn.Module, batch: Tensor) -> dict[str, Tensor]:
         """batch (B, 3, 16, 16) in [0, 1] -> {"loss": scalar to minimise,
         other named scalars to log}. Random numbers come from torch's global
         RNG (the Trainer seeds and checkpoints it)."""
-        ...
 
+    @abc.abstractmethod
     def sample(self, model: nn.Module, n: int, generator: torch.Generator) -> Tensor:
         """n new sprites (n, 3, 16, 16) in [0, 1], not snapped; every random
         number comes from `generator` (same seed, same sprites)."""
-        ...
 
+    @abc.abstractmethod
     def get_metrics(self, model: nn.Module, batch: Tensor) -> dict[str, float]:
         """Validation metrics for one batch (the Trainer averages them)."""
-        ...
+
+    # -- optional hooks: the defaults do nothing ----------------------------------
+
+    def describe(self, model: nn.Module) -> str:
+        """One line on what build_model built (e.g. parameters per part),
+        printed by the Trainer at the start of a run; "" prints nothing."""
+        return ""
+
+    def total_epochs(self, config) -> int:
+        """Epochs the Trainer runs in all, for a strategy that trains in stages
+        (vqvae.py: the VQ-VAE, then its prior)."""
+        return config.epochs
+
+    def on_epoch_start(self, model: nn.Module, epoch: int) -> None:
+        """Before each training epoch (1-based), e.g. a KL warm-up schedule."""
+
+    def on_epoch_end(self, model: nn.Module, epoch: int, val: Tensor) -> dict[str, float]:
+        """After each epoch's validation, e.g. codebook restarts; returns extra
+        val/ metrics (names without the prefix). `val` is the validation split,
+        or the training one when there is none (its metrics are then dropped)."""
+        return {}
+
+    def lr_factor(self, step: int, total_steps: int) -> float:
+        """The learning rate at optimizer step `step` of `total_steps`, as a
+        multiple of --lr (warm-up, decay)."""
+        return 1.0
+
+    def images(self, model: nn.Module, val: Tensor, generator: torch.Generator) -> dict[str, tuple[Tensor, int]]:
+        """Extra pictures with each sample grid: name -> (sprites (N, 3, 16, 16)
+        in [0, 1], sprites per row), drawn from validation sprites `val`."""
+        return {}
+
+    def trajectory(self, model: nn.Module, n: int, generator: torch.Generator) -> Tensor | None:
+        """Frames of one sampling run, (F, n, 3, 16, 16) in [0, 1], written as
+        an animated GIF at the end of training and by `sample --gif`; None: the
+        model has no trajectory to show (see `animates`)."""
+        return None
+
+    def on_train_end(self, model: nn.Module, train: Tensor) -> dict[str, float]:
+        """Extra end-of-run metrics with full names (e.g. sample_random/precision):
+        printed, logged and written to metrics.json."""
+        return {}
+
+    def animates(self) -> bool:
+        """Whether this strategy overrides `trajectory`."""
+        return type(self).trajectory is not Strategy.trajectory
 
 
 # -----------------------------------------------------------------------------
@@ -949,12 +1003,6 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 # -----------------------------------------------------------------------------
 
 
-def total_epochs(strategy, config) -> int:
-    """Epochs the Trainer runs in all: config.epochs, unless the strategy
-    trains in stages and says otherwise (vqvae.py: the VQ-VAE, then its prior)."""
-    return strategy.total_epochs(config) if hasattr(strategy, "total_epochs") else config.epochs
-
-
 class NonFiniteLoss(Exception):
     pass
 
@@ -968,7 +1016,7 @@ class Trainer:
     saves a checkpoint that resumes exactly there, and exits.
     """
 
-    def __init__(self, strategy, config: TrainConfig, train_data: Tensor, val_data: Tensor,
+    def __init__(self, strategy: Strategy, config: TrainConfig, train_data: Tensor, val_data: Tensor,
                  palette: Tensor, run_dir: Path, tracker: Tracker | None = None,
                  augment: Callable[[Tensor, torch.Generator], Tensor] | None = random_hflip):
         self.strategy, self.config = strategy, config
@@ -978,7 +1026,7 @@ class Trainer:
         self.device = train_data.device
         self.ckpt_path = self.run_dir / "checkpoints" / "last.pt"
         # All epochs of the run: config.epochs, unless the strategy trains in stages.
-        self.epochs = total_epochs(strategy, config)
+        self.epochs = strategy.total_epochs(config)
 
         self.model = strategy.build_model(config).to(self.device)
         # torch.compile wraps the model; checkpoints always hold the original.
@@ -1056,75 +1104,25 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.amp)
 
     def fit(self) -> list[dict]:
-        cfg = self.config
-        n = self.train_data.shape[0]
-        n_batches = math.ceil(n / cfg.batch_size)
+        """Train from the epoch after the last completed one to the end; returns
+        the history (one dict of metrics per epoch). Ctrl-C finishes the
+        current step and saves a checkpoint that resumes exactly there."""
         previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
-        t_start, epochs_timed = time.time(), 0
-        self._fit_start, self._eval_pause = t_start, 0.0
-        if cfg.sample_every and self.epoch == 0 and self.resume_batch == 0:
+        self._fit_start, self._eval_pause = time.time(), 0.0
+        epochs_timed = 0
+        if self.config.sample_every and self.epoch == 0 and self.resume_batch == 0:
             # The untrained model's grid at step 0: MLflow's image slider starts there, and it shows
             # where training begins. (Forked RNGs: training's random stream is untouched.)
             self.write_pictures(0)
         try:
             for epoch in range(self.epoch + 1, self.epochs + 1):
                 t0, pause_at_start = time.time(), self._eval_pause
-                self.tracker.epoch = epoch
-                if self.resume_batch == 0:  # a fresh epoch: remember where its shuffle began
-                    self.epoch_gen_state, self.epoch_sums = self.data_gen.get_state(), {}
-                self.data_gen.set_state(self.epoch_gen_state)
-                perm = torch.randperm(n, generator=self.data_gen)
-                flip_gen = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=self.data_gen)))
-                hook = getattr(self.strategy, "on_epoch_start", None)
-                if hook:
-                    hook(self.model, epoch)
-                self.model.train()
-                step_log: list[tuple[str, float, int]] = []
-                for i in range(n_batches):
-                    idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size].to(self.device)
-                    batch = self.train_data[idx]
-                    if self.augment is not None:  # drawn for every batch, so skipping keeps the stream aligned
-                        batch = self.augment(batch, flip_gen)
-                    if i < self.resume_batch:
-                        continue  # already trained on before the interruption
-                    scalars = self.train_step(batch, epoch, i)
-                    self.maybe_score_curve(epoch - 1 + (i + 1) / n_batches)
-                    for k, v in scalars.items():
-                        self.epoch_sums[k] = self.epoch_sums.get(k, 0.0) + v * batch.shape[0]
-                        step_log.append((f"train_step/{k}", v, self.step))  # x-axis: optimizer step
-                    if self.stop_requested and i + 1 < n_batches:
-                        self.resume_batch = i + 1
-                        self.save()
-                        self.tracker.log_metric_history(step_log)
-                        print(f"\ninterrupted in epoch {epoch}, step {i + 1}/{n_batches}; checkpoint saved. "
-                              f"Resume with: --resume {self.ckpt_path}")
-                        return self.history
-                self.resume_batch = 0
-                self.epoch = epoch
+                step_log = self.train_epoch(epoch)
+                if step_log is None:  # stopped inside the epoch; the checkpoint says where
+                    return self.history
                 train_time = time.time() - t0 - (self._eval_pause - pause_at_start)
-                metrics = {f"train/{k}": v / n for k, v in self.epoch_sums.items()}
-                # Throughput measures the machine (other processes slow it), not the model: system/.
-                metrics["system/images_per_sec"] = n / max(train_time, 1e-9)
-                metrics.update(self.validate(epoch))
-                self.history.append({"epoch": epoch, **metrics})
-                self.save()  # every epoch: the last good state is always on disk
-                self.tracker.log_metric_history(step_log)
-                self.tracker.log_metrics(metrics, step=epoch)
                 epochs_timed += 1
-                elapsed = time.time() - t_start
-                eta = elapsed / epochs_timed * (self.epochs - epoch)
-                print(self.progress_line(epoch, metrics, elapsed, eta), flush=True)
-                if epochs_timed == 1:
-                    script = Path(sys.argv[0]).name  # compare.py trains through the model scripts' Trainer
-                    script = f"{self.strategy.name}.py" if script == "compare.py" else script
-                    hint = contention_hint(self.device, f"OMP_NUM_THREADS=1 python {script} --resume {self.ckpt_path}")
-                    if hint:
-                        print(hint, flush=True)
-                if cfg.sample_every and epoch % cfg.sample_every == 0 and epoch < self.epochs:
-                    self.write_pictures(epoch)
-                    quality = self.score_samples(epoch)  # quality during training, not only at the end
-                    self.history[-1].update(quality)
-                    self.tracker.log_metrics(quality, step=epoch)
+                self.end_epoch(epoch, train_time, step_log, epochs_timed)
                 if self.stop_requested:
                     print(f"interrupted after epoch {epoch}; checkpoint saved. Resume with: --resume {self.ckpt_path}")
                     return self.history
@@ -1134,7 +1132,75 @@ class Trainer:
             self._fit_start = None
         return self.history
 
-    def train_step(self, batch: Tensor, epoch: int, i: int) -> dict[str, float]:
+    def train_epoch(self, epoch: int) -> list[tuple[str, float, int]] | None:
+        """One pass over the training sprites: shuffle, flip, optimizer_step per
+        batch. Returns the per-step log (train_step/<name>, value, step), or None
+        when Ctrl-C stopped the epoch midway (a checkpoint then holds the step)."""
+        cfg, n = self.config, self.train_data.shape[0]
+        n_batches = math.ceil(n / cfg.batch_size)
+        self.tracker.epoch = epoch
+        if self.resume_batch == 0:  # a fresh epoch: remember where its shuffle began
+            self.epoch_gen_state, self.epoch_sums = self.data_gen.get_state(), {}
+        self.data_gen.set_state(self.epoch_gen_state)
+        perm = torch.randperm(n, generator=self.data_gen)
+        flip_gen = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=self.data_gen)))
+        self.strategy.on_epoch_start(self.model, epoch)
+        self.model.train()
+        step_log: list[tuple[str, float, int]] = []
+        for i in range(n_batches):
+            idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size].to(self.device)
+            batch = self.train_data[idx]
+            if self.augment is not None:  # drawn for every batch, so skipping keeps the stream aligned
+                batch = self.augment(batch, flip_gen)
+            if i < self.resume_batch:
+                continue  # already trained on before the interruption
+            scalars = self.optimizer_step(batch, epoch, i)
+            self.maybe_score_curve(epoch - 1 + (i + 1) / n_batches)
+            for k, v in scalars.items():
+                self.epoch_sums[k] = self.epoch_sums.get(k, 0.0) + v * batch.shape[0]
+                step_log.append((f"train_step/{k}", v, self.step))  # x-axis: optimizer step
+            if self.stop_requested and i + 1 < n_batches:
+                self.resume_batch = i + 1
+                self.save()
+                self.tracker.log_metric_history(step_log)
+                print(f"\ninterrupted in epoch {epoch}, step {i + 1}/{n_batches}; checkpoint saved. "
+                      f"Resume with: --resume {self.ckpt_path}")
+                return None
+        self.resume_batch = 0
+        self.epoch = epoch
+        return step_log
+
+    def end_epoch(self, epoch: int, train_time: float, step_log: list, epochs_timed: int) -> None:
+        """After an epoch: validation, the checkpoint, MLflow, the progress line
+        and, every --sample-every epochs, pictures and sprite-quality metrics."""
+        cfg, n = self.config, self.train_data.shape[0]
+        metrics = {f"train/{k}": v / n for k, v in self.epoch_sums.items()}
+        # Throughput measures the machine (other processes slow it), not the model: system/.
+        metrics["system/images_per_sec"] = n / max(train_time, 1e-9)
+        metrics.update(self.validate(epoch))
+        self.history.append({"epoch": epoch, **metrics})
+        self.save()  # every epoch: the last good state is always on disk
+        self.tracker.log_metric_history(step_log)
+        self.tracker.log_metrics(metrics, step=epoch)
+        elapsed = time.time() - self._fit_start
+        eta = elapsed / epochs_timed * (self.epochs - epoch)
+        print(self.progress_line(epoch, metrics, elapsed, eta), flush=True)
+        if epochs_timed == 1:
+            script = Path(sys.argv[0]).name  # compare.py trains through the model scripts' Trainer
+            script = f"{self.strategy.name}.py" if script == "compare.py" else script
+            hint = contention_hint(self.device, f"OMP_NUM_THREADS=1 python {script} --resume {self.ckpt_path}")
+            if hint:
+                print(hint, flush=True)
+        if cfg.sample_every and epoch % cfg.sample_every == 0 and epoch < self.epochs:
+            self.write_pictures(epoch)
+            quality = self.score_samples(epoch)  # quality during training, not only at the end
+            self.history[-1].update(quality)
+            self.tracker.log_metrics(quality, step=epoch)
+
+    def optimizer_step(self, batch: Tensor, epoch: int, i: int) -> dict[str, float]:
+        """One step on one batch: the strategy's loss (autocast), the NaN guard,
+        backward, clipping, the learning rate, AdamW, the EMA. Returns the
+        step's scalars as floats."""
         with self.autocast():
             out = self.strategy.train_step(self.step_model, batch)
         loss = out["loss"]
@@ -1146,10 +1212,8 @@ class Trainer:
         loss.backward()
         if self.config.grad_clip > 0:
             scalars["grad_norm"] = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip))
-        lr_factor = getattr(self.strategy, "lr_factor", None)  # optional: warm-up / decay by step
-        if lr_factor:
-            for group in self.optimizer.param_groups:
-                group["lr"] = self.config.lr * lr_factor(self.step, self.total_steps)
+        for group in self.optimizer.param_groups:  # the strategy's warm-up / decay by step
+            group["lr"] = self.config.lr * self.strategy.lr_factor(self.step, self.total_steps)
         self.optimizer.step()
         if self.ema is not None:
             self.ema.update_parameters(self.model)
@@ -1187,45 +1251,51 @@ class Trainer:
         self.stop_requested = True
         print("\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to abort at once)")
 
-    @torch.no_grad()
-    def validate(self, epoch: int) -> dict[str, float]:
-        """Average get_metrics over the validation split, with the EMA weights
-        if kept. The RNG is forked and reseeded so validation noise is the
-        same every epoch (comparable numbers) and training's stream is
-        untouched (exact resume)."""
+    @contextlib.contextmanager
+    def evaluating(self, seed: int | None = None):
+        """`with trainer.evaluating() as model:` the eval model (the EMA if kept)
+        in eval mode, without gradients, under a fork of torch's RNG (reseeded
+        with `seed` if given): what is drawn inside never moves training's
+        random stream, so validation, pictures and scores leave the losses of a
+        seeded run as they are, and resume stays exact. The trained model is
+        back in train mode afterwards."""
         model = self.eval_model
         model.eval()
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                if seed is not None:
+                    torch.manual_seed(seed)
+                yield model
+        finally:
+            self.model.train()
+
+    def validate(self, epoch: int) -> dict[str, float]:
+        """Average get_metrics over the validation split, with the EMA weights
+        if kept, reseeded so validation noise is the same every epoch
+        (comparable numbers)."""
         sums: dict[str, float] = {}
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(self.config.seed + 1)
+        with self.evaluating(seed=self.config.seed + 1) as model:
             for i in range(0, self.val_data.shape[0], self.config.batch_size):
                 batch = self.val_data[i:i + self.config.batch_size]
                 with self.autocast():
                     m = self.strategy.get_metrics(model, batch)
                 for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + float(v) * batch.shape[0]
-        extra = {}
-        hook = getattr(self.strategy, "on_epoch_end", None)
-        if hook:
-            # No validation sprites: the hook still runs (it may act on training,
-            # e.g. codebook restarts), on the training sprites, and its val/
-            # metrics are dropped rather than measured on the wrong split.
-            extra = hook(self.model, epoch, self.val_data if len(self.val_data) else self.train_data) or {}
-            extra = extra if len(self.val_data) else {}
-        self.model.train()
+        # No validation sprites: the hook still runs (it may act on training,
+        # e.g. codebook restarts), on the training sprites, and its val/
+        # metrics are dropped rather than measured on the wrong split.
+        with torch.no_grad():
+            extra = self.strategy.on_epoch_end(self.model, epoch,
+                                               self.val_data if len(self.val_data) else self.train_data)
+        extra = extra if len(self.val_data) else {}
         out = {f"val/{k}": v / self.val_data.shape[0] for k, v in sums.items()}
         out.update({f"val/{k}": float(v) for k, v in extra.items()})
         return out
 
-    @torch.no_grad()
     def generate(self, n: int, seed: int) -> Tensor:
         """n raw samples from the eval model, in chunks of 256, reproducible."""
-        model = self.eval_model
-        model.eval()
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            x = draw_samples(self.strategy, model, n, seed, self.device, self.config.amp)
-        model.train()
-        return x
+        with self.evaluating() as model:
+            return draw_samples(self.strategy, model, n, seed, self.device, self.config.amp)
 
     def write_pictures(self, epoch: int, final: bool = False) -> dict[str, Path]:
         """A sample grid (same seed every time, so the grids show one set of
@@ -1233,13 +1303,10 @@ class Trainer:
         pictures; to the run folder and to MLflow."""
         name = "final" if final else f"epoch_{epoch:04d}"
         pictures = {"samples": (self.generate(self.config.n_samples, self.config.seed), 8)}
-        hook = getattr(self.strategy, "images", None)
-        if hook and len(self.val_data):  # the extra pictures show validation sprites: none, no pictures
+        if len(self.val_data):  # the extra pictures show validation sprites: none, no pictures
             gen = torch.Generator(self.device).manual_seed(self.config.seed)
-            with torch.no_grad(), torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-                self.eval_model.eval()
-                pictures.update(hook(self.eval_model, self.val_data, gen))
-                self.model.train()
+            with self.evaluating() as model:
+                pictures.update(self.strategy.images(model, self.val_data, gen))
         paths = {}
         for key, (images, nrow) in pictures.items():
             img = make_grid(images, nrow=nrow, scale=4, palette=self.palette)
@@ -1259,18 +1326,14 @@ class Trainer:
         return quality
 
     def write_animation(self, n: int = 16) -> Path | None:
-        """If the strategy has the optional `trajectory` hook (frames of one
-        sampling run, e.g. a diffusion model's denoising steps): an animated
-        GIF of n sprites, run_dir/trajectory.gif, logged to MLflow."""
-        hook = getattr(self.strategy, "trajectory", None)
-        if hook is None:
+        """If the strategy has a `trajectory` (frames of one sampling run, e.g. a
+        diffusion model's denoising steps): an animated GIF of n sprites,
+        run_dir/trajectory.gif, logged to MLflow."""
+        if not self.strategy.animates():
             return None
         gen = torch.Generator(self.device).manual_seed(self.config.seed)
-        self.eval_model.eval()
-        with torch.no_grad(), self.autocast(), \
-                torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            frames = hook(self.eval_model, n, gen).float()
-        self.model.train()
+        with self.evaluating() as model, self.autocast():
+            frames = self.strategy.trajectory(model, n, gen).float()
         path = save_gif(frames, self.run_dir / "trajectory.gif", nrow=4)
         self.tracker.log_artifact(path)
         return path
@@ -1450,6 +1513,8 @@ def train(strategy_cls, config: TrainConfig) -> Path:
         status = "FAILED"
         try:
             trainer = Trainer(strategy, config, data.train, data.val, palette, run_dir, tracker)
+            if strategy.describe(trainer.model):
+                print(strategy.describe(trainer.model))
             print(f"{name}: {trainer.n_params():,} parameters | {data.train.shape[0]} train / {data.val.shape[0]} val "
                   f"sprites from {data.path} | device {device}{' + bf16 autocast' if config.amp else ''} | run folder {run_dir}")
             if not len(data.val):
@@ -1564,14 +1629,11 @@ def finish(trainer: Trainer, data: Sprites) -> dict[str, Path]:
     quality = trainer.score_samples(trainer.epoch)
     if cfg.eval_every_minutes:  # the curve ends with the end-of-run score
         trainer.add_curve_point(quality, trainer.train_seconds / 60, trainer.epoch, final=True)
-    hook = getattr(trainer.strategy, "on_train_end", None)
-    if hook:  # e.g. vqvae.py scores its second sampler too
-        trainer.eval_model.eval()
-        with torch.no_grad(), torch.random.fork_rng(devices=[trainer.device] if trainer.device.type == "cuda" else []):
-            extra = hook(trainer.eval_model, data.train)
-        if extra:  # a hook may have nothing to add for this run (diffusion.py without --condition)
-            print("end-of-run metrics:", " ".join(f"{k} {v:.3f}" for k, v in extra.items()))
-        quality.update(extra)
+    with trainer.evaluating() as model:
+        extra = trainer.strategy.on_train_end(model, data.train)  # e.g. vqvae.py's second sampler
+    if extra:
+        print("end-of-run metrics:", " ".join(f"{k} {v:.3f}" for k, v in extra.items()))
+    quality.update(extra)
     trainer.tracker.log_metrics(quality, step=trainer.epoch)
     summary = {"epochs": trainer.epoch, "n_params": trainer.n_params(), "train_seconds": trainer.train_seconds,
                **trainer.history[-1], **quality}
@@ -1662,7 +1724,7 @@ def sample_command(strategy_cls, config_cls, argv: list[str]) -> None:
             raise UserError(f"{args.checkpoint} was trained without classes; --class needs a checkpoint "
                             f"trained with --condition colour or --condition cluster")
         strategy.sample_class = labeller.parse(args.sample_class)
-    if (args.gif or out.suffix.lower() == ".gif") and not hasattr(strategy, "trajectory"):
+    if (args.gif or out.suffix.lower() == ".gif") and not strategy.animates():
         raise UserError(f"{strategy_cls.name} has no sampling trajectory to animate; write a .png or a folder")
     if out.suffix.lower() == ".gif":
         args.gif, out = str(out), None
@@ -1687,11 +1749,6 @@ def sample_command(strategy_cls, config_cls, argv: list[str]) -> None:
         print(f"wrote an animation of {min(args.n, 16)} sprites ({frames.shape[0]} frames) to {args.gif}")
 
 
-# -----------------------------------------------------------------------------
-# Bench: how fast is this model on this machine, as a fraction of its peak?
-# -----------------------------------------------------------------------------
-
-
 def sample_out(out: str, checkpoint: str, seed: int) -> Path:
     """Where `sample` writes, decided by the suffix of --out: .png a grid,
     .gif an animation, no suffix (or an existing folder) a folder of PNGs;
@@ -1708,20 +1765,10 @@ def sample_out(out: str, checkpoint: str, seed: int) -> Path:
     return path
 
 
-def matmul_peak(dtype: torch.dtype, device: torch.device, repeats: int,
-                budget_s: float = 2.0) -> tuple[float, int, float]:
-    """This machine's matrix-multiply throughput in GFLOP/s for `dtype`: the
-    best of `repeats` square products, at growing sizes until the next product
-    would take longer than `budget_s`. Returns (GFLOP/s, the size that gave
-    it, the CPU share of that run; see _best_time)."""
-    best, best_n, best_share = 0.0, 0, 0.0
-    for n in (256, 512, 1024, 2048):
-        gflops, share = matmul_rate(n, dtype, device, repeats, run_seconds=0.1)  # >= 0.1 s: reliable CPU time
-        if gflops > best:
-            best, best_n, best_share = gflops, n, share
-        if 8 * 2 * n ** 3 / gflops / 1e9 > budget_s:  # the next size costs 8x as much
-            break
-    return best, best_n, best_share
+# -----------------------------------------------------------------------------
+# Speed: matmul throughput, the --amp decision, the contention hint
+# -----------------------------------------------------------------------------
+# (compare.py's `bench` measures a model's speed with these.)
 
 
 def matmul_rate(n: int, dtype: torch.dtype, device: torch.device, repeats: int,
@@ -1781,32 +1828,6 @@ def amp_worth_it(device: torch.device, force: bool) -> bool:
     return False
 
 
-def time_by_op(fn: Callable, top: int = 5) -> str:
-    """One profiled call of fn: the `top` operators by self time, as shares of
-    the total, e.g. "convolution 72%, native_group_norm 16%, ..."."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    stderr_fd, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    try:  # the profiler's C++ side prints start/stop lines straight to file descriptor 2
-        sys.stderr.flush()
-        os.dup2(devnull, 2)
-        with profile(activities=activities) as prof:
-            fn()
-    finally:
-        os.dup2(stderr_fd, 2)
-        os.close(stderr_fd)
-        os.close(devnull)
-    averages = prof.key_averages()
-    on_device = any(e.self_device_time_total > 0 for e in averages)
-    key = "self_device_time_total" if on_device else "self_cpu_time_total"
-    # Operators only: leave out annotated ranges such as "Optimizer.step#AdamW.step".
-    events = [e for e in averages if getattr(e, key) > 0 and (on_device or e.key.startswith("aten::"))]
-    total = sum(getattr(e, key) for e in events) or 1
-    events.sort(key=lambda e: getattr(e, key), reverse=True)
-    return ", ".join(f"{e.key.removeprefix('aten::')} {getattr(e, key) / total:.0%}" for e in events[:top])
-
-
 def _best_time(fn: Callable, repeats: int, device: torch.device) -> tuple[float, float]:
     """Best wall time of `repeats` calls after one warm-up call. The best, not
     the mean: on a shared machine the fastest run is the least disturbed one.
@@ -1848,143 +1869,9 @@ def contention_hint(device: torch.device, resume_command: str, threshold: float 
             f"faster then: Ctrl-C, then {resume_command}")
 
 
-def bench_sprites(n: int, palette: Tensor, generator: torch.Generator) -> Tensor:
-    """Random sprites shaped like the real ones: one palette colour (not black)
-    on a black background, ~30% of the pixels. (n, 3, 16, 16) in [0, 1]."""
-    colour = palette[1 + torch.randint(len(palette) - 1, (n,), generator=generator)]  # (n, 3)
-    mask = (torch.rand(n, 1, 16, 16, generator=generator) < 0.3).float()  # (n, 1, 16, 16)
-    return mask * colour[:, :, None, None]
-
-
-def bench_command(strategy_cls, config_cls, argv: list[str]) -> dict:
-    """`python X.py bench`: parameters, FLOPs, training images/s and seconds to
-    sample, in fp32 and with bf16 autocast (--amp), next to this machine's own
-    matmul throughput measured in the same run. Needs no data and no
-    checkpoint: a freshly initialised model on random sprites costs the same.
-    Prints its figures and returns them (compare.py bench tabulates them):
-    {"params", "n", "batch_size", "fp32": {...}, "bf16": {...}}, each precision
-    with "peak_gflops", "train_sprites_per_s", "train_of_peak", "sample_s",
-    "sample_of_peak" (fractions of the fp32 peak)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    parser = download.OneLineParser(
-        prog=f"{Path(sys.argv[0]).name} bench",
-        description="Measure this model's speed on this machine: FLOPs (torch.utils.flop_counter, matmul and "
-                    "conv only), training images/s and sampling seconds in fp32 and bf16 autocast, each as a "
-                    "fraction of the matmul GFLOP/s measured in the same run.")
-    parser.add_argument("--batch-size", type=int, default=0,
-                        help="training batch (default: the model's own --batch-size)")
-    parser.add_argument("--n", type=int, default=16, help="sprites per sampling run (default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="timed runs of each measurement, the best is shown (default: %(default)s)")
-    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
-                        help="also measure with bf16 autocast, as --amp trains (default: %(default)s)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
-    own = {f.name for f in dataclasses.fields(config_cls)} - {f.name for f in dataclasses.fields(TrainConfig)}
-    add_config_flags(parser.add_argument_group("model flags (default: the model's defaults)"),
-                     config_cls, suppress_defaults=True, only=own)
-    args = parser.parse_args(argv)
-    if args.n < 1 or args.repeats < 1 or args.batch_size < 0:
-        parser.error("--n and --repeats must be at least 1, --batch-size at least 0")
-    device = select_device(args.device)
-    seed_everything(0)
-    if device.type == "cpu":
-        torch.use_deterministic_algorithms(True, warn_only=True)  # as training runs
-    values = {k: v for k, v in vars(args).items() if k in own}
-    values.update(mlflow=False, device=str(device))
-    if args.batch_size:
-        values["batch_size"] = args.batch_size
-    config = make_config(config_cls, parser, values)
-    batch_size = config.batch_size
-    gen = torch.Generator().manual_seed(0)
-    palette = torch.cat([torch.zeros(1, 3), torch.rand(config.palette_size - 1, 3, generator=gen)]).to(device)
-    data = bench_sprites(max(batch_size, 8), palette.cpu(), gen).to(device)
-
-    where = f"{device}" + (f", {torch.get_num_threads()} threads, CPU capability "
-                           f"{torch.backends.cpu.get_cpu_capability()}" if device.type == "cpu" else "")
-    print(f"bench: {strategy_cls.name} on {where}, torch {torch.__version__}")
-    if hasattr(os, "getloadavg"):
-        print(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs (other work on the machine "
-              f"slows every figure below)")
-    native, found = native_bf16(device)
-    print(f"bf16 in hardware: {'yes' if native else 'no'} ({found})"
-          + ("" if native else "; --amp measures bf16 first and trains in fp32 if it is slower"))
-    precisions = ["fp32"] + (["bf16"] if args.bf16 else [])
-    peak = {}
-    for p in precisions:
-        peak[p] = matmul_peak(torch.float32 if p == "fp32" else torch.bfloat16, device, args.repeats)
-        print(f"matmul peak {p}: {peak[p][0]:.1f} GFLOP/s ({peak[p][1]}x{peak[p][1]} products, best of "
-              f"{args.repeats}; CPU share {peak[p][2]:.0%})")
-
-    with contextlib.redirect_stdout(io.StringIO()):  # the strategies' own build messages
-        trainers = {p: Trainer(strategy_cls(config, palette), dataclasses.replace(config, amp=(p == "bf16")),
-                               data, data[:8], palette, Path("."), augment=None) for p in precisions}
-    base = trainers["fp32"]
-    print(f"parameters: {base.n_params():,}")
-    for trainer in trainers.values():
-        hook = getattr(trainer.strategy, "on_epoch_start", None)
-        if hook:
-            hook(trainer.model, 1)
-        trainer.model.train()
-    batch = data[:batch_size]
-
-    # FLOPs, counted on one fp32 training step and one fp32 sampling run.
-    with FlopCounterMode(display=False) as counter:
-        out = base.strategy.train_step(base.model, batch)
-        out["loss"].backward()
-    base.model.zero_grad(set_to_none=True)
-    train_flops = counter.get_total_flops()
-    calls = []
-    handle = base.eval_model.register_forward_hook(lambda *a: calls.append(1))
-    with FlopCounterMode(display=False) as counter:
-        base.eval_model.eval()
-        draw_samples(base.strategy, base.eval_model, args.n, 0, device)
-    handle.remove()
-    sample_flops = counter.get_total_flops()
-    print(f"FLOPs (matmul and conv, torch.utils.flop_counter): training step {train_flops / batch_size / 1e9:.3g} "
-          f"GFLOP per sprite (forward + backward); sampling {args.n} sprites {sample_flops / 1e9:.3g} GFLOP"
-          + (f" = {len(calls)} model calls of {sample_flops / len(calls) / args.n / 1e9:.3g} GFLOP per sprite"
-             if calls else ""))
-
-    rows = {}
-    for p, trainer in trainers.items():
-        step = iter(range(10 ** 9))
-        train_s, train_share = _best_time(lambda: trainer.train_step(batch, 1, next(step)), args.repeats, device)
-        trainer.eval_model.eval()
-        sample_s, sample_share = _best_time(lambda: draw_samples(trainer.strategy, trainer.eval_model, args.n, 0,
-                                                                 device, amp=(p == "bf16")), args.repeats, device)
-        rows[p] = (train_s, sample_s, train_share, sample_share)
-
-    def fraction(flops, seconds, p, share):
-        rate = flops / seconds / 1e9
-        text = f"{rate:.3g} GFLOP/s = {rate / peak[p][0]:.0%} of {p} matmul peak"
-        return text + (f", {rate / peak['fp32'][0]:.0%} of fp32" if p != "fp32" else "") + f"; CPU share {share:.0%}"
-
-    for p, (train_s, sample_s, train_share, sample_share) in rows.items():
-        name = "fp32" if p == "fp32" else "bf16 autocast (--amp)"
-        print(f"{name}: training {batch_size / train_s:.1f} sprites/s ({train_s * 1e3:.0f} ms per step of "
-              f"{batch_size}; {fraction(train_flops, train_s, p, train_share)})")
-        print(f"{name}: sampling {args.n} sprites {sample_s:.3g} s "
-              f"({fraction(sample_flops, sample_s, p, sample_share)})")
-    if "bf16" in rows:
-        print(f"bf16 autocast vs fp32: training {rows['fp32'][0] / rows['bf16'][0]:.2f}x as fast, "
-              f"sampling {rows['fp32'][1] / rows['bf16'][1]:.2f}x as fast")
-    # What limits the fractions above: the FLOP count covers matmuls and convolutions only, so time
-    # spent in normalisation, activations and additions (memory-bound, no FLOPs counted) lowers them.
-    step = iter(range(10 ** 9))
-    for what, fn in (("training step", lambda: base.train_step(batch, 1, next(step))),
-                     (f"sampling {args.n} sprites",
-                      lambda: draw_samples(base.strategy, base.eval_model, args.n, 0, device))):
-        base.eval_model.eval()
-        print(f"fp32 {what}, where the time goes (torch.profiler, self time): {time_by_op(fn)}")
-    figures = {"params": base.n_params(), "n": args.n, "batch_size": batch_size, "bf16_native": native}
-    for p, (train_s, sample_s, _, _) in rows.items():
-        figures[p] = dict(peak_gflops=peak[p][0], train_sprites_per_s=batch_size / train_s,
-                          train_of_peak=train_flops / train_s / 1e9 / peak["fp32"][0], sample_s=sample_s,
-                          sample_of_peak=sample_flops / sample_s / 1e9 / peak["fp32"][0])
-    if hasattr(os, "getloadavg"):
-        print(f"load average after: {os.getloadavg()[0]:.2f}")
-    return figures
+# -----------------------------------------------------------------------------
+# The command line of a model file: train, sample, bench
+# -----------------------------------------------------------------------------
 
 
 def parse_train_args(config_cls, argv: list[str], strategy_name: str = "") -> TrainConfig:
@@ -2025,8 +1912,9 @@ def main(strategy_cls, config_cls, argv: list[str] | None = None) -> None:
     def run():
         if argv[:1] == ["sample"]:
             sample_command(strategy_cls, config_cls, argv[1:])
-        elif argv[:1] == ["bench"]:
-            bench_command(strategy_cls, config_cls, argv[1:])
+        elif argv[:1] == ["bench"]:  # its code lives in compare.py, beside the table of every model's figures
+            import compare
+            compare.bench_command(strategy_cls, config_cls, argv[1:])
         else:
             train(strategy_cls, parse_train_args(config_cls, argv, strategy_cls.name))
     # A UserError, download.py's DataError or an OSError (full disk...) is one

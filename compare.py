@@ -34,6 +34,7 @@ if __name__ == "__main__":  # Ctrl-C while the imports below load: exit at once 
     signal.signal(signal.SIGINT, lambda *_: os._exit(130))
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -44,14 +45,50 @@ import diffusion
 import vae
 import vqvae
 
-# name -> (Strategy, Config, the label in the figure and table, config overrides
-# for that panel). The VQ-VAE appears twice: with its learned prior, and with
-# uniformly random codes, to show what the prior is for.
-MODELS = {"vae": (vae.VAEStrategy, vae.Config), "vqvae": (vqvae.VQVAEStrategy, vqvae.Config),
-          "diffusion": (diffusion.DiffusionStrategy, diffusion.Config)}
-PANELS = [("vae", "VAE", {}), ("vqvae", "VQ-VAE (prior)", {"sampler": "prior"}),
-          ("diffusion", "diffusion (DDIM)", {}), ("vqvae", "VQ-VAE (random codes)", {"sampler": "random"})]
-QUICK = {"vae": dict(epochs=10), "vqvae": dict(epochs=10, prior_epochs=10), "diffusion": dict(epochs=2)}
+# -----------------------------------------------------------------------------
+# The registry: one line per model
+# -----------------------------------------------------------------------------
+# Adding a model is its file plus one line here. Everything else compare.py and
+# the tests need is read from the model's module, next to its Config:
+#   Config    the dataclass of its flags
+#   COMPARE   optional; dict(
+#               panels=[(label, Config overrides), ...]  the figure's panels: the
+#                   first is the model's own; the others (e.g. vqvae.py's random
+#                   codes) follow after every model's first panel (default: the name);
+#               budgets={suffix: (Config field, help)}   compare.py's --epochs-<suffix>
+#                   flags (default: --epochs-<name> for epochs);
+#               quick={field: value}                     the --quick budget (default: {}))
+#   TINY      Config values that train in seconds on 2 cores (the tests)
+
+REGISTRY = [
+    vae.VAEStrategy,
+    vqvae.VQVAEStrategy,
+    diffusion.DiffusionStrategy,
+]
+
+
+def module_of(strategy_cls) -> object:
+    return sys.modules[strategy_cls.__module__]
+
+
+def declared(strategy_cls) -> dict:
+    """A model's COMPARE declaration, with the defaults above filled in."""
+    name = strategy_cls.name
+    own = getattr(module_of(strategy_cls), "COMPARE", {})
+    return {"panels": own.get("panels", [(name, {})]),
+            "budgets": own.get("budgets", {name: ("epochs", f"{name} epochs")}),
+            "quick": own.get("quick", {})}
+
+
+# name -> (Strategy, Config), in registry order
+MODELS = {cls.name: (cls, module_of(cls).Config) for cls in REGISTRY}
+# (name, label in the figure and table, Config overrides), every model's own panel first
+PANELS = ([(name, *declared(cls)["panels"][0]) for name, (cls, _) in MODELS.items()]
+          + [(name, *panel) for name, (cls, _) in MODELS.items() for panel in declared(cls)["panels"][1:]])
+QUICK = {name: declared(cls)["quick"] for name, (cls, _) in MODELS.items()}
+# compare.py's flag suffix -> (model, Config field, help): --epochs-vae, --epochs-prior, ...
+BUDGETS = {suffix: (name, field, text) for name, (cls, _) in MODELS.items()
+           for suffix, (field, text) in declared(cls)["budgets"].items()}
 METRICS = ["palette_distance", "one_colour_rate", "density_in_range", "precision", "recall",
            "near_copy_rate", "unique_rate"]
 
@@ -67,7 +104,7 @@ def checkpoint_of(name: str, configs: dict, out: Path, checkpoints: Path | None)
         path = run_checkpoint(checkpoints, name)
         strategy, _, _, config = common.load_for_sampling(*MODELS[name], str(path), {}, torch.device("cpu"))
         epoch = common.load_checkpoint(path)["epoch"]
-        if epoch < common.total_epochs(strategy, config):
+        if epoch < strategy.total_epochs(config):
             raise common.UserError(f"{path} stopped at epoch {epoch}: finish it with "
                                    f"`python {name}.py --resume {path}`")
         return path
@@ -157,8 +194,204 @@ def table(rows: list[tuple[str, dict]]) -> str:
     return "\n".join(lines)
 
 
+# -----------------------------------------------------------------------------
+# Bench: how fast is each model on this machine, as a fraction of its peak?
+# -----------------------------------------------------------------------------
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device, repeats: int,
+                budget_s: float = 2.0) -> tuple[float, int, float]:
+    """This machine's matrix-multiply throughput in GFLOP/s for `dtype`: the
+    best of `repeats` square products, at growing sizes until the next product
+    would take longer than `budget_s`. Returns (GFLOP/s, the size that gave
+    it, the CPU share of that run; see _best_time)."""
+    best, best_n, best_share = 0.0, 0, 0.0
+    for n in (256, 512, 1024, 2048):
+        gflops, share = common.matmul_rate(n, dtype, device, repeats, run_seconds=0.1)  # >= 0.1 s: reliable CPU time
+        if gflops > best:
+            best, best_n, best_share = gflops, n, share
+        if 8 * 2 * n ** 3 / gflops / 1e9 > budget_s:  # the next size costs 8x as much
+            break
+    return best, best_n, best_share
+
+
+def time_by_op(fn: Callable, top: int = 5) -> str:
+    """One profiled call of fn: the `top` operators by self time, as shares of
+    the total, e.g. "convolution 72%, native_group_norm 16%, ..."."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    stderr_fd, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:  # the profiler's C++ side prints start/stop lines straight to file descriptor 2
+        sys.stderr.flush()
+        os.dup2(devnull, 2)
+        with profile(activities=activities) as prof:
+            fn()
+    finally:
+        os.dup2(stderr_fd, 2)
+        os.close(stderr_fd)
+        os.close(devnull)
+    averages = prof.key_averages()
+    on_device = any(e.self_device_time_total > 0 for e in averages)
+    key = "self_device_time_total" if on_device else "self_cpu_time_total"
+    # Operators only: leave out annotated ranges such as "Optimizer.step#AdamW.step".
+    events = [e for e in averages if getattr(e, key) > 0 and (on_device or e.key.startswith("aten::"))]
+    total = sum(getattr(e, key) for e in events) or 1
+    events.sort(key=lambda e: getattr(e, key), reverse=True)
+    return ", ".join(f"{e.key.removeprefix('aten::')} {getattr(e, key) / total:.0%}" for e in events[:top])
+
+
+def bench_sprites(n: int, palette: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random sprites shaped like the real ones: one palette colour (not black)
+    on a black background, ~30% of the pixels. (n, 3, 16, 16) in [0, 1]."""
+    colour = palette[1 + torch.randint(len(palette) - 1, (n,), generator=generator)]  # (n, 3)
+    mask = (torch.rand(n, 1, 16, 16, generator=generator) < 0.3).float()  # (n, 1, 16, 16)
+    return mask * colour[:, :, None, None]
+
+
+def bench_command(strategy_cls, config_cls, argv: list[str], parents: tuple = ()) -> dict:
+    """`python compare.py bench` (for each model) and `python X.py bench`: parameters, FLOPs, training images/s and seconds to
+    sample, in fp32 and with bf16 autocast (--amp), next to this machine's own
+    matmul throughput measured in the same run. Needs no data and no
+    checkpoint: a freshly initialised model on random sprites costs the same.
+    Prints its figures and returns them (compare.py bench tabulates them):
+    {"params", "n", "batch_size", "fp32": {...}, "bf16": {...}}, each precision
+    with "peak_gflops", "train_sprites_per_s", "train_of_peak", "sample_s",
+    "sample_of_peak" (fractions of the fp32 peak)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    parser = common.download.OneLineParser(
+        prog=f"{Path(sys.argv[0]).name} bench",
+        description="Measure this model's speed on this machine: FLOPs (torch.utils.flop_counter, matmul and "
+                    "conv only), training images/s and sampling seconds in fp32 and bf16 autocast, each as a "
+                    "fraction of the matmul GFLOP/s measured in the same run.", parents=list(parents))
+    parser.add_argument("--batch-size", type=int, default=0,
+                        help="training batch (default: the model's own --batch-size)")
+    parser.add_argument("--n", type=int, default=16, help="sprites per sampling run (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed runs of each measurement, the best is shown (default: %(default)s)")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
+                        help="also measure with bf16 autocast, as --amp trains (default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
+    own = {f.name for f in dataclasses.fields(config_cls)} - {f.name for f in dataclasses.fields(common.TrainConfig)}
+    common.add_config_flags(parser.add_argument_group("model flags (default: the model's defaults)"),
+                     config_cls, suppress_defaults=True, only=own)
+    args = parser.parse_args(argv)
+    if args.n < 1 or args.repeats < 1 or args.batch_size < 0:
+        parser.error("--n and --repeats must be at least 1, --batch-size at least 0")
+    device = common.select_device(args.device)
+    common.seed_everything(0)
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)  # as training runs
+    values = {k: v for k, v in vars(args).items() if k in own}
+    values.update(mlflow=False, device=str(device))
+    if args.batch_size:
+        values["batch_size"] = args.batch_size
+    config = common.make_config(config_cls, parser, values)
+    batch_size = config.batch_size
+    gen = torch.Generator().manual_seed(0)
+    palette = torch.cat([torch.zeros(1, 3), torch.rand(config.palette_size - 1, 3, generator=gen)]).to(device)
+    data = bench_sprites(max(batch_size, 8), palette.cpu(), gen).to(device)
+
+    where = f"{device}" + (f", {torch.get_num_threads()} threads, CPU capability "
+                           f"{torch.backends.cpu.get_cpu_capability()}" if device.type == "cpu" else "")
+    print(f"bench: {strategy_cls.name} on {where}, torch {torch.__version__}")
+    if hasattr(os, "getloadavg"):
+        print(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs (other work on the machine "
+              f"slows every figure below)")
+    native, found = common.native_bf16(device)
+    print(f"bf16 in hardware: {'yes' if native else 'no'} ({found})"
+          + ("" if native else "; --amp measures bf16 first and trains in fp32 if it is slower"))
+    precisions = ["fp32"] + (["bf16"] if args.bf16 else [])
+    peak = {}
+    for p in precisions:
+        peak[p] = matmul_peak(torch.float32 if p == "fp32" else torch.bfloat16, device, args.repeats)
+        print(f"matmul peak {p}: {peak[p][0]:.1f} GFLOP/s ({peak[p][1]}x{peak[p][1]} products, best of "
+              f"{args.repeats}; CPU share {peak[p][2]:.0%})")
+
+    trainers = {p: common.Trainer(strategy_cls(config, palette), dataclasses.replace(config, amp=(p == "bf16")),
+                                  data, data[:8], palette, Path("."), augment=None) for p in precisions}
+    base = trainers["fp32"]
+    print(f"parameters: {base.n_params():,}")
+    for trainer in trainers.values():
+        trainer.strategy.on_epoch_start(trainer.model, 1)
+        trainer.model.train()
+    batch = data[:batch_size]
+
+    # FLOPs, counted on one fp32 training step and one fp32 sampling run.
+    with FlopCounterMode(display=False) as counter:
+        out = base.strategy.train_step(base.model, batch)
+        out["loss"].backward()
+    base.model.zero_grad(set_to_none=True)
+    train_flops = counter.get_total_flops()
+    calls = []
+    handle = base.eval_model.register_forward_hook(lambda *a: calls.append(1))
+    with FlopCounterMode(display=False) as counter:
+        base.eval_model.eval()
+        common.draw_samples(base.strategy, base.eval_model, args.n, 0, device)
+    handle.remove()
+    sample_flops = counter.get_total_flops()
+    print(f"FLOPs (matmul and conv, torch.utils.flop_counter): training step {train_flops / batch_size / 1e9:.3g} "
+          f"GFLOP per sprite (forward + backward); sampling {args.n} sprites {sample_flops / 1e9:.3g} GFLOP"
+          + (f" = {len(calls)} model calls of {sample_flops / len(calls) / args.n / 1e9:.3g} GFLOP per sprite"
+             if calls else ""))
+
+    rows = {}
+    for p, trainer in trainers.items():
+        step = iter(range(10 ** 9))
+        train_s, train_share = common._best_time(lambda: trainer.optimizer_step(batch, 1, next(step)), args.repeats, device)
+        trainer.eval_model.eval()
+        sample_s, sample_share = common._best_time(lambda: common.draw_samples(trainer.strategy, trainer.eval_model, args.n, 0,
+                                                                 device, amp=(p == "bf16")), args.repeats, device)
+        rows[p] = (train_s, sample_s, train_share, sample_share)
+
+    def fraction(flops, seconds, p, share):
+        rate = flops / seconds / 1e9
+        text = f"{rate:.3g} GFLOP/s = {rate / peak[p][0]:.0%} of {p} matmul peak"
+        return text + (f", {rate / peak['fp32'][0]:.0%} of fp32" if p != "fp32" else "") + f"; CPU share {share:.0%}"
+
+    for p, (train_s, sample_s, train_share, sample_share) in rows.items():
+        name = "fp32" if p == "fp32" else "bf16 autocast (--amp)"
+        print(f"{name}: training {batch_size / train_s:.1f} sprites/s ({train_s * 1e3:.0f} ms per step of "
+              f"{batch_size}; {fraction(train_flops, train_s, p, train_share)})")
+        print(f"{name}: sampling {args.n} sprites {sample_s:.3g} s "
+              f"({fraction(sample_flops, sample_s, p, sample_share)})")
+    if "bf16" in rows:
+        print(f"bf16 autocast vs fp32: training {rows['fp32'][0] / rows['bf16'][0]:.2f}x as fast, "
+              f"sampling {rows['fp32'][1] / rows['bf16'][1]:.2f}x as fast")
+    # What limits the fractions above: the FLOP count covers matmuls and convolutions only, so time
+    # spent in normalisation, activations and additions (memory-bound, no FLOPs counted) lowers them.
+    step = iter(range(10 ** 9))
+    for what, fn in (("training step", lambda: base.optimizer_step(batch, 1, next(step))),
+                     (f"sampling {args.n} sprites",
+                      lambda: common.draw_samples(base.strategy, base.eval_model, args.n, 0, device))):
+        base.eval_model.eval()
+        print(f"fp32 {what}, where the time goes (torch.profiler, self time): {time_by_op(fn)}")
+    figures = {"params": base.n_params(), "n": args.n, "batch_size": batch_size, "bf16_native": native}
+    for p, (train_s, sample_s, _, _) in rows.items():
+        figures[p] = dict(peak_gflops=peak[p][0], train_sprites_per_s=batch_size / train_s,
+                          train_of_peak=train_flops / train_s / 1e9 / peak["fp32"][0], sample_s=sample_s,
+                          sample_of_peak=sample_flops / sample_s / 1e9 / peak["fp32"][0])
+    if hasattr(os, "getloadavg"):
+        print(f"load average after: {os.getloadavg()[0]:.2f}")
+    return figures
+
+
+def bench_models(argv: list[str]) -> None:
+    """`python compare.py bench [--models NAME ...] [bench flags]`: each model's
+    bench, then one table of them all."""
+    pick = common.download.OneLineParser(prog="compare.py bench", add_help=False)
+    add_models_flag(pick)
+    chosen, _ = pick.parse_known_args(argv)  # the other flags are each model's bench flags, parsed there
+    figures = {}
+    for name in chosen.models:
+        print(f"\n=== {name} ===")
+        figures[name] = bench_command(*MODELS[name], argv, parents=(pick,))
+    print("\n" + bench_table(figures))
+
+
 def bench_table(figures: dict) -> str:
-    """`compare.py bench`: each model's bench figures (common.bench_command) in
+    """`compare.py bench`: each model's bench figures (bench_command) in
     one markdown table; percentages are of the fp32 matmul peak measured in the
     same model's run."""
     precisions = [p for p in ("fp32", "bf16") if all(p in f for f in figures.values())]
@@ -192,9 +425,12 @@ def bench_table(figures: dict) -> str:
 
 def compare(configs: dict, data_path: str, out: Path, seed: int = 0, n_show: int = 32, n_eval: int = 256,
             device: str = "auto", amp: bool = False, checkpoints: Path | None = None, quick: bool = False,
-            use_mlflow: bool = True, conditional: str = "", guidance: float = 2.0) -> tuple[Path, str]:
+            use_mlflow: bool = True, models: list[str] | None = None, conditional: str = "",
+            guidance: float = 2.0) -> tuple[Path, str]:
     """Train or load every model, then write comparison.png and comparison.md
-    into `out`; returns (figure path, table markdown)."""
+    into `out`; returns (figure path, table markdown). `models`: the registry
+    names to compare (default: all)."""
+    models = list(MODELS) if models is None else models
     dev = common.select_device(device)
     data = common.load_sprites(data_path, dev, seed=seed)
     if not len(data.val):
@@ -204,15 +440,16 @@ def compare(configs: dict, data_path: str, out: Path, seed: int = 0, n_show: int
     label = "SMOKE RUN (--quick: a few epochs each, not a result)" if quick else "comparison"
     parent = common.Tracker(use_mlflow, experiment="compare", run_name=("compare-quick" if quick else "compare"))
     try:
-        ckpts = {name: checkpoint_of(name, configs, out, checkpoints) for name in MODELS}
+        ckpts = {name: checkpoint_of(name, configs, out, checkpoints) for name in models}
         print("\n=== sampling and scoring ===")
         rows, columns = [], [("real (validation)", data.val[:n_show])]
-        for name, panel_label, overrides in PANELS:
+        for name, panel_label, overrides in [panel for panel in PANELS if panel[0] in models]:
             r = evaluate(name, overrides, ckpts[name], data, n_show, n_eval, seed, dev, amp)
             rows.append((panel_label, r))
             columns.append((panel_label, r.pop("show")))
             print(f"{panel_label}: " + " ".join(f"{m} {r[m]:.3f}" for m in METRICS))
-        for name, ckpt in (conditional_checkpoints(configs, out, checkpoints, conditional) if conditional else {}).items():
+        chosen = {name: configs[name] for name in models if name in configs}
+        for name, ckpt in (conditional_checkpoints(chosen, out, checkpoints, conditional) if conditional else {}).items():
             panel_label = f"{name} | {conditional}, w={guidance:g}"
             r = evaluate(name, {"guidance": guidance}, ckpt, data, n_show, n_eval, seed, dev, amp)
             rows.append((panel_label, r))
@@ -287,10 +524,13 @@ RESULTS_TABLE = re.compile(r"(<!-- results: (.*?) -->\n)(.*?)(<!-- /results -->)
 
 
 def run_results(run: Path) -> dict:
-    """One run's figures: metrics.json as it is, plus every other <name>.json as <name>/<key>."""
+    """One run's figures: metrics.json as it is, plus every other <name>.json that holds one
+    object as <name>/<key> (a list, such as time_to_quality.json's points, is not a figure)."""
     figures = {}
     for path in sorted(run.glob("*.json")):
         data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            continue
         figures.update(data if path.stem == "metrics" else {f"{path.stem}/{k}": v for k, v in data.items()})
     return figures
 
@@ -350,12 +590,11 @@ def report_command(argv: list[str]) -> None:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = common.download.OneLineParser(description=__doc__.split("\n\n")[0],
-                                      epilog="`python compare.py bench` prints each model's bench figures in one "
-                                             "table; `python compare.py report` regenerates the docs' results tables")
-    p.add_argument("--epochs-vae", type=int, help=f"VAE epochs (default: {vae.Config.epochs})")
-    p.add_argument("--epochs-vqvae", type=int, help=f"VQ-VAE stage-1 epochs (default: {vqvae.Config.epochs})")
-    p.add_argument("--epochs-prior", type=int, help=f"VQ-VAE prior epochs (default: {vqvae.Config.prior_epochs})")
-    p.add_argument("--epochs-diffusion", type=int, help=f"diffusion epochs (default: {diffusion.Config.epochs})")
+                                      epilog="`python compare.py bench [--models NAME ...]` prints each model's bench "
+                                             "figures in one table; `python compare.py report` regenerates the docs' "
+                                             "results tables")
+    for suffix, (name, field, text) in BUDGETS.items():
+        p.add_argument(f"--epochs-{suffix}", type=int, help=f"{text} (default: {getattr(MODELS[name][1], field)})")
     p.add_argument("--amp", action="store_true", help="bf16 autocast for training and sampling")
     p.add_argument("--seed", type=int, default=0, help="one seed for every model (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="a smoke run: a few epochs each, labelled as such")
@@ -367,15 +606,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--data", default=common.TrainConfig.data, help="dataset (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
     p.add_argument("--no-mlflow", action="store_true", help="do not track with MLflow")
+    add_models_flag(p)
     p.add_argument("--conditional", choices=["colour", "cluster"],
                    help="also a panel and row per model that supports conditioning (diffusion.py --condition), "
                         "conditioned on these labels, sampled at --guidance; trained into OUT/<model>-<labels>")
     p.add_argument("--guidance", type=float, default=diffusion.Config.guidance,
                    help="classifier-free guidance w of the conditional panels (default: %(default)s)")
     args = p.parse_args(argv)
-    for flag in ("epochs_vae", "epochs_vqvae", "epochs_prior", "epochs_diffusion"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    for suffix in BUDGETS:
+        value = getattr(args, f"epochs_{suffix.replace('-', '_')}")
+        if value is not None and value < 1:
+            p.error(f"--epochs-{suffix} must be at least 1")
     args.n_eval = args.n_eval or (64 if args.quick else 256)
     if args.n_show < 1 or args.n_eval < 2:
         p.error("--n-show must be at least 1 and --n-eval at least 2")
@@ -390,12 +631,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def add_models_flag(parser) -> None:
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), metavar="NAME",
+                        help=f"which models of the registry, by name (default: all: {' '.join(MODELS)})")
+
+
 def configs_from(args: argparse.Namespace) -> dict:
     """Each model's own defaults, with the budgets and shared settings given here."""
-    budgets = {"vae": dict(epochs=args.epochs_vae), "vqvae": dict(epochs=args.epochs_vqvae, prior_epochs=args.epochs_prior),
-               "diffusion": dict(epochs=args.epochs_diffusion)}
+    budgets = {name: {} for name in MODELS}
+    for suffix, (name, field, _) in BUDGETS.items():
+        budgets[name][field] = getattr(args, f"epochs_{suffix.replace('-', '_')}")
     configs = {}
     for name, (_, config_cls) in MODELS.items():
+        if name not in args.models:
+            continue
         values = QUICK[name] if args.quick else {}
         values = {**values, **{k: v for k, v in budgets[name].items() if v is not None}}
         configs[name] = config_cls(**values, seed=args.seed, amp=args.amp, data=args.data, device=args.device,
@@ -411,15 +660,13 @@ def main(argv: list[str] | None = None) -> None:
         if argv[:1] == ["report"]:
             return report_command(argv[1:])
         if argv[:1] == ["bench"]:
-            figures = {}
-            for name, (strategy_cls, config_cls) in MODELS.items():
-                print(f"\n=== {name} ===")
-                figures[name] = common.bench_command(strategy_cls, config_cls, argv[1:])
-            print("\n" + bench_table(figures))
-            return
+            return bench_models(argv[1:])
         args = parse_args(argv)
+        if args.amp:  # sampling gets training's decision: no emulated bf16 where it is slower (common.amp_worth_it)
+            args.amp = common.amp_worth_it(common.select_device(args.device), force=False)
         compare(configs_from(args), args.data, args.out, args.seed, args.n_show, args.n_eval, args.device,
-                args.amp, args.checkpoints, args.quick, not args.no_mlflow, args.conditional or "", args.guidance)
+                args.amp, args.checkpoints, args.quick, not args.no_mlflow, args.models, args.conditional or "",
+                args.guidance)
     common.download.guarded(run, user_errors=(common.UserError,))  # one line and exit 2 for what the user can fix
 
 

@@ -37,6 +37,7 @@ import torch.nn as nn
 from PIL import Image
 
 import common
+import compare
 import download
 import diffusion
 import vae
@@ -346,7 +347,7 @@ class TinyConfig(common.TrainConfig):
     # send ourselves Ctrl-C (SIGINT) at this step (0 = never): tests interruption
 
 
-class TinyStrategy:
+class TinyStrategy(common.Strategy):
     """A denoising autoencoder on flattened sprites: small, fast, and its loss
     falls quickly, which is all the Trainer tests need."""
 
@@ -1357,11 +1358,9 @@ def test_bench_prints_its_figures_for_diffusion_and_for_the_tiny_test_strategy()
 
 
 def test_compare_bench_tabulates_what_each_bench_run_returns(capsys):
-    import compare
-
     deterministic = torch.are_deterministic_algorithms_enabled()
     try:  # bench_command sets deterministic algorithms, as training does; this process goes on testing
-        figures = common.bench_command(TinyStrategy, TinyConfig, ["--repeats", "1", "--n", "2", "--batch-size", "8"])
+        figures = compare.bench_command(TinyStrategy, TinyConfig, ["--repeats", "1", "--n", "2", "--batch-size", "8"])
     finally:
         torch.use_deterministic_algorithms(deterministic)
     printed = capsys.readouterr().out
@@ -1375,6 +1374,14 @@ def test_compare_bench_tabulates_what_each_bench_run_returns(capsys):
     assert lines[0].startswith("| model | params | fp32 train sprites/s") and len(lines[0].split("|")) == 9
     assert lines[2].startswith(f"| tiny | {figures['params'] / 1e6:.2f}M | {figures['fp32']['train_sprites_per_s']:.1f} (")
     assert lines[3].startswith("| again |") and "sampling: 2 sprites" in md
+
+
+def test_compare_bench_runs_the_models_named():
+    r = run_cli(["compare.py", "bench", "--models", "vae", "--repeats", "1", "--n", "2", "--no-bf16",
+                 "--channels", "8", "--latent-dim", "8", "--device", "cpu"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "=== vae ===" in r.stdout and "=== vqvae ===" not in r.stdout
+    assert "\n| vae | " in r.stdout and "| vqvae |" not in r.stdout
 
 
 def test_cli_refuses_a_bad_sampler_in_one_line():
@@ -1597,21 +1604,29 @@ def test_amp_probe_really_measures_this_machine():
     assert common.bf16_probe(torch.device("cpu")) > 0
 
 
+def test_compare_amp_samples_in_fp32_where_the_probe_says_bf16_is_slower(monkeypatch, capsys):
+    import compare
+    monkeypatch.setattr(common, "native_bf16", lambda device: (False, "mocked CPU flags"))
+    monkeypatch.setattr(common, "bf16_probe", lambda device: 0.08)
+    seen = {}
+    monkeypatch.setattr(compare, "compare", lambda configs, *args, **kw: seen.update(amp=args[6]))
+    compare.main(["--amp", "--quick", "--no-mlflow", "--device", "cpu"])
+    assert seen == {"amp": False} and "0.08x as fast as fp32" in capsys.readouterr().out
+
+
 # -----------------------------------------------------------------------------
 # compare.py
 # -----------------------------------------------------------------------------
 
 
 def test_compare_writes_figure_and_table_and_reloads_the_same_samples(dataset, tmp_path):
-    import compare
-
     configs = {name: config_cls(**{**TINY[name], "epochs": 1, "data": str(dataset), "device": "cpu",
                                    "mlflow": False, "out": str(tmp_path / "runs" / name), "n_eval": 8,
                                    "sample_every": 0, **({"prior_epochs": 1} if name == "vqvae" else {})})
                for name, (_, config_cls) in compare.MODELS.items()}
     kw = dict(n_show=4, n_eval=8, device="cpu", use_mlflow=False)
     fig, md = compare.compare(configs, str(dataset), tmp_path / "runs", **kw)
-    for row in ("| VAE |", "| VQ-VAE (prior) |", "| diffusion (DDIM) |", "| VQ-VAE (random codes) |",
+    for row in ("| VAE |", "| VQ-VAE (prior) |", "| diffusion |", "| VQ-VAE (random codes) |",
                 "| real (validation, n="):
         assert row in md, row
     assert (tmp_path / "runs" / "comparison.md").read_text() == md
@@ -1620,6 +1635,39 @@ def test_compare_writes_figure_and_table_and_reloads_the_same_samples(dataset, t
     assert Image.open(fig).tobytes() == Image.open(fig2).tobytes()
     with pytest.raises(common.UserError, match="no vae run"):
         compare.compare(configs, str(dataset), tmp_path / "x", checkpoints=tmp_path / "empty", **kw)
+
+
+def fenced_python(page: Path) -> list[str]:
+    """The ```python blocks of a page, in order."""
+    return re.findall(r"```python\n(.*?)```", page.read_text(), re.S)
+
+
+def test_compare_fourth_model_from_tutorial_00(dataset, tmp_path):
+    """Tutorial 00's walkthrough, as written: its toy.py and its registry (compare.py's
+    own plus one line, and the import), in a scratch copy of the project; then
+    compare.py --quick trains, samples and scores the fourth model with no other edit."""
+    blocks = fenced_python(ROOT / "docs" / "learn" / "00-strategy-pattern.md")
+    toy = next(b for b in blocks if b.startswith('"""toy.py'))
+    registry = next(b for b in blocks if "REGISTRY = [" in b)
+    source = (ROOT / "compare.py").read_text()
+    ours = re.search(r"REGISTRY = \[\n.*?\n\]\n", source, re.S).group(0)
+    theirs = re.search(r"REGISTRY = \[\n.*?\n\]\n", registry, re.S).group(0)
+    added = [line for line in theirs.splitlines() if line not in ours.splitlines()]
+    assert added == ["    toy.ToyStrategy,"] and len(theirs.splitlines()) == len(ours.splitlines()) + 1
+    for name in ("common.py", "download.py", "vae.py", "vqvae.py", "diffusion.py"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    (tmp_path / "toy.py").write_text(toy)
+    (tmp_path / "compare.py").write_text(source.replace(ours, theirs).replace("import vqvae\n", "import vqvae\nimport toy\n"))
+    r = subprocess.run([sys.executable, "compare.py", "--quick", "--models", "toy", "--data", str(dataset),
+                        "--out", str(tmp_path / "cmp"), "--no-mlflow", "--device", "cpu", "--n-show", "4",
+                        "--n-eval", "8"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "=== training toy ===" in r.stdout and "epoch 2/2" in r.stdout  # its --quick budget
+    md = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "SMOKE RUN" in md and "| toy autoencoder |" in md and "| VAE |" not in md
+    assert (tmp_path / "cmp" / "toy" / "checkpoints" / "last.pt").exists()
+    help_ = subprocess.run([sys.executable, "compare.py", "--help"], cwd=tmp_path, capture_output=True, text=True)
+    assert "--epochs-toy" in help_.stdout and "toy epochs (default: 100)" in " ".join(help_.stdout.split())
 
 
 # -----------------------------------------------------------------------------
@@ -1640,41 +1688,28 @@ def test_relative_links_and_images_resolve():
     assert not broken, broken
 
 
-MODEL_FILES = ["vae", "vqvae", "diffusion"]
-TINY: dict[str, dict] = {
-    "vae": dict(channels=8, latent_dim=8, batch_size=32, lr=3e-3, kl_warmup_epochs=0),
-    # prior_epochs=0 keeps `--epochs 1` a one-epoch run; the vqvae tests run both stages
-    "vqvae": dict(hidden=16, codebook_size=16, code_dim=8, prior_dim=32, prior_layers=1, prior_heads=2,
-                  prior_epochs=0, batch_size=16, lr=3e-3, n_samples=8, n_eval=16, sample_every=0),
-    "diffusion": dict(base_channels=8, timesteps=10, steps=5, batch_size=16, lr=1e-2),
-}
+# The model files are compare.py's registry; each declares its tiny configuration (TINY) next to its Config.
+TINY: dict[str, dict] = {name: compare.module_of(cls).TINY for name, (cls, _) in compare.MODELS.items()}
 
 
 def model_modules():
-    return [importlib.import_module(m) for m in MODEL_FILES if (ROOT / f"{m}.py").exists()]
+    return [compare.module_of(cls) for cls in compare.REGISTRY]
 
 
-def strategy_of(module):
-    """The Strategy class of a model file: the class whose `name` is the file's name."""
-    found = [v for v in vars(module).values()
-             if isinstance(v, type) and getattr(v, "name", None) == module.__name__ and hasattr(v, "train_step")]
-    assert len(found) == 1, f"{module.__name__}.py must define exactly one Strategy with name = {module.__name__!r}"
-    return found[0]
+def test_compare_registry_names_each_model_after_its_file():
+    # `python <name>.py` is how messages tell the user to resume or sample a <name> checkpoint.
+    for name, (cls, config_cls) in compare.MODELS.items():
+        assert issubclass(cls, common.Strategy) and cls.__module__ == name, (name, cls)
+        assert issubclass(config_cls, common.TrainConfig) and (ROOT / f"{name}.py").exists()
 
 
-MODELS = [m for m in MODEL_FILES if (ROOT / f"{m}.py").exists()]
-needs_models = pytest.mark.skipif(not MODELS, reason="no model file written yet")
-
-
-@pytest.fixture(params=MODELS or ["none"])
+@pytest.fixture(params=list(compare.MODELS))
 def model(request, dataset):
-    """(module, Strategy class, tiny Config, palette, fixed batch) for each model file."""
-    if request.param == "none":
-        pytest.skip("no model file written yet")
-    module = importlib.import_module(request.param)
-    config = module.Config(**{**TINY[request.param], "data": str(dataset), "device": "cpu", "mlflow": False})
+    """(module, Strategy class, tiny Config, palette, fixed batch) for each model of the registry."""
+    cls, config_cls = compare.MODELS[request.param]
+    config = config_cls(**{**TINY[request.param], "data": str(dataset), "device": "cpu", "mlflow": False})
     data = common.load_sprites(dataset, torch.device("cpu"))
-    return module, strategy_of(module), config, data.palette, data.train[:16]
+    return compare.module_of(cls), cls, config, data.palette, data.train[:16]
 
 
 def test_model_contract_shapes_dtype_range(model):
@@ -1910,19 +1945,30 @@ def test_zip_member_is_read_in_bounded_chunks(monkeypatch):
 
 def test_help_of_every_script_and_subcommand():
     """`--help` of every script and mode prints its help and exits 0 (a '%'
-    in a Config comment once crashed diffusion.py --help). One process runs
-    them all: each main() with sys.argv set as the shell would."""
-    cases = [(f"{m}.py", [*mode, "--help"]) for m in ("vae", "vqvae", "diffusion") for mode in ([], ["sample"], ["bench"])]
-    cases += [("compare.py", ["--help"]), ("compare.py", ["bench", "--help"]), ("download.py", ["--help"])]
+    in a Config comment once crashed diffusion.py --help): every model of the
+    registry, test_contracts.py's tiny model, compare.py and download.py, and
+    every mode the docs use. One process runs them all: each main() with
+    sys.argv set as the shell would."""
+    models = [f"{name}.py" for name in compare.MODELS] + ["test_contracts.py"]
+    cases = [(m, [*mode, "--help"]) for m in models for mode in ([], ["sample"], ["bench"])]
+    cases += [("diffusion.py", ["plot", "--help"]), ("diffusion.py", ["guidance", "--help"]),
+              ("diffusion.py", ["labels", "--help"]), ("compare.py", ["--help"]), ("compare.py", ["bench", "--help"]),
+              ("compare.py", ["report", "--help"]), ("download.py", ["--help"])]
+    in_docs = {(argv[0], argv[1] if argv[1:2] and argv[1] in SUBCOMMANDS else None)
+               for page in DOC_PAGES for _, argv in doc_commands(page)}
+    assert len(in_docs) >= 8 and all((s, [m, "--help"] if m else ["--help"]) in cases for s, m in in_docs), in_docs
     script = (
         "import contextlib, io, sys, json, importlib\n"
+        "import common, test_contracts\n"
         "results = []\n"
         f"for script, argv in {cases!r}:\n"
         "    sys.argv = [script, *argv]\n"
         "    out = io.StringIO()\n"
+        "    main = ((lambda a: common.main(test_contracts.TinyStrategy, test_contracts.TinyConfig, a))\n"
+        "            if script == 'test_contracts.py' else importlib.import_module(script[:-3]).main)\n"
         "    with contextlib.redirect_stdout(out):\n"
         "        try:\n"
-        "            importlib.import_module(script[:-3]).main(argv)\n"
+        "            main(argv)\n"
         "            code = None\n"
         "        except SystemExit as e:\n"
         "            code = e.code\n"
@@ -1933,7 +1979,7 @@ def test_help_of_every_script_and_subcommand():
     for script_name, argv, code, text in json.loads(r.stdout.splitlines()[-1]):
         assert code == 0 and text.lstrip().startswith(("usage:", "=== vae ===\nusage:")) and "--help" in text, \
             (script_name, argv, code, text[:300])
-    assert len(json.loads(r.stdout.splitlines()[-1])) == 12
+    assert len(json.loads(r.stdout.splitlines()[-1])) == len(cases) == 17
 
 
 def test_two_runs_into_one_folder_second_refused_first_unharmed(dataset, tmp_path):
@@ -2460,7 +2506,7 @@ def doc_command_problems(page: Path) -> list[str]:
         reads(ns.get("checkpoint"), "the checkpoint")
         reads(ns.get("resume"), "the checkpoint")
         reads(ns.get("data"), "the dataset")
-        models = ["vae", "vqvae", "diffusion"]
+        models = ns.get("models") or list(compare.MODELS)
         if ns.get("checkpoints"):
             for m in models:
                 reads(Path(ns["checkpoints"]) / m / "checkpoints" / "last.pt", "the checkpoint")
@@ -2492,17 +2538,6 @@ def test_doc_checks_catch_a_sample_line_without_its_training_run(tmp_path):
     page.write_text("```bash\npython vae.py --epochs 200 --out runs/vae-ce\n"
                     "python vae.py sample --checkpoint runs/vae-ce/checkpoints/last.pt --n 8\n```\n")
     assert doc_command_problems(page) == []
-
-
-def test_doc_commands_help_runs_for_every_script_and_mode(capsys):
-    modes = sorted({(argv[0], argv[1] if argv[1:2] and argv[1] in SUBCOMMANDS else None)
-                    for page in DOC_PAGES for _, argv in doc_commands(page)}, key=str)
-    assert len(modes) >= 8, modes
-    for script, sub in modes:
-        with pytest.raises(SystemExit) as exit_:
-            script_entry(script)(([sub] if sub else []) + ["--help"])
-        out = capsys.readouterr().out
-        assert exit_.value.code in (0, None) and "usage:" in out, (script, sub, out[-500:])
 
 
 @needs_real_sheet

@@ -24,30 +24,8 @@ is p(x|z), the decoder's likelihood (--recon-loss):
          instead of a blend, and a decoded pixel is always an exact palette
          colour (argmax, or a draw at --temperature).
 
-Default: ce, chosen by measurement. One 200-epoch run per loss on the real
-data, `python vae.py --epochs 200 --recon-loss X --out runs/vae-X --seed 0`;
-reconstruction accuracy on the validation split, and common.sprite_metrics on
-256 prior samples (printed at the end of each run):
-
-                          mse     bce      ce
-    val/pixel_acc       0.809   0.833   0.910
-    palette_distance    44.76   39.34    0.00   (0 = exact palette colours)
-    one_colour_rate     0.000   0.000   0.816   (Kenney sprites: 1)
-    density_in_range    0.543   0.820   0.871
-    precision           0.863   0.590   0.285
-    recall              0.238   0.410   0.652
-    near_copy_rate      0.000   0.000   0.000
-    unique_rate         1.000   1.000   1.000
-
-ce wins on everything except precision: its reconstructions are the most
-accurate, and its samples are exact palette colours, mostly one colour per
-sprite, and cover more of the data (recall). mse's and bce's samples mix
-colours in every sprite (one_colour_rate 0). Their higher precision does not
-mean better sprites: that precision is measured in raw pixel space, where
-dark, nearly empty pictures sit close to many sprites (256 all-black pictures
-score precision 1.0), and mse's dim colour blends are nearest to that. At
-temperature 0.5 and 1 the ce samples score one_colour_rate 0.789 and 0.645
-(precision 0.277, 0.195; recall 0.676, 0.684), hence argmax by default.
+Default: ce, chosen by measurement: one 200-epoch run per loss on the real
+data; the results table and what it means are in docs/learn/02-vae.md.
 
 Run (from the repository root; the dataset is prepared by download.py):
 
@@ -142,15 +120,20 @@ class Config(common.TrainConfig):
     sample_flags = ("temperature",)  # what `vae.py sample` may override; the rest is training-only
 
     def __post_init__(self):
-        super().__post_init__()
-        if self.recon_loss not in RECON_LOSSES:
-            raise ValueError(f"unknown --recon-loss {self.recon_loss!r}; use one of {', '.join(RECON_LOSSES)}")
+        super().__post_init__()  # also refuses a --recon-loss not in RECON_LOSSES (the field's choices)
         if self.latent_dim < 1 or self.channels < 1:
             raise ValueError("--latent-dim and --channels must be at least 1")
         if self.kl_weight < 0 or self.kl_warmup_epochs < 0 or self.temperature < 0:
             raise ValueError("--kl-weight, --kl-warmup-epochs and --temperature cannot be negative")
         if self.temperature > 0 and self.recon_loss != "ce":
             raise ValueError(f"--temperature applies to --recon-loss ce only (this is {self.recon_loss}); drop it")
+
+
+# What compare.py (its registry holds one line per model: the Strategy) and the
+# tests know of this model, declared next to its Config; the keys are explained
+# at compare.py's registry. TINY trains in a few seconds on 2 cores (the tests).
+COMPARE = dict(panels=[("VAE", {})], budgets={"vae": ("epochs", "VAE epochs")}, quick=dict(epochs=10))
+TINY = dict(channels=8, latent_dim=8, batch_size=32, lr=3e-3, kl_warmup_epochs=0)
 
 
 # -----------------------------------------------------------------------------
@@ -244,7 +227,7 @@ class VAE(nn.Module):
 # -----------------------------------------------------------------------------
 
 
-class VAEStrategy:
+class VAEStrategy(common.Strategy):
     """A VAE trained on recon + w * kl (a beta-VAE, Higgins et al. 2017, with a
     small beta; see `train_step`), sampled by decoding z ~ N(0, I).
 
@@ -265,11 +248,12 @@ class VAEStrategy:
 
     def build_model(self, config: Config) -> nn.Module:
         out_channels = self.palette.shape[0] if self.mode == "ce" else 3
-        model = VAE(config.channels, config.latent_dim, out_channels)
+        return VAE(config.channels, config.latent_dim, out_channels)
+
+    def describe(self, model: nn.Module) -> str:
         count = lambda m: sum(p.numel() for p in m.parameters())
-        print(f"vae: encoder {count(model.encoder):,} + decoder {count(model.decoder):,} parameters "
-              f"(--recon-loss {self.mode}: decoder emits {out_channels} numbers per pixel)")
-        return model
+        return (f"vae: encoder {count(model.encoder):,} + decoder {count(model.decoder):,} parameters "
+                f"(--recon-loss {self.mode}: decoder emits {model.decoder.convs[-1].out_channels} numbers per pixel)")
 
     # -- the KL weight and its warm-up ----------------------------------------
 
@@ -378,15 +362,10 @@ class VAEStrategy:
 
     @torch.no_grad()
     def images(self, model: nn.Module, val: Tensor, generator: torch.Generator) -> dict:
-        per_row = min(8, val.shape[0])
-        rows = max(1, min(4, val.shape[0] // per_row))
         order = torch.randperm(val.shape[0], generator=generator, device=generator.device).to(val.device)
         # Reconstructions from z = mu: each row of real sprites, then the same sprites decoded.
-        real = val[order[:rows * per_row]]
-        mu, _ = model.encoder(common.to_model_range(real))
-        rec = self.decode(model, mu)
-        pairs = torch.stack([real.view(rows, per_row, 3, 16, 16), rec.view(rows, per_row, 3, 16, 16)], dim=1)
-        reconstructions = pairs.reshape(-1, 3, 16, 16)  # (rows, 2, per_row, 3, 16, 16) -> (rows * 2 * per_row, ...)
+        reconstructions = common.reconstruction_strip(
+            val, order, lambda real: self.decode(model, model.encoder(common.to_model_range(real))[0]))
 
         # Interpolation: z_t = (1 - t) mu_A + t mu_B, straight lines in latent space.
         assert val.shape[0] >= 2, "the interpolation picture needs at least 2 validation sprites"
@@ -399,7 +378,7 @@ class VAEStrategy:
         middle = self.decode(model, z.reshape(-1, model.latent_dim))   # (pairs * 8, 3, 16, 16)
         middle = middle.view(n_pairs, 8, 3, 16, 16)                    # (pairs, 8, 3, 16, 16)
         strip = torch.cat([a[:, None], middle, b[:, None]], dim=1)     # (pairs, 10, 3, 16, 16)
-        return {"reconstructions": (reconstructions, per_row),
+        return {"reconstructions": reconstructions,
                 "interpolation": (strip.reshape(-1, 3, 16, 16), 10)}   # (pairs * 10, 3, 16, 16)
 
 

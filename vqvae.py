@@ -82,38 +82,8 @@ reconstruction) and codebook/ (the 32 most used codes on the validation split,
 in order of use, each shown as the 4x4 pixels it draws in the first
 validation sprite that uses it, enlarged 4x).
 
-Measured on the real data (792 train / 81 val sprites), seed 0, 2 shared CPU
-cores with OMP_NUM_THREADS=1 (on this shared machine two threads made the
-prior ~14x slower, not faster):
-
-    python vqvae.py --epochs 500 --prior-epochs 300 --out runs/vqvae --seed 0
-
-    wall time 32 min (stage 1: 10.8 min, ~1.3 s/epoch; stage 2: 20.3 min, ~4 s/epoch)
-    stage 1 (epoch 500)  val pixel_acc 0.899 (best 0.910 at epoch 305), codebook
-                         usage 1.00 (128 of 128), perplexity 112.0
-    stage 2 (epoch 800)  val 6.65 bits per code (train 3.51); lowest val 5.81 at
-                         epoch 586 (prior epoch 86): the prior overfits the 792
-                         sprites' codes after that (a uniform guess is 7 bits)
-    sprite quality, 256 samples   one_colour density precision recall near_copy unique
-        --sampler prior              0.691     0.930     0.734   0.680    0.055   0.980
-        --sampler random             0.312     0.965     0.156   0.438    0.000   1.000
-    (palette_distance is 0 for both: the ce decoder emits exact palette colours)
-
-Stage-1 choices, each a 500-epoch run with --prior-epochs 0 otherwise equal
-(val pixel_acc / codebook usage / perplexity at epoch 500):
-
-    --recon-loss ce, restarts (default)  0.899 / 1.00 / 112   <- the run above
-    --recon-loss ce --no-restart-dead    0.890 / 0.99 / 116
-    --recon-loss ce --codebook-ema       0.902 / 1.00 / 111
-    --recon-loss mse                     0.786 / 1.00 / 101
-
-ce is the default: mse reconstructions blend colours into browns that snap to
-the wrong palette colour (11 points of pixel accuracy lost). Dead-code restarts
-change how fast the codebook comes alive more than where it ends: the first
-epochs collapse onto one entry (usage 1/128 at epoch 1); without restarts
-usage is 0.12 at epoch 50, 0.35 at 100, 0.73 at 200 and 0.97 at 300; with
-them 0.91 at epoch 25 and 0.98 at 100 (357 entries restarted in all, the last
-at epoch 71). The EMA codebook ends in the same place as the default.
+Results on the real data (the default run, the stage-1 choices, both samplers,
+the prior's overfitting) are in docs/learn/03-vqvae.md.
 """
 
 from __future__ import annotations
@@ -201,11 +171,7 @@ class Config(common.TrainConfig):
     sample_flags = ("sampler", "temperature", "top_k", "guidance")  # what `vqvae.py sample` may override
 
     def __post_init__(self):
-        super().__post_init__()
-        if self.recon_loss not in RECON_LOSSES:
-            raise ValueError(f"unknown --recon-loss {self.recon_loss!r}; use one of {', '.join(RECON_LOSSES)}")
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"unknown --sampler {self.sampler!r}; use one of {', '.join(SAMPLERS)}")
+        super().__post_init__()  # also refuses a --recon-loss or --sampler not among the field's choices
         if self.hidden < 4 or self.hidden % 4:
             raise ValueError(f"--hidden must be a positive multiple of 4, got {self.hidden}")
         if self.codebook_size < 2 or self.code_dim < 1:
@@ -227,6 +193,18 @@ class Config(common.TrainConfig):
             raise ValueError(f"--condition must be {', '.join(common.LABEL_KINDS)}, got {self.condition!r}")
         if self.clusters < 2 or not 0 <= self.p_uncond < 1 or self.guidance < 0:
             raise ValueError("--clusters must be at least 2, --p-uncond in [0, 1) and --guidance at least 0")
+
+
+# What compare.py (its registry holds one line per model: the Strategy) and the
+# tests know of this model, declared next to its Config; the keys are explained
+# at compare.py's registry. TINY trains in a few seconds on 2 cores (the tests).
+# The random-codes panel shows what the prior is for.
+COMPARE = dict(panels=[("VQ-VAE (prior)", {"sampler": "prior"}), ("VQ-VAE (random codes)", {"sampler": "random"})],
+               budgets={"vqvae": ("epochs", "VQ-VAE stage-1 epochs"), "prior": ("prior_epochs", "VQ-VAE prior epochs")},
+               quick=dict(epochs=10, prior_epochs=10))
+# prior_epochs=0 keeps `--epochs 1` a one-epoch run; the vqvae tests run both stages
+TINY = dict(hidden=16, codebook_size=16, code_dim=8, prior_dim=32, prior_layers=1, prior_heads=2,
+            prior_epochs=0, batch_size=16, lr=3e-3, n_samples=8, n_eval=16, sample_every=0)
 
 
 # -----------------------------------------------------------------------------
@@ -507,7 +485,7 @@ class VQVAE(nn.Module):
 # -----------------------------------------------------------------------------
 
 
-class VQVAEStrategy:
+class VQVAEStrategy(common.Strategy):
     """Stage 1 trains the VQ-VAE on Eq. 3, stage 2 the prior on the codes; the
     stage follows from the epoch (see the module docstring)."""
 
@@ -528,13 +506,15 @@ class VQVAEStrategy:
 
     def build_model(self, config: Config) -> nn.Module:
         out_channels = self.palette.shape[0] if config.recon_loss == "ce" else 3
-        model = VQVAE(config, out_channels, self.labeller.n_classes if self.labeller else 0)
+        return VQVAE(config, out_channels, self.labeller.n_classes if self.labeller else 0)
+
+    def describe(self, model: nn.Module) -> str:
+        config = self.config
         count = lambda m: sum(p.numel() for p in m.parameters())
         stage1 = count(model.encoder) + count(model.quantizer) + count(model.decoder)
-        print(f"vqvae: stage 1 = encoder {count(model.encoder):,} + codebook {count(model.quantizer):,} "
-              f"({config.codebook_size} x {config.code_dim}) + decoder {count(model.decoder):,} = {stage1:,} "
-              f"parameters (--recon-loss {config.recon_loss}); stage 2 = prior {count(model.prior):,}")
-        return model
+        return (f"vqvae: stage 1 = encoder {count(model.encoder):,} + codebook {count(model.quantizer):,} "
+                f"({config.codebook_size} x {config.code_dim}) + decoder {count(model.decoder):,} = {stage1:,} "
+                f"parameters (--recon-loss {config.recon_loss}); stage 2 = prior {count(model.prior):,}")
 
     # -- stages ---------------------------------------------------------------
 
@@ -734,13 +714,9 @@ class VQVAEStrategy:
         pictures = {f"samples_{other}": (self.sample(model, self.config.n_samples, generator, other), 8)}
 
         # Reconstructions: each row of real validation sprites above the same sprites decoded.
-        per_row = min(8, val.shape[0])
-        rows = max(1, min(4, val.shape[0] // per_row))
         order = torch.randperm(val.shape[0], generator=generator, device=generator.device).to(val.device)
-        real = val[order[:rows * per_row]]
-        rec = self.decode_codes(model, model.codes(real))
-        pairs = torch.stack([real.view(rows, per_row, 3, 16, 16), rec.view(rows, per_row, 3, 16, 16)], dim=1)
-        pictures["reconstructions"] = (pairs.reshape(-1, 3, 16, 16), per_row)  # (rows, 2, per_row, ...) -> (N, ...)
+        pictures["reconstructions"] = common.reconstruction_strip(
+            val, order, lambda real: self.decode_codes(model, model.codes(real)))
 
         # The most used codes, one by one: the 4x4 pixels each code draws, cut from
         # the decoding of the first validation sprite that uses it, enlarged 4x.

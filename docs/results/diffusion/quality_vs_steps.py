@@ -1,6 +1,6 @@
 """Quality and time against sampler steps, DDIM vs DPM-Solver++(2M), on one checkpoint.
 
-    python docs/results/diffusion/quality_vs_steps.py CHECKPOINT OUT_PREFIX [--n-eval 256] [--grid ddim:50,dpm++:15]
+    python docs/results/diffusion/quality_vs_steps.py CHECKPOINT OUT_PREFIX [--n-eval 256] [--grid ddim:50,dpm++:15] [--replot]
 
 For each sampler:steps in --grid: 256 samples (seed 0) scored with common.sprite_metrics
 against the training sprites, and the best of 3 timings of 16 sprites, all in this one
@@ -25,14 +25,15 @@ p.add_argument("checkpoint")
 p.add_argument("out")
 p.add_argument("--n-eval", type=int, default=256)
 p.add_argument("--grid", default="ddim:50,ddim:20,ddim:10,dpm++:10,dpm++:15,dpm++:20")
+p.add_argument("--replot", action="store_true", help="only redraw the PNGs from OUT_PREFIX.json")
 args = p.parse_args()
 device = torch.device("cpu")
 torch.use_deterministic_algorithms(True, warn_only=True)
 state = common.load_checkpoint(args.checkpoint)
 data = common.load_sprites(state["config"]["data"], device, state["config"]["palette_size"], state["config"]["seed"])
-rows = []
+rows = json.loads(Path(args.out + ".json").read_text()) if args.replot else []
 print(f"threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f}", flush=True)
-for item in args.grid.split(","):
+for item in [] if args.replot else args.grid.split(","):
     sampler, steps = item.split(":")
     strategy, model, palette, _ = common.load_for_sampling(
         diffusion.DiffusionStrategy, diffusion.Config, args.checkpoint, dict(sampler=sampler, steps=int(steps)), device)
@@ -46,7 +47,7 @@ for item in args.grid.split(","):
     rows.append(dict(sampler=sampler, steps=int(steps), seconds_16=min(times), **metrics))
     print(json.dumps(rows[-1]), flush=True)
 Path(args.out + ".json").write_text(json.dumps(rows, indent=1))
-for metric in ("precision", "palette_distance"):
+for metric in ("precision", "palette_distance", "one_colour_rate"):
     series = {s: [(r["steps"], r[metric]) for r in rows if r["sampler"] == s] for s in dict.fromkeys(r["sampler"] for r in rows)}
     img = common.line_chart(series, f"{metric} of {args.n_eval} samples vs sampler steps ({Path(args.checkpoint).parent.parent.name})",
                             "sampler steps (U-Net calls)", metric)
