@@ -321,29 +321,43 @@ def kmeans_palette(pixels: np.ndarray, k: int = 8, seed: int = 0, iters: int = 5
     many pixels they hold.
 
     Pixel art has a handful of exact colours repeated thousands of times, so
-    we cluster the *distinct* colours, each weighted by its pixel count.
-    Initialisation is k-means++ (Arthur & Vassilvitskii 2007): each new centre
-    is drawn with probability proportional to its squared distance to the
-    nearest centre chosen so far. With plain random initialisation most
-    centres start on the black background (70% of all pixels) and several of
-    the sprite colours are never found; k-means++ almost never picks a
-    colour that is already covered. `init="random"` (k random pixels) is kept
-    to show that failure (docs/learn/01-data-pipeline.md)."""
+    we cluster the *distinct* colours, each weighted by its pixel count
+    (kmeans below). Initialisation is k-means++ (Arthur & Vassilvitskii 2007):
+    each new centre is drawn with probability proportional to its squared
+    distance to the nearest centre chosen so far. With plain random
+    initialisation most centres start on the black background (70% of all
+    pixels) and several of the sprite colours are never found; k-means++
+    almost never picks a colour that is already covered. `init="random"`
+    (k random pixels) is kept to show that failure (docs/learn/01-data-pipeline.md)."""
+    centres, _ = kmeans(np.asarray(pixels).reshape(-1, 3), k, seed, iters, init)
+    return np.clip(np.rint(centres), 0, 255).astype(np.uint8)
+
+
+def kmeans(points: np.ndarray, k: int, seed: int = 0, iters: int = 50,
+           init: str = "k-means++") -> tuple[np.ndarray, np.ndarray]:
+    """Weighted k-means (Lloyd's iterations, k-means++ or random initialisation)
+    on the *distinct* rows of points (M, D), each weighted by how often it
+    occurs: the palette's RGB pixels (D = 3) and the shape clusters'
+    foreground masks (D = 256, sprite_labels) both repeat rows many times.
+    Returns the centres (k, D) float64 sorted by the weight they hold (largest
+    first) and their weights (k,); k is lowered to the number of distinct rows."""
     assert init in ("k-means++", "random"), f"unknown init {init!r}"
-    colours, counts = np.unique(np.asarray(pixels, dtype=np.float64).reshape(-1, 3), axis=0, return_counts=True)
+    points = np.asarray(points, dtype=np.float64)
+    assert points.ndim == 2, f"expected points (M, D), got shape {points.shape}"
+    colours, counts = np.unique(points, axis=0, return_counts=True)  # (C, D) distinct rows, (C,)
     weights = counts / counts.sum()
     rng = np.random.default_rng(seed)
     k_eff = min(k, len(colours))
     if init == "random":
-        centres = colours[rng.choice(len(colours), size=k_eff, p=weights)]  # (k, 3)
+        centres = colours[rng.choice(len(colours), size=k_eff, p=weights)]  # (k, D)
     else:
         centres = [colours[rng.choice(len(colours), p=weights)]]
         for _ in range(1, k_eff):
             d2 = ((colours[:, None, :] - np.array(centres)[None]) ** 2).sum(-1).min(1)  # (C,)
             p = weights * d2
             centres.append(colours[rng.choice(len(colours), p=p / p.sum())])
-        centres = np.array(centres)  # (k, 3)
-    for _ in range(iters):  # Lloyd's iterations on weighted colours
+        centres = np.array(centres)  # (k, D)
+    for _ in range(iters):  # Lloyd's iterations on weighted rows
         assign = ((colours[:, None, :] - centres[None]) ** 2).sum(-1).argmin(1)  # (C,)
         new = np.array([np.average(colours[assign == j], axis=0, weights=counts[assign == j])
                         if (assign == j).any() else centres[j] for j in range(k_eff)])
@@ -351,8 +365,9 @@ def kmeans_palette(pixels: np.ndarray, k: int = 8, seed: int = 0, iters: int = 5
             break
         centres = new
     assign = ((colours[:, None, :] - centres[None]) ** 2).sum(-1).argmin(1)
-    order = np.argsort(-np.bincount(assign, weights=counts, minlength=k_eff), kind="stable")
-    return np.clip(np.rint(centres[order]), 0, 255).astype(np.uint8)
+    mass = np.bincount(assign, weights=counts, minlength=k_eff)  # (k,) rows held by each centre
+    order = np.argsort(-mass, kind="stable")
+    return centres[order], mass[order]
 
 
 def palette_index(images: Tensor, palette: Tensor) -> Tensor:
@@ -364,6 +379,140 @@ def palette_index(images: Tensor, palette: Tensor) -> Tensor:
 def snap_to_palette(images: Tensor, palette: Tensor) -> Tensor:
     """Replace every pixel by its nearest palette colour; works on any device."""
     return palette[palette_index(images, palette)].permute(0, 3, 1, 2)  # (N, H, W, 3) -> (N, 3, H, W)
+
+
+# -----------------------------------------------------------------------------
+# Class labels for conditioning: a sprite's colour, or its shape cluster
+# -----------------------------------------------------------------------------
+# A conditional model (diffusion.py --condition) learns p(x | y) for a class y.
+# Both kinds of label are functions of the sprite itself, so they need no
+# bookkeeping next to the data: the model computes y from each batch as it
+# sees it (a mirrored sprite keeps its colour and gets the cluster of its
+# mirrored mask), and the class accuracy of samples uses the same functions.
+# The split, the seed and the batches are exactly those of an unconditional run.
+#   colour   the index of the sprite's one non-black palette colour: 7 classes on
+#            the Kenney sprites. It fixes every pixel's colour: H(X|Y) keeps only shape.
+#   cluster  the nearest of k centres of k-means (the palette's kmeans above) on
+#            the training sprites' foreground masks (256 values of 0 or 1): a
+#            rough shape. It narrows the shape and says nothing about the colour.
+
+LABEL_KINDS = ("none", "colour", "cluster")
+
+# Names for `sample --class NAME`: each colour class takes the nearest of these.
+COLOUR_NAMES = {"black": (0, 0, 0), "white": (240, 240, 240), "grey": (128, 128, 128), "red": (230, 60, 40),
+                "orange": (230, 130, 40), "yellow": (240, 200, 30), "green": (40, 200, 80), "blue": (60, 140, 220),
+                "purple": (140, 60, 200), "pink": (240, 120, 180), "maroon": (128, 40, 60), "brown": (140, 80, 40)}
+
+
+def background_index(palette: Tensor) -> int:
+    """The background is the darkest palette colour (black), as in sprite_metrics."""
+    return int(palette.sum(1).argmin())
+
+
+def foreground_masks(images: Tensor, palette: Tensor) -> Tensor:
+    """(N, 3, 16, 16) in [0, 1] -> (N, 256) float, 1 where the snapped pixel is not the background."""
+    return (palette_index(images, palette) != background_index(palette)).flatten(1).float()  # (N, 16, 16) -> (N, 256)
+
+
+class Labeller:
+    """The class y of a sprite, its name, and the inverse: a name or index -> y.
+    kind "colour": classes are the non-black palette colours in palette order;
+    kind "cluster": classes are the rows of `centres` (k, 256), see fit_shape_clusters."""
+
+    def __init__(self, kind: str, palette: Tensor, centres: Tensor | None = None):
+        assert kind in ("colour", "cluster"), f"a Labeller needs kind colour or cluster, got {kind!r}"
+        assert (kind == "cluster") == (centres is not None), "cluster labels need centres, colour labels none"
+        self.kind, self.palette = kind, palette
+        self.colours = [i for i in range(len(palette)) if i != background_index(palette)]  # palette index per class
+        self.centres = centres.to(palette.device) if centres is not None else None
+        self.n_classes = len(self.colours) if kind == "colour" else len(centres)
+        self.names = self._names()
+
+    def _names(self) -> list[str]:
+        if self.kind == "cluster":
+            return [f"cluster{j}" for j in range(self.n_classes)]
+        rgb = (self.palette[self.colours] * 255).round().cpu()  # (C, 3)
+        named = torch.tensor(list(COLOUR_NAMES.values()), dtype=torch.float32)  # (12, 3)
+        names = [list(COLOUR_NAMES)[int(((named - c) ** 2).sum(1).argmin())] for c in rgb]
+        # two colours with one name: both get their hex code as well
+        return [n if names.count(n) == 1 else f"{n}-{'%02x%02x%02x' % tuple(int(v) for v in c)}"
+                for n, c in zip(names, rgb)]
+
+    def __call__(self, images: Tensor) -> Tensor:
+        """images (N, 3, 16, 16) in [0, 1] -> classes (N,) long; -1 for a colour
+        label of a sprite without foreground (no colour to name)."""
+        if self.kind == "cluster":
+            d = torch.cdist(foreground_masks(images, self.palette), self.centres)  # (N, k)
+            return d.argmin(1)
+        idx = palette_index(images, self.palette).flatten(1)  # (N, 16, 16) -> (N, 256) palette indices
+        counts = torch.stack([(idx == i).sum(1) for i in self.colours], 1)  # (N, C) pixels of each colour
+        return torch.where(counts.sum(1) > 0, counts.argmax(1), -1)  # majority colour (exactly one in real sprites)
+
+    def parse(self, text: str) -> int:
+        """`--class` value: a class name or an index 0..n_classes-1."""
+        if text.strip().isdigit() and int(text) < self.n_classes:
+            return int(text)
+        if text in self.names:
+            return self.names.index(text)
+        raise UserError(f"unknown class {text!r} for {self.kind} labels; use a name "
+                        f"({', '.join(self.names)}) or an index 0..{self.n_classes - 1}")
+
+
+def fit_shape_clusters(images: Tensor, palette: Tensor, k: int, seed: int) -> Tensor:
+    """k-means (kmeans above, k-means++ seeded) on the foreground masks of
+    `images` (N, 3, 16, 16): the centres (k, 256) float32, largest cluster first.
+    Each centre is the fraction of its sprites that cover each pixel."""
+    masks = foreground_masks(images, palette).cpu().numpy()  # (N, 256)
+    centres, _ = kmeans(masks, k, seed)
+    return torch.from_numpy(centres).float().to(palette.device)
+
+
+def make_labeller(kind: str, palette: Tensor, data: str, clusters: int, seed: int) -> Labeller | None:
+    """The labeller of a run: None for kind "none"; shape clusters are fitted
+    on the training split of `data` (deterministic: same data and seed, same
+    centres), so a checkpoint's clusters are rebuilt the same way when it is sampled."""
+    if kind == "none":
+        return None
+    if kind == "colour":
+        return Labeller("colour", palette)
+    train = load_sprites(data, palette.device, len(palette), seed).train
+    return Labeller("cluster", palette, fit_shape_clusters(train, palette, clusters, seed))
+
+
+def requested_classes(n_classes: int, sample_class: int | None, n: int, device: torch.device) -> Tensor:
+    """The classes (n,) a conditional model draws: `sample --class` for all, or else one
+    class per row of 8 of a sample grid (rows cycle through the classes), so a default grid
+    shows every class."""
+    if sample_class is not None:
+        return torch.full((n,), sample_class, dtype=torch.long, device=device)
+    return (torch.arange(n, device=device) // 8) % n_classes
+
+
+def class_stats(images: Tensor, labels: Tensor, labeller: Labeller) -> dict[str, float]:
+    """What a class leaves free, measured on sprites (real or sampled) that carry
+    class `labels` (N,): the within-class variety, a stand-in for H(X|Y).
+    shape_variety   the mean fraction of the 256 mask pixels on which two sprites of
+                    one class differ (0 = one shape per class)
+    colour_entropy  the entropy, in bits, of the sprites' colour within a class
+                    (0 = one colour per class; log2(7) = 2.81 for 7 equally common colours)
+    Each is a class's figure averaged over the classes weighted by their share of
+    the sprites, as H(X|Y) = sum_y p(y) H(X | Y = y). Classes of one sprite are left out."""
+    masks = foreground_masks(images, labeller.palette)  # (N, 256)
+    colour = Labeller("colour", labeller.palette)(images)  # (N,)
+    shape, entropy, weight = [], [], []
+    for c in labels.unique():
+        m, col = masks[labels == c], colour[labels == c]
+        if len(m) < 2:
+            continue
+        diff = torch.cdist(m, m, p=1) / m.shape[1]  # (n, n) fraction of differing pixels
+        shape.append(float(diff.sum() / (len(m) * (len(m) - 1))))
+        p = torch.bincount(col + 1).float() / len(col)  # +1: the "no colour" class -1 counts too
+        entropy.append(float(-(p[p > 0] * p[p > 0].log2()).sum()))
+        weight.append(len(m))
+    if not weight:
+        return dict(shape_variety=float("nan"), colour_entropy=float("nan"))
+    return dict(shape_variety=float(np.average(shape, weights=weight)),
+                colour_entropy=float(np.average(entropy, weights=weight)))
 
 
 # -----------------------------------------------------------------------------
@@ -1548,6 +1697,9 @@ def sample_command(strategy_cls, config_cls, argv: list[str]) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
     parser.add_argument("--gif", default="", help="also write an animated GIF of one sampling run of the first "
                         "(up to) 16 sprites, for models that define a trajectory (diffusion.py)")
+    parser.add_argument("--class", dest="sample_class", metavar="NAME|INDEX",
+                        help="checkpoints trained with --condition: draw only this class (e.g. red, cluster3 or 2); "
+                             "default: one class per row of 8")
     # The model's own fields (not the shared training ones) can be overridden,
     # e.g. a sampling temperature or a number of denoising steps. A Config that
     # names its sampling fields (`sample_flags`) offers only those, not
@@ -1566,6 +1718,12 @@ def sample_command(strategy_cls, config_cls, argv: list[str]) -> None:
     overrides = {k: v for k, v in vars(args).items() if k in own}
     device = select_device(args.device)
     strategy, model, palette, _ = load_for_sampling(strategy_cls, config_cls, args.checkpoint, overrides, device)
+    if args.sample_class is not None:  # conditioning (diffusion.py --condition): the labeller names the classes
+        labeller = getattr(strategy, "labeller", None)
+        if labeller is None:
+            raise UserError(f"{args.checkpoint} was trained without classes; --class needs a checkpoint "
+                            f"trained with --condition colour or --condition cluster")
+        strategy.sample_class = labeller.parse(args.sample_class)
     if (args.gif or out.suffix.lower() == ".gif") and not strategy.animates():
         raise UserError(f"{strategy_cls.name} has no sampling trajectory to animate; write a .png or a folder")
     if out.suffix.lower() == ".gif":

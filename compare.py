@@ -12,6 +12,7 @@ the same way, so every figure has a scale.
     python compare.py --checkpoints runs           # the newest runs/<model>/<date-time>/ of each model
     python compare.py --epochs-diffusion 50 --amp  # override a budget; bf16 autocast
     python compare.py report                    # regenerate the results tables in the docs from docs/results/
+    python compare.py --conditional colour --guidance 2   # also a colour-conditioned panel per model that has one
 
 Outputs (in --out, default runs/compare): comparison.png, comparison.md (the
 table) and one run folder per model. With MLflow on, a parent run "compare"
@@ -148,9 +149,14 @@ def evaluate(name: str, overrides: dict, ckpt: Path, data: common.Sprites, n_sho
         torch.cuda.synchronize()
     sample_seconds = time.perf_counter() - t0
     samples = common.draw_samples(strategy, model, n_eval, seed + 1, device, amp)
+    extra = {}
+    if getattr(strategy, "labeller", None) is not None:  # a conditional model: did it draw the classes asked for?
+        # the classes draw_samples asked for: requested_classes of each chunk of 256
+        y = torch.cat([strategy.requested_classes(min(256, n_eval - s), device) for s in range(0, n_eval, 256)])
+        extra["class_accuracy"] = strategy.class_accuracy(samples, y)
     return dict(show=show, params=sum(p.numel() for p in model.parameters()),
                 train_seconds=state.get("train_seconds", float("nan")), epochs=state["epoch"],
-                sample_seconds=sample_seconds, **common.sprite_metrics(samples, data.train, palette))
+                sample_seconds=sample_seconds, **common.sprite_metrics(samples, data.train, palette), **extra)
 
 
 # -----------------------------------------------------------------------------
@@ -177,13 +183,14 @@ def figure(columns: list[tuple[str, torch.Tensor]], palette: torch.Tensor, title
 
 def table(rows: list[tuple[str, dict]]) -> str:
     """The metrics as a markdown table (the real-data row has no model columns)."""
-    head = ["", "params", "train time", "sample 64", *METRICS]
+    metrics = METRICS + (["class_accuracy"] if any("class_accuracy" in r for _, r in rows) else [])  # --conditional
+    head = ["", "params", "train time", "sample 64", *metrics]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, r in rows:
         model_cols = ["-", "-", "-"] if "params" not in r else [
             f"{r['params'] / 1e6:.2f}M", common.fmt_time(r["train_seconds"]) + f" ({r['epochs']} ep)",
             f"{r['sample_seconds']:.2f} s"]
-        lines.append("| " + " | ".join([label, *model_cols, *(f"{r[m]:.3f}" for m in METRICS)]) + " |")
+        lines.append("| " + " | ".join([label, *model_cols, *(f"{r[m]:.3f}" if m in r else "-" for m in metrics)]) + " |")
     return "\n".join(lines)
 
 
@@ -418,7 +425,8 @@ def bench_table(figures: dict) -> str:
 
 def compare(configs: dict, data_path: str, out: Path, seed: int = 0, n_show: int = 32, n_eval: int = 256,
             device: str = "auto", amp: bool = False, checkpoints: Path | None = None, quick: bool = False,
-            use_mlflow: bool = True, models: list[str] | None = None) -> tuple[Path, str]:
+            use_mlflow: bool = True, models: list[str] | None = None, conditional: str = "",
+            guidance: float = 2.0) -> tuple[Path, str]:
     """Train or load every model, then write comparison.png and comparison.md
     into `out`; returns (figure path, table markdown). `models`: the registry
     names to compare (default: all)."""
@@ -440,6 +448,13 @@ def compare(configs: dict, data_path: str, out: Path, seed: int = 0, n_show: int
             rows.append((panel_label, r))
             columns.append((panel_label, r.pop("show")))
             print(f"{panel_label}: " + " ".join(f"{m} {r[m]:.3f}" for m in METRICS))
+        chosen = {name: configs[name] for name in models if name in configs}
+        for name, ckpt in (conditional_checkpoints(chosen, out, checkpoints, conditional) if conditional else {}).items():
+            panel_label = f"{name} | {conditional}, w={guidance:g}"
+            r = evaluate(name, {"guidance": guidance}, ckpt, data, n_show, n_eval, seed, dev, amp)
+            rows.append((panel_label, r))
+            columns.append((panel_label, r.pop("show")))
+            print(f"{panel_label}: " + " ".join(f"{m} {r[m]:.3f}" for m in METRICS + ["class_accuracy"]))
         real = common.sprite_metrics(data.val, data.train, data.palette)
         rows.append((f"real (validation, n={data.val.shape[0]})", real))
 
@@ -447,6 +462,9 @@ def compare(configs: dict, data_path: str, out: Path, seed: int = 0, n_show: int
         fig = figure(columns, data.palette, title)
         fig_path = common.save_png(fig, out / "comparison.png")
         md = (f"### {label}\n\n" + table(rows) +
+              (f"\n\nConditional rows (--conditional {conditional}): classes asked for one per row of 8 "
+               f"(cycling), at guidance w = {guidance:g}; class_accuracy = the fraction of samples "
+               f"of the class asked for." if conditional else "") +
               f"\n\nEach model row: {n_eval} samples (seed {seed + 1}), scored against the "
               f"{data.train.shape[0]} training sprites; the real row scores the {data.val.shape[0]} validation "
               f"sprites the same way. Sample time: 64 sprites on {dev}{' with bf16 autocast' if amp else ''}. "
@@ -464,6 +482,28 @@ def compare(configs: dict, data_path: str, out: Path, seed: int = 0, n_show: int
         parent.end("FAILED")
         raise
     return fig_path, md
+
+
+def conditional_checkpoints(configs: dict, out: Path, checkpoints: Path | None, kind: str) -> dict[str, Path]:
+    """--conditional KIND: a class-conditioned run of every model whose Config has a
+    `condition` field, trained into OUT/<model>-<KIND> (or loaded from
+    --checkpoints DIR/<model>-<KIND>/checkpoints/last.pt)."""
+    found = {}
+    for name, (strategy_cls, config_cls) in MODELS.items():
+        if "condition" not in config_cls.__dataclass_fields__ or name not in configs:
+            continue
+        folder = f"{name}-{kind}"
+        if checkpoints is not None:
+            path = checkpoints / folder / "checkpoints" / "last.pt"
+            if not path.exists():
+                raise common.UserError(f"--conditional {kind}: no {path}; train it with `python {name}.py "
+                                       f"--condition {kind} --out {checkpoints / folder}` or drop --checkpoints")
+            found[name] = path
+            continue
+        print(f"\n=== training {name}, conditioned on {kind} ===")
+        config = dataclasses.replace(configs[name], condition=kind, out=str(out / folder))
+        found[name] = common.train(strategy_cls, config) / "checkpoints" / "last.pt"
+    return found
 
 
 # -----------------------------------------------------------------------------
@@ -567,6 +607,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
     p.add_argument("--no-mlflow", action="store_true", help="do not track with MLflow")
     add_models_flag(p)
+    p.add_argument("--conditional", choices=["colour", "cluster"],
+                   help="also a panel and row per model that supports conditioning (diffusion.py --condition), "
+                        "conditioned on these labels, sampled at --guidance; trained into OUT/<model>-<labels>")
+    p.add_argument("--guidance", type=float, default=diffusion.Config.guidance,
+                   help="classifier-free guidance w of the conditional panels (default: %(default)s)")
     args = p.parse_args(argv)
     for suffix in BUDGETS:
         value = getattr(args, f"epochs_{suffix.replace('-', '_')}")
@@ -575,6 +620,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.n_eval = args.n_eval or (64 if args.quick else 256)
     if args.n_show < 1 or args.n_eval < 2:
         p.error("--n-show must be at least 1 and --n-eval at least 2")
+    if not 0 <= args.guidance < float("inf"):
+        p.error(f"--guidance must be a number >= 0, got {args.guidance}")
     if not 0 <= args.seed <= common.SEED_MAX:
         p.error(f"--seed must be between 0 and {common.SEED_MAX}, got {args.seed}")
     try:
@@ -618,7 +665,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.amp:  # sampling gets training's decision: no emulated bf16 where it is slower (common.amp_worth_it)
             args.amp = common.amp_worth_it(common.select_device(args.device), force=False)
         compare(configs_from(args), args.data, args.out, args.seed, args.n_show, args.n_eval, args.device,
-                args.amp, args.checkpoints, args.quick, not args.no_mlflow, args.models)
+                args.amp, args.checkpoints, args.quick, not args.no_mlflow, args.models, args.conditional or "",
+                args.guidance)
     common.download.guarded(run, user_errors=(common.UserError,))  # one line and exit 2 for what the user can fix
 
 

@@ -21,6 +21,10 @@ Run (from the repository root):
     python diffusion.py --eval-every-minutes 5 ...     # time to quality: score the EMA model every 5 minutes
     python diffusion.py plot RUN_A RUN_B --metric precision --out curve.png   # ... and draw the curves
     python diffusion.py plot --schedules --out schedules.png                  # linear vs cosine noise schedule
+    python diffusion.py --condition colour             # p(x | colour) and p(x) in one U-Net (label dropout)
+    python diffusion.py sample --checkpoint ... --class red --guidance 3     # classifier-free guidance
+    python diffusion.py guidance --checkpoint ... --out sweep               # the guidance sweep, w = 0..8
+    python diffusion.py labels --out clusters.png       # the colour and shape-cluster labels (tutorial 06)
 
 Levers beyond the paper, each a flag with its citation in Config: U-Net size (--channel-mult,
 --res-blocks), cosine schedule (Nichol & Dhariwal 2021), v-prediction (Salimans & Ho 2022),
@@ -34,6 +38,8 @@ Metrics (the shared ones are documented in common.py and the README):
                 weighted per sprite: values are not comparable across those flags)
     val/loss    the same on the validation sprites, with noise and t fixed (the Trainer reseeds), so
                 epochs compare; it measures denoising, not sample quality -- the sample/ metrics do that
+    sample/class_accuracy  (--condition runs, end of run) fraction of --n-eval samples, classes
+                balanced, whose class (common.Labeller) is the one asked for, at --guidance
 Pictures, every --sample-every epochs and at the end, from the EMA weights:
     samples/    a grid of sprites drawn with the configured sampler
     denoising/  the strip: for 4 validation sprites, x_t (upper row) and the model's predicted x_0
@@ -43,6 +49,7 @@ Pictures, every --sample-every epochs and at the end, from the EMA weights:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -121,10 +128,21 @@ class Config(common.TrainConfig):
     # with 50, and 10 calls leave stray off-colour pixels (tutorial 04, "DPM-Solver++ against DDIM")
     eta: float = 0.0
     # DDIM noise scale: 0 = deterministic (same seed, same sprites), 1 = DDPM-like noise
+    condition: str = "none"
+    # class label the U-Net is conditioned on (common.Labeller): none, colour (the sprite's one
+    # non-black palette colour: 7 classes) or cluster (k-means on foreground masks: --clusters classes)
+    clusters: int = 8
+    # shape clusters of --condition cluster (the smallest of the 8 holds 52 of the 792 training sprites)
+    p_uncond: float = 0.1
+    # label dropout: the chance that a training sprite's label is replaced by the null label, so one
+    # network learns p(x | y) and p(x) (Ho and Salimans 2022, "Classifier-Free Diffusion Guidance": 0.1 to 0.2)
+    guidance: float = 2.0
+    # classifier-free guidance w: eps = eps_uncond + w (eps_cond - eps_uncond); 0 = unconditional,
+    # 1 = plain conditional, > 1 extrapolates away from p(x) (conditional checkpoints only)
 
     # Checkpoints written before a field existed were trained with these values (common.saved_config).
     LEGACY = dict(channel_mult="1,2,4", res_blocks=2, schedule="linear", prediction="eps", loss_weight="none",
-                  warmup_steps=0, lr_decay="none")
+                  warmup_steps=0, lr_decay="none", condition="none")
 
     def __post_init__(self):
         super().__post_init__()
@@ -153,6 +171,12 @@ class Config(common.TrainConfig):
             raise ValueError(f"--base-channels must be an even number >= 2, got {self.base_channels}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.condition not in common.LABEL_KINDS:
+            raise ValueError(f"--condition must be {', '.join(common.LABEL_KINDS)}, got {self.condition!r}")
+        if self.clusters < 2:
+            raise ValueError(f"--clusters must be at least 2, got {self.clusters}")
+        if not 0 <= self.p_uncond < 1:
+            raise ValueError(f"--p-uncond must be in [0, 1), got {self.p_uncond}")
 
 
 # What compare.py (its registry holds one line per model: the Strategy) and the
@@ -283,11 +307,21 @@ class UNet(nn.Module):
     entire image. Attention would add parameters and time, not reach.
     """
 
-    def __init__(self, base: int = 64, dropout: float = 0.1, mult: tuple[int, int, int] = (1, 2, 4), blocks: int = 2):
+    def __init__(self, base: int = 64, dropout: float = 0.1, mult: tuple[int, int, int] = (1, 2, 4), blocks: int = 2,
+                 n_classes: int = 0):
         super().__init__()
         c1, c2, c3 = (base * m for m in mult)  # widths at 16x16, 8x8, 4x4 (64, 128, 256 by default)
         self.t_dim = 4 * base
         self.time_mlp = nn.Sequential(nn.Linear(base, self.t_dim), nn.SiLU(), nn.Linear(self.t_dim, self.t_dim))
+        # Conditioning (--condition): one learned vector per class, added to the time embedding,
+        # so every ResBlock sees "which class" exactly as it sees "which noise level". Row n_classes
+        # is the null label of classifier-free guidance (no class: p(x)). Zero at the start: the
+        # conditional model begins as the unconditional one. No classes: no such layer at all, and
+        # an unconditional model has exactly the parameters (and checkpoints) it always had.
+        self.n_classes = n_classes
+        self.class_emb = nn.Embedding(n_classes + 1, self.t_dim) if n_classes else None
+        if self.class_emb is not None:
+            nn.init.zeros_(self.class_emb.weight)
         self.conv_in = nn.Conv2d(3, c1, 3, padding=1)
         block = lambda a, b: ResBlock(a, b, self.t_dim, dropout)
         stack = lambda a, b, k: nn.ModuleList([block(a, b)] + [block(b, b) for _ in range(k - 1)])  # k blocks, a -> b
@@ -303,11 +337,18 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.weight)  # predicts eps = 0 at first: the loss starts at 1
         nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         assert x.shape[1:] == (3, 16, 16) and t.shape == x.shape[:1], \
             f"expected x (B, 3, 16, 16) and t (B,), got {tuple(x.shape)} and {tuple(t.shape)}"
+        temb = self.time_mlp(timestep_embedding(t, self.t_dim // 4))  # (B, t_dim)
+        if self.class_emb is not None:  # y (B,) in 0..n_classes, n_classes = null; None = all null
+            y = torch.full_like(t, self.n_classes) if y is None else y
+            assert y.shape == t.shape, f"expected labels y {tuple(t.shape)}, got {tuple(y.shape)}"
+            temb = temb + self.class_emb(y)  # (B, t_dim)
+        else:
+            assert y is None, "this U-Net was built without classes (--condition none)"
         # The blocks only ever use SiLU(temb), so it is applied once here.
-        temb = F.silu(self.time_mlp(timestep_embedding(t, self.t_dim // 4)))  # (B, t_dim)
+        temb = F.silu(temb)  # (B, t_dim)
         # Shapes below for the reference widths 64, 128, 256.
         h = self.conv_in(x)  # (B, 64, 16, 16)
         for blk in self.down1:
@@ -348,10 +389,17 @@ class DiffusionStrategy(common.Strategy):
         # beta_t, alpha_t, alpha_bar_t and their square roots, once, on the training device.
         make = cosine_schedule if config.schedule == "cosine" else linear_schedule
         self.schedule = make(self.T, palette.device)
+        # --condition: the class of each sprite (common.Labeller; None when unconditional), the
+        # class `sample --class` asks for (None: a grid with one class per row of 8), and the
+        # labels of the sampling run in progress (set by `conditioned`, read by model_output).
+        self.labeller = common.make_labeller(config.condition, palette, config.data, config.clusters, config.seed)
+        self.sample_class: int | None = None
+        self._y: Tensor | None = None
 
     def build_model(self, config: Config) -> nn.Module:
         mult = tuple(int(m) for m in config.channel_mult.split(","))
-        model = UNet(config.base_channels, config.dropout, mult, config.res_blocks)
+        model = UNet(config.base_channels, config.dropout, mult, config.res_blocks,
+                     self.labeller.n_classes if self.labeller else 0)
         # channels_last (NHWC) weights: oneDNN's CPU convolutions then run in NHWC, and a U-Net
         # call on 16 sprites is ~1.1x as fast (measured, median of 10 interleaved calls on 2 cores);
         # training speed is unchanged. Same numbers either way: only the memory layout differs.
@@ -361,6 +409,8 @@ class DiffusionStrategy(common.Strategy):
         parts = {"encoder (16x16, 8x8)": [model.conv_in, model.down1, model.downsample1, model.down2, model.downsample2],
                  "bottom (4x4)": [model.bottom], "decoder (8x8, 16x16)": [model.up2, model.up1, model.norm_out, model.conv_out],
                  "time embedding MLP": [model.time_mlp]}
+        if model.class_emb is not None:
+            parts[f"class embedding ({model.n_classes} {self.config.condition} classes + null)"] = [model.class_emb]
         counts = {k: sum(p.numel() for m in ms for p in m.parameters()) for k, ms in parts.items()}
         return "U-Net parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items())
 
@@ -372,16 +422,23 @@ class DiffusionStrategy(common.Strategy):
         s = self.schedule
         return s["sqrt_alpha_bar"][t][:, None, None, None] * x0 + s["sqrt_one_minus_alpha_bar"][t][:, None, None, None] * eps
 
-    def loss(self, model: nn.Module, batch: Tensor) -> Tensor:
+    def loss(self, model: nn.Module, batch: Tensor, drop_labels: bool = True) -> Tensor:
         """Algorithm 1: t ~ Uniform({1..T}), eps ~ N(0, I),
         minimise || eps - eps_theta(sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, t) ||^2
         (the paper's simplified objective L_simple, Eq. 14).
         --prediction v: the target is v instead (Salimans & Ho 2022, see v_target);
-        --loss-weight min-snr: each sprite's squared error is weighted by w_t (min_snr_weight)."""
+        --loss-weight min-snr: each sprite's squared error is weighted by w_t (min_snr_weight);
+        --condition: eps_theta(x_t, t, y) with each sprite's class y, replaced by the null
+        label with probability --p-uncond when drop_labels (Ho & Salimans 2022, Algorithm 1)."""
         x0 = common.to_model_range(batch)  # (B, 3, 16, 16) in [-1, 1]
         t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device)  # (B,)
         eps = torch.randn_like(x0)
-        out = model(self.q_sample(x0, t, eps), t).float()
+        if self.labeller is None:  # unconditional: the same random draws and calls as ever
+            out = model(self.q_sample(x0, t, eps), t).float()
+        else:
+            y = self.class_labels(batch)
+            y = self.drop_labels(y) if drop_labels else y
+            out = model(self.q_sample(x0, t, eps), t, y).float()
         target = eps if self.config.prediction == "eps" else self.v_target(x0, t, eps)
         err = ((out - target) ** 2).mean(dim=(1, 2, 3))  # (B,) squared error per sprite
         if self.config.loss_weight == "min-snr":
@@ -416,8 +473,9 @@ class DiffusionStrategy(common.Strategy):
         return clipped / snr if self.config.prediction == "eps" else clipped / (snr + 1)
 
     def eps_theta(self, model: nn.Module, x_t: Tensor, t: Tensor) -> Tensor:
-        """The samplers speak eps: the U-Net's output, converted from v when --prediction v."""
-        out = model(x_t, t).float()
+        """The samplers speak eps: the U-Net's output (guided, see model_output), converted
+        from v when --prediction v."""
+        out = self.model_output(model, x_t, t).float()
         return out if self.config.prediction == "eps" else self.x0_eps_from_v(x_t, t, out)[1]
 
     def lr_factor(self, step: int, total_steps: int) -> float:
@@ -438,18 +496,96 @@ class DiffusionStrategy(common.Strategy):
     @torch.no_grad()
     def get_metrics(self, model: nn.Module, batch: Tensor) -> dict[str, float]:
         # The Trainer reseeds the RNG before validation: the same t and eps every epoch.
-        return {"loss": float(self.loss(model, batch))}
+        # A conditional model is validated with every true label (no dropout): the loss of p(x | y).
+        return {"loss": float(self.loss(model, batch, drop_labels=False))}
+
+    # -- conditioning and classifier-free guidance (--condition, Ho & Salimans 2022) ---
+
+    def class_labels(self, images: Tensor) -> Tensor:
+        """images (B, 3, 16, 16) in [0, 1] -> y (B,) in 0..n_classes-1; a sprite without
+        a class (no foreground: never a real sprite) gets the null label n_classes."""
+        y = self.labeller(images)
+        return torch.where(y >= 0, y, self.labeller.n_classes)
+
+    def drop_labels(self, y: Tensor) -> Tensor:
+        """Label dropout: each label becomes the null label n_classes with probability
+        --p-uncond (one uniform draw per sprite from the global RNG, which the Trainer
+        seeds and checkpoints). The dropped sprites teach the same network p(x), the
+        unconditional model that guidance needs; the rest teach p(x | y)."""
+        drop = torch.rand(y.shape, device=y.device) < self.config.p_uncond  # (B,)
+        return torch.where(drop, self.labeller.n_classes, y)
+
+    def requested_classes(self, n: int, device: torch.device) -> Tensor:
+        """The classes of n samples (common.requested_classes): --class, or one per row of 8."""
+        return common.requested_classes(self.labeller.n_classes, self.sample_class, n, device)
+
+    @contextlib.contextmanager
+    def conditioned(self, y: Tensor | None):
+        """Sampling with labels y (n,) (None: unconditional): the samplers' model calls go
+        through model_output, which reads them."""
+        self._y = y
+        try:
+            yield
+        finally:
+            self._y = None
+
+    def model_output(self, model: nn.Module, x_t: Tensor, t: Tensor) -> Tensor:
+        """The U-Net's output for the samplers, guided when sampling with labels.
+        Classifier-free guidance (Ho & Salimans 2022, Eq. 6, with their w + 1 written as our w):
+            eps_guided = eps_theta(x_t, t, null) + w (eps_theta(x_t, t, y) - eps_theta(x_t, t, null))
+        Both branches in one batched U-Net call of 2n sprites: the same weights, one pass.
+        With --prediction v the same line combines v: v and eps are linear in each other at a
+        fixed x_t (eps = sqrt(1 - alpha_bar_t) x_t + sqrt(alpha_bar_t) v), so guiding v is
+        exactly guiding eps. w = 0 needs only the null branch and w = 1 only the conditional
+        one: a single plain call of n sprites, the same numbers as without guidance."""
+        y, w = self._y, self.config.guidance
+        if y is None:
+            return model(x_t, t)
+        null = torch.full_like(y, self.labeller.n_classes)
+        if w == 0:
+            return model(x_t, t, null)
+        if w == 1:
+            return model(x_t, t, y)
+        out = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null]))  # (2n, 3, 16, 16)
+        out_cond, out_uncond = out.chunk(2)  # (n, 3, 16, 16) each
+        return out_uncond + w * (out_cond - out_uncond)
+
+    def class_accuracy(self, samples: Tensor, y: Tensor) -> float:
+        """Fraction of samples (n, 3, 16, 16) in [0, 1] whose class, by the labeller that
+        labelled the training sprites, is the requested y (n,): for colour, the sample's
+        majority non-black colour (after snapping to the palette); for cluster, the
+        nearest centre of its foreground mask."""
+        return float((self.labeller(samples) == y).float().mean())
+
+    def on_train_end(self, model: nn.Module, train: Tensor) -> dict[str, float]:
+        """Conditional runs: class accuracy of --n-eval samples with balanced classes
+        (sample i asks for class i mod n_classes), seed + 2 as the sprite metrics."""
+        if self.labeller is None:
+            return {}
+        n, device = self.config.n_eval, train.device
+        y = torch.arange(n, device=device) % self.labeller.n_classes
+        x = self.sample_classes(model, y, torch.Generator(device).manual_seed(self.config.seed + 2))
+        return {"sample/class_accuracy": self.class_accuracy(x, y)}
+
+    @torch.no_grad()
+    def sample_classes(self, model: nn.Module, y: Tensor, generator: torch.Generator, chunk: int = 256) -> Tensor:
+        """Samples (n, 3, 16, 16) in [0, 1] of the classes y (n,), in chunks, at --guidance."""
+        return torch.cat([self.sample(model, len(part), generator, part) for part in y.split(chunk)])
 
     # -- sampling -------------------------------------------------------------
 
-    def sample(self, model: nn.Module, n: int, generator: torch.Generator) -> Tensor:
+    def sample(self, model: nn.Module, n: int, generator: torch.Generator, y: Tensor | None = None) -> Tensor:
+        """n sprites; a conditional model draws the classes y (n,) (default: requested_classes)."""
         cfg = self.config
-        if cfg.sampler == "ddpm":
-            x0 = self.sample_ddpm(model, n, generator)
-        elif cfg.sampler == "dpm++":
-            x0 = self.sample_dpm_pp(model, n, generator, cfg.steps)
-        else:
-            x0 = self.sample_ddim(model, n, generator, cfg.steps, cfg.eta)
+        if self.labeller is not None and y is None:
+            y = self.requested_classes(n, generator.device)
+        with self.conditioned(y):
+            if cfg.sampler == "ddpm":
+                x0 = self.sample_ddpm(model, n, generator)
+            elif cfg.sampler == "dpm++":
+                x0 = self.sample_dpm_pp(model, n, generator, cfg.steps)
+            else:
+                x0 = self.sample_ddim(model, n, generator, cfg.steps, cfg.eta)
         return common.from_model_range(x0)  # (n, 3, 16, 16) in [0, 1]
 
     @torch.inference_mode()
@@ -555,7 +691,9 @@ class DiffusionStrategy(common.Strategy):
         then the final sprites snapped to the palette as they appear in grids.
         Returns (steps + 2, n, 3, 16, 16) in [0, 1]."""
         frames: list[Tensor] = []
-        x0 = self.sample_ddim(model, n, generator, self.config.steps, self.config.eta, frames)
+        y = self.requested_classes(n, generator.device) if self.labeller is not None else None
+        with self.conditioned(y):
+            x0 = self.sample_ddim(model, n, generator, self.config.steps, self.config.eta, frames)
         frames.append(common.snap_to_palette(common.from_model_range(x0), self.palette))
         return torch.stack(frames)  # (steps + 2, n, 3, 16, 16)
 
@@ -576,7 +714,10 @@ class DiffusionStrategy(common.Strategy):
         t_rep = t.repeat(k)  # (4 * 8,)
         eps = torch.randn(x0_rep.shape, generator=generator, device=x0.device)
         x_t = self.q_sample(x0_rep, t_rep, eps)
-        eps_theta = self.eps_theta(model, x_t, t_rep)
+        # a conditional model is told each sprite's true class (and guided at --guidance)
+        y = self.class_labels(val[:4]).repeat_interleave(len(levels)) if self.labeller is not None else None
+        with self.conditioned(y):
+            eps_theta = self.eps_theta(model, x_t, t_rep)
         x0_pred = (x_t - s["sqrt_one_minus_alpha_bar"][t_rep][:, None, None, None] * eps_theta) \
             / s["sqrt_alpha_bar"][t_rep][:, None, None, None]
         rows = torch.stack([x_t.view(k, len(levels), 3, 16, 16), x0_pred.view(k, len(levels), 3, 16, 16)], 1)
@@ -629,10 +770,142 @@ def plot_command(argv: list[str]) -> None:
     print(f"wrote {args.out}")
 
 
+def guidance_command(argv: list[str]) -> None:
+    """`python diffusion.py guidance`: the classifier-free guidance sweep of a conditional
+    checkpoint. At each w: --n samples with balanced classes (sample i asks for class
+    i mod n_classes; the same seed, so the same x_T, at every w), scored with the shared
+    sprite metrics, the class accuracy and the within-class variety (common.class_stats),
+    into OUT/w<w>/metrics.json; a chart of the fractions against w (OUT/sweep.png) and a
+    grid of one class, one row per w, the same 8 noise draws in every row (OUT/grid-<class>.png).
+    OUT/real.json holds the same figures measured on the real training sprites."""
+    import json
+    import time
+    from pathlib import Path
+
+    parser = common.download.OneLineParser(prog="diffusion.py guidance", description=guidance_command.__doc__)
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint trained with --condition colour or cluster")
+    parser.add_argument("--w", default="0,1,2,3,5,8", help="guidance scales to sweep (default: %(default)s)")
+    parser.add_argument("--n", type=int, default=256, help="samples per w (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=2, help="sampling seed (default: %(default)s, as the run's own scores)")
+    parser.add_argument("--grid-class", default="0", help="class shown in the grid, name or index (default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
+    parser.add_argument("--out", required=True, help="folder for the results")
+    args = parser.parse_args(argv)
+    try:
+        ws = [float(w) for w in args.w.split(",")]
+    except ValueError:
+        parser.error(f"--w must be numbers separated by commas, got {args.w!r}")
+    if args.n < 8 or min(ws) < 0:
+        parser.error("--n must be at least 8 and every w at least 0")
+    device = common.select_device(args.device)
+    strategy, model, palette, config = common.load_for_sampling(DiffusionStrategy, Config, args.checkpoint, {}, device)
+    labeller = strategy.labeller
+    if labeller is None:
+        raise common.UserError(f"{args.checkpoint} was trained without classes; train with --condition colour or cluster")
+    show = labeller.parse(args.grid_class)
+    train = common.load_sprites(config.data, device, config.palette_size, config.seed).train
+    out = Path(args.out)
+
+    y_real = labeller(train)
+    real = {"n_classes": labeller.n_classes, "class_sizes": torch.bincount(y_real, minlength=labeller.n_classes).tolist(),
+            # the ceiling: how often a real sprite, mirrored as in training, keeps its class
+            # (colour: always; cluster: a mirrored mask can fall nearer another centre)
+            "class_accuracy_mirrored": float((labeller(train.flip(-1)) == y_real).float().mean()),
+            "chance": 1 / labeller.n_classes, **common.class_stats(train, y_real, labeller)}
+    everything = torch.zeros_like(y_real)  # all sprites as one class: the variety without a label
+    real.update({f"unlabelled_{k}": v for k, v in common.class_stats(train, everything, labeller).items()})
+    common.atomic_write_bytes(out / "real.json", json.dumps(real, indent=1).encode())
+    print(f"real training sprites: {json.dumps(real)}")
+
+    # what made these files, and on what: next to every metrics.json (the docs' results convention)
+    load = f", load average {os.getloadavg()[0]:.2f} at the start" if hasattr(os, "getloadavg") else ""
+    command = (f"python diffusion.py guidance {' '.join(argv)}\n# {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, "
+               f"device {device}, {torch.get_num_threads()} torch thread(s){load}; checkpoint: "
+               f"--condition {config.condition}, epoch {common.load_checkpoint(args.checkpoint)['epoch']}, "
+               f"--sampler {config.sampler} --steps {config.steps}\n")
+    y = torch.arange(args.n, device=device) % labeller.n_classes
+    rows, series = [], {"precision": [], "recall": [], "class accuracy": [], "one-colour rate": []}
+    print(f"{'w':>5} {'class_acc':>9} {'precision':>9} {'recall':>6} {'one_col':>7} {'pal_dist':>8} "
+          f"{'shape_var':>9} {'col_ent':>7} {'seconds':>7}")
+    for w in ws:
+        strategy.config.guidance = w
+        t0 = time.perf_counter()
+        x = strategy.sample_classes(model, y, torch.Generator(device).manual_seed(args.seed))
+        seconds = time.perf_counter() - t0
+        m = {f"sample/{k}": v for k, v in common.sprite_metrics(x, train, palette).items()}
+        m["sample/class_accuracy"] = strategy.class_accuracy(x, y)
+        hit = (labeller(x) == y).float()  # (n,)
+        per_class = {labeller.names[c]: float(hit[y == c].mean()) for c in range(labeller.n_classes)}
+        m["sample/worst_class_accuracy"] = min(per_class.values())
+        m["per_class_accuracy"] = per_class
+        m.update({f"sample/{k}": v for k, v in common.class_stats(x, y, labeller).items()})
+        m.update({"guidance": w, "n": args.n, "sample_seconds": seconds})
+        common.atomic_write_bytes(out / f"w{w:g}" / "metrics.json", json.dumps(m, indent=1).encode())
+        common.atomic_write_bytes(out / f"w{w:g}" / "command.txt", command.encode())
+        row = x[y == show][:8]  # the first 8 samples of the grid's class; black where there are fewer
+        rows.append(torch.cat([row, row.new_zeros(8 - len(row), 3, 16, 16)]))
+        for key, name in (("precision", "precision"), ("recall", "recall"), ("class accuracy", "class_accuracy"),
+                          ("one-colour rate", "one_colour_rate")):
+            series[key].append((w, m[f"sample/{name}"]))
+        print(f"{w:>5g} {m['sample/class_accuracy']:>9.3f} {m['sample/precision']:>9.3f} {m['sample/recall']:>6.3f} "
+              f"{m['sample/one_colour_rate']:>7.3f} {m['sample/palette_distance']:>8.2f} "
+              f"{m['sample/shape_variety']:>9.3f} {m['sample/colour_entropy']:>7.3f} {seconds:>7.1f}", flush=True)
+    title = f"guidance sweep, --condition {config.condition}, {args.n} samples per w"
+    common.save_png(common.line_chart(series, title, "guidance w", "fraction"), out / "sweep.png")
+    grid = common.make_grid(torch.cat(rows), nrow=8, scale=4, palette=palette)
+    common.save_png(grid, out / f"grid-{labeller.names[show]}.png")
+    print(f"wrote {out}/w*/metrics.json, real.json, sweep.png and grid-{labeller.names[show]}.png "
+          f"(rows: w = {', '.join(f'{w:g}' for w in ws)})")
+
+
+def labels_command(argv: list[str]) -> None:
+    """`python diffusion.py labels`: the class labels of the training sprites. Prints, for
+    each k, the shape clusters' sizes and within-class variety (common.class_stats), and
+    the colour classes' too; writes a preview: one row per class, its first --per-class sprites."""
+    from pathlib import Path
+
+    parser = common.download.OneLineParser(prog="diffusion.py labels", description=labels_command.__doc__)
+    parser.add_argument("--kind", default="cluster", choices=["colour", "cluster"], help="labels to preview")
+    parser.add_argument("--k", default="2,4,8,16", help="cluster counts to compare (default: %(default)s)")
+    parser.add_argument("--preview-k", type=int, default=Config.clusters, help="k of the preview (default: %(default)s)")
+    parser.add_argument("--per-class", type=int, default=12, help="sprites per row of the preview (default: %(default)s)")
+    parser.add_argument("--data", default=Config.data, help="dataset (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="k-means seed (default: %(default)s)")
+    parser.add_argument("--out", required=True, help="the preview PNG to write")
+    args = parser.parse_args(argv)
+    try:
+        ks = [int(k) for k in args.k.split(",")]
+    except ValueError:
+        parser.error(f"--k must be integers separated by commas, got {args.k!r}")
+    data = common.load_sprites(args.data, torch.device("cpu"), Config.palette_size, args.seed)
+    colour = common.Labeller("colour", data.palette)
+    everything = torch.zeros(len(data.train), dtype=torch.long)
+    print(f"no label : {common.class_stats(data.train, everything, colour)}")
+    y = colour(data.train)
+    print(f"colour   : sizes {torch.bincount(y).tolist()} {common.class_stats(data.train, y, colour)} "
+          f"({', '.join(colour.names)})")
+    for k in ks:
+        cl = common.Labeller("cluster", data.palette, common.fit_shape_clusters(data.train, data.palette, k, args.seed))
+        yk = cl(data.train)
+        print(f"cluster {k:<2}: sizes {torch.bincount(yk, minlength=k).tolist()} {common.class_stats(data.train, yk, cl)}"
+              f" mirrored sprites keeping their cluster {(cl(data.train.flip(-1)) == yk).float().mean():.3f}")
+    labeller = colour if args.kind == "colour" else common.Labeller(
+        "cluster", data.palette, common.fit_shape_clusters(data.train, data.palette, args.preview_k, args.seed))
+    y = labeller(data.train)
+    blank = torch.zeros(1, 3, 16, 16)
+    rows = [torch.cat([data.train[y == c][:args.per_class], blank.expand(args.per_class, -1, -1, -1)])[:args.per_class]
+            for c in range(labeller.n_classes)]  # (per_class, 3, 16, 16) each, padded with black
+    common.save_png(common.make_grid(torch.cat(rows), nrow=args.per_class, scale=4, palette=data.palette), args.out)
+    print(f"wrote {args.out}: one row per class ({', '.join(labeller.names)}), its first {args.per_class} training sprites")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["plot"]:  # one line and exit 2 for what the user can fix, as every mode
         return common.download.guarded(lambda: plot_command(argv[1:]), user_errors=(common.UserError,))
+    if argv[:1] in (["guidance"], ["labels"]):
+        command = guidance_command if argv[0] == "guidance" else labels_command
+        return common.download.guarded(lambda: command(argv[1:]), user_errors=(common.UserError,))
     common.main(DiffusionStrategy, Config, argv)
 
 

@@ -1953,7 +1953,8 @@ def test_help_of_every_script_and_subcommand():
     sys.argv set as the shell would."""
     models = [f"{name}.py" for name in compare.MODELS] + ["test_contracts.py"]
     cases = [(m, [*mode, "--help"]) for m in models for mode in ([], ["sample"], ["bench"])]
-    cases += [("diffusion.py", ["plot", "--help"]), ("compare.py", ["--help"]), ("compare.py", ["bench", "--help"]),
+    cases += [("diffusion.py", ["plot", "--help"]), ("diffusion.py", ["guidance", "--help"]),
+              ("diffusion.py", ["labels", "--help"]), ("compare.py", ["--help"]), ("compare.py", ["bench", "--help"]),
               ("compare.py", ["report", "--help"]), ("download.py", ["--help"])]
     in_docs = {(argv[0], argv[1] if argv[1:2] and argv[1] in SUBCOMMANDS else None)
                for page in DOC_PAGES for _, argv in doc_commands(page)}
@@ -2384,7 +2385,7 @@ def test_the_real_probe_is_cheap():
 # flags and subcommands added later are known without a list kept here.
 
 DOC_PAGES = [ROOT / "README.md", *sorted((ROOT / "docs" / "learn").glob("*.md"))]
-SUBCOMMANDS = ("sample", "bench", "report", "plot")
+SUBCOMMANDS = ("sample", "bench", "report", "plot", "guidance", "labels")
 COMMAND = re.compile(r"^(?:\w+=\S+\s+)*(?:nice -n \d+\s+)?(?:time\s+)?(python3?\s+[\w-]+\.py\b.*)$")
 PLACEHOLDER = re.compile(r"<[\w .-]+>")  # <run>, <file>: a value the reader fills in, as the text says
 
@@ -2647,6 +2648,222 @@ def test_compare_report_rewrites_a_stale_table_and_refuses_a_missing_run(tmp_pat
     with pytest.raises(common.UserError, match="run 'gone'"):
         compare.report(tmp_path)
 
+
+
+# -----------------------------------------------------------------------------
+# Conditioning and classifier-free guidance (diffusion.py --condition, common.Labeller)
+# -----------------------------------------------------------------------------
+
+
+def one_colour_sprites(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """n sprites (n, 3, 16, 16) in [0, 1] on black, sprite i a random blob in
+    SHEET_COLOURS[i % 7]; and those colour indices (n,)."""
+    g = torch.Generator().manual_seed(seed)
+    colours = torch.tensor(SHEET_COLOURS, dtype=torch.float32) / 255  # (7, 3)
+    which = torch.arange(n) % 7
+    masks = torch.rand(n, 1, 16, 16, generator=g) < torch.rand(n, 1, 1, 1, generator=g) * 0.5 + 0.1  # (n, 1, 16, 16)
+    return masks * colours[which][:, :, None, None], which
+
+
+def test_colour_labels_are_the_known_colours_and_labels_are_deterministic(dataset):
+    x, which = one_colour_sprites(70)
+    palette = torch.from_numpy(common.kmeans_palette((x.permute(0, 2, 3, 1) * 255).round().numpy().reshape(-1, 3))) / 255
+    labeller = common.Labeller("colour", palette)
+    assert labeller.n_classes == 7
+    y = labeller(x)
+    class_rgb = (palette[labeller.colours] * 255).round().int()  # (7, 3) the colour of each class
+    assert [tuple(c) for c in class_rgb[y].tolist()] == [SHEET_COLOURS[i] for i in which.tolist()]
+    assert labeller(x.flip(-1)).equal(y) and labeller(torch.zeros(1, 3, 16, 16)).item() == -1  # no foreground
+    assert labeller.names.count("red") == 1 and labeller.parse("red") == labeller.names.index("red")
+    sprites = common.load_sprites(dataset, torch.device("cpu"))
+    a, b = (common.make_labeller("cluster", sprites.palette, str(dataset), 4, 0) for _ in range(2))
+    assert a.centres.shape == (4, 256) and a.centres.equal(b.centres) and a(sprites.train).equal(b(sprites.train))
+    counts = torch.bincount(a(sprites.train), minlength=4)
+    assert (counts > 0).all() and counts.tolist() == sorted(counts.tolist(), reverse=True)  # largest cluster first
+    assert not a.centres.equal(common.make_labeller("cluster", sprites.palette, str(dataset), 4, 1).centres)
+
+
+def tiny_conditional(palette, dataset, **kw):
+    return tiny_diffusion(palette, condition="colour", data=str(dataset), **kw)
+
+
+def test_label_dropout_happens_at_the_configured_rate(sprites, dataset):
+    strategy, _ = tiny_conditional(sprites.palette, dataset, p_uncond=0.1)
+    null = strategy.labeller.n_classes
+    torch.manual_seed(0)
+    y = torch.zeros(200, 64, dtype=torch.long)  # 200 steps of a batch of 64
+    dropped = torch.stack([strategy.drop_labels(row) for row in y]) == null
+    assert dropped.float().mean().item() == pytest.approx(0.1, abs=0.01)  # 12,800 draws: sd 0.0027
+    strategy.config.p_uncond = 0.0
+    assert (strategy.drop_labels(y[0]) != null).all()
+
+
+def untrained_but_not_blind(model):
+    """Draw the zero-initialised weights (the class embedding, each block's last conv, the
+    output conv) at random, so that the output depends on the class as a trained model's does."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0, 0.05 if p.dim() > 1 else 0.01, generator=g)
+    model.class_emb.weight.data *= 20  # embeddings: unit scale, as nn.Embedding's default
+
+
+class CountingUNet(nn.Module):
+    """Wraps a U-Net: counts the calls and the batch size of each."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.batches = model, []
+
+    def forward(self, x, t, y=None):
+        self.batches.append(x.shape[0])
+        return self.model(x, t, y)
+
+
+class FixedLabel(nn.Module):
+    """A U-Net told one label (or the null label, y=None) whatever the sampler asks."""
+
+    def __init__(self, model, y):
+        super().__init__()
+        self.model, self.y = model, y
+
+    def forward(self, x, t, y=None):
+        return self.model(x, t, None if self.y is None else self.y[: x.shape[0]])
+
+
+@pytest.mark.parametrize("sampler,prediction", [("ddim", "eps"), ("ddpm", "v"), ("dpm++", "v")])
+def test_guidance_zero_is_unconditional_one_is_conditional_and_one_unet_call_per_step(sprites, dataset, sampler,
+                                                                                     prediction):
+    strategy, model = tiny_conditional(sprites.palette, dataset, sampler=sampler, prediction=prediction)
+    untrained_but_not_blind(model)
+    model.eval()
+    y = torch.tensor([0, 3, 5, 6])
+    draw = lambda m, w, labels: (setattr(strategy.config, "guidance", w),
+                                 strategy.sample(m, 4, torch.Generator().manual_seed(7), labels))[1]
+    plain = diffusion.DiffusionStrategy(strategy.config, sprites.palette)
+    plain.labeller = None  # no labels passed: the model is called exactly as given
+    uncond = plain.sample(FixedLabel(model, None), 4, torch.Generator().manual_seed(7))
+    cond = plain.sample(FixedLabel(model, y), 4, torch.Generator().manual_seed(7))
+    assert torch.equal(draw(model, 0.0, y), uncond) and torch.equal(draw(model, 1.0, y), cond)
+    assert not torch.equal(uncond, cond)
+    counting = CountingUNet(model)
+    guided = draw(counting, 3.0, y)
+    steps = strategy.T if sampler == "ddpm" else strategy.config.steps
+    assert counting.batches == [8] * steps  # both branches in one call of 2 x 4 sprites per step
+    assert not torch.equal(guided, cond)
+
+
+def test_guided_output_extrapolates_from_the_unconditional_branch(sprites, dataset):
+    strategy, model = tiny_conditional(sprites.palette, dataset, prediction="v")
+    untrained_but_not_blind(model)
+    model.eval()
+    x, t, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 3, 6, 9]), torch.tensor([1, 2, 3, 4])
+    strategy.config.guidance = 2.5
+    with torch.no_grad(), strategy.conditioned(y):
+        guided = strategy.model_output(model, x, t)
+        c, u = model(x, t, y), model(x, t)
+    assert torch.allclose(guided, u + 2.5 * (c - u), atol=1e-5)  # eps_u + w (eps_c - eps_u), here on v
+
+
+def test_conditional_run_resumes_exactly_and_scores_class_accuracy(dataset, tmp_path):
+    kw = dict(condition="colour", data=str(dataset), sample_every=0, ema_decay=0.9, epochs=2)
+    full = common.train(diffusion.DiffusionStrategy, tiny_diffusion_config(**kw, out=str(tmp_path / "full")))
+    part = common.train(diffusion.DiffusionStrategy, tiny_diffusion_config(**{**kw, "epochs": 1}, out=str(tmp_path / "part")))
+    resumed = common.train(diffusion.DiffusionStrategy, tiny_diffusion_config(**kw, out=str(tmp_path / "part"),
+                                                                              resume=str(part / "checkpoints" / "last.pt")))
+    a, b = params_of(full), params_of(resumed)
+    assert "class_emb.weight" in a and all(torch.equal(a[k], b[k]) for k in a)
+    metrics = json.loads((full / "metrics.json").read_text())
+    assert 0 <= metrics["sample/class_accuracy"] <= 1
+
+
+def test_unconditional_checkpoint_still_loads_and_class_errors_are_one_line(tiny_run, tmp_path):
+    ckpt = tiny_run / "checkpoints" / "last.pt"
+    state = common.load_checkpoint(ckpt)
+    assert not any(k.startswith("class_emb") for k in state["model"])  # unconditional: the weights of old
+    for key in ("condition", "clusters", "p_uncond", "guidance"):  # a checkpoint from before --condition
+        state["config"].pop(key)
+    old = tmp_path / "old.pt"
+    common.save_checkpoint(old, state)
+    strategy, _, _, config = common.load_for_sampling(diffusion.DiffusionStrategy, diffusion.Config, str(old), {},
+                                                      torch.device("cpu"))
+    assert config.condition == "none" and strategy.labeller is None
+    r = run_diffusion("sample", "--checkpoint", old, "--n", 2, "--out", tmp_path / "x.png", "--class", "red")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "trained without classes" in r.stderr
+
+
+def test_sample_class_by_name_and_unknown_class(dataset, tmp_path):
+    run = common.train(diffusion.DiffusionStrategy, tiny_diffusion_config(
+        condition="colour", data=str(dataset), sample_every=0, epochs=1, n_eval=8, out=str(tmp_path / "run")))
+    ckpt = run / "checkpoints" / "last.pt"
+    r = run_diffusion("sample", "--checkpoint", ckpt, "--n", 8, "--out", tmp_path / "red.png", "--class", "red")
+    assert r.returncode == 0 and (tmp_path / "red.png").exists(), r.stderr
+    r = run_diffusion("sample", "--checkpoint", ckpt, "--n", 8, "--out", tmp_path / "x.png", "--class", "teal")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert "unknown class 'teal' for colour labels" in r.stderr and "an index 0..6" in r.stderr
+    r = run_diffusion("guidance", "--checkpoint", ckpt, "--w", "0,2", "--n", 14, "--grid-class", "red",
+                      "--out", tmp_path / "sweep")
+    assert r.returncode == 0, r.stderr
+    for name in ("w0/metrics.json", "w2/metrics.json", "real.json", "sweep.png", "grid-red.png"):
+        assert (tmp_path / "sweep" / name).exists(), name
+    m = json.loads((tmp_path / "sweep" / "w2" / "metrics.json").read_text())
+    assert 0 <= m["sample/class_accuracy"] <= 1 and m["guidance"] == 2 and "sample/precision" in m
+    real = json.loads((tmp_path / "sweep" / "real.json").read_text())
+    assert real["class_accuracy_mirrored"] == 1.0 and real["colour_entropy"] == 0.0  # colour labels: exact
+    assert Image.open(tmp_path / "sweep" / "grid-red.png").size == ((8 * 17 + 1) * 4, (2 * 17 + 1) * 4)  # 2 rows of 2
+
+
+def test_compare_conditional_trains_scores_and_tabulates_class_accuracy(dataset, tmp_path):
+    import compare
+
+    configs = {"diffusion": tiny_diffusion_config(epochs=1, data=str(dataset), sample_every=0, n_eval=8)}
+    ckpts = compare.conditional_checkpoints(configs, tmp_path, None, "colour")
+    assert list(ckpts) == ["diffusion"] and ckpts["diffusion"] == tmp_path / "diffusion-colour" / "checkpoints" / "last.pt"
+    assert compare.conditional_checkpoints(configs, tmp_path / "x", tmp_path, "colour") == ckpts  # --checkpoints: loaded
+    with pytest.raises(common.UserError, match="no .*diffusion-cluster"):
+        compare.conditional_checkpoints(configs, tmp_path / "x", tmp_path, "cluster")
+    data = common.load_sprites(dataset, torch.device("cpu"))
+    r = compare.evaluate("diffusion", {"guidance": 3.0}, ckpts["diffusion"], data, 4, 8, 0, torch.device("cpu"), False)
+    assert 0 <= r["class_accuracy"] <= 1 and r.pop("show").shape == (4, 3, 16, 16)
+    md = compare.table([("diffusion | colour, w=3", r), ("real", common.sprite_metrics(data.val, data.train, data.palette))])
+    assert "| class_accuracy |" in md and md.rstrip().endswith("| - |")  # the real row has no class accuracy
+
+
+def test_conditional_vq_prior_class_token_dropout_and_guided_logits(dataset):
+    torch.manual_seed(0)
+    config = tiny_vq(dataset, condition="colour", epochs=1, prior_epochs=1)
+    data = common.load_sprites(dataset, torch.device("cpu"))
+    strategy = vqvae.VQVAEStrategy(config, data.palette)
+    model = strategy.build_model(config).eval()
+    prior, k = model.prior, config.codebook_size
+    with torch.no_grad():  # GPT-2's N(0, 0.02) start makes every logit about 0: scale up, so the class matters
+        prior.tok_emb.weight.normal_(0, 1, generator=torch.Generator().manual_seed(0))
+        prior.head.weight.normal_(0, 1, generator=torch.Generator().manual_seed(1))
+    codes, y = torch.randint(k, (4, 16)), torch.tensor([0, 2, 6, 7])  # 7 = the null label of 7 colour classes
+    assert prior.inputs_for(codes, y)[:, 0].tolist() == [k + 1, k + 3, k + 7, k]  # class tokens; null = start token
+    assert prior.inputs_for(codes)[:, 1:].equal(codes[:, :-1])
+    torch.manual_seed(0)
+    dropped = strategy.drop_labels(torch.zeros(20000, dtype=torch.long)) == 7
+    assert dropped.float().mean().item() == pytest.approx(config.p_uncond, abs=0.01)
+    y = y[:3]
+    calls = []
+    forward = prior.forward
+    prior.forward = lambda tokens: (calls.append(tokens.shape[0]), forward(tokens))[1]
+    draw = lambda w, labels=y: (setattr(strategy.config, "guidance", w),
+                                strategy.sample_codes(model, 3, torch.Generator().manual_seed(5), "prior", labels))[1]
+    uncond = draw(1.0, torch.full((3,), 7))  # the null label: the unconditional prior
+    assert draw(0.0).equal(uncond) and not draw(1.0).equal(uncond)
+    calls.clear()
+    draw(3.0)
+    assert calls == [6] * 16  # one call of 2 x 3 sequences per code
+    tokens = torch.cat([torch.full((3, 1), k), codes[:3, :5]], dim=1)
+    strategy.config.guidance = 2.5
+    with torch.no_grad():
+        guided = strategy.prior_logits(model, tokens, y)
+        c = forward(torch.cat([prior.start_token(y)[:, None], tokens[:, 1:]], 1))[:, -1]
+        u = forward(tokens)[:, -1]
+    assert torch.allclose(guided, u + 2.5 * (c - u), atol=1e-5)
 
 if __name__ == "__main__":
     common.main(TinyStrategy, TinyConfig)

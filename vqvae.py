@@ -72,6 +72,8 @@ Metrics (the Trainer prefixes train/ and val/; averaged over the split):
     sample_random/... (or sample_prior/... when --sampler random) the shared
                   sprite-quality metrics for the other sampler, on the same
                   --n-eval samples as the Trainer's sample/... metrics
+    sample_prior/class_accuracy  (--condition runs, end of run) fraction of --n-eval prior
+                  samples, classes balanced, whose class is the one asked for, at --guidance
 
 Pictures (run folder and MLflow; every --sample-every epochs and at the end):
 samples/ (the --sampler, prior by default), samples_random/ (the other
@@ -154,8 +156,19 @@ class Config(common.TrainConfig):
     # prior sampling: divide the logits by this (< 1: safer, more common codes)
     top_k: int = 0
     # prior sampling: draw only from the k most likely codes at each step (0 = all)
+    condition: str = "none"
+    # class label the prior is conditioned on, as its first token (common.Labeller): none, colour (the
+    # sprite's one non-black palette colour: 7 classes) or cluster (k-means on foreground masks)
+    clusters: int = 8
+    # shape clusters of --condition cluster
+    p_uncond: float = 0.1
+    # label dropout: the chance that a sprite's class token is replaced by the plain start token, so one
+    # prior learns p(z | y) and p(z) (Ho and Salimans 2022's recipe, used here on a transformer)
+    guidance: float = 2.0
+    # classifier-free guidance on the prior's logits: l = l_uncond + w (l_cond - l_uncond); 0 = unconditional,
+    # 1 = plain conditional (conditional checkpoints only)
 
-    sample_flags = ("sampler", "temperature", "top_k")  # what `vqvae.py sample` may override
+    sample_flags = ("sampler", "temperature", "top_k", "guidance")  # what `vqvae.py sample` may override
 
     def __post_init__(self):
         super().__post_init__()  # also refuses a --recon-loss or --sampler not among the field's choices
@@ -176,6 +189,10 @@ class Config(common.TrainConfig):
             raise ValueError(f"--temperature must be positive, got {self.temperature}")
         if not 0 <= self.top_k <= self.codebook_size:
             raise ValueError(f"--top-k must be in [0, --codebook-size], got {self.top_k}")
+        if self.condition not in common.LABEL_KINDS:
+            raise ValueError(f"--condition must be {', '.join(common.LABEL_KINDS)}, got {self.condition!r}")
+        if self.clusters < 2 or not 0 <= self.p_uncond < 1 or self.guidance < 0:
+            raise ValueError("--clusters must be at least 2, --p-uncond in [0, 1) and --guidance at least 0")
 
 
 # What compare.py (its registry holds one line per model: the Strategy) and the
@@ -399,12 +416,17 @@ class CodePrior(nn.Module):
 
     Input: tokens (B, T), T <= 16: a start token (id K) followed by the first
     T-1 codes. Output: logits (B, T, K); position t predicts code t from the
-    start token and codes 0..t-1."""
+    start token and codes 0..t-1.
 
-    def __init__(self, codebook_size: int, dim: int, layers: int, heads: int, dropout: float):
+    Conditioning (--condition, n_classes > 0): class c's start token is id K + 1 + c,
+    so the first token says which class to draw, p(z | y) = prod_t p(z_t | y, z_<t);
+    the plain start token K is the null label (p(z), for guidance)."""
+
+    def __init__(self, codebook_size: int, dim: int, layers: int, heads: int, dropout: float, n_classes: int = 0):
         super().__init__()
         self.start = codebook_size  # the start token's id: one past the codes
-        self.tok_emb = nn.Embedding(codebook_size + 1, dim)
+        self.n_classes = n_classes
+        self.tok_emb = nn.Embedding(codebook_size + 1 + n_classes, dim)
         self.pos_emb = nn.Parameter(torch.zeros(N_CODES, dim))
         self.dropout = nn.Dropout(dropout)
         self.blocks = nn.Sequential(*[TransformerBlock(dim, heads, dropout) for _ in range(layers)])
@@ -423,10 +445,14 @@ class CodePrior(nn.Module):
         x = self.dropout(self.tok_emb(tokens) + self.pos_emb[:t])  # (B, T, dim)
         return self.head(self.ln_f(self.blocks(x)))                # (B, T, K)
 
-    def inputs_for(self, codes: Tensor) -> Tensor:
-        """codes (B, 16) -> the inputs that predict them: start token, codes 0..14."""
-        start = torch.full_like(codes[:, :1], self.start)
+    def inputs_for(self, codes: Tensor, y: Tensor | None = None) -> Tensor:
+        """codes (B, 16) -> the inputs that predict them: start token (of class y (B,)), codes 0..14."""
+        start = torch.full_like(codes[:, :1], self.start) if y is None else self.start_token(y)[:, None]
         return torch.cat([start, codes[:, :-1]], dim=1)  # (B, 16)
+
+    def start_token(self, y: Tensor) -> Tensor:
+        """Classes y (B,) in 0..n_classes (n_classes = null) -> first tokens (B,): K + 1 + y, or K for null."""
+        return torch.where(y >= self.n_classes, self.start, self.start + 1 + y)
 
 
 # -----------------------------------------------------------------------------
@@ -435,14 +461,14 @@ class CodePrior(nn.Module):
 
 
 class VQVAE(nn.Module):
-    def __init__(self, config: Config, out_channels: int):
+    def __init__(self, config: Config, out_channels: int, n_classes: int = 0):
         super().__init__()
         self.encoder = Encoder(config.hidden, config.code_dim)
         self.quantizer = VectorQuantizer(config.codebook_size, config.code_dim, config.codebook_ema,
                                          config.codebook_decay)
         self.decoder = Decoder(config.hidden, config.code_dim, out_channels)
         self.prior = CodePrior(config.codebook_size, config.prior_dim, config.prior_layers,
-                               config.prior_heads, config.prior_dropout)
+                               config.prior_heads, config.prior_dropout, n_classes)
         # 0 until the prior starts training, then the number of stage-1 epochs
         # its codes came from: the checkpoint knows its stage.
         self.register_buffer("stage1_epochs", torch.zeros(()))
@@ -470,13 +496,17 @@ class VQVAEStrategy(common.Strategy):
         self.palette = palette  # (P, 3) in [0, 1]: the ce decoder's classes
         self.stage = 1          # set by on_epoch_start; sampling and get_metrics outside a run see stage 1
         self.z_e_pool = None    # the last training batch's encoder outputs (N, D): restart material
+        # --condition: the class of a sprite (common.Labeller, None when unconditional) and the
+        # class `sample --class` asks for (None: one class per row of 8)
+        self.labeller = common.make_labeller(config.condition, palette, config.data, config.clusters, config.seed)
+        self.sample_class: int | None = None
 
     def total_epochs(self, config: Config) -> int:
         return config.epochs + config.prior_epochs
 
     def build_model(self, config: Config) -> nn.Module:
         out_channels = self.palette.shape[0] if config.recon_loss == "ce" else 3
-        return VQVAE(config, out_channels)
+        return VQVAE(config, out_channels, self.labeller.n_classes if self.labeller else 0)
 
     def describe(self, model: nn.Module) -> str:
         config = self.config
@@ -511,15 +541,15 @@ class VQVAEStrategy(common.Strategy):
         # ce: -log p(palette index of the pixel | z_q), mean over pixels and sprites
         return F.cross_entropy(out, common.palette_index(x, self.palette))
 
-    def prior_nll(self, model: nn.Module, codes: Tensor) -> Tensor:
-        """-log p(z_t | z_<t), nats per code, averaged over codes (B, 16)."""
-        logits = model.prior(model.prior.inputs_for(codes))  # (B, 16, K)
+    def prior_nll(self, model: nn.Module, codes: Tensor, y: Tensor | None = None) -> Tensor:
+        """-log p(z_t | z_<t) (or p(z_t | y, z_<t) given classes y (B,)), nats per code, averaged over codes (B, 16)."""
+        logits = model.prior(model.prior.inputs_for(codes, y))  # (B, 16, K)
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), codes.reshape(-1))
 
     def train_step(self, model: nn.Module, batch: Tensor) -> dict[str, Tensor]:
         if self.stage == 2:
             codes = model.codes(batch)  # no gradient: the VQ-VAE is frozen
-            nll = self.prior_nll(model, codes)
+            nll = self.prior_nll(model, codes, self.drop_labels(self.class_labels(batch)) if self.labeller else None)
             return {"loss": nll, "bits_per_code": nll / math.log(2)}
 
         z_e = model.encoder(common.to_model_range(batch))  # (B, D, 4, 4)
@@ -553,7 +583,7 @@ class VQVAEStrategy(common.Strategy):
                    "pixel_acc": same.float().mean().item(),
                    "loss": (recon + codebook_weight * codebook_loss + self.config.beta * commitment_loss).item()}
         if self.stage == 2:
-            nll = self.prior_nll(model, k.flatten(1))
+            nll = self.prior_nll(model, k.flatten(1), self.class_labels(batch) if self.labeller else None)
             metrics.update(loss=nll.item(), nll=nll.item(), bits_per_code=nll.item() / math.log(2))
         return metrics
 
@@ -603,9 +633,49 @@ class VQVAEStrategy(common.Strategy):
         z_q = model.quantizer.lookup(codes.view(-1, GRID, GRID))  # (B, 4, 4) -> (B, D, 4, 4)
         return self.to_image(model.decoder(z_q))
 
+    # -- conditioning and guidance (--condition) ---------------------------------
+
+    def class_labels(self, images: Tensor) -> Tensor:
+        """images (B, 3, 16, 16) in [0, 1] -> y (B,); no foreground -> the null label n_classes."""
+        y = self.labeller(images)
+        return torch.where(y >= 0, y, self.labeller.n_classes)
+
+    def drop_labels(self, y: Tensor) -> Tensor:
+        """Label dropout (Ho & Salimans 2022): each label becomes the null label with probability
+        --p-uncond, one draw per sprite from the global RNG (seeded and checkpointed)."""
+        drop = torch.rand(y.shape, device=y.device) < self.config.p_uncond  # (B,)
+        return torch.where(drop, self.labeller.n_classes, y)
+
+    def requested_classes(self, n: int, device: torch.device) -> Tensor:
+        return common.requested_classes(self.labeller.n_classes, self.sample_class, n, device)
+
+    def class_accuracy(self, samples: Tensor, y: Tensor) -> float:
+        """Fraction of samples whose class (by the labeller of the training sprites) is the requested y."""
+        return float((self.labeller(samples) == y).float().mean())
+
+    def prior_logits(self, model: nn.Module, tokens: Tensor, y: Tensor | None) -> Tensor:
+        """The prior's logits for the next code (n, K), given tokens (n, T) whose first token is
+        replaced by class y's start token. Classifier-free guidance on the logits:
+            l = l(y = null) + w (l(y) - l(y = null))
+        i.e. p(z_t | .) proportional to p(z_t | z_<t) (p(z_t | y, z_<t) / p(z_t | z_<t))^w per code:
+        the same extrapolation as diffusion.py's on eps, here on log-probabilities. Both
+        branches in one batched call of 2n sequences; w = 0 or 1 needs only one."""
+        if y is None:
+            return model.prior(tokens)[:, -1].float()
+        w, prior = self.config.guidance, model.prior
+        null = torch.full_like(y, self.labeller.n_classes)
+        with_start = lambda labels: torch.cat([prior.start_token(labels)[:, None], tokens[:, 1:]], dim=1)  # (n, T)
+        if w == 0 or w == 1:
+            return prior(with_start(null if w == 0 else y))[:, -1].float()
+        both = prior(torch.cat([with_start(y), with_start(null)]))[:, -1].float()  # (2n, K)
+        cond, uncond = both.chunk(2)
+        return uncond + w * (cond - uncond)
+
     @torch.no_grad()
-    def sample_codes(self, model: nn.Module, n: int, generator: torch.Generator, sampler: str) -> Tensor:
-        """n code grids (n, 16): uniform (random) or from the prior, one code at a time."""
+    def sample_codes(self, model: nn.Module, n: int, generator: torch.Generator, sampler: str,
+                     y: Tensor | None = None) -> Tensor:
+        """n code grids (n, 16): uniform (random) or from the prior, one code at a time
+        (of the classes y (n,) for a conditional prior, guided at --guidance)."""
         device = generator.device
         k = self.config.codebook_size
         if sampler == "random":
@@ -614,7 +684,7 @@ class VQVAEStrategy(common.Strategy):
         tokens = torch.full((n, 1), model.prior.start, dtype=torch.long, device=device)
         for _ in range(N_CODES):
             # z_t ~ softmax(logits(z_<t) / temperature), restricted to the top k if asked
-            logits = model.prior(tokens)[:, -1].float() / self.config.temperature  # (n, K)
+            logits = self.prior_logits(model, tokens, y) / self.config.temperature  # (n, K)
             if self.config.top_k:
                 kth = logits.topk(self.config.top_k, dim=-1).values[:, -1:]  # (n, 1)
                 logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -623,9 +693,18 @@ class VQVAEStrategy(common.Strategy):
         return tokens[:, 1:]  # drop the start token: (n, 16)
 
     @torch.no_grad()
-    def sample(self, model: nn.Module, n: int, generator: torch.Generator, sampler: str | None = None) -> Tensor:
-        codes = self.sample_codes(model, n, generator, sampler or self.config.sampler)
+    def sample(self, model: nn.Module, n: int, generator: torch.Generator, sampler: str | None = None,
+               y: Tensor | None = None) -> Tensor:
+        """n sprites; a conditional prior draws the classes y (n,) (default: requested_classes)."""
+        if self.labeller is not None and y is None:
+            y = self.requested_classes(n, generator.device)
+        codes = self.sample_codes(model, n, generator, sampler or self.config.sampler, y)
         return self.decode_codes(model, codes)
+
+    @torch.no_grad()
+    def sample_classes(self, model: nn.Module, y: Tensor, generator: torch.Generator, chunk: int = 256) -> Tensor:
+        """Samples (n, 3, 16, 16) of the classes y (n,) from the prior, in chunks, at --guidance."""
+        return torch.cat([self.sample(model, len(part), generator, "prior", part) for part in y.split(chunk)])
 
     # -- pictures and the end of the run --------------------------------------
 
@@ -666,7 +745,12 @@ class VQVAEStrategy(common.Strategy):
         gen = torch.Generator(train.device).manual_seed(self.config.seed + 2)
         n = self.config.n_eval
         x = torch.cat([self.sample(model, min(256, n - s), gen, other) for s in range(0, n, 256)])
-        return {f"sample_{other}/{k}": v for k, v in common.sprite_metrics(x, train, self.palette).items()}
+        extra = {f"sample_{other}/{k}": v for k, v in common.sprite_metrics(x, train, self.palette).items()}
+        if self.labeller is not None:  # balanced classes (i mod n_classes), from the prior
+            y = torch.arange(n, device=train.device) % self.labeller.n_classes
+            x = self.sample_classes(model, y, torch.Generator(train.device).manual_seed(self.config.seed + 2))
+            extra["sample_prior/class_accuracy"] = self.class_accuracy(x, y)
+        return extra
 
 
 # -----------------------------------------------------------------------------
