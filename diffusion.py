@@ -770,6 +770,14 @@ def plot_command(argv: list[str]) -> None:
     print(f"wrote {args.out}")
 
 
+def number_list(parser, flag: str, text: str, cast) -> list:
+    """'0,1,2.5' -> [0.0, 1.0, 2.5] (cast each item); anything else is the user's one-line error."""
+    try:
+        return [cast(item) for item in text.split(",")]
+    except ValueError:
+        parser.error(f"{flag} must be {'integers' if cast is int else 'numbers'} separated by commas, got {text!r}")
+
+
 def guidance_command(argv: list[str]) -> None:
     """`python diffusion.py guidance`: the classifier-free guidance sweep of a conditional
     checkpoint. At each w: --n samples with balanced classes (sample i asks for class
@@ -791,10 +799,7 @@ def guidance_command(argv: list[str]) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
     parser.add_argument("--out", required=True, help="folder for the results")
     args = parser.parse_args(argv)
-    try:
-        ws = [float(w) for w in args.w.split(",")]
-    except ValueError:
-        parser.error(f"--w must be numbers separated by commas, got {args.w!r}")
+    ws = number_list(parser, "--w", args.w, float)
     if args.n < 8 or min(ws) < 0:
         parser.error("--n must be at least 8 and every w at least 0")
     device = common.select_device(args.device)
@@ -873,10 +878,7 @@ def labels_command(argv: list[str]) -> None:
     parser.add_argument("--seed", type=int, default=0, help="k-means seed (default: %(default)s)")
     parser.add_argument("--out", required=True, help="the preview PNG to write")
     args = parser.parse_args(argv)
-    try:
-        ks = [int(k) for k in args.k.split(",")]
-    except ValueError:
-        parser.error(f"--k must be integers separated by commas, got {args.k!r}")
+    ks = number_list(parser, "--k", args.k, int)
     data = common.load_sprites(args.data, torch.device("cpu"), Config.palette_size, args.seed)
     colour = common.Labeller("colour", data.palette)
     everything = torch.zeros(len(data.train), dtype=torch.long)
