@@ -12,6 +12,7 @@ the same way, so every figure has a scale.
     python compare.py --checkpoints runs           # the newest runs/<model>/<date-time>/ of each model
     python compare.py --epochs-diffusion 50 --amp  # override a budget; bf16 autocast
     python compare.py report                    # regenerate the results tables in the docs from docs/results/
+    python compare.py guidance --checkpoint CKPT --out DIR   # guidance sweep of a conditional checkpoint
     python compare.py --conditional colour --guidance 2   # also a colour-conditioned panel per model that has one
 
 Outputs (in --out, default runs/compare): comparison.png, comparison.md (the
@@ -507,6 +508,99 @@ def conditional_checkpoints(configs: dict, out: Path, checkpoints: Path | None, 
 
 
 # -----------------------------------------------------------------------------
+# Guidance: what classifier-free guidance buys and costs, for any conditional model
+# -----------------------------------------------------------------------------
+
+
+def guidance_command(argv: list[str]) -> None:
+    """`python compare.py guidance` (also `python diffusion.py guidance`): the
+    classifier-free guidance sweep of a conditional checkpoint of any model (diffusion,
+    or the VQ-VAE's prior). At each w: --n samples with balanced classes (sample i asks for class
+    i mod n_classes; the same seed, so the same x_T, at every w), scored with the shared
+    sprite metrics, the class accuracy and the within-class variety (common.class_stats),
+    into OUT/w<w>/metrics.json; a chart of the fractions against w (OUT/sweep.png) and a
+    grid of one class, one row per w, the same 8 noise draws in every row (OUT/grid-<class>.png).
+    OUT/real.json holds the same figures measured on the real training sprites."""
+    parser = common.download.OneLineParser(prog=f"{Path(sys.argv[0]).name} guidance", description=guidance_command.__doc__)
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint trained with --condition colour or cluster")
+    parser.add_argument("--w", default="0,1,2,3,5,8", help="guidance scales to sweep (default: %(default)s)")
+    parser.add_argument("--n", type=int, default=256, help="samples per w (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=2, help="sampling seed (default: %(default)s, as the run's own scores)")
+    parser.add_argument("--grid-class", default="0", help="class shown in the grid, name or index (default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
+    parser.add_argument("--out", required=True, help="folder for the results")
+    args = parser.parse_args(argv)
+    ws = diffusion.number_list(parser, "--w", args.w, float)
+    if args.n < 8 or min(ws) < 0:
+        parser.error("--n must be at least 8 and every w at least 0")
+    device = common.select_device(args.device)
+    state = common.load_checkpoint(args.checkpoint)
+    name = state.get("strategy")
+    if name not in MODELS:
+        raise common.UserError(f"{args.checkpoint} is a {name} checkpoint; guidance sweeps {', '.join(MODELS)}")
+    strategy, model, palette, config = common.load_for_sampling(*MODELS[name], args.checkpoint, {}, device)
+    labeller = getattr(strategy, "labeller", None)  # models with a --condition flag have one
+    if labeller is None:
+        raise common.UserError(f"{args.checkpoint} was trained without classes; train with --condition colour or cluster")
+    show = labeller.parse(args.grid_class)
+    train = common.load_sprites(config.data, device, config.palette_size, config.seed).train
+    out = Path(args.out)
+
+    y_real = labeller(train)
+    real = {"n_classes": labeller.n_classes, "class_sizes": torch.bincount(y_real, minlength=labeller.n_classes).tolist(),
+            # the ceiling: how often a real sprite, mirrored as in training, keeps its class
+            # (colour: always; cluster: a mirrored mask can fall nearer another centre)
+            "class_accuracy_mirrored": float((labeller(train.flip(-1)) == y_real).float().mean()),
+            "chance": 1 / labeller.n_classes, **common.class_stats(train, y_real, labeller)}
+    everything = torch.zeros_like(y_real)  # all sprites as one class: the variety without a label
+    real.update({f"unlabelled_{k}": v for k, v in common.class_stats(train, everything, labeller).items()})
+    common.atomic_write_bytes(out / "real.json", json.dumps(real, indent=1).encode())
+    print(f"real training sprites: {json.dumps(real)}")
+
+    # what made these files, and on what: next to every metrics.json (the docs' results convention)
+    load = f", load average {os.getloadavg()[0]:.2f} at the start" if hasattr(os, "getloadavg") else ""
+    sampling = " ".join(f"--{k.replace('_', '-')} {getattr(config, k)}" for k in ("sampler", "steps", "temperature", "top_k")
+                        if hasattr(config, k))
+    command = (f"python compare.py guidance {' '.join(argv)}\n# {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, "
+               f"device {device}, {torch.get_num_threads()} torch thread(s){load}; checkpoint: {name}, "
+               f"--condition {config.condition}, epoch {state['epoch']}, {sampling}\n")
+    y = torch.arange(args.n, device=device) % labeller.n_classes
+    rows, series = [], {"precision": [], "recall": [], "class accuracy": [], "one-colour rate": []}
+    print(f"{'w':>5} {'class_acc':>9} {'precision':>9} {'recall':>6} {'one_col':>7} {'pal_dist':>8} "
+          f"{'shape_var':>9} {'col_ent':>7} {'seconds':>7}")
+    for w in ws:
+        strategy.config.guidance = w
+        t0 = time.perf_counter()
+        x = strategy.sample_classes(model, y, torch.Generator(device).manual_seed(args.seed))
+        seconds = time.perf_counter() - t0
+        m = {f"sample/{k}": v for k, v in common.sprite_metrics(x, train, palette).items()}
+        m["sample/class_accuracy"] = strategy.class_accuracy(x, y)
+        hit = (labeller(x) == y).float()  # (n,)
+        per_class = {labeller.names[c]: float(hit[y == c].mean()) for c in range(labeller.n_classes)}
+        m["sample/worst_class_accuracy"] = min(per_class.values())
+        m["per_class_accuracy"] = per_class
+        m.update({f"sample/{k}": v for k, v in common.class_stats(x, y, labeller).items()})
+        m.update({"guidance": w, "n": args.n, "sample_seconds": seconds})
+        common.atomic_write_bytes(out / f"w{w:g}" / "metrics.json", json.dumps(m, indent=1).encode())
+        common.atomic_write_bytes(out / f"w{w:g}" / "command.txt", command.encode())
+        row = x[y == show][:8]  # the first 8 samples of the grid's class; black where there are fewer
+        rows.append(torch.cat([row, row.new_zeros(8 - len(row), 3, 16, 16)]))
+        for key, name in (("precision", "precision"), ("recall", "recall"), ("class accuracy", "class_accuracy"),
+                          ("one-colour rate", "one_colour_rate")):
+            series[key].append((w, m[f"sample/{name}"]))
+        print(f"{w:>5g} {m['sample/class_accuracy']:>9.3f} {m['sample/precision']:>9.3f} {m['sample/recall']:>6.3f} "
+              f"{m['sample/one_colour_rate']:>7.3f} {m['sample/palette_distance']:>8.2f} "
+              f"{m['sample/shape_variety']:>9.3f} {m['sample/colour_entropy']:>7.3f} {seconds:>7.1f}", flush=True)
+    title = f"guidance sweep, {name}, --condition {config.condition}, {args.n} samples per w"
+    common.save_png(common.line_chart(series, title, "guidance w", "fraction"), out / "sweep.png")
+    grid = common.make_grid(torch.cat(rows), nrow=8, scale=4, palette=palette)
+    common.save_png(grid, out / f"grid-{labeller.names[show]}.png")
+    print(f"wrote {out}/w*/metrics.json, real.json, sweep.png and grid-{labeller.names[show]}.png "
+          f"(rows: w = {', '.join(f'{w:g}' for w in ws)})")
+
+
+
+# -----------------------------------------------------------------------------
 # Report: the results tables in README.md and docs/, regenerated from docs/results/
 # -----------------------------------------------------------------------------
 # Every run a page quotes has a folder docs/results/<run>/ holding command.txt
@@ -661,6 +755,8 @@ def main(argv: list[str] | None = None) -> None:
             return report_command(argv[1:])
         if argv[:1] == ["bench"]:
             return bench_models(argv[1:])
+        if argv[:1] == ["guidance"]:
+            return guidance_command(argv[1:])
         args = parse_args(argv)
         if args.amp:  # sampling gets training's decision: no emulated bf16 where it is slower (common.amp_worth_it)
             args.amp = common.amp_worth_it(common.select_device(args.device), force=False)

@@ -1955,7 +1955,8 @@ def test_help_of_every_script_and_subcommand():
     cases = [(m, [*mode, "--help"]) for m in models for mode in ([], ["sample"], ["bench"])]
     cases += [("diffusion.py", ["plot", "--help"]), ("diffusion.py", ["guidance", "--help"]),
               ("diffusion.py", ["labels", "--help"]), ("compare.py", ["--help"]), ("compare.py", ["bench", "--help"]),
-              ("compare.py", ["report", "--help"]), ("download.py", ["--help"])]
+              ("compare.py", ["report", "--help"]), ("compare.py", ["guidance", "--help"]),
+              ("download.py", ["--help"])]
     in_docs = {(argv[0], argv[1] if argv[1:2] and argv[1] in SUBCOMMANDS else None)
                for page in DOC_PAGES for _, argv in doc_commands(page)}
     assert len(in_docs) >= 8 and all((s, [m, "--help"] if m else ["--help"]) in cases for s, m in in_docs), in_docs
@@ -2864,6 +2865,23 @@ def test_conditional_vq_prior_class_token_dropout_and_guided_logits(dataset):
         c = forward(torch.cat([prior.start_token(y)[:, None], tokens[:, 1:]], 1))[:, -1]
         u = forward(tokens)[:, -1]
     assert torch.allclose(guided, u + 2.5 * (c - u), atol=1e-5)
+
+
+def test_compare_guidance_sweeps_a_conditional_vq_prior_and_refuses_an_unconditional_checkpoint(dataset, tmp_path):
+    """`python compare.py guidance` is one sweep for every model with --condition: here the VQ-VAE's prior."""
+    import compare
+
+    run = common.train(vqvae.VQVAEStrategy, tiny_vq(dataset, condition="colour", epochs=1, prior_epochs=1,
+                                                    out=str(tmp_path / "vq")))
+    compare.guidance_command(["--checkpoint", str(run / "checkpoints" / "last.pt"), "--w", "0,3", "--n", "14",
+                              "--grid-class", "red", "--out", str(tmp_path / "sweep")])
+    m = json.loads((tmp_path / "sweep" / "w3" / "metrics.json").read_text())
+    assert 0 <= m["sample/class_accuracy"] <= 1 and m["guidance"] == 3 and m["n"] == 14
+    assert "compare.py guidance" in (tmp_path / "sweep" / "w3" / "command.txt").read_text()
+    assert "checkpoint: vqvae, --condition colour" in (tmp_path / "sweep" / "w0" / "command.txt").read_text()
+    plain = common.train(vqvae.VQVAEStrategy, tiny_vq(dataset, epochs=1, prior_epochs=1, out=str(tmp_path / "plain")))
+    with pytest.raises(common.UserError, match="trained without classes"):
+        compare.guidance_command(["--checkpoint", str(plain / "checkpoints" / "last.pt"), "--out", str(tmp_path / "x")])
 
 if __name__ == "__main__":
     common.main(TinyStrategy, TinyConfig)
