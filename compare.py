@@ -535,10 +535,10 @@ def guidance_command(argv: list[str]) -> None:
         parser.error("--n must be at least 8 and every w at least 0")
     device = common.select_device(args.device)
     state = common.load_checkpoint(args.checkpoint)
-    name = state.get("strategy")
-    if name not in MODELS:
-        raise common.UserError(f"{args.checkpoint} is a {name} checkpoint; guidance sweeps {', '.join(MODELS)}")
-    strategy, model, palette, config = common.load_for_sampling(*MODELS[name], args.checkpoint, {}, device)
+    model_name = state.get("strategy")
+    if model_name not in MODELS:
+        raise common.UserError(f"{args.checkpoint} is a {model_name} checkpoint; guidance sweeps {', '.join(MODELS)}")
+    strategy, model, palette, config = common.load_for_sampling(*MODELS[model_name], args.checkpoint, {}, device)
     labeller = getattr(strategy, "labeller", None)  # models with a --condition flag have one
     if labeller is None:
         raise common.UserError(f"{args.checkpoint} was trained without classes; train with --condition colour or cluster")
@@ -562,7 +562,7 @@ def guidance_command(argv: list[str]) -> None:
     sampling = " ".join(f"--{k.replace('_', '-')} {getattr(config, k)}" for k in ("sampler", "steps", "temperature", "top_k")
                         if hasattr(config, k))
     command = (f"python compare.py guidance {' '.join(argv)}\n# {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, "
-               f"device {device}, {torch.get_num_threads()} torch thread(s){load}; checkpoint: {name}, "
+               f"device {device}, {torch.get_num_threads()} torch thread(s){load}; checkpoint: {model_name}, "
                f"--condition {config.condition}, epoch {state['epoch']}, {sampling}\n")
     y = torch.arange(args.n, device=device) % labeller.n_classes
     rows, series = [], {"precision": [], "recall": [], "class accuracy": [], "one-colour rate": []}
@@ -591,7 +591,7 @@ def guidance_command(argv: list[str]) -> None:
         print(f"{w:>5g} {m['sample/class_accuracy']:>9.3f} {m['sample/precision']:>9.3f} {m['sample/recall']:>6.3f} "
               f"{m['sample/one_colour_rate']:>7.3f} {m['sample/palette_distance']:>8.2f} "
               f"{m['sample/shape_variety']:>9.3f} {m['sample/colour_entropy']:>7.3f} {seconds:>7.1f}", flush=True)
-    title = f"guidance sweep, {name}, --condition {config.condition}, {args.n} samples per w"
+    title = f"guidance sweep, {model_name}, --condition {config.condition}, {args.n} samples per w"
     common.save_png(common.line_chart(series, title, "guidance w", "fraction"), out / "sweep.png")
     grid = common.make_grid(torch.cat(rows), nrow=8, scale=4, palette=palette)
     common.save_png(grid, out / f"grid-{labeller.names[show]}.png")

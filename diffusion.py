@@ -137,6 +137,11 @@ class Config(common.TrainConfig):
     p_uncond: float = 0.1
     # label dropout: the chance that a training sprite's label is replaced by the null label, so one
     # network learns p(x | y) and p(x) (Ho and Salimans 2022, "Classifier-Free Diffusion Guidance": 0.1 to 0.2)
+    class_weight: str = "none"
+    # none, or balanced: each labelled sprite's loss is weighted by N / (K n_y) (its class's share of the
+    # training sprites, inverted; mean weight 1), so a class of 15 sprites gets as much gradient as one of
+    # 505. Each p(x | y) keeps its optimum (the weight is constant within a class); dropped labels keep
+    # weight 1, so p(x) is not reweighted (--condition runs only)
     guidance: float = 2.0
     # classifier-free guidance w: eps = eps_uncond + w (eps_cond - eps_uncond); 0 = unconditional,
     # 1 = plain conditional, > 1 extrapolates away from p(x) (conditional checkpoints only)
@@ -176,6 +181,8 @@ class Config(common.TrainConfig):
             raise ValueError(f"--condition must be {', '.join(common.LABEL_KINDS)}, got {self.condition!r}")
         if self.clusters < 2:
             raise ValueError(f"--clusters must be at least 2, got {self.clusters}")
+        if self.class_weight not in ("none", "balanced"):
+            raise ValueError(f"--class-weight must be none or balanced, got {self.class_weight!r}")
         if not 0 <= self.p_uncond < 1:
             raise ValueError(f"--p-uncond must be in [0, 1), got {self.p_uncond}")
 
@@ -396,6 +403,13 @@ class DiffusionStrategy(common.Strategy):
         self.labeller = common.make_labeller(config.condition, palette, config.data, config.clusters, config.seed)
         self.sample_class: int | None = None
         self._y: Tensor | None = None
+        # --class-weight balanced: w_y = N / (K n_y) from the training split's class sizes n_y (K,)
+        self.class_weights: Tensor | None = None
+        if self.labeller is not None and config.class_weight == "balanced":
+            y = self.class_labels(common.load_sprites(config.data, palette.device, config.palette_size, config.seed).train)
+            n_y = torch.bincount(y, minlength=self.labeller.n_classes)[:self.labeller.n_classes].float()  # (K,)
+            assert (n_y > 0).all(), f"--class-weight balanced: a class without training sprites ({n_y.tolist()})"
+            self.class_weights = n_y.sum() / (len(n_y) * n_y)  # (K,), mean 1 over the training sprites
 
     def build_model(self, config: Config) -> nn.Module:
         mult = tuple(int(m) for m in config.channel_mult.split(","))
@@ -434,16 +448,22 @@ class DiffusionStrategy(common.Strategy):
         x0 = common.to_model_range(batch)  # (B, 3, 16, 16) in [-1, 1]
         t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device)  # (B,)
         eps = torch.randn_like(x0)
+        weight = None
         if self.labeller is None:  # unconditional: the same random draws and calls as ever
             out = model(self.q_sample(x0, t, eps), t).float()
         else:
             y = self.class_labels(batch)
             y = self.drop_labels(y) if drop_labels else y
             out = model(self.q_sample(x0, t, eps), t, y).float()
+            if self.class_weights is not None and drop_labels:  # --class-weight balanced, training only
+                # (validation loss stays the plain mean): w_y per sprite, the null label keeps 1
+                weight = torch.cat([self.class_weights, self.class_weights.new_ones(1)])[y]  # (B,)
         target = eps if self.config.prediction == "eps" else self.v_target(x0, t, eps)
         err = ((out - target) ** 2).mean(dim=(1, 2, 3))  # (B,) squared error per sprite
         if self.config.loss_weight == "min-snr":
             err = self.min_snr_weight(t) * err
+        if weight is not None:
+            err = weight * err
         return err.mean()
 
     def _coef(self, t: Tensor) -> tuple[Tensor, Tensor]:

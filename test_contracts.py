@@ -2883,5 +2883,32 @@ def test_compare_guidance_sweeps_a_conditional_vq_prior_and_refuses_an_unconditi
     with pytest.raises(common.UserError, match="trained without classes"):
         compare.guidance_command(["--checkpoint", str(plain / "checkpoints" / "last.pt"), "--out", str(tmp_path / "x")])
 
+
+def test_diffusion_class_weight_balanced_weights_each_labelled_sprite_by_its_class_size(sprites, dataset):
+    """--class-weight balanced: w_y = N / (K n_y), mean 1 over the training sprites; a dropped
+    (null) label keeps weight 1; validation loss is the plain mean."""
+    strategy, model = tiny_conditional(sprites.palette, dataset, class_weight="balanced", p_uncond=0.5)
+    data = common.load_sprites(dataset, torch.device("cpu"))
+    y = strategy.class_labels(data.train)
+    n_y = torch.bincount(y, minlength=strategy.labeller.n_classes).float()
+    assert torch.allclose(strategy.class_weights, len(y) / (len(n_y) * n_y))
+    assert strategy.class_weights[y].mean().item() == pytest.approx(1.0, abs=1e-5)
+    batch = data.train[:16]
+    plain, _ = tiny_conditional(sprites.palette, dataset, p_uncond=0.5)
+    torch.manual_seed(3)
+    weighted = strategy.loss(model, batch)
+    torch.manual_seed(3)  # the same t, eps and dropout draws, redone by hand
+    x0 = common.to_model_range(batch)
+    t = torch.randint(0, strategy.T, (16,))
+    eps = torch.randn_like(x0)
+    labels = strategy.drop_labels(strategy.class_labels(batch))
+    err = ((model(strategy.q_sample(x0, t, eps), t, labels) - strategy.v_target(x0, t, eps)) ** 2).mean(dim=(1, 2, 3))
+    w = torch.where(labels == strategy.labeller.n_classes, 1.0, torch.cat([strategy.class_weights, torch.ones(1)])[labels])
+    assert (labels == strategy.labeller.n_classes).any() and torch.allclose(weighted, (w * err).mean(), atol=1e-6)
+    val = [(torch.manual_seed(3), s.loss(model, batch, drop_labels=False))[1] for s in (strategy, plain)]
+    assert torch.allclose(*val)
+    with pytest.raises(ValueError, match="--class-weight must be none or balanced"):
+        tiny_diffusion_config(class_weight="equal")
+
 if __name__ == "__main__":
     common.main(TinyStrategy, TinyConfig)
