@@ -74,8 +74,8 @@ Tensor = torch.Tensor
 
 @dataclass
 class Config(common.TrainConfig):
-    epochs: int = 110
-    # passes over the 792 training sprites (25 steps each at batch 32: 2,750 steps in all), sized
+    epochs: int = 200
+    # passes over the 792 training sprites (25 steps each at batch 32: 5,000 steps in all), sized
     # to train in under 20 minutes on 2 CPU cores (the reference: 200 epochs of the 7M U-Net, 76 min)
     batch_size: int = 32
     # sprites per optimizer step; small batches = more steps in the short CPU budget
@@ -84,16 +84,19 @@ class Config(common.TrainConfig):
     # takes a larger step, tamed by --warmup-steps and --lr-decay cosine (the reference: 5e-4 constant)
     ema_decay: float = 0.995
     # EMA of the weights, used for validation and every sample. Its time constant is
-    # 1 / (1 - decay) = 200 steps = 8 of the 110 epochs: long enough to smooth the
-    # step-to-step noise of the diffusion loss, short enough to follow a 2,750-step run.
-    # With the paper's 0.9999, 0.9999^2750 = 76 percent of the EMA would still be the random
+    # 1 / (1 - decay) = 200 steps = 8 of the 200 epochs: long enough to smooth the
+    # step-to-step noise of the diffusion loss, short enough to follow a 5,000-step run.
+    # With the paper's 0.9999, 0.9999^5000 = 61 percent of the EMA would still be the random
     # initial weights at the end of the run.
     sample_every: int = 50
     # sample grid, denoising strip and sprite-quality metrics every this many epochs
     # (mostly the 256 samples for the metrics: with the defaults 16 x 1.4 s, the time of 16 sprites with
     # DPM-Solver++ 20 steps in docs/results/diffusion/quality_vs_steps/default.json; DDIM-50 x 7.0M: ~2 min)
-    base_channels: int = 32
-    # U-Net width at 16x16 (the reference: 64, 7.0M parameters; 32 gives 1.8M and trains 2x faster); the widths at 16x16, 8x8 and 4x4 are this times --channel-mult
+    base_channels: int = 24
+    # U-Net width at 16x16; the widths at 16x16, 8x8 and 4x4 are this times --channel-mult. The reference:
+    # 64, 7.0M parameters; 32 gives 1.8M, 24 gives 0.99M, and the cost of a 3x3 conv goes with width^2, so
+    # 24 takes about 1.8x the steps of 32 in the same minutes -- which bought more quality than the width
+    # did (tutorial 04, "Width against steps")
     channel_mult: str = "1,2,4"
     # width multipliers of the three levels 16x16, 8x8, 4x4 (Ho et al. use 1,2,2,2 on CIFAR-10).
     # With 1,2,4 the 4x4 level holds 4.7M of the 7.0M parameters: a 3x3 conv costs width^2
