@@ -253,41 +253,14 @@ class Sprites:
 
 
 def load_sprites(path: str | os.PathLike, device: torch.device, palette_size: int = 8, seed: int = 0) -> Sprites:
-    """Load download.py's .npz (downloading the default dataset if missing)."""
-    path = Path(path)
-    if not path.exists():
-        defaults = {download.default_path(v, a): (v, a) for v in ("colored", "mono") for a in (False, True)}
-        if path not in defaults:
-            raise UserError(f"dataset {path} not found; prepare one with `python download.py` "
-                            f"(writes {download.default_path()}) or fix --data")
-        variant, keep_all = defaults[path]
-        print(f"dataset {path} not found: downloading and preparing the Kenney 1-Bit Pack ...")
-        download.prepare(variant=variant, keep_all=keep_all, out=str(path.parent))
-    try:
-        with np.load(path) as npz:
-            images, is_val = npz["images"], npz["is_val"]
-    except Exception as e:  # a truncated or foreign file
-        raise UserError(f"cannot read dataset {path} ({e}); re-create it with `python download.py --force`")
-    if images.ndim != 4 or images.shape[1:] != (16, 16, 3) or images.dtype != np.uint8:
-        raise UserError(f"{path} holds images of shape {images.shape} {images.dtype}; expected (N, 16, 16, 3) uint8")
-    check_split(path, images, is_val)
+    """download.py's .npz (read and checked by download.load_dataset, which
+    prepares the default dataset if missing) as tensors, with its palette."""
+    images, is_val = download.load_dataset(path)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255)  # (N, 16, 16, 3) -> (N, 3, 16, 16)
-    is_val = torch.from_numpy(is_val.astype(bool))
-    train = x[~is_val]
-    palette = kmeans_palette(images[~is_val.numpy()].reshape(-1, 3), k=palette_size, seed=seed)
-    return Sprites(train=train.to(device), val=x[is_val].to(device),
-                   palette=torch.from_numpy(palette).float().div(255).to(device), path=path)
-
-
-def check_split(path: Path, images: np.ndarray, is_val: np.ndarray) -> None:
-    """A dataset must have training sprites and one is_val flag per sprite; an
-    empty validation split is allowed (the Trainer then skips val/ metrics)."""
-    redo = "re-create it with `python download.py --force`, or fix --data"
-    if is_val.shape != (images.shape[0],):
-        raise UserError(f"{path} has {images.shape[0]} sprites but is_val of shape {is_val.shape}; {redo}")
-    if images.shape[0] == 0 or is_val.astype(bool).all():
-        raise UserError(f"{path} has no training sprites ({images.shape[0]} sprites, "
-                        f"{int(is_val.astype(bool).sum())} of them validation); {redo}")
+    palette = kmeans_palette(images[~is_val].reshape(-1, 3), k=palette_size, seed=seed)  # (N_train*256, 3) pixels
+    is_val = torch.from_numpy(is_val)
+    return Sprites(train=x[~is_val].to(device), val=x[is_val].to(device),
+                   palette=torch.from_numpy(palette).float().div(255).to(device), path=Path(path))
 
 
 def to_model_range(x: Tensor) -> Tensor:
@@ -488,33 +461,6 @@ def requested_classes(n_classes: int, sample_class: int | None, n: int, device: 
     return (torch.arange(n, device=device) // 8) % n_classes
 
 
-def class_stats(images: Tensor, labels: Tensor, labeller: Labeller) -> dict[str, float]:
-    """What a class leaves free, measured on sprites (real or sampled) that carry
-    class `labels` (N,): the within-class variety, a stand-in for H(X|Y).
-    shape_variety   the mean fraction of the 256 mask pixels on which two sprites of
-                    one class differ (0 = one shape per class)
-    colour_entropy  the entropy, in bits, of the sprites' colour within a class
-                    (0 = one colour per class; log2(7) = 2.81 for 7 equally common colours)
-    Each is a class's figure averaged over the classes weighted by their share of
-    the sprites, as H(X|Y) = sum_y p(y) H(X | Y = y). Classes of one sprite are left out."""
-    masks = foreground_masks(images, labeller.palette)  # (N, 256)
-    colour = Labeller("colour", labeller.palette)(images)  # (N,)
-    shape, entropy, weight = [], [], []
-    for c in labels.unique():
-        m, col = masks[labels == c], colour[labels == c]
-        if len(m) < 2:
-            continue
-        diff = torch.cdist(m, m, p=1) / m.shape[1]  # (n, n) fraction of differing pixels
-        shape.append(float(diff.sum() / (len(m) * (len(m) - 1))))
-        p = torch.bincount(col + 1).float() / len(col)  # +1: the "no colour" class -1 counts too
-        entropy.append(float(-(p[p > 0] * p[p > 0].log2()).sum()))
-        weight.append(len(m))
-    if not weight:
-        return dict(shape_variety=float("nan"), colour_entropy=float("nan"))
-    return dict(shape_variety=float(np.average(shape, weights=weight)),
-                colour_entropy=float(np.average(entropy, weights=weight)))
-
-
 # -----------------------------------------------------------------------------
 # Pictures
 # -----------------------------------------------------------------------------
@@ -567,60 +513,9 @@ def save_gif(frames: Tensor, path: str | os.PathLike, nrow: int = 8, scale: int 
     return Path(path)
 
 
-CHART_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
-
-
-def line_chart(series: dict[str, list[tuple[float, float]]], title: str, xlabel: str, ylabel: str,
-               size: tuple[int, int] = (640, 400)) -> Image.Image:
-    """A plain line chart with PIL only (no plotting library in requirements):
-    one coloured line (with dots, up to 50 points) per named series of (x, y)
-    points, axes with 5 ticks over the data's range, the legend above the plot."""
-    from PIL import ImageDraw
-
-    w, h = size
-    left, right, top, bottom = 60, 20, 30 + 14 * len(series), 45  # the legend sits above the plot
-    img = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(img)
-    xs = [x for pts in series.values() for x, _ in pts] or [0.0, 1.0]
-    ys = [y for pts in series.values() for _, y in pts] or [0.0, 1.0]
-    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-    pad = 0.05 * (max(ys) - min(ys) or 1.0)
-    y0, y1 = min(ys) - pad, max(ys) + pad
-
-    def to_px(x, y):  # data -> pixel, y up
-        return (left + (x - x0) / (x1 - x0) * (w - left - right), h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom))
-
-    draw.rectangle([left, top, w - right, h - bottom], outline="black")
-    for i in range(5):
-        xv, yv = x0 + i / 4 * (x1 - x0), y0 + i / 4 * (y1 - y0)
-        px, _ = to_px(xv, y0)
-        _, py = to_px(x0, yv)
-        draw.line([px, h - bottom, px, h - bottom + 4], fill="black")
-        draw.text((px - 12, h - bottom + 6), f"{xv:.3g}", fill="black")
-        draw.line([left - 4, py, left, py], fill="black")
-        draw.text((4, py - 6), f"{yv:.3g}", fill="black")
-    draw.text((left, 8), title, fill="black")
-    draw.text(((w - len(xlabel) * 6) // 2, h - 18), xlabel, fill="black")
-    draw.text((left + 4, top + 4), ylabel, fill=(90, 90, 90))
-    dots = max(len(pts) for pts in series.values()) <= 50 if series else False
-    for k, (name, pts) in enumerate(series.items()):
-        colour = CHART_COLOURS[k % len(CHART_COLOURS)]
-        px = [to_px(x, y) for x, y in sorted(pts)]
-        if len(px) > 1:
-            draw.line(px, fill=colour, width=2)
-        for cx, cy in px if dots else []:
-            draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=colour)
-        draw.line([left, 30 + 14 * k, left + 20, 30 + 14 * k], fill=colour, width=3)
-        draw.text((left + 26, 24 + 14 * k), name, fill="black")
-    return img
-
-
 # -----------------------------------------------------------------------------
 # Sprite-quality metrics (shared by every model and by compare.py)
 # -----------------------------------------------------------------------------
-
-DENSITY_RANGE = (0.15, 0.50)  # the focused subset's foreground coverage (download.py)
-
 
 @torch.no_grad()
 def sprite_metrics(samples: Tensor, reference: Tensor, palette: Tensor, k: int = 3, seed: int = 0) -> dict[str, float]:
@@ -661,7 +556,7 @@ def sprite_metrics(samples: Tensor, reference: Tensor, palette: Tensor, k: int =
     density = fg.float().mean((1, 2))
     colours_used = [len(torch.unique(s.permute(1, 2, 0)[f], dim=0)) for s, f in zip(snapped, fg)]
     one_colour_rate = float(np.mean([c == 1 for c in colours_used]))
-    density_in_range = ((density >= DENSITY_RANGE[0]) & (density <= DENSITY_RANGE[1])).float().mean().item()
+    density_in_range = ((density >= download.DENSITY_MIN) & (density <= download.DENSITY_MAX)).float().mean().item()
 
     ref = snap_to_palette(reference.float().to(samples.device), palette)
     q = lambda t: (t * 255).round().to(torch.int16).flatten(1)  # (N, 768) exact colour codes

@@ -59,6 +59,7 @@ from dataclasses import dataclass
 if __name__ == "__main__":  # Ctrl-C while torch loads: exit at once (130), nothing to save yet, no traceback
     signal.signal(signal.SIGINT, lambda *_: os._exit(130))
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -727,6 +728,86 @@ class DiffusionStrategy(common.Strategy):
 
 
 # -----------------------------------------------------------------------------
+# The figures of the command-line tools below: within-class variety, line charts
+# -----------------------------------------------------------------------------
+
+
+def class_stats(images: Tensor, labels: Tensor, labeller: common.Labeller) -> dict[str, float]:
+    """What a class leaves free, measured on sprites (real or sampled) that carry
+    class `labels` (N,): the within-class variety, a stand-in for H(X|Y).
+    shape_variety   the mean fraction of the 256 mask pixels on which two sprites of
+                    one class differ (0 = one shape per class)
+    colour_entropy  the entropy, in bits, of the sprites' colour within a class
+                    (0 = one colour per class; log2(7) = 2.81 for 7 equally common colours)
+    Each is a class's figure averaged over the classes weighted by their share of
+    the sprites, as H(X|Y) = sum_y p(y) H(X | Y = y). Classes of one sprite are left out."""
+    masks = common.foreground_masks(images, labeller.palette)  # (N, 256)
+    colour = common.Labeller("colour", labeller.palette)(images)  # (N,)
+    shape, entropy, weight = [], [], []
+    for c in labels.unique():
+        m, col = masks[labels == c], colour[labels == c]
+        if len(m) < 2:
+            continue
+        diff = torch.cdist(m, m, p=1) / m.shape[1]  # (n, n) fraction of differing pixels
+        shape.append(float(diff.sum() / (len(m) * (len(m) - 1))))
+        p = torch.bincount(col + 1).float() / len(col)  # +1: the "no colour" class -1 counts too
+        entropy.append(float(-(p[p > 0] * p[p > 0].log2()).sum()))
+        weight.append(len(m))
+    if not weight:
+        return dict(shape_variety=float("nan"), colour_entropy=float("nan"))
+    return dict(shape_variety=float(np.average(shape, weights=weight)),
+                colour_entropy=float(np.average(entropy, weights=weight)))
+
+
+CHART_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
+
+
+def line_chart(series: dict[str, list[tuple[float, float]]], title: str, xlabel: str, ylabel: str,
+               size: tuple[int, int] = (640, 400)):
+    """A plain line chart with PIL only (no plotting library in requirements):
+    one coloured line (with dots, up to 50 points) per named series of (x, y)
+    points, axes with 5 ticks over the data's range, the legend above the plot."""
+    from PIL import Image, ImageDraw
+
+    w, h = size
+    left, right, top, bottom = 60, 20, 30 + 14 * len(series), 45  # the legend sits above the plot
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    xs = [x for pts in series.values() for x, _ in pts] or [0.0, 1.0]
+    ys = [y for pts in series.values() for _, y in pts] or [0.0, 1.0]
+    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    pad = 0.05 * (max(ys) - min(ys) or 1.0)
+    y0, y1 = min(ys) - pad, max(ys) + pad
+
+    def to_px(x, y):  # data -> pixel, y up
+        return (left + (x - x0) / (x1 - x0) * (w - left - right), h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom))
+
+    draw.rectangle([left, top, w - right, h - bottom], outline="black")
+    for i in range(5):
+        xv, yv = x0 + i / 4 * (x1 - x0), y0 + i / 4 * (y1 - y0)
+        px, _ = to_px(xv, y0)
+        _, py = to_px(x0, yv)
+        draw.line([px, h - bottom, px, h - bottom + 4], fill="black")
+        draw.text((px - 12, h - bottom + 6), f"{xv:.3g}", fill="black")
+        draw.line([left - 4, py, left, py], fill="black")
+        draw.text((4, py - 6), f"{yv:.3g}", fill="black")
+    draw.text((left, 8), title, fill="black")
+    draw.text(((w - len(xlabel) * 6) // 2, h - 18), xlabel, fill="black")
+    draw.text((left + 4, top + 4), ylabel, fill=(90, 90, 90))
+    dots = max(len(pts) for pts in series.values()) <= 50 if series else False
+    for k, (name, pts) in enumerate(series.items()):
+        colour = CHART_COLOURS[k % len(CHART_COLOURS)]
+        px = [to_px(x, y) for x, y in sorted(pts)]
+        if len(px) > 1:
+            draw.line(px, fill=colour, width=2)
+        for cx, cy in px if dots else []:
+            draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=colour)
+        draw.line([left, 30 + 14 * k, left + 20, 30 + 14 * k], fill=colour, width=3)
+        draw.text((left + 26, 24 + 14 * k), name, fill="black")
+    return img
+
+
+# -----------------------------------------------------------------------------
 # Command line
 # -----------------------------------------------------------------------------
 
@@ -750,7 +831,7 @@ def plot_command(argv: list[str]) -> None:
         series = {name: [(t, float(v)) for t, v in enumerate(make(T, torch.device("cpu"))["sqrt_alpha_bar"])][::10]
                   for name, make in (("linear (Ho et al. 2020)", linear_schedule),
                                      ("cosine (Nichol & Dhariwal 2021)", cosine_schedule))}
-        img = common.line_chart(series, f"signal share sqrt(alpha_bar_t), T = {T}", "t", "sqrt(alpha_bar_t)")
+        img = line_chart(series, f"signal share sqrt(alpha_bar_t), T = {T}", "t", "sqrt(alpha_bar_t)")
     else:
         if not args.runs:
             parser.error("give run folders or time_to_quality.json files, or --schedules")
@@ -766,7 +847,7 @@ def plot_command(argv: list[str]) -> None:
             if not points or key not in points[0]:
                 raise common.UserError(f"{path} has no {key}; metrics there: {sorted(points[0]) if points else 'none'}")
             series[label or path.parent.name] = [(p[args.x], p[key]) for p in points]
-        img = common.line_chart(series, f"time to quality: {args.metric} of EMA samples", args.x, args.metric)
+        img = line_chart(series, f"time to quality: {args.metric} of EMA samples", args.x, args.metric)
     common.save_png(img, args.out)
     print(f"wrote {args.out}")
 
@@ -783,7 +864,7 @@ def guidance_command(argv: list[str]) -> None:
     """`python diffusion.py guidance`: the classifier-free guidance sweep of a conditional
     checkpoint. At each w: --n samples with balanced classes (sample i asks for class
     i mod n_classes; the same seed, so the same x_T, at every w), scored with the shared
-    sprite metrics, the class accuracy and the within-class variety (common.class_stats),
+    sprite metrics, the class accuracy and the within-class variety (class_stats),
     into OUT/w<w>/metrics.json; a chart of the fractions against w (OUT/sweep.png) and a
     grid of one class, one row per w, the same 8 noise draws in every row (OUT/grid-<class>.png).
     OUT/real.json holds the same figures measured on the real training sprites."""
@@ -817,9 +898,9 @@ def guidance_command(argv: list[str]) -> None:
             # the ceiling: how often a real sprite, mirrored as in training, keeps its class
             # (colour: always; cluster: a mirrored mask can fall nearer another centre)
             "class_accuracy_mirrored": float((labeller(train.flip(-1)) == y_real).float().mean()),
-            "chance": 1 / labeller.n_classes, **common.class_stats(train, y_real, labeller)}
+            "chance": 1 / labeller.n_classes, **class_stats(train, y_real, labeller)}
     everything = torch.zeros_like(y_real)  # all sprites as one class: the variety without a label
-    real.update({f"unlabelled_{k}": v for k, v in common.class_stats(train, everything, labeller).items()})
+    real.update({f"unlabelled_{k}": v for k, v in class_stats(train, everything, labeller).items()})
     common.atomic_write_bytes(out / "real.json", json.dumps(real, indent=1).encode())
     print(f"real training sprites: {json.dumps(real)}")
 
@@ -844,7 +925,7 @@ def guidance_command(argv: list[str]) -> None:
         per_class = {labeller.names[c]: float(hit[y == c].mean()) for c in range(labeller.n_classes)}
         m["sample/worst_class_accuracy"] = min(per_class.values())
         m["per_class_accuracy"] = per_class
-        m.update({f"sample/{k}": v for k, v in common.class_stats(x, y, labeller).items()})
+        m.update({f"sample/{k}": v for k, v in class_stats(x, y, labeller).items()})
         m.update({"guidance": w, "n": args.n, "sample_seconds": seconds})
         common.atomic_write_bytes(out / f"w{w:g}" / "metrics.json", json.dumps(m, indent=1).encode())
         common.atomic_write_bytes(out / f"w{w:g}" / "command.txt", command.encode())
@@ -857,7 +938,7 @@ def guidance_command(argv: list[str]) -> None:
               f"{m['sample/one_colour_rate']:>7.3f} {m['sample/palette_distance']:>8.2f} "
               f"{m['sample/shape_variety']:>9.3f} {m['sample/colour_entropy']:>7.3f} {seconds:>7.1f}", flush=True)
     title = f"guidance sweep, --condition {config.condition}, {args.n} samples per w"
-    common.save_png(common.line_chart(series, title, "guidance w", "fraction"), out / "sweep.png")
+    common.save_png(line_chart(series, title, "guidance w", "fraction"), out / "sweep.png")
     grid = common.make_grid(torch.cat(rows), nrow=8, scale=4, palette=palette)
     common.save_png(grid, out / f"grid-{labeller.names[show]}.png")
     print(f"wrote {out}/w*/metrics.json, real.json, sweep.png and grid-{labeller.names[show]}.png "
@@ -866,7 +947,7 @@ def guidance_command(argv: list[str]) -> None:
 
 def labels_command(argv: list[str]) -> None:
     """`python diffusion.py labels`: the class labels of the training sprites. Prints, for
-    each k, the shape clusters' sizes and within-class variety (common.class_stats), and
+    each k, the shape clusters' sizes and within-class variety (class_stats), and
     the colour classes' too; writes a preview: one row per class, its first --per-class sprites."""
     from pathlib import Path
 
@@ -883,14 +964,14 @@ def labels_command(argv: list[str]) -> None:
     data = common.load_sprites(args.data, torch.device("cpu"), Config.palette_size, args.seed)
     colour = common.Labeller("colour", data.palette)
     everything = torch.zeros(len(data.train), dtype=torch.long)
-    print(f"no label : {common.class_stats(data.train, everything, colour)}")
+    print(f"no label : {class_stats(data.train, everything, colour)}")
     y = colour(data.train)
-    print(f"colour   : sizes {torch.bincount(y).tolist()} {common.class_stats(data.train, y, colour)} "
+    print(f"colour   : sizes {torch.bincount(y).tolist()} {class_stats(data.train, y, colour)} "
           f"({', '.join(colour.names)})")
     for k in ks:
         cl = common.Labeller("cluster", data.palette, common.fit_shape_clusters(data.train, data.palette, k, args.seed))
         yk = cl(data.train)
-        print(f"cluster {k:<2}: sizes {torch.bincount(yk, minlength=k).tolist()} {common.class_stats(data.train, yk, cl)}"
+        print(f"cluster {k:<2}: sizes {torch.bincount(yk, minlength=k).tolist()} {class_stats(data.train, yk, cl)}"
               f" mirrored sprites keeping their cluster {(cl(data.train.flip(-1)) == yk).float().mean():.3f}")
     labeller = colour if args.kind == "colour" else common.Labeller(
         "cluster", data.palette, common.fit_shape_clusters(data.train, data.palette, args.preview_k, args.seed))

@@ -481,7 +481,7 @@ def test_load_sprites_split_and_ranges(dataset):
 
 
 def test_missing_custom_dataset_is_one_clear_error(tmp_path):
-    with pytest.raises(common.UserError, match="download.py"):
+    with pytest.raises(download.DataError, match="download.py"):
         common.load_sprites(tmp_path / "nope.npz", torch.device("cpu"))
 
 
