@@ -129,7 +129,7 @@ class TrainConfig:
             raise ValueError(f"--eval-every-minutes cannot be negative, got {self.eval_every_minutes}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
-        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+        if not re.fullmatch(DEVICES, self.device):
             raise ValueError(f"unknown --device {self.device!r}; use auto, cpu, cuda, cuda:N or mps")
         check_finite_and_seed(self)
         for f in dataclasses.fields(self):  # a model's fields with listed choices, e.g. vae.py's --recon-loss
@@ -139,6 +139,7 @@ class TrainConfig:
 
 
 SEED_MAX = 2**32 - 1  # NumPy's seeds are 32-bit
+DEVICES = r"auto|cpu|mps|cuda(:\d+)?"  # what --device accepts: auto, cpu, cuda, cuda:N or mps
 
 
 def check_finite_and_seed(config) -> None:
@@ -213,7 +214,7 @@ def make_config(config_cls, parser: argparse.ArgumentParser, values: dict):
 
 def select_device(name: str = "auto") -> torch.device:
     """cuda, then mps, then cpu -- unless --device names one."""
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", name):
+    if not re.fullmatch(DEVICES, name):
         raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda, cuda:N or mps")
     if name == "auto":
         if torch.cuda.is_available():
@@ -495,9 +496,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def save_png(img: Image.Image, path: str | os.PathLike) -> Path:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
+    download.write_atomic(Path(path), lambda f: img.save(f, format="PNG"))
     return Path(path)
 
 
@@ -506,10 +505,8 @@ def save_gif(frames: Tensor, path: str | os.PathLike, nrow: int = 8, scale: int 
     """Frames (F, N, 3, 16, 16) in [0, 1] -> an animated GIF (PIL), one sprite
     grid per frame, shown as given (not snapped), looping, the last frame held."""
     grids = [make_grid(f, nrow=nrow, scale=scale) for f in frames]
-    buf = io.BytesIO()
-    grids[0].save(buf, format="GIF", save_all=True, append_images=grids[1:], loop=0,
-                  duration=[frame_ms] * (len(grids) - 1) + [hold_ms])
-    atomic_write_bytes(path, buf.getvalue())
+    download.write_atomic(Path(path), lambda f: grids[0].save(f, format="GIF", save_all=True, append_images=grids[1:],
+                                                              loop=0, duration=[frame_ms] * (len(grids) - 1) + [hold_ms]))
     return Path(path)
 
 
@@ -1782,18 +1779,14 @@ def parse_train_args(config_cls, argv: list[str], strategy_name: str = "") -> Tr
     values = vars(args)
     if values.get("resume"):
         # Resuming: the checkpoint's config, overridden by the flags given now.
-        given = vars(_given_only(config_cls, argv))
+        only_given = argparse.ArgumentParser(add_help=False)
+        add_config_flags(only_given, config_cls, suppress_defaults=True)
+        given = vars(only_given.parse_args(argv))
         state = load_checkpoint(values["resume"])
         if strategy_name:  # another model's config would fail in confusing ways below
             check_model_type(state, strategy_name, values["resume"])
         values = {**saved_config(config_cls, state["config"]), **given, "resume": values["resume"]}
     return make_config(config_cls, parser, values)
-
-
-def _given_only(config_cls, argv):
-    parser = argparse.ArgumentParser(add_help=False)
-    add_config_flags(parser, config_cls, suppress_defaults=True)
-    return parser.parse_args(argv)
 
 
 def main(strategy_cls, config_cls, argv: list[str] | None = None) -> None:
