@@ -908,14 +908,14 @@ class Trainer:
     saves a checkpoint that resumes exactly there, and exits.
     """
 
-    def __init__(self, strategy: Strategy, config: TrainConfig, train_data: Tensor, val_data: Tensor,
+    def __init__(self, strategy: Strategy, config: TrainConfig, train: Tensor, val: Tensor,
                  palette: Tensor, run_dir: Path, tracker: Tracker | None = None,
                  augment: Callable[[Tensor, torch.Generator], Tensor] | None = random_hflip):
         self.strategy, self.config = strategy, config
-        self.train_data, self.val_data, self.palette = train_data, val_data, palette
+        self.train, self.val, self.palette = train, val, palette
         self.run_dir, self.tracker = Path(run_dir), tracker or Tracker(False, "", "")
         self.augment = augment if config.flip else None
-        self.device = train_data.device
+        self.device = train.device
         self.ckpt_path = self.run_dir / "checkpoints" / "last.pt"
         # All epochs of the run: config.epochs, unless the strategy trains in stages.
         self.epochs = strategy.total_epochs(config)
@@ -941,7 +941,7 @@ class Trainer:
         self.epoch_sums: dict[str, float] = {}
         self.history: list[dict] = []  # one dict of metrics per epoch
         self.train_seconds = 0.0       # wall time spent in fit(), summed over resumes
-        self.total_steps = self.epochs * math.ceil(train_data.shape[0] / config.batch_size)
+        self.total_steps = self.epochs * math.ceil(train.shape[0] / config.batch_size)
         self.quality_curve: list[dict] = []  # time-to-quality points (--eval-every-minutes)
         self._eval_pause = 0.0  # seconds of this fit() spent scoring those points: off the training clock
         self.stop_requested = False
@@ -1028,7 +1028,7 @@ class Trainer:
         """One pass over the training sprites: shuffle, flip, optimizer_step per
         batch. Returns the per-step log (train_step/<name>, value, step), or None
         when Ctrl-C stopped the epoch midway (a checkpoint then holds the step)."""
-        cfg, n = self.config, self.train_data.shape[0]
+        cfg, n = self.config, self.train.shape[0]
         n_batches = math.ceil(n / cfg.batch_size)
         self.tracker.epoch = epoch
         if self.resume_batch == 0:  # a fresh epoch: remember where its shuffle began
@@ -1041,7 +1041,7 @@ class Trainer:
         step_log: list[tuple[str, float, int]] = []
         for i in range(n_batches):
             idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size].to(self.device)
-            batch = self.train_data[idx]
+            batch = self.train[idx]
             if self.augment is not None:  # drawn for every batch, so skipping keeps the stream aligned
                 batch = self.augment(batch, flip_gen)
             if i < self.resume_batch:
@@ -1065,7 +1065,7 @@ class Trainer:
     def end_epoch(self, epoch: int, train_time: float, step_log: list, epochs_timed: int) -> None:
         """After an epoch: validation, the checkpoint, MLflow, the progress line
         and, every --sample-every epochs, pictures and sprite-quality metrics."""
-        cfg, n = self.config, self.train_data.shape[0]
+        cfg, n = self.config, self.train.shape[0]
         metrics = {f"train/{k}": v / n for k, v in self.epoch_sums.items()}
         # Throughput measures the machine (other processes slow it), not the model: system/.
         metrics["system/images_per_sec"] = n / max(train_time, 1e-9)
@@ -1167,8 +1167,8 @@ class Trainer:
         (comparable numbers)."""
         sums: dict[str, float] = {}
         with self.evaluating(seed=self.config.seed + 1) as model:
-            for i in range(0, self.val_data.shape[0], self.config.batch_size):
-                batch = self.val_data[i:i + self.config.batch_size]
+            for i in range(0, self.val.shape[0], self.config.batch_size):
+                batch = self.val[i:i + self.config.batch_size]
                 with self.autocast():
                     m = self.strategy.get_metrics(model, batch)
                 for k, v in m.items():
@@ -1178,9 +1178,9 @@ class Trainer:
         # metrics are dropped rather than measured on the wrong split.
         with torch.no_grad():
             extra = self.strategy.on_epoch_end(self.model, epoch,
-                                               self.val_data if len(self.val_data) else self.train_data)
-        extra = extra if len(self.val_data) else {}
-        out = {f"val/{k}": v / self.val_data.shape[0] for k, v in sums.items()}
+                                               self.val if len(self.val) else self.train)
+        extra = extra if len(self.val) else {}
+        out = {f"val/{k}": v / self.val.shape[0] for k, v in sums.items()}
         out.update({f"val/{k}": float(v) for k, v in extra.items()})
         return out
 
@@ -1195,10 +1195,10 @@ class Trainer:
         pictures; to the run folder and to MLflow."""
         name = "final" if final else f"epoch_{epoch:04d}"
         pictures = {"samples": (self.generate(self.config.n_samples, self.config.seed), 8)}
-        if len(self.val_data):  # the extra pictures show validation sprites: none, no pictures
+        if len(self.val):  # the extra pictures show validation sprites: none, no pictures
             gen = torch.Generator(self.device).manual_seed(self.config.seed)
             with self.evaluating() as model:
-                pictures.update(self.strategy.images(model, self.val_data, gen))
+                pictures.update(self.strategy.images(model, self.val, gen))
         paths = {}
         for key, (images, nrow) in pictures.items():
             img = make_grid(images, nrow=nrow, scale=4, palette=self.palette)
@@ -1212,7 +1212,7 @@ class Trainer:
         and returned as sample/<metric>: at the end of training, and at every
         sample grid so the learner can follow quality as training goes on."""
         samples = self.generate(self.config.n_eval, self.config.seed + 2)
-        quality = {f"sample/{k}": v for k, v in sprite_metrics(samples, self.train_data, self.palette).items()}
+        quality = {f"sample/{k}": v for k, v in sprite_metrics(samples, self.train, self.palette).items()}
         print(f"sprite quality on {self.config.n_eval} samples (epoch {epoch}):",
               " ".join(f"{k.removeprefix('sample/')} {v:.3f}" for k, v in quality.items()), flush=True)
         return quality
@@ -1496,13 +1496,14 @@ PLUMBING = ("mlflow", "out", "resume", "device", "data", "sample_every", "n_samp
 
 
 def run_name(model: str, config: TrainConfig, when: time.struct_time) -> str:
-    """A run's name in MLflow: the model, its fields with listed choices (e.g.
-    vae's recon loss), the epochs, the flags that differ from the defaults,
-    and the start time, e.g. "vae ce 200ep lr=0.003 2026-11-30 04:10"."""
+    """A run's name in MLflow: the model, the values of the fields its Config
+    names in `run_name_flags` (e.g. vae's recon loss), the epochs, the flags
+    that differ from the defaults, and the start time, e.g.
+    "vae ce 200ep lr=0.003 2026-11-30 04:10"."""
     picked, changed = [], []
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
-        if f.metadata.get("choices"):
+        if f.name in getattr(config, "run_name_flags", ()):
             picked.append(str(value))
         elif f.name not in PLUMBING and f.name != "epochs" and value != f.default:
             changed.append(f"{f.name.replace('_', '-')}={value:g}" if isinstance(value, float)
@@ -1531,7 +1532,7 @@ def finish(trainer: Trainer, data: Sprites) -> dict[str, Path]:
                **trainer.history[-1], **quality}
     if trainer.tracker.stopped:  # MLflow failed mid-run: say where its record ends
         summary["mlflow"] = trainer.tracker.stopped
-    if not len(trainer.val_data):
+    if not len(trainer.val):
         summary["note"] = "no validation sprites: no val/ metrics and no validation pictures"
     atomic_write_bytes(trainer.run_dir / "metrics.json", json.dumps(summary, indent=2).encode())
     trainer.tracker.log_artifact(trainer.run_dir / "metrics.json")

@@ -54,7 +54,7 @@ import math
 import os
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 if __name__ == "__main__":  # Ctrl-C while torch loads: exit at once (130), nothing to save yet, no traceback
     signal.signal(signal.SIGINT, lambda *_: os._exit(130))
@@ -67,6 +67,11 @@ import torch.nn.functional as F
 import common
 
 Tensor = torch.Tensor
+SCHEDULES = ("linear", "cosine")
+PREDICTIONS = ("eps", "v")
+LOSS_WEIGHTS = ("none", "min-snr")
+LR_DECAYS = ("none", "cosine")
+SAMPLERS = ("ddim", "ddpm", "dpm++")
 
 # -----------------------------------------------------------------------------
 # Config
@@ -104,13 +109,13 @@ class Config(common.TrainConfig):
     # dropout inside each residual block (Ho et al. use 0.1 on CIFAR-10; 792 sprites overfit easily)
     timesteps: int = 1000
     # T, the number of noise levels of the forward process
-    schedule: str = "cosine"
+    schedule: str = field(default="cosine", metadata={"choices": SCHEDULES})
     # noise schedule: linear (Ho et al. 2020, beta 1e-4 to 0.02) or cosine (Nichol and Dhariwal 2021,
     # Eq. 17: alpha_bar falls slowly at both ends, so fewer of the T levels are almost pure noise)
-    prediction: str = "v"
+    prediction: str = field(default="v", metadata={"choices": PREDICTIONS})
     # what the U-Net predicts: eps, the noise (Ho et al. 2020), or v = sqrt(alpha_bar) eps -
     # sqrt(1 - alpha_bar) x_0 (Salimans and Ho 2022, Sec. 4), well scaled at every noise level
-    loss_weight: str = "none"
+    loss_weight: str = field(default="none", metadata={"choices": LOSS_WEIGHTS})
     # none (Ho et al.'s L_simple) or min-snr: weight each t by min(SNR_t, gamma) / SNR_t for eps,
     # min(SNR_t, gamma) / (SNR_t + 1) for v (Hang et al. 2023, "Efficient Diffusion Training via
     # Min-SNR Weighting"), so the easy low-noise levels stop dominating the gradient
@@ -118,10 +123,10 @@ class Config(common.TrainConfig):
     # gamma of --loss-weight min-snr (Hang et al.'s choice: 5)
     warmup_steps: int = 100
     # linear learning-rate warm-up over this many optimizer steps (Goyal et al. 2017; 0 = none)
-    lr_decay: str = "cosine"
+    lr_decay: str = field(default="cosine", metadata={"choices": LR_DECAYS})
     # none (constant --lr) or cosine: lr falls as 0.5 (1 + cos(pi progress)) to 0 at the last step
     # (Loshchilov and Hutter 2017, SGDR, without restarts)
-    sampler: str = "dpm++"
+    sampler: str = field(default="dpm++", metadata={"choices": SAMPLERS})
     # ddim (Song et al. 2021, --steps steps), ddpm (Ho et al. 2020, Algorithm 2: all T steps) or dpm++
     # (DPM-Solver++(2M), Lu et al. 2022, Algorithm 2: second order, --steps steps)
     steps: int = 20
@@ -130,7 +135,7 @@ class Config(common.TrainConfig):
     # with 50, and 10 calls leave stray off-colour pixels (tutorial 04, "DPM-Solver++ against DDIM")
     eta: float = 0.0
     # DDIM noise scale: 0 = deterministic (same seed, same sprites), 1 = DDPM-like noise
-    condition: str = "none"
+    condition: str = field(default="none", metadata={"choices": common.LABEL_KINDS})
     # class label the U-Net is conditioned on (common.Labeller): none, colour (the sprite's one
     # non-black palette colour: 7 classes) or cluster (k-means on foreground masks: --clusters classes)
     clusters: int = 8
@@ -147,13 +152,7 @@ class Config(common.TrainConfig):
                   warmup_steps=0, lr_decay="none", condition="none")
 
     def __post_init__(self):
-        super().__post_init__()
-        if self.sampler not in ("ddim", "ddpm", "dpm++"):
-            raise ValueError(f"--sampler must be ddim, ddpm or dpm++, got {self.sampler!r}")
-        for name, allowed in (("schedule", ("linear", "cosine")), ("prediction", ("eps", "v")),
-                              ("loss_weight", ("none", "min-snr")), ("lr_decay", ("none", "cosine"))):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"--{name.replace('_', '-')} must be {' or '.join(allowed)}, got {getattr(self, name)!r}")
+        super().__post_init__()  # also refuses a value not among a field's choices (--sampler, --schedule, ...)
         if self.snr_gamma <= 0:
             raise ValueError(f"--snr-gamma must be positive, got {self.snr_gamma}")
         if self.warmup_steps < 0:
@@ -173,8 +172,6 @@ class Config(common.TrainConfig):
             raise ValueError(f"--base-channels must be an even number >= 2, got {self.base_channels}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
-        if self.condition not in common.LABEL_KINDS:
-            raise ValueError(f"--condition must be {', '.join(common.LABEL_KINDS)}, got {self.condition!r}")
         if self.clusters < 2:
             raise ValueError(f"--clusters must be at least 2, got {self.clusters}")
         if not 0 <= self.p_uncond < 1:
@@ -595,7 +592,7 @@ class DiffusionStrategy(common.Strategy):
         """Algorithm 2, all T steps: x_T ~ N(0, I); for t = T..1:
         x_{t-1} = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - alpha_bar_t) eps_theta(x_t, t)) + sigma_t z,
         with sigma_t^2 = beta_t and z ~ N(0, I) (z = 0 at the last step)."""
-        s, device = self.schedule, self.palette.device
+        s, device = self.schedule, generator.device  # sampling runs where its generator is
         coef_eps = s["beta"] / s["sqrt_one_minus_alpha_bar"]  # (T,) beta_t / sqrt(1 - alpha_bar_t)
         inv_sqrt_alpha = s["alpha"].rsqrt()  # (T,)
         sigma = s["beta"].sqrt()  # (T,)
@@ -624,7 +621,7 @@ class DiffusionStrategy(common.Strategy):
         eta = 0: no noise, the same x_T always gives the same sprite; eta = 1: DDPM's noise level.
         After the last level (t = 0), s is the clean data: alpha_bar_s = 1, sigma = 0, x_s = x0_pred.
         `frames`, if given, collects x_T and every x_s in [0, 1] (for the GIF)."""
-        s, device = self.schedule, self.palette.device
+        s, device = self.schedule, generator.device
         tau = ddim_timesteps(self.T, steps).to(device)  # (steps,) T-1 ... 0
         ab = s["alpha_bar"][tau]  # (steps,) alpha_bar_t
         ab_next = torch.cat([ab[1:], ab.new_ones(1)])  # (steps,) alpha_bar_s of the next level; 1 after t = 0
@@ -664,7 +661,7 @@ class DiffusionStrategy(common.Strategy):
         clean data has sigma = 0, lambda = infinity, and the update reduces to x = x0_theta
         (first order at the last step, as DDIM ends). DDIM is exactly the first-order
         update (D_i = x0_{i-1}); the second-order term cancels most of its error per step."""
-        s, device = self.schedule, self.palette.device
+        s, device = self.schedule, generator.device
         tau = ddim_timesteps(self.T, steps).to(device)  # (steps,) T-1 ... 0
         alpha, sigma, lam = s["sqrt_alpha_bar"][tau], s["sqrt_one_minus_alpha_bar"][tau], s["log_snr"][tau]  # (steps,)
         x = torch.randn(n, 3, 16, 16, generator=generator, device=device)  # x_T

@@ -476,7 +476,7 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> None:
     def run():
         args = parse_args(argv)
         prepare(args.source, args.variant, args.keep_all, args.out, args.force)

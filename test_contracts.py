@@ -968,7 +968,7 @@ def test_straight_through_gradient_reaches_the_encoder(vq_setup):
     # Without the estimator, decoding e_k directly, the encoder gets nothing.
     model.zero_grad(set_to_none=True)
     z_e = model.encoder(common.to_model_range(train[:16]))
-    strategy.recon(model.decoder(model.quantizer.lookup(model.quantizer.nearest(z_e))), train[:16]).backward()
+    strategy.recon_mean(model.decoder(model.quantizer.lookup(model.quantizer.nearest(z_e))), train[:16]).backward()
     assert all(g is None for g in grads(model.encoder))
 
 
@@ -1219,7 +1219,7 @@ def test_bad_sampling_settings_are_refused():
         diffusion.Config(steps=1001)
     with pytest.raises(ValueError, match="--steps"):
         diffusion.Config(steps=1)
-    with pytest.raises(ValueError, match="--sampler must be ddim, ddpm or dpm"):
+    with pytest.raises(ValueError, match="unknown --sampler 'euler'; use one of ddim, ddpm, dpm"):
         diffusion.Config(sampler="euler")
     with pytest.raises(ValueError, match="--eta cannot be negative"):
         diffusion.Config(eta=-0.5)
@@ -1386,7 +1386,7 @@ def test_compare_bench_runs_the_models_named():
 
 def test_cli_refuses_a_bad_sampler_in_one_line():
     r = run_diffusion("--sampler", "euler", "--no-mlflow")
-    assert r.returncode == 2 and "--sampler must be ddim, ddpm or dpm++" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "unknown --sampler 'euler'; use one of ddim, ddpm, dpm++" in r.stderr and "Traceback" not in r.stderr
 
 
 # -----------------------------------------------------------------------------
@@ -1396,16 +1396,16 @@ def test_cli_refuses_a_bad_sampler_in_one_line():
 
 
 @pytest.mark.parametrize("kw, message", [
-    (dict(schedule="quadratic"), "--schedule must be linear or cosine"),
-    (dict(prediction="x0"), "--prediction must be eps or v"),
-    (dict(loss_weight="p2"), "--loss-weight must be none or min-snr"),
-    (dict(lr_decay="step"), "--lr-decay must be none or cosine"),
+    (dict(schedule="quadratic"), "unknown --schedule 'quadratic'; use one of linear, cosine"),
+    (dict(prediction="x0"), "unknown --prediction 'x0'; use one of eps, v"),
+    (dict(loss_weight="p2"), "unknown --loss-weight 'p2'; use one of none, min-snr"),
+    (dict(lr_decay="step"), "unknown --lr-decay 'step'; use one of none, cosine"),
     (dict(snr_gamma=0.0), "--snr-gamma must be positive"),
     (dict(warmup_steps=-1), "--warmup-steps cannot be negative"),
     (dict(res_blocks=0), "--res-blocks must be at least 1"),
     (dict(channel_mult="1,2"), "--channel-mult must be three positive integers"),
     (dict(channel_mult="1,0,2"), "--channel-mult must be three positive integers"),
-    (dict(sampler="euler"), "--sampler must be ddim, ddpm or dpm\\+\\+"),
+    (dict(sampler="euler"), "unknown --sampler 'euler'; use one of ddim, ddpm, dpm\\+\\+"),
     (dict(eval_every_minutes=-1.0), "--eval-every-minutes cannot be negative"),
 ])
 def test_new_diffusion_flags_refuse_bad_values(kw, message):
@@ -2269,6 +2269,10 @@ def test_run_name_lists_choice_fields_and_changed_flags():
     assert common.run_name("vae", vae.Config(), when) == "vae ce 200ep 2026-01-02 03:04"
     name = common.run_name("vae", vae.Config(recon_loss="mse", kl_weight=1e-3, out="x", device="cpu"), when)
     assert name == "vae mse 200ep kl-weight=0.001 2026-01-02 03:04"  # no plumbing (out, device)
+    assert common.run_name("vqvae", vqvae.Config(sampler="random"), when) == "vqvae ce random 500ep 2026-01-02 03:04"
+    # diffusion names no choice field: its choices appear as changed flags, like any other
+    name = common.run_name("diffusion", diffusion.Config(condition="colour", sampler="ddim"), when)
+    assert name == "diffusion 110ep sampler=ddim condition=colour 2026-01-02 03:04"
 
 
 def test_progress_line_fits_110_columns_and_starts_with_the_losses():
