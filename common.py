@@ -9,13 +9,18 @@ subtly wrong when written three times:
                             dataclass with a comment under every field
     device, seeding         cuda, then mps, then cpu; one --seed for everything
     data                    the prepared sprites as tensors on the device
+                            (download.py reads and checks the .npz)
     palette                 NumPy k-means++ over pixel colours, and snapping
-    pictures                sample grids with PIL, nearest-neighbour only
+    labels                  a sprite's class for conditioning: its colour or
+                            its shape cluster (diffusion.py, vqvae.py)
+    pictures                sample grids and GIFs with PIL, nearest-neighbour only
     sprite metrics          shared quality metrics for samples (and compare.py)
     Strategy                the abstract base class a model file implements
     MLflow                  lazy, fail-soft experiment tracking
     Trainer                 the one training loop: optimizer, EMA, AMP,
-                            clipping, checkpoints, resume, Ctrl-C, NaN guard
+                            clipping, checkpoints, resume, Ctrl-C, NaN guard;
+                            run folders claimed by one run at a time
+    speed                   the --amp decision and the busy-CPU hint
     CLI                     `python X.py`, `python X.py sample ...` (and `bench`,
                             whose code is in compare.py)
 
