@@ -9,13 +9,18 @@ subtly wrong when written three times:
                             dataclass with a comment under every field
     device, seeding         cuda, then mps, then cpu; one --seed for everything
     data                    the prepared sprites as tensors on the device
+                            (download.py reads and checks the .npz)
     palette                 NumPy k-means++ over pixel colours, and snapping
-    pictures                sample grids with PIL, nearest-neighbour only
+    labels                  a sprite's class for conditioning: its colour or
+                            its shape cluster (diffusion.py, vqvae.py)
+    pictures                sample grids and GIFs with PIL, nearest-neighbour only
     sprite metrics          shared quality metrics for samples (and compare.py)
     Strategy                the abstract base class a model file implements
     MLflow                  lazy, fail-soft experiment tracking
     Trainer                 the one training loop: optimizer, EMA, AMP,
-                            clipping, checkpoints, resume, Ctrl-C, NaN guard
+                            clipping, checkpoints, resume, Ctrl-C, NaN guard;
+                            run folders claimed by one run at a time
+    speed                   the --amp decision and the busy-CPU hint
     CLI                     `python X.py`, `python X.py sample ...` (and `bench`,
                             whose code is in compare.py)
 
@@ -129,7 +134,7 @@ class TrainConfig:
             raise ValueError(f"--eval-every-minutes cannot be negative, got {self.eval_every_minutes}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
-        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+        if not re.fullmatch(DEVICES, self.device):
             raise ValueError(f"unknown --device {self.device!r}; use auto, cpu, cuda, cuda:N or mps")
         check_finite_and_seed(self)
         for f in dataclasses.fields(self):  # a model's fields with listed choices, e.g. vae.py's --recon-loss
@@ -139,6 +144,7 @@ class TrainConfig:
 
 
 SEED_MAX = 2**32 - 1  # NumPy's seeds are 32-bit
+DEVICES = r"auto|cpu|mps|cuda(:\d+)?"  # what --device accepts: auto, cpu, cuda, cuda:N or mps
 
 
 def check_finite_and_seed(config) -> None:
@@ -213,7 +219,7 @@ def make_config(config_cls, parser: argparse.ArgumentParser, values: dict):
 
 def select_device(name: str = "auto") -> torch.device:
     """cuda, then mps, then cpu -- unless --device names one."""
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", name):
+    if not re.fullmatch(DEVICES, name):
         raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda, cuda:N or mps")
     if name == "auto":
         if torch.cuda.is_available():
@@ -253,41 +259,14 @@ class Sprites:
 
 
 def load_sprites(path: str | os.PathLike, device: torch.device, palette_size: int = 8, seed: int = 0) -> Sprites:
-    """Load download.py's .npz (downloading the default dataset if missing)."""
-    path = Path(path)
-    if not path.exists():
-        defaults = {download.default_path(v, a): (v, a) for v in ("colored", "mono") for a in (False, True)}
-        if path not in defaults:
-            raise UserError(f"dataset {path} not found; prepare one with `python download.py` "
-                            f"(writes {download.default_path()}) or fix --data")
-        variant, keep_all = defaults[path]
-        print(f"dataset {path} not found: downloading and preparing the Kenney 1-Bit Pack ...")
-        download.prepare(variant=variant, keep_all=keep_all, out=str(path.parent))
-    try:
-        with np.load(path) as npz:
-            images, is_val = npz["images"], npz["is_val"]
-    except Exception as e:  # a truncated or foreign file
-        raise UserError(f"cannot read dataset {path} ({e}); re-create it with `python download.py --force`")
-    if images.ndim != 4 or images.shape[1:] != (16, 16, 3) or images.dtype != np.uint8:
-        raise UserError(f"{path} holds images of shape {images.shape} {images.dtype}; expected (N, 16, 16, 3) uint8")
-    check_split(path, images, is_val)
+    """download.py's .npz (read and checked by download.load_dataset, which
+    prepares the default dataset if missing) as tensors, with its palette."""
+    images, is_val = download.load_dataset(path)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255)  # (N, 16, 16, 3) -> (N, 3, 16, 16)
-    is_val = torch.from_numpy(is_val.astype(bool))
-    train = x[~is_val]
-    palette = kmeans_palette(images[~is_val.numpy()].reshape(-1, 3), k=palette_size, seed=seed)
-    return Sprites(train=train.to(device), val=x[is_val].to(device),
-                   palette=torch.from_numpy(palette).float().div(255).to(device), path=path)
-
-
-def check_split(path: Path, images: np.ndarray, is_val: np.ndarray) -> None:
-    """A dataset must have training sprites and one is_val flag per sprite; an
-    empty validation split is allowed (the Trainer then skips val/ metrics)."""
-    redo = "re-create it with `python download.py --force`, or fix --data"
-    if is_val.shape != (images.shape[0],):
-        raise UserError(f"{path} has {images.shape[0]} sprites but is_val of shape {is_val.shape}; {redo}")
-    if images.shape[0] == 0 or is_val.astype(bool).all():
-        raise UserError(f"{path} has no training sprites ({images.shape[0]} sprites, "
-                        f"{int(is_val.astype(bool).sum())} of them validation); {redo}")
+    palette = kmeans_palette(images[~is_val].reshape(-1, 3), k=palette_size, seed=seed)  # (N_train*256, 3) pixels
+    is_val = torch.from_numpy(is_val)
+    return Sprites(train=x[~is_val].to(device), val=x[is_val].to(device),
+                   palette=torch.from_numpy(palette).float().div(255).to(device), path=Path(path))
 
 
 def to_model_range(x: Tensor) -> Tensor:
@@ -488,33 +467,6 @@ def requested_classes(n_classes: int, sample_class: int | None, n: int, device: 
     return (torch.arange(n, device=device) // 8) % n_classes
 
 
-def class_stats(images: Tensor, labels: Tensor, labeller: Labeller) -> dict[str, float]:
-    """What a class leaves free, measured on sprites (real or sampled) that carry
-    class `labels` (N,): the within-class variety, a stand-in for H(X|Y).
-    shape_variety   the mean fraction of the 256 mask pixels on which two sprites of
-                    one class differ (0 = one shape per class)
-    colour_entropy  the entropy, in bits, of the sprites' colour within a class
-                    (0 = one colour per class; log2(7) = 2.81 for 7 equally common colours)
-    Each is a class's figure averaged over the classes weighted by their share of
-    the sprites, as H(X|Y) = sum_y p(y) H(X | Y = y). Classes of one sprite are left out."""
-    masks = foreground_masks(images, labeller.palette)  # (N, 256)
-    colour = Labeller("colour", labeller.palette)(images)  # (N,)
-    shape, entropy, weight = [], [], []
-    for c in labels.unique():
-        m, col = masks[labels == c], colour[labels == c]
-        if len(m) < 2:
-            continue
-        diff = torch.cdist(m, m, p=1) / m.shape[1]  # (n, n) fraction of differing pixels
-        shape.append(float(diff.sum() / (len(m) * (len(m) - 1))))
-        p = torch.bincount(col + 1).float() / len(col)  # +1: the "no colour" class -1 counts too
-        entropy.append(float(-(p[p > 0] * p[p > 0].log2()).sum()))
-        weight.append(len(m))
-    if not weight:
-        return dict(shape_variety=float("nan"), colour_entropy=float("nan"))
-    return dict(shape_variety=float(np.average(shape, weights=weight)),
-                colour_entropy=float(np.average(entropy, weights=weight)))
-
-
 # -----------------------------------------------------------------------------
 # Pictures
 # -----------------------------------------------------------------------------
@@ -549,9 +501,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def save_png(img: Image.Image, path: str | os.PathLike) -> Path:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
+    download.write_atomic(Path(path), lambda f: img.save(f, format="PNG"))
     return Path(path)
 
 
@@ -560,67 +510,14 @@ def save_gif(frames: Tensor, path: str | os.PathLike, nrow: int = 8, scale: int 
     """Frames (F, N, 3, 16, 16) in [0, 1] -> an animated GIF (PIL), one sprite
     grid per frame, shown as given (not snapped), looping, the last frame held."""
     grids = [make_grid(f, nrow=nrow, scale=scale) for f in frames]
-    buf = io.BytesIO()
-    grids[0].save(buf, format="GIF", save_all=True, append_images=grids[1:], loop=0,
-                  duration=[frame_ms] * (len(grids) - 1) + [hold_ms])
-    atomic_write_bytes(path, buf.getvalue())
+    download.write_atomic(Path(path), lambda f: grids[0].save(f, format="GIF", save_all=True, append_images=grids[1:],
+                                                              loop=0, duration=[frame_ms] * (len(grids) - 1) + [hold_ms]))
     return Path(path)
-
-
-CHART_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
-
-
-def line_chart(series: dict[str, list[tuple[float, float]]], title: str, xlabel: str, ylabel: str,
-               size: tuple[int, int] = (640, 400)) -> Image.Image:
-    """A plain line chart with PIL only (no plotting library in requirements):
-    one coloured line (with dots, up to 50 points) per named series of (x, y)
-    points, axes with 5 ticks over the data's range, the legend above the plot."""
-    from PIL import ImageDraw
-
-    w, h = size
-    left, right, top, bottom = 60, 20, 30 + 14 * len(series), 45  # the legend sits above the plot
-    img = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(img)
-    xs = [x for pts in series.values() for x, _ in pts] or [0.0, 1.0]
-    ys = [y for pts in series.values() for _, y in pts] or [0.0, 1.0]
-    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-    pad = 0.05 * (max(ys) - min(ys) or 1.0)
-    y0, y1 = min(ys) - pad, max(ys) + pad
-
-    def to_px(x, y):  # data -> pixel, y up
-        return (left + (x - x0) / (x1 - x0) * (w - left - right), h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom))
-
-    draw.rectangle([left, top, w - right, h - bottom], outline="black")
-    for i in range(5):
-        xv, yv = x0 + i / 4 * (x1 - x0), y0 + i / 4 * (y1 - y0)
-        px, _ = to_px(xv, y0)
-        _, py = to_px(x0, yv)
-        draw.line([px, h - bottom, px, h - bottom + 4], fill="black")
-        draw.text((px - 12, h - bottom + 6), f"{xv:.3g}", fill="black")
-        draw.line([left - 4, py, left, py], fill="black")
-        draw.text((4, py - 6), f"{yv:.3g}", fill="black")
-    draw.text((left, 8), title, fill="black")
-    draw.text(((w - len(xlabel) * 6) // 2, h - 18), xlabel, fill="black")
-    draw.text((left + 4, top + 4), ylabel, fill=(90, 90, 90))
-    dots = max(len(pts) for pts in series.values()) <= 50 if series else False
-    for k, (name, pts) in enumerate(series.items()):
-        colour = CHART_COLOURS[k % len(CHART_COLOURS)]
-        px = [to_px(x, y) for x, y in sorted(pts)]
-        if len(px) > 1:
-            draw.line(px, fill=colour, width=2)
-        for cx, cy in px if dots else []:
-            draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=colour)
-        draw.line([left, 30 + 14 * k, left + 20, 30 + 14 * k], fill=colour, width=3)
-        draw.text((left + 26, 24 + 14 * k), name, fill="black")
-    return img
 
 
 # -----------------------------------------------------------------------------
 # Sprite-quality metrics (shared by every model and by compare.py)
 # -----------------------------------------------------------------------------
-
-DENSITY_RANGE = (0.15, 0.50)  # the focused subset's foreground coverage (download.py)
-
 
 @torch.no_grad()
 def sprite_metrics(samples: Tensor, reference: Tensor, palette: Tensor, k: int = 3, seed: int = 0) -> dict[str, float]:
@@ -661,7 +558,7 @@ def sprite_metrics(samples: Tensor, reference: Tensor, palette: Tensor, k: int =
     density = fg.float().mean((1, 2))
     colours_used = [len(torch.unique(s.permute(1, 2, 0)[f], dim=0)) for s, f in zip(snapped, fg)]
     one_colour_rate = float(np.mean([c == 1 for c in colours_used]))
-    density_in_range = ((density >= DENSITY_RANGE[0]) & (density <= DENSITY_RANGE[1])).float().mean().item()
+    density_in_range = ((density >= download.DENSITY_MIN) & (density <= download.DENSITY_MAX)).float().mean().item()
 
     ref = snap_to_palette(reference.float().to(samples.device), palette)
     q = lambda t: (t * 255).round().to(torch.int16).flatten(1)  # (N, 768) exact colour codes
@@ -1016,14 +913,14 @@ class Trainer:
     saves a checkpoint that resumes exactly there, and exits.
     """
 
-    def __init__(self, strategy: Strategy, config: TrainConfig, train_data: Tensor, val_data: Tensor,
+    def __init__(self, strategy: Strategy, config: TrainConfig, train: Tensor, val: Tensor,
                  palette: Tensor, run_dir: Path, tracker: Tracker | None = None,
                  augment: Callable[[Tensor, torch.Generator], Tensor] | None = random_hflip):
         self.strategy, self.config = strategy, config
-        self.train_data, self.val_data, self.palette = train_data, val_data, palette
+        self.train, self.val, self.palette = train, val, palette
         self.run_dir, self.tracker = Path(run_dir), tracker or Tracker(False, "", "")
         self.augment = augment if config.flip else None
-        self.device = train_data.device
+        self.device = train.device
         self.ckpt_path = self.run_dir / "checkpoints" / "last.pt"
         # All epochs of the run: config.epochs, unless the strategy trains in stages.
         self.epochs = strategy.total_epochs(config)
@@ -1049,7 +946,7 @@ class Trainer:
         self.epoch_sums: dict[str, float] = {}
         self.history: list[dict] = []  # one dict of metrics per epoch
         self.train_seconds = 0.0       # wall time spent in fit(), summed over resumes
-        self.total_steps = self.epochs * math.ceil(train_data.shape[0] / config.batch_size)
+        self.total_steps = self.epochs * math.ceil(train.shape[0] / config.batch_size)
         self.quality_curve: list[dict] = []  # time-to-quality points (--eval-every-minutes)
         self._eval_pause = 0.0  # seconds of this fit() spent scoring those points: off the training clock
         self.stop_requested = False
@@ -1136,7 +1033,7 @@ class Trainer:
         """One pass over the training sprites: shuffle, flip, optimizer_step per
         batch. Returns the per-step log (train_step/<name>, value, step), or None
         when Ctrl-C stopped the epoch midway (a checkpoint then holds the step)."""
-        cfg, n = self.config, self.train_data.shape[0]
+        cfg, n = self.config, self.train.shape[0]
         n_batches = math.ceil(n / cfg.batch_size)
         self.tracker.epoch = epoch
         if self.resume_batch == 0:  # a fresh epoch: remember where its shuffle began
@@ -1149,7 +1046,7 @@ class Trainer:
         step_log: list[tuple[str, float, int]] = []
         for i in range(n_batches):
             idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size].to(self.device)
-            batch = self.train_data[idx]
+            batch = self.train[idx]
             if self.augment is not None:  # drawn for every batch, so skipping keeps the stream aligned
                 batch = self.augment(batch, flip_gen)
             if i < self.resume_batch:
@@ -1173,7 +1070,7 @@ class Trainer:
     def end_epoch(self, epoch: int, train_time: float, step_log: list, epochs_timed: int) -> None:
         """After an epoch: validation, the checkpoint, MLflow, the progress line
         and, every --sample-every epochs, pictures and sprite-quality metrics."""
-        cfg, n = self.config, self.train_data.shape[0]
+        cfg, n = self.config, self.train.shape[0]
         metrics = {f"train/{k}": v / n for k, v in self.epoch_sums.items()}
         # Throughput measures the machine (other processes slow it), not the model: system/.
         metrics["system/images_per_sec"] = n / max(train_time, 1e-9)
@@ -1275,8 +1172,8 @@ class Trainer:
         (comparable numbers)."""
         sums: dict[str, float] = {}
         with self.evaluating(seed=self.config.seed + 1) as model:
-            for i in range(0, self.val_data.shape[0], self.config.batch_size):
-                batch = self.val_data[i:i + self.config.batch_size]
+            for i in range(0, self.val.shape[0], self.config.batch_size):
+                batch = self.val[i:i + self.config.batch_size]
                 with self.autocast():
                     m = self.strategy.get_metrics(model, batch)
                 for k, v in m.items():
@@ -1286,9 +1183,9 @@ class Trainer:
         # metrics are dropped rather than measured on the wrong split.
         with torch.no_grad():
             extra = self.strategy.on_epoch_end(self.model, epoch,
-                                               self.val_data if len(self.val_data) else self.train_data)
-        extra = extra if len(self.val_data) else {}
-        out = {f"val/{k}": v / self.val_data.shape[0] for k, v in sums.items()}
+                                               self.val if len(self.val) else self.train)
+        extra = extra if len(self.val) else {}
+        out = {f"val/{k}": v / self.val.shape[0] for k, v in sums.items()}
         out.update({f"val/{k}": float(v) for k, v in extra.items()})
         return out
 
@@ -1303,10 +1200,10 @@ class Trainer:
         pictures; to the run folder and to MLflow."""
         name = "final" if final else f"epoch_{epoch:04d}"
         pictures = {"samples": (self.generate(self.config.n_samples, self.config.seed), 8)}
-        if len(self.val_data):  # the extra pictures show validation sprites: none, no pictures
+        if len(self.val):  # the extra pictures show validation sprites: none, no pictures
             gen = torch.Generator(self.device).manual_seed(self.config.seed)
             with self.evaluating() as model:
-                pictures.update(self.strategy.images(model, self.val_data, gen))
+                pictures.update(self.strategy.images(model, self.val, gen))
         paths = {}
         for key, (images, nrow) in pictures.items():
             img = make_grid(images, nrow=nrow, scale=4, palette=self.palette)
@@ -1320,7 +1217,7 @@ class Trainer:
         and returned as sample/<metric>: at the end of training, and at every
         sample grid so the learner can follow quality as training goes on."""
         samples = self.generate(self.config.n_eval, self.config.seed + 2)
-        quality = {f"sample/{k}": v for k, v in sprite_metrics(samples, self.train_data, self.palette).items()}
+        quality = {f"sample/{k}": v for k, v in sprite_metrics(samples, self.train, self.palette).items()}
         print(f"sprite quality on {self.config.n_eval} samples (epoch {epoch}):",
               " ".join(f"{k.removeprefix('sample/')} {v:.3f}" for k, v in quality.items()), flush=True)
         return quality
@@ -1604,13 +1501,14 @@ PLUMBING = ("mlflow", "out", "resume", "device", "data", "sample_every", "n_samp
 
 
 def run_name(model: str, config: TrainConfig, when: time.struct_time) -> str:
-    """A run's name in MLflow: the model, its fields with listed choices (e.g.
-    vae's recon loss), the epochs, the flags that differ from the defaults,
-    and the start time, e.g. "vae ce 200ep lr=0.003 2026-11-30 04:10"."""
+    """A run's name in MLflow: the model, the values of the fields its Config
+    names in `run_name_flags` (e.g. vae's recon loss), the epochs, the flags
+    that differ from the defaults, and the start time, e.g.
+    "vae ce 200ep lr=0.003 2026-11-30 04:10"."""
     picked, changed = [], []
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
-        if f.metadata.get("choices"):
+        if f.name in getattr(config, "run_name_flags", ()):
             picked.append(str(value))
         elif f.name not in PLUMBING and f.name != "epochs" and value != f.default:
             changed.append(f"{f.name.replace('_', '-')}={value:g}" if isinstance(value, float)
@@ -1639,7 +1537,7 @@ def finish(trainer: Trainer, data: Sprites) -> dict[str, Path]:
                **trainer.history[-1], **quality}
     if trainer.tracker.stopped:  # MLflow failed mid-run: say where its record ends
         summary["mlflow"] = trainer.tracker.stopped
-    if not len(trainer.val_data):
+    if not len(trainer.val):
         summary["note"] = "no validation sprites: no val/ metrics and no validation pictures"
     atomic_write_bytes(trainer.run_dir / "metrics.json", json.dumps(summary, indent=2).encode())
     trainer.tracker.log_artifact(trainer.run_dir / "metrics.json")
@@ -1887,18 +1785,14 @@ def parse_train_args(config_cls, argv: list[str], strategy_name: str = "") -> Tr
     values = vars(args)
     if values.get("resume"):
         # Resuming: the checkpoint's config, overridden by the flags given now.
-        given = vars(_given_only(config_cls, argv))
+        only_given = argparse.ArgumentParser(add_help=False)
+        add_config_flags(only_given, config_cls, suppress_defaults=True)
+        given = vars(only_given.parse_args(argv))
         state = load_checkpoint(values["resume"])
         if strategy_name:  # another model's config would fail in confusing ways below
             check_model_type(state, strategy_name, values["resume"])
         values = {**saved_config(config_cls, state["config"]), **given, "resume": values["resume"]}
     return make_config(config_cls, parser, values)
-
-
-def _given_only(config_cls, argv):
-    parser = argparse.ArgumentParser(add_help=False)
-    add_config_flags(parser, config_cls, suppress_defaults=True)
-    return parser.parse_args(argv)
 
 
 def main(strategy_cls, config_cls, argv: list[str] | None = None) -> None:

@@ -517,7 +517,7 @@ def guidance_command(argv: list[str]) -> None:
     classifier-free guidance sweep of a conditional checkpoint of any model (diffusion,
     or the VQ-VAE's prior). At each w: --n samples with balanced classes (sample i asks for class
     i mod n_classes; the same seed, so the same x_T, at every w), scored with the shared
-    sprite metrics, the class accuracy and the within-class variety (common.class_stats),
+    sprite metrics, the class accuracy and the within-class variety (diffusion.class_stats),
     into OUT/w<w>/metrics.json; a chart of the fractions against w (OUT/sweep.png) and a
     grid of one class, one row per w, the same 8 noise draws in every row (OUT/grid-<class>.png).
     OUT/real.json holds the same figures measured on the real training sprites."""
@@ -551,9 +551,9 @@ def guidance_command(argv: list[str]) -> None:
             # the ceiling: how often a real sprite, mirrored as in training, keeps its class
             # (colour: always; cluster: a mirrored mask can fall nearer another centre)
             "class_accuracy_mirrored": float((labeller(train.flip(-1)) == y_real).float().mean()),
-            "chance": 1 / labeller.n_classes, **common.class_stats(train, y_real, labeller)}
+            "chance": 1 / labeller.n_classes, **diffusion.class_stats(train, y_real, labeller)}
     everything = torch.zeros_like(y_real)  # all sprites as one class: the variety without a label
-    real.update({f"unlabelled_{k}": v for k, v in common.class_stats(train, everything, labeller).items()})
+    real.update({f"unlabelled_{k}": v for k, v in diffusion.class_stats(train, everything, labeller).items()})
     common.atomic_write_bytes(out / "real.json", json.dumps(real, indent=1).encode())
     print(f"real training sprites: {json.dumps(real)}")
 
@@ -579,7 +579,7 @@ def guidance_command(argv: list[str]) -> None:
         per_class = {labeller.names[c]: float(hit[y == c].mean()) for c in range(labeller.n_classes)}
         m["sample/worst_class_accuracy"] = min(per_class.values())
         m["per_class_accuracy"] = per_class
-        m.update({f"sample/{k}": v for k, v in common.class_stats(x, y, labeller).items()})
+        m.update({f"sample/{k}": v for k, v in diffusion.class_stats(x, y, labeller).items()})
         m.update({"guidance": w, "n": args.n, "sample_seconds": seconds})
         common.atomic_write_bytes(out / f"w{w:g}" / "metrics.json", json.dumps(m, indent=1).encode())
         common.atomic_write_bytes(out / f"w{w:g}" / "command.txt", command.encode())
@@ -592,7 +592,7 @@ def guidance_command(argv: list[str]) -> None:
               f"{m['sample/one_colour_rate']:>7.3f} {m['sample/palette_distance']:>8.2f} "
               f"{m['sample/shape_variety']:>9.3f} {m['sample/colour_entropy']:>7.3f} {seconds:>7.1f}", flush=True)
     title = f"guidance sweep, {model_name}, --condition {config.condition}, {args.n} samples per w"
-    common.save_png(common.line_chart(series, title, "guidance w", "fraction"), out / "sweep.png")
+    common.save_png(diffusion.line_chart(series, title, "guidance w", "fraction"), out / "sweep.png")
     grid = common.make_grid(torch.cat(rows), nrow=8, scale=4, palette=palette)
     common.save_png(grid, out / f"grid-{labeller.names[show]}.png")
     print(f"wrote {out}/w*/metrics.json, real.json, sweep.png and grid-{labeller.names[show]}.png "

@@ -54,11 +54,12 @@ import math
 import os
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 if __name__ == "__main__":  # Ctrl-C while torch loads: exit at once (130), nothing to save yet, no traceback
     signal.signal(signal.SIGINT, lambda *_: os._exit(130))
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -66,6 +67,12 @@ import torch.nn.functional as F
 import common
 
 Tensor = torch.Tensor
+SCHEDULES = ("linear", "cosine")
+PREDICTIONS = ("eps", "v")
+LOSS_WEIGHTS = ("none", "min-snr")
+CLASS_WEIGHTS = ("none", "balanced")
+LR_DECAYS = ("none", "cosine")
+SAMPLERS = ("ddim", "ddpm", "dpm++")
 
 # -----------------------------------------------------------------------------
 # Config
@@ -106,13 +113,13 @@ class Config(common.TrainConfig):
     # dropout inside each residual block (Ho et al. use 0.1 on CIFAR-10; 792 sprites overfit easily)
     timesteps: int = 1000
     # T, the number of noise levels of the forward process
-    schedule: str = "cosine"
+    schedule: str = field(default="cosine", metadata={"choices": SCHEDULES})
     # noise schedule: linear (Ho et al. 2020, beta 1e-4 to 0.02) or cosine (Nichol and Dhariwal 2021,
     # Eq. 17: alpha_bar falls slowly at both ends, so fewer of the T levels are almost pure noise)
-    prediction: str = "v"
+    prediction: str = field(default="v", metadata={"choices": PREDICTIONS})
     # what the U-Net predicts: eps, the noise (Ho et al. 2020), or v = sqrt(alpha_bar) eps -
     # sqrt(1 - alpha_bar) x_0 (Salimans and Ho 2022, Sec. 4), well scaled at every noise level
-    loss_weight: str = "none"
+    loss_weight: str = field(default="none", metadata={"choices": LOSS_WEIGHTS})
     # none (Ho et al.'s L_simple) or min-snr: weight each t by min(SNR_t, gamma) / SNR_t for eps,
     # min(SNR_t, gamma) / (SNR_t + 1) for v (Hang et al. 2023, "Efficient Diffusion Training via
     # Min-SNR Weighting"), so the easy low-noise levels stop dominating the gradient
@@ -120,10 +127,10 @@ class Config(common.TrainConfig):
     # gamma of --loss-weight min-snr (Hang et al.'s choice: 5)
     warmup_steps: int = 100
     # linear learning-rate warm-up over this many optimizer steps (Goyal et al. 2017; 0 = none)
-    lr_decay: str = "cosine"
+    lr_decay: str = field(default="cosine", metadata={"choices": LR_DECAYS})
     # none (constant --lr) or cosine: lr falls as 0.5 (1 + cos(pi progress)) to 0 at the last step
     # (Loshchilov and Hutter 2017, SGDR, without restarts)
-    sampler: str = "dpm++"
+    sampler: str = field(default="dpm++", metadata={"choices": SAMPLERS})
     # ddim (Song et al. 2021, --steps steps), ddpm (Ho et al. 2020, Algorithm 2: all T steps) or dpm++
     # (DPM-Solver++(2M), Lu et al. 2022, Algorithm 2: second order, --steps steps)
     steps: int = 20
@@ -132,7 +139,7 @@ class Config(common.TrainConfig):
     # with 50, and 10 calls leave stray off-colour pixels (tutorial 04, "DPM-Solver++ against DDIM")
     eta: float = 0.0
     # DDIM noise scale: 0 = deterministic (same seed, same sprites), 1 = DDPM-like noise
-    condition: str = "none"
+    condition: str = field(default="none", metadata={"choices": common.LABEL_KINDS})
     # class label the U-Net is conditioned on (common.Labeller): none, colour (the sprite's one
     # non-black palette colour: 7 classes) or cluster (k-means on foreground masks: --clusters classes)
     clusters: int = 8
@@ -140,7 +147,7 @@ class Config(common.TrainConfig):
     p_uncond: float = 0.1
     # label dropout: the chance that a training sprite's label is replaced by the null label, so one
     # network learns p(x | y) and p(x) (Ho and Salimans 2022, "Classifier-Free Diffusion Guidance": 0.1 to 0.2)
-    class_weight: str = "none"
+    class_weight: str = field(default="none", metadata={"choices": CLASS_WEIGHTS})
     # none, or balanced: each labelled sprite's loss is weighted by N / (K n_y) (its class's share of the
     # training sprites, inverted; mean weight 1), so a class of 15 sprites gets as much gradient as one of
     # 505. Each p(x | y) keeps its optimum (the weight is constant within a class); dropped labels keep
@@ -154,13 +161,7 @@ class Config(common.TrainConfig):
                   warmup_steps=0, lr_decay="none", condition="none")
 
     def __post_init__(self):
-        super().__post_init__()
-        if self.sampler not in ("ddim", "ddpm", "dpm++"):
-            raise ValueError(f"--sampler must be ddim, ddpm or dpm++, got {self.sampler!r}")
-        for name, allowed in (("schedule", ("linear", "cosine")), ("prediction", ("eps", "v")),
-                              ("loss_weight", ("none", "min-snr")), ("lr_decay", ("none", "cosine"))):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"--{name.replace('_', '-')} must be {' or '.join(allowed)}, got {getattr(self, name)!r}")
+        super().__post_init__()  # also refuses a value not among a field's choices (--sampler, --schedule, ...)
         if self.snr_gamma <= 0:
             raise ValueError(f"--snr-gamma must be positive, got {self.snr_gamma}")
         if self.warmup_steps < 0:
@@ -180,12 +181,8 @@ class Config(common.TrainConfig):
             raise ValueError(f"--base-channels must be an even number >= 2, got {self.base_channels}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
-        if self.condition not in common.LABEL_KINDS:
-            raise ValueError(f"--condition must be {', '.join(common.LABEL_KINDS)}, got {self.condition!r}")
         if self.clusters < 2:
             raise ValueError(f"--clusters must be at least 2, got {self.clusters}")
-        if self.class_weight not in ("none", "balanced"):
-            raise ValueError(f"--class-weight must be none or balanced, got {self.class_weight!r}")
         if not 0 <= self.p_uncond < 1:
             raise ValueError(f"--p-uncond must be in [0, 1), got {self.p_uncond}")
 
@@ -617,7 +614,7 @@ class DiffusionStrategy(common.Strategy):
         """Algorithm 2, all T steps: x_T ~ N(0, I); for t = T..1:
         x_{t-1} = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - alpha_bar_t) eps_theta(x_t, t)) + sigma_t z,
         with sigma_t^2 = beta_t and z ~ N(0, I) (z = 0 at the last step)."""
-        s, device = self.schedule, self.palette.device
+        s, device = self.schedule, generator.device  # sampling runs where its generator is
         coef_eps = s["beta"] / s["sqrt_one_minus_alpha_bar"]  # (T,) beta_t / sqrt(1 - alpha_bar_t)
         inv_sqrt_alpha = s["alpha"].rsqrt()  # (T,)
         sigma = s["beta"].sqrt()  # (T,)
@@ -646,7 +643,7 @@ class DiffusionStrategy(common.Strategy):
         eta = 0: no noise, the same x_T always gives the same sprite; eta = 1: DDPM's noise level.
         After the last level (t = 0), s is the clean data: alpha_bar_s = 1, sigma = 0, x_s = x0_pred.
         `frames`, if given, collects x_T and every x_s in [0, 1] (for the GIF)."""
-        s, device = self.schedule, self.palette.device
+        s, device = self.schedule, generator.device
         tau = ddim_timesteps(self.T, steps).to(device)  # (steps,) T-1 ... 0
         ab = s["alpha_bar"][tau]  # (steps,) alpha_bar_t
         ab_next = torch.cat([ab[1:], ab.new_ones(1)])  # (steps,) alpha_bar_s of the next level; 1 after t = 0
@@ -686,7 +683,7 @@ class DiffusionStrategy(common.Strategy):
         clean data has sigma = 0, lambda = infinity, and the update reduces to x = x0_theta
         (first order at the last step, as DDIM ends). DDIM is exactly the first-order
         update (D_i = x0_{i-1}); the second-order term cancels most of its error per step."""
-        s, device = self.schedule, self.palette.device
+        s, device = self.schedule, generator.device
         tau = ddim_timesteps(self.T, steps).to(device)  # (steps,) T-1 ... 0
         alpha, sigma, lam = s["sqrt_alpha_bar"][tau], s["sqrt_one_minus_alpha_bar"][tau], s["log_snr"][tau]  # (steps,)
         x = torch.randn(n, 3, 16, 16, generator=generator, device=device)  # x_T
@@ -750,6 +747,86 @@ class DiffusionStrategy(common.Strategy):
 
 
 # -----------------------------------------------------------------------------
+# The figures of the command-line tools below: within-class variety, line charts
+# -----------------------------------------------------------------------------
+
+
+def class_stats(images: Tensor, labels: Tensor, labeller: common.Labeller) -> dict[str, float]:
+    """What a class leaves free, measured on sprites (real or sampled) that carry
+    class `labels` (N,): the within-class variety, a stand-in for H(X|Y).
+    shape_variety   the mean fraction of the 256 mask pixels on which two sprites of
+                    one class differ (0 = one shape per class)
+    colour_entropy  the entropy, in bits, of the sprites' colour within a class
+                    (0 = one colour per class; log2(7) = 2.81 for 7 equally common colours)
+    Each is a class's figure averaged over the classes weighted by their share of
+    the sprites, as H(X|Y) = sum_y p(y) H(X | Y = y). Classes of one sprite are left out."""
+    masks = common.foreground_masks(images, labeller.palette)  # (N, 256)
+    colour = common.Labeller("colour", labeller.palette)(images)  # (N,)
+    shape, entropy, weight = [], [], []
+    for c in labels.unique():
+        m, col = masks[labels == c], colour[labels == c]
+        if len(m) < 2:
+            continue
+        diff = torch.cdist(m, m, p=1) / m.shape[1]  # (n, n) fraction of differing pixels
+        shape.append(float(diff.sum() / (len(m) * (len(m) - 1))))
+        p = torch.bincount(col + 1).float() / len(col)  # +1: the "no colour" class -1 counts too
+        entropy.append(float(-(p[p > 0] * p[p > 0].log2()).sum()))
+        weight.append(len(m))
+    if not weight:
+        return dict(shape_variety=float("nan"), colour_entropy=float("nan"))
+    return dict(shape_variety=float(np.average(shape, weights=weight)),
+                colour_entropy=float(np.average(entropy, weights=weight)))
+
+
+CHART_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
+
+
+def line_chart(series: dict[str, list[tuple[float, float]]], title: str, xlabel: str, ylabel: str,
+               size: tuple[int, int] = (640, 400)):
+    """A plain line chart with PIL only (no plotting library in requirements):
+    one coloured line (with dots, up to 50 points) per named series of (x, y)
+    points, axes with 5 ticks over the data's range, the legend above the plot."""
+    from PIL import Image, ImageDraw
+
+    w, h = size
+    left, right, top, bottom = 60, 20, 30 + 14 * len(series), 45  # the legend sits above the plot
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    xs = [x for pts in series.values() for x, _ in pts] or [0.0, 1.0]
+    ys = [y for pts in series.values() for _, y in pts] or [0.0, 1.0]
+    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    pad = 0.05 * (max(ys) - min(ys) or 1.0)
+    y0, y1 = min(ys) - pad, max(ys) + pad
+
+    def to_px(x, y):  # data -> pixel, y up
+        return (left + (x - x0) / (x1 - x0) * (w - left - right), h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom))
+
+    draw.rectangle([left, top, w - right, h - bottom], outline="black")
+    for i in range(5):
+        xv, yv = x0 + i / 4 * (x1 - x0), y0 + i / 4 * (y1 - y0)
+        px, _ = to_px(xv, y0)
+        _, py = to_px(x0, yv)
+        draw.line([px, h - bottom, px, h - bottom + 4], fill="black")
+        draw.text((px - 12, h - bottom + 6), f"{xv:.3g}", fill="black")
+        draw.line([left - 4, py, left, py], fill="black")
+        draw.text((4, py - 6), f"{yv:.3g}", fill="black")
+    draw.text((left, 8), title, fill="black")
+    draw.text(((w - len(xlabel) * 6) // 2, h - 18), xlabel, fill="black")
+    draw.text((left + 4, top + 4), ylabel, fill=(90, 90, 90))
+    dots = max(len(pts) for pts in series.values()) <= 50 if series else False
+    for k, (name, pts) in enumerate(series.items()):
+        colour = CHART_COLOURS[k % len(CHART_COLOURS)]
+        px = [to_px(x, y) for x, y in sorted(pts)]
+        if len(px) > 1:
+            draw.line(px, fill=colour, width=2)
+        for cx, cy in px if dots else []:
+            draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=colour)
+        draw.line([left, 30 + 14 * k, left + 20, 30 + 14 * k], fill=colour, width=3)
+        draw.text((left + 26, 24 + 14 * k), name, fill="black")
+    return img
+
+
+# -----------------------------------------------------------------------------
 # Command line
 # -----------------------------------------------------------------------------
 
@@ -773,7 +850,7 @@ def plot_command(argv: list[str]) -> None:
         series = {name: [(t, float(v)) for t, v in enumerate(make(T, torch.device("cpu"))["sqrt_alpha_bar"])][::10]
                   for name, make in (("linear (Ho et al. 2020)", linear_schedule),
                                      ("cosine (Nichol & Dhariwal 2021)", cosine_schedule))}
-        img = common.line_chart(series, f"signal share sqrt(alpha_bar_t), T = {T}", "t", "sqrt(alpha_bar_t)")
+        img = line_chart(series, f"signal share sqrt(alpha_bar_t), T = {T}", "t", "sqrt(alpha_bar_t)")
     else:
         if not args.runs:
             parser.error("give run folders or time_to_quality.json files, or --schedules")
@@ -789,7 +866,7 @@ def plot_command(argv: list[str]) -> None:
             if not points or key not in points[0]:
                 raise common.UserError(f"{path} has no {key}; metrics there: {sorted(points[0]) if points else 'none'}")
             series[label or path.parent.name] = [(p[args.x], p[key]) for p in points]
-        img = common.line_chart(series, f"time to quality: {args.metric} of EMA samples", args.x, args.metric)
+        img = line_chart(series, f"time to quality: {args.metric} of EMA samples", args.x, args.metric)
     common.save_png(img, args.out)
     print(f"wrote {args.out}")
 
@@ -804,7 +881,7 @@ def number_list(parser, flag: str, text: str, cast) -> list:
 
 def labels_command(argv: list[str]) -> None:
     """`python diffusion.py labels`: the class labels of the training sprites. Prints, for
-    each k, the shape clusters' sizes and within-class variety (common.class_stats), and
+    each k, the shape clusters' sizes and within-class variety (class_stats), and
     the colour classes' too; writes a preview: one row per class, its first --per-class sprites."""
     from pathlib import Path
 
@@ -821,14 +898,14 @@ def labels_command(argv: list[str]) -> None:
     data = common.load_sprites(args.data, torch.device("cpu"), Config.palette_size, args.seed)
     colour = common.Labeller("colour", data.palette)
     everything = torch.zeros(len(data.train), dtype=torch.long)
-    print(f"no label : {common.class_stats(data.train, everything, colour)}")
+    print(f"no label : {class_stats(data.train, everything, colour)}")
     y = colour(data.train)
-    print(f"colour   : sizes {torch.bincount(y).tolist()} {common.class_stats(data.train, y, colour)} "
+    print(f"colour   : sizes {torch.bincount(y).tolist()} {class_stats(data.train, y, colour)} "
           f"({', '.join(colour.names)})")
     for k in ks:
         cl = common.Labeller("cluster", data.palette, common.fit_shape_clusters(data.train, data.palette, k, args.seed))
         yk = cl(data.train)
-        print(f"cluster {k:<2}: sizes {torch.bincount(yk, minlength=k).tolist()} {common.class_stats(data.train, yk, cl)}"
+        print(f"cluster {k:<2}: sizes {torch.bincount(yk, minlength=k).tolist()} {class_stats(data.train, yk, cl)}"
               f" mirrored sprites keeping their cluster {(cl(data.train.flip(-1)) == yk).float().mean():.3f}")
     labeller = colour if args.kind == "colour" else common.Labeller(
         "cluster", data.palette, common.fit_shape_clusters(data.train, data.palette, args.preview_k, args.seed))

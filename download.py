@@ -374,6 +374,38 @@ def prepare(source=None, variant="colored", keep_all=False, out="data", force=Fa
     return path
 
 
+# --- Reading it back (common.load_sprites) ------------------------------------
+
+def load_dataset(path):
+    """The images (N, 16, 16, 3) uint8 and is_val (N,) of a prepared npz, checked;
+    a missing default dataset is prepared first. A dataset must have training
+    sprites and one is_val flag per sprite; an empty validation split is allowed
+    (the Trainer then skips val/ metrics)."""
+    path = Path(path)
+    if not path.exists():
+        defaults = {default_path(v, a): (v, a) for v in ("colored", "mono") for a in (False, True)}
+        if path not in defaults:
+            raise DataError(f"dataset {path} not found; prepare one with `python download.py` "
+                            f"(writes {default_path()}) or fix --data")
+        variant, keep_all = defaults[path]
+        print(f"dataset {path} not found: downloading and preparing the Kenney 1-Bit Pack ...")
+        prepare(variant=variant, keep_all=keep_all, out=str(path.parent))
+    try:
+        with np.load(path) as npz:
+            images, is_val = npz["images"], npz["is_val"].astype(bool)
+    except Exception as e:  # a truncated or foreign file
+        raise DataError(f"cannot read dataset {path} ({e}); re-create it with `python download.py --force`")
+    if images.ndim != 4 or images.shape[1:] != (TILE, TILE, 3) or images.dtype != np.uint8:
+        raise DataError(f"{path} holds images of shape {images.shape} {images.dtype}; expected (N, 16, 16, 3) uint8")
+    redo = "re-create it with `python download.py --force`, or fix --data"
+    if is_val.shape != (images.shape[0],):
+        raise DataError(f"{path} has {images.shape[0]} sprites but is_val of shape {is_val.shape}; {redo}")
+    if images.shape[0] == 0 or is_val.all():
+        raise DataError(f"{path} has no training sprites ({images.shape[0]} sprites, "
+                        f"{int(is_val.sum())} of them validation); {redo}")
+    return images, is_val
+
+
 # --- The command line: every expected failure is one line --------------------
 # Shared by every script of the project (common.py and compare.py use these too).
 
@@ -444,7 +476,7 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> None:
     def run():
         args = parse_args(argv)
         prepare(args.source, args.variant, args.keep_all, args.out, args.force)

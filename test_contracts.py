@@ -7,6 +7,12 @@ Everything runs on synthetic sprites made here; tests that need the real
 Kenney tilesheet read it from ../shared/ and are skipped, with the reason, when
 it is absent.
 
+The sections follow the files they test, after the shared helpers: common.py,
+vae.py, vqvae.py, diffusion.py, compare.py, download.py, then the docs. Every
+test's name starts with the file it tests (test_vqvae_..., test_docs_...), so
+`pytest test_contracts.py -k vqvae` runs a file's tests; the tests over every
+model of compare.py's registry carry the model's name in their id.
+
 Run this file directly to train the tiny test model with the real CLI:
 `python test_contracts.py --epochs 2 --data data/sprites-colored.npz`.
 """
@@ -42,6 +48,12 @@ import download
 import diffusion
 import vae
 import vqvae
+
+
+# =============================================================================
+# Shared helpers: synthetic data, the tiny test strategy, tiny configurations, running scripts
+# =============================================================================
+
 
 ROOT = Path(__file__).resolve().parent
 REAL_SHEET = ROOT.parent / "shared" / "data" / "kenney-1-bit-pack" / "colored-transparent_packed.png"
@@ -87,249 +99,12 @@ def dataset(tmp_path_factory) -> Path:
     return download.prepare(source=str(sheet), out=str(d), log=lambda *a: None)
 
 
-# -----------------------------------------------------------------------------
-# download.py: slicing, filtering, the split, zips, refusals, atomic writes
-# -----------------------------------------------------------------------------
-
-REAL_SHEET_SHA256 = "801243b8b35bcfde727bd52447bcae5c2abf36b0ae2f3ac7ee54f91791575e74"
-
-# A 4 x 3 synthetic sheet: tile i draws its first COUNTS[i] pixels (reading order)
-# in one colour. 38/256 and 129/256 lie just outside the 0.15..0.50 bounds,
-# 39/256 and 128/256 (= 0.50 exactly) just inside.
-COUNTS = [0, 38, 39, 128, 129, 64, 0, 256, 1, 100, 50, 200]
-KEPT = [2, 3, 5, 9, 10]                                  # default density filter
-NON_EMPTY = [i for i, c in enumerate(COUNTS) if c > 0]   # --all
-COLOURS = [(230, 72, 46), (56, 217, 115), (60, 172, 215), (244, 180, 27)]
-
-
-def make_sheet_rgba():
-    sheet = np.zeros((3 * 16, 4 * 16, 4), np.uint8)
-    for i, count in enumerate(COUNTS):
-        tile = np.zeros((256, 4), np.uint8)
-        tile[:, :3] = (255, 0, 255)             # colour under transparent pixels: must vanish
-        tile[:count] = (*COLOURS[i % 4], 255)
-        if i == 6:
-            tile[:, 3] = 127                    # faint pixels count as background
-        row, col = divmod(i, 4)
-        sheet[row * 16:(row + 1) * 16, col * 16:(col + 1) * 16] = tile.reshape(16, 16, 4)
-    return sheet
-
-
 def make_zip(members):
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
         for name, data in members.items():
             archive.writestr(name, data)
     return buffer.getvalue()
-
-
-@pytest.fixture
-def sheet_png():
-    return png_bytes(make_sheet_rgba())
-
-
-@pytest.fixture
-def pack_zip(sheet_png):
-    decoy = png_bytes(np.full((32, 32, 4), 255, np.uint8))
-    return make_zip({"Some Folder/License.txt": b"CC0",
-                     "Some Folder/Tilesheet/colored_packed.png": decoy,
-                     "Some Folder/Tilesheet/colored-transparent_packed.png": sheet_png})
-
-
-@pytest.fixture
-def sheet_file(tmp_path, sheet_png):
-    path = tmp_path / "colored-transparent_packed.png"
-    path.write_bytes(sheet_png)
-    return path
-
-
-def quiet(*args):
-    pass
-
-
-def test_slice_tiles_count_and_row_major_order():
-    rgba = make_sheet_rgba()
-    tiles, index = download.slice_tiles(rgba)
-    assert tiles.shape == (12, 16, 16, 4) and tiles.dtype == np.uint8
-    assert index.tolist() == list(range(12))
-    assert np.array_equal(tiles[6], rgba[16:32, 32:48])      # row 1, column 2
-    assert (download.foreground(tiles).sum(axis=(1, 2)) == [0 if i == 6 else c for i, c in
-                                                            enumerate(COUNTS)]).all()
-
-
-def test_density_filter_bounds_are_inclusive_and_empty_tiles_dropped():
-    arrays, non_empty = download.build_dataset(make_sheet_rgba())
-    assert non_empty == len(NON_EMPTY) == 10   # tile 6, at alpha 127 throughout, is empty
-    assert arrays["tile_index"].tolist() == KEPT
-    assert arrays["density"].tolist() == pytest.approx([39 / 256, 0.5, 0.25, 100 / 256, 50 / 256])
-    everything, _ = download.build_dataset(make_sheet_rgba(), keep_all=True)
-    assert everything["tile_index"].tolist() == [1, 2, 3, 4, 5, 7, 8, 9, 10, 11]
-
-
-def test_composite_colours_on_black_and_mono_variant():
-    arrays, _ = download.build_dataset(make_sheet_rgba())
-    images = arrays["images"]
-    assert images.shape == (5, 16, 16, 3) and images.dtype == np.uint8
-    first = images[0].reshape(256, 3)                      # tile 2: 39 pixels
-    assert (first[:39] == COLOURS[2]).all() and (first[39:] == 0).all()
-    mono, _ = download.build_dataset(make_sheet_rgba(), variant="mono")
-    assert {tuple(c) for c in mono["images"].reshape(-1, 3)} == {(0, 0, 0), (255, 255, 255)}
-    assert (mono["images"].any(axis=3) == images.any(axis=3)).all()
-
-
-def test_split_depends_only_on_tile_index():
-    assert download.is_validation(np.arange(25)).tolist() == [i % 10 == 0 for i in range(25)]
-    few, _ = download.build_dataset(make_sheet_rgba())
-    every, _ = download.build_dataset(make_sheet_rgba(), keep_all=True)
-    split = dict(zip(every["tile_index"].tolist(), every["is_val"].tolist()))
-    assert all(split[i] == v for i, v in zip(few["tile_index"].tolist(), few["is_val"].tolist()))
-
-
-def test_sheet_found_in_zip_by_file_name(tmp_path, pack_zip, sheet_png):
-    source = tmp_path / "kenney_1-bit-pack.zip"
-    source.write_bytes(pack_zip)
-    lines = []
-    path = download.prepare(source, out=tmp_path / "out", log=lines.append)
-    assert path == tmp_path / "out" / "sprites-colored.npz"
-    assert any(hashlib.sha256(pack_zip).hexdigest() in line for line in lines)
-    with np.load(path) as data:
-        assert set(data.files) == {"images", "tile_index", "is_val", "density",
-                                   "source_sha256", "variant", "version"}
-        assert str(data["source_sha256"]) == hashlib.sha256(sheet_png).hexdigest()
-        assert str(data["variant"]) == "colored" and int(data["version"]) == 1
-        assert data["tile_index"].dtype == np.int32 and data["is_val"].dtype == bool
-        assert data["density"].dtype == np.float32
-        assert data["tile_index"].tolist() == KEPT
-    assert sorted(p.name for p in path.parent.iterdir()) == ["sprites-colored.npz",
-                                                             "sprites-colored.png"]
-    with Image.open(path.with_suffix(".png")) as preview:
-        assert preview.size == ((5 * 17 + 1) * 2, (17 + 1) * 2)
-
-
-@pytest.mark.parametrize("content, words", [
-    (make_zip({"Tilesheet/monochrome-transparent_packed.png": b"x"}),
-     "does not contain colored-transparent_packed.png; is it the 1-Bit Pack?"),
-    (b"PK\x03\x04 this zip was cut short", "not a readable zip"),
-    (b"hello, I am text", "is not an image"),
-    (png_bytes(np.zeros((20, 32, 4), np.uint8)), "is 32x20 pixels, not a grid of 16x16 tiles"),
-    (png_bytes(np.full((32, 32, 4), 255, np.uint8)), "has no transparent pixels"),
-])
-def test_bad_sources_raise_data_error(tmp_path, content, words):
-    source = tmp_path / "input.bin"
-    source.write_bytes(content)
-    with pytest.raises(download.DataError, match=words):
-        download.prepare(source, out=tmp_path / "out", log=quiet)
-    assert not (tmp_path / "out" / "sprites-colored.npz").exists()
-
-
-def test_missing_file_raises_data_error(tmp_path):
-    with pytest.raises(download.DataError, match="does not exist"):
-        download.prepare(tmp_path / "nope.zip", out=tmp_path, log=quiet)
-
-
-def test_download_refuses_a_wrong_checksum(tmp_path, monkeypatch, pack_zip):
-    monkeypatch.setattr(download, "fetch_url", lambda url, timeout=30: pack_zip)
-    with pytest.raises(download.DataError) as error:
-        download.prepare(out=tmp_path, log=quiet)
-    message = str(error.value)
-    assert "sha256" in message and download.PACK_PAGE in message
-    assert "python download.py --from PATH/TO/kenney_1-bit-pack.zip" in message
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_download_offline_explains_the_fallback(tmp_path, monkeypatch):
-    def offline(url, timeout=30):
-        raise urllib.error.URLError("no route to kenney.nl")
-    monkeypatch.setattr(download, "fetch_url", offline)
-    with pytest.raises(download.DataError) as error:
-        download.prepare(out=tmp_path, log=quiet)
-    message = str(error.value)
-    assert "no route to kenney.nl" in message and "\n" not in message
-    assert "https://kenney.nl/assets/1-bit-pack" in message and "--from" in message
-    # ... that the PNG sheet works too, and what to run next (issue 16)
-    assert "python download.py --from PATH/TO/kenney_1-bit-pack.zip" in message
-    assert f"{download.SHEET_NAME}, works too" in message
-    assert ". .venv/bin/activate" in message and "python vae.py --epochs 200" in message
-
-
-def test_download_with_matching_checksum_builds_once(tmp_path, monkeypatch, pack_zip):
-    calls = []
-    monkeypatch.setattr(download, "PACK_SHA256", hashlib.sha256(pack_zip).hexdigest())
-    monkeypatch.setattr(download, "fetch_url", lambda url, timeout=30: calls.append(url) or pack_zip)
-    path = download.prepare(out=tmp_path, keep_all=True, variant="mono", log=quiet)
-    assert path.name == "sprites-mono-all.npz" and calls == [download.PACK_URL]
-    lines = []
-    assert download.prepare(out=tmp_path, keep_all=True, variant="mono", log=lines.append) == path
-    assert calls == [download.PACK_URL] and "already exists" in lines[0]
-
-
-def test_failed_write_leaves_no_partial_files(tmp_path, monkeypatch, sheet_file):
-    out = tmp_path / "out"
-    good = download.prepare(sheet_file, out=out, log=quiet)
-    before = good.read_bytes()
-
-    def broken_savez(file, **arrays):
-        file.write(b"PK\x03\x04 half a dataset")
-        raise OSError(28, "No space left on device")
-    monkeypatch.setattr(download.np, "savez_compressed", broken_savez)
-    with pytest.raises(download.DataError, match="No space left"):
-        download.prepare(sheet_file, out=out, force=True, log=quiet)
-    with pytest.raises(download.DataError):
-        download.prepare(sheet_file, out=tmp_path / "fresh", log=quiet)
-    assert good.read_bytes() == before
-    assert list(out.glob("*.tmp")) == [] and list((tmp_path / "fresh").glob("*.tmp")) == []
-    assert list((tmp_path / "fresh").glob("*.npz")) == []
-
-
-def test_second_run_is_up_to_date_and_rewrites_nothing(tmp_path, sheet_file):
-    path = download.prepare(sheet_file, out=tmp_path, log=quiet)
-    stamp = path.stat().st_mtime_ns
-    lines = []
-    download.prepare(sheet_file, out=tmp_path, log=lines.append)
-    assert len(lines) == 1 and "up to date" in lines[0]
-    assert path.stat().st_mtime_ns == stamp
-    # A different sheet under the same name is not "up to date".
-    other = make_sheet_rgba()
-    other[:16, :16, 3] = 255                       # tile 0 becomes full
-    sheet_file.write_bytes(png_bytes(other))
-    lines = []
-    download.prepare(sheet_file, out=tmp_path, log=lines.append)
-    assert not any("up to date" in line for line in lines)
-
-
-def run_download(*args):
-    return subprocess.run([sys.executable, "download.py", *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
-
-
-def test_cli_prints_summary_and_fails_cleanly(tmp_path, sheet_file):
-    done = run_download("--from", sheet_file, "--out", tmp_path)
-    assert done.returncode == 0, done.stderr
-    assert "4x3 = 12 tiles, 10 non-empty" in done.stdout
-    assert "kept: 5 colored sprites" in done.stdout and "palette (4 colours)" in done.stdout
-    assert "split: 4 train, 1 validation" in done.stdout
-    bad = tmp_path / "notes.txt"
-    bad.write_text("not a sheet")
-    failed = run_download("--from", bad, "--out", tmp_path)
-    assert failed.returncode == 2
-    assert failed.stderr.startswith("error: ") and failed.stderr.count("\n") == 1
-    assert "Traceback" not in failed.stderr
-
-
-@needs_real_sheet
-def test_real_sheet():
-    png = REAL_SHEET.read_bytes()
-    assert hashlib.sha256(png).hexdigest() == REAL_SHEET_SHA256
-    rgba = download.load_sheet(png)
-    assert rgba.shape == (352, 784, 4) and set(np.unique(rgba[..., 3])) == {0, 255}
-    assert len(download.slice_tiles(rgba)[0]) == 1078
-    focused, non_empty = download.build_dataset(rgba)
-    assert non_empty == 1077 and len(focused["images"]) == 873
-    assert int(focused["is_val"].sum()) == 81
-    everything, _ = download.build_dataset(rgba, keep_all=True)
-    assert len(everything["images"]) == 1077 and int(everything["is_val"].sum()) == 107
-    colours = {tuple(c) for c in np.unique(focused["images"].reshape(-1, 3), axis=0).tolist()}
-    assert colours == {(0, 0, 0), *SHEET_COLOURS}
 
 
 # -----------------------------------------------------------------------------
@@ -399,14 +174,137 @@ def loss_before_after(strategy, model, batch, steps, lr, measure=None) -> tuple[
     return before, fixed()
 
 
-def tiny_config(dataset, tmp_path, **kw) -> TinyConfig:
-    base = dict(epochs=2, batch_size=16, lr=3e-3, data=str(dataset), out=str(tmp_path / "run"),
-                mlflow=False, sample_every=0, n_samples=8, n_eval=16, device="cpu")
-    return TinyConfig(**{**base, **kw})
-
-
 def params_of(run_dir: Path) -> dict:
     return common.load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
+
+
+@pytest.fixture(scope="module")
+def sprites(dataset):
+    return common.load_sprites(dataset, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def vae_run(dataset, tmp_path_factory) -> Path:
+    """One tiny finished vae run laid out as the model script writes it: runs/vae/<date-time>/."""
+    root = tmp_path_factory.mktemp("runs")
+    config = vae.Config(**{**TINY["vae"], "epochs": 1, "data": str(dataset), "device": "cpu", "mlflow": False,
+                           "out": str(root / "vae" / "20260101-000000"), "sample_every": 0, "n_eval": 16})
+    with contextlib.redirect_stdout(io.StringIO()):
+        return common.train(vae.VAEStrategy, config)
+
+
+# The commands are read from the pages at test time: the lines of fenced
+# shell blocks (only the `$ ` lines where a block shows output too) and inline
+# `python X.py ...` spans, in page order. Each is parsed by the very parser its
+# script builds for it, caught by intercepting ArgumentParser.parse_args, so
+# flags and subcommands added later are known without a list kept here.
+DOC_PAGES = [ROOT / "README.md", *sorted((ROOT / "docs" / "learn").glob("*.md"))]
+SUBCOMMANDS = ("sample", "bench", "report", "plot", "guidance", "labels")
+COMMAND = re.compile(r"^(?:\w+=\S+\s+)*(?:nice -n \d+\s+)?(?:time\s+)?(python3?\s+[\w-]+\.py\b.*)$")
+
+
+def doc_commands(page: Path) -> list[tuple[int, list[str]]]:
+    """(line number, argv after `python`) of every `python X.py ...` command on a page, in page order."""
+    import shlex
+    lines = page.read_text().splitlines()
+    fenced, blocks, current = [False] * len(lines), [], None
+    for i, line in enumerate(lines):
+        if line.lstrip().startswith("```"):
+            fenced[i] = True
+            if current is None:  # an opening fence
+                current = []
+            else:
+                blocks.append(current)
+                current = None
+        elif current is not None:
+            fenced[i] = True
+            current.append((i + 1, line.strip()))
+    candidates = []
+    for block in blocks:
+        prompts = [(no, line[2:]) for no, line in block if line.startswith("$ ")]
+        pending = None
+        for no, line in prompts or block:
+            if pending:
+                no, line = pending[0], pending[1] + " " + line
+            pending = (no, line[:-1]) if line.endswith("\\") else None
+            if not pending:
+                candidates.append((no, line))
+    prose = "\n".join("" if f else line for f, line in zip(fenced, lines))
+    for m in re.finditer(r"`(python3?\s[^`]+)`", prose):  # inline spans may wrap onto the next line
+        candidates.append((prose.count("\n", 0, m.start()) + 1, " ".join(m.group(1).split())))
+    commands = []
+    for no, line in sorted(candidates):
+        for part in re.split(r"&&|;|\|", line):
+            m = COMMAND.match(part.strip())
+            if m:
+                commands.append((no, shlex.split(m.group(1), comments=True)[1:]))
+    return commands
+
+
+# -----------------------------------------------------------------------------
+# Tiny configurations, and running a script
+# -----------------------------------------------------------------------------
+# Each model of compare.py's registry declares its tiny configuration (TINY) next
+# to its Config, small enough for a few seconds on 2 cores; "tiny" is the test
+# strategy's. A fourth model joins the registry tests below by its registry line.
+
+TINY: dict[str, dict] = {"tiny": dict(epochs=2, batch_size=16, lr=3e-3, sample_every=0),
+                         **{name: compare.module_of(cls).TINY for name, (cls, _) in compare.MODELS.items()}}
+
+
+def tiny_config(name: str, dataset: Path | None = None, tmp_path: Path | None = None, **kw) -> common.TrainConfig:
+    """The one tiny-configuration builder: TINY[name] for `name`, a model of
+    compare.py's registry or "tiny" (TinyConfig), on the CPU, untracked, with 8
+    sprites per grid and 16 scored; `dataset` is its --data, `tmp_path` holds its
+    run folder (tmp_path/run); keywords override."""
+    config_cls = TinyConfig if name == "tiny" else compare.MODELS[name][1]
+    base = dict(device="cpu", mlflow=False, n_samples=8, n_eval=16)
+    if dataset is not None:
+        base["data"] = str(dataset)
+    if tmp_path is not None:
+        base["out"] = str(tmp_path / "run")
+    return config_cls(**{**base, **TINY[name], **kw})
+
+
+def tiny_model(name: str, palette: torch.Tensor, dataset: Path | None = None, **kw):
+    """(strategy, model) of tiny_config(name, dataset, **kw), the model freshly built from seed 0."""
+    torch.manual_seed(0)
+    config = tiny_config(name, dataset, **kw)
+    strategy = compare.MODELS[name][0](config, palette)
+    return strategy, strategy.build_model(config)
+
+
+def tiny_flags(name: str) -> list[str]:
+    """TINY[name] as command-line flags."""
+    flags = []
+    for k, v in TINY[name].items():
+        flag = "--" + k.replace("_", "-")
+        flags += ([flag] if v else ["--no-" + k.replace("_", "-")]) if isinstance(v, bool) else [flag, str(v)]
+    return flags
+
+
+def model_modules():
+    return [compare.module_of(cls) for cls in compare.REGISTRY]
+
+
+@pytest.fixture(params=list(compare.MODELS))
+def model(request, dataset):
+    """(module, Strategy class, tiny Config, palette, fixed batch) for each model of the registry."""
+    cls, _ = compare.MODELS[request.param]
+    data = common.load_sprites(dataset, torch.device("cpu"))
+    return compare.module_of(cls), cls, tiny_config(request.param, dataset), data.palette, data.train[:16]
+
+
+def run_script(*args, cwd: Path = ROOT, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
+    """The one subprocess runner: `python ARGS...` (a script and its arguments, or
+    -c CODE) in `cwd`, its output captured as text."""
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, **kw)
+
+
+# =============================================================================
+# common.py: palette, data, pictures, metrics, Config -> argparse, the Trainer, MLflow, the CLI, faults
+# =============================================================================
 
 
 # -----------------------------------------------------------------------------
@@ -414,7 +312,7 @@ def params_of(run_dir: Path) -> dict:
 # -----------------------------------------------------------------------------
 
 
-def test_kmeans_recovers_a_known_palette():
+def test_common_kmeans_recovers_a_known_palette():
     # 8 colours, black dominant (as in sprites), each pixel jittered by +-1.
     rng = np.random.default_rng(1)
     truth = np.array([(0, 0, 0)] + SHEET_COLOURS, float)
@@ -429,7 +327,7 @@ def test_kmeans_recovers_a_known_palette():
     assert np.array_equal(palette, common.kmeans_palette(pixels, k=8, seed=0))  # deterministic
 
 
-def test_snap_picks_the_nearest_colour():
+def test_common_snap_picks_the_nearest_colour():
     palette = torch.tensor([[0.0, 0, 0], [1.0, 0, 0], [0.0, 0, 1]])
     x = torch.tensor([[0.1, 0.1, 0.0], [0.8, 0.3, 0.1], [0.2, 0.1, 0.7], [0.49, 0.0, 0.0]])  # 4 pixels
     images = x.T.reshape(1, 3, 1, 4)  # (1, 3, 1, 4)
@@ -440,7 +338,7 @@ def test_snap_picks_the_nearest_colour():
 
 
 @needs_real_sheet
-def test_kmeans_on_the_real_sheet_finds_black_and_the_seven_colours():
+def test_common_kmeans_on_the_real_sheet_finds_black_and_the_seven_colours():
     rgba = download.load_sheet(REAL_SHEET.read_bytes())
     tiles, _ = download.slice_tiles(rgba)
     rgb = np.where(tiles[..., 3:] >= 128, tiles[..., :3], 0)
@@ -451,7 +349,7 @@ def test_kmeans_on_the_real_sheet_finds_black_and_the_seven_colours():
 
 
 @needs_real_sheet
-def test_random_initialisation_wastes_centres_on_black(tmp_path):
+def test_common_kmeans_random_initialisation_wastes_centres_on_black(tmp_path):
     """The failure k-means++ exists to avoid (docs/learn/01-data-pipeline.md)."""
     rgba = download.load_sheet(REAL_SHEET.read_bytes())
     arrays, _ = download.build_dataset(rgba)
@@ -466,7 +364,7 @@ def test_random_initialisation_wastes_centres_on_black(tmp_path):
 # -----------------------------------------------------------------------------
 
 
-def test_load_sprites_split_and_ranges(dataset):
+def test_common_load_sprites_split_and_ranges(dataset):
     data = common.load_sprites(dataset, torch.device("cpu"))
     with np.load(dataset) as npz:
         n_val = int(npz["is_val"].sum())
@@ -480,12 +378,12 @@ def test_load_sprites_split_and_ranges(dataset):
         common.to_model_range(x * 2)
 
 
-def test_missing_custom_dataset_is_one_clear_error(tmp_path):
-    with pytest.raises(common.UserError, match="download.py"):
+def test_common_load_sprites_missing_custom_dataset_is_one_clear_error(tmp_path):
+    with pytest.raises(download.DataError, match="download.py"):
         common.load_sprites(tmp_path / "nope.npz", torch.device("cpu"))
 
 
-def test_hflip_mirrors_about_half_and_is_seeded():
+def test_common_hflip_mirrors_about_half_and_is_seeded():
     x = torch.arange(64 * 3 * 16 * 16, dtype=torch.float32).view(64, 3, 16, 16)
     a = common.random_hflip(x, torch.Generator().manual_seed(0))
     b = common.random_hflip(x, torch.Generator().manual_seed(0))
@@ -495,13 +393,13 @@ def test_hflip_mirrors_about_half_and_is_seeded():
     assert torch.equal(a[flipped], x[flipped].flip(-1))
 
 
-def test_grid_has_gutters_and_scale():
+def test_common_grid_has_gutters_and_scale():
     img = common.make_grid(torch.rand(10, 3, 16, 16), nrow=8, scale=4)
     assert img.size == ((8 * 17 + 1) * 4, (2 * 17 + 1) * 4)
     assert img.getpixel((0, 0)) == (48, 48, 48)  # gutter
 
 
-def test_sprite_metrics_on_real_sprites_and_on_noise(dataset):
+def test_common_sprite_metrics_on_real_sprites_and_on_noise(dataset):
     data = common.load_sprites(dataset, torch.device("cpu"))
     real = common.sprite_metrics(data.train, data.train, data.palette)
     assert real["palette_distance"] < 1e-3
@@ -515,7 +413,7 @@ def test_sprite_metrics_on_real_sprites_and_on_noise(dataset):
     assert dup["unique_rate"] == pytest.approx(0.1)
 
 
-def test_knn_precision_recall_reference_values():
+def test_common_knn_precision_recall_reference_values():
     # 1-D worked example: real points 0..9 (k=1 radius 1 each); fakes at 0.5
     # (inside), 20 and 30 (outside): precision 1/3. The fake set's radii are
     # 19.5, 10, 10, so every real point lies within 19.5 of the fake at 0.5.
@@ -530,29 +428,53 @@ def test_knn_precision_recall_reference_values():
 # -----------------------------------------------------------------------------
 
 
-def test_every_config_field_has_help_text():
+def test_common_every_config_field_has_help_text():
     for cls in [common.TrainConfig, TinyConfig] + [m.Config for m in model_modules()]:
         helps = common.field_help(cls)
         missing = [f.name for f in dataclasses.fields(cls) if not helps.get(f.name)]
         assert not missing, f"{cls.__module__}.{cls.__name__}: no comment under {missing}"
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--epochs", "0"], "--epochs must be at least 1"),
-    (["--batch-size", "0"], "--batch-size must be at least 1"),
-    (["--device", "tpu"], "unknown --device"),
-    (["--lr", "abc"], "invalid float value"),
-])
-def test_parser_refuses_bad_values(flags, message, capsys):
+BAD_FLAGS = [  # (Config, flags, message): the shared TrainConfig checks (through TinyConfig), then each model's
+    (TinyConfig, ["--epochs", "0"], "--epochs must be at least 1"),
+    (TinyConfig, ["--batch-size", "0"], "--batch-size must be at least 1"),
+    (TinyConfig, ["--device", "tpu"], "unknown --device"),
+    (TinyConfig, ["--lr", "abc"], "invalid float value"),
+    (TinyConfig, ["--eval-every-minutes", "-1"], "--eval-every-minutes cannot be negative"),
+    (vae.Config, ["--recon-loss", "l1"], "unknown --recon-loss 'l1'"),
+    (vae.Config, ["--recon-loss", "mse", "--temperature", "1"], "--temperature applies to --recon-loss ce only"),
+    (vae.Config, ["--kl-weight", "-1"], "cannot be negative"),
+    (vqvae.Config, ["--recon-loss", "bce"], "unknown --recon-loss 'bce'"),
+    (vqvae.Config, ["--sampler", "pixelcnn"], "unknown --sampler"),
+    (vqvae.Config, ["--top-k", "999"], "--top-k must be in"),
+    (vqvae.Config, ["--condition", "shape"], "unknown --condition 'shape'; use one of none, colour, cluster"),
+    (diffusion.Config, ["--steps", "1001"], "--steps must be between 2 and --timesteps"),
+    (diffusion.Config, ["--steps", "1"], "--steps"),
+    (diffusion.Config, ["--sampler", "euler"], "unknown --sampler 'euler'; use one of ddim, ddpm, dpm++"),
+    (diffusion.Config, ["--eta", "-0.5"], "--eta cannot be negative"),
+    (diffusion.Config, ["--schedule", "quadratic"], "unknown --schedule 'quadratic'; use one of linear, cosine"),
+    (diffusion.Config, ["--prediction", "x0"], "unknown --prediction 'x0'; use one of eps, v"),
+    (diffusion.Config, ["--loss-weight", "p2"], "unknown --loss-weight 'p2'; use one of none, min-snr"),
+    (diffusion.Config, ["--lr-decay", "step"], "unknown --lr-decay 'step'; use one of none, cosine"),
+    (diffusion.Config, ["--snr-gamma", "0"], "--snr-gamma must be positive"),
+    (diffusion.Config, ["--warmup-steps", "-1"], "--warmup-steps cannot be negative"),
+    (diffusion.Config, ["--res-blocks", "0"], "--res-blocks must be at least 1"),
+    (diffusion.Config, ["--channel-mult", "1,2"], "--channel-mult must be three positive integers"),
+    (diffusion.Config, ["--channel-mult", "1,0,2"], "--channel-mult must be three positive integers"),
+    (diffusion.Config, ["--condition", "shape"], "unknown --condition 'shape'; use one of none, colour, cluster"),
+]
+
+
+@pytest.mark.parametrize("config_cls, flags, message", BAD_FLAGS,
+                         ids=[f"{cls.__module__}:{' '.join(flags)}" for cls, flags, _ in BAD_FLAGS])
+def test_common_parser_refuses_a_bad_flag_of_every_config(config_cls, flags, message, capsys):
     with pytest.raises(SystemExit) as e:
-        common.parse_train_args(TinyConfig, flags)
-    assert e.value.code == 2
-    assert message in capsys.readouterr().err
+        common.parse_train_args(config_cls, flags)
+    assert e.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_help_lists_every_flag_with_its_meaning():
-    out = subprocess.run([sys.executable, "test_contracts.py", "--help"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120).stdout
+def test_common_help_lists_every_flag_with_its_meaning():
+    out = run_script("test_contracts.py", "--help").stdout
     for f in dataclasses.fields(TinyConfig):
         assert "--" + f.name.replace("_", "-") in out
     assert "sprites per optimizer step (default: 64)" in re.sub(r"\s+", " ", out)
@@ -563,8 +485,8 @@ def test_help_lists_every_flag_with_its_meaning():
 # -----------------------------------------------------------------------------
 
 
-def test_trainer_reduces_the_loss_and_writes_outputs(dataset, tmp_path):
-    run = common.train(TinyStrategy, tiny_config(dataset, tmp_path, epochs=6, sample_every=3, ema_decay=0.9))
+def test_common_trainer_reduces_the_loss_and_writes_outputs(dataset, tmp_path):
+    run = common.train(TinyStrategy, tiny_config("tiny", dataset, tmp_path, epochs=6, sample_every=3, ema_decay=0.9))
     metrics = json.loads((run / "metrics.json").read_text())
     state = common.load_checkpoint(run / "checkpoints" / "last.pt")
     history = state["history"]
@@ -576,26 +498,26 @@ def test_trainer_reduces_the_loss_and_writes_outputs(dataset, tmp_path):
     assert state["ema"] is not None and state["epoch"] == 6
 
 
-def test_same_seed_same_losses_and_samples(dataset, tmp_path):
-    a = common.train(TinyStrategy, tiny_config(dataset, tmp_path / "a"))
-    b = common.train(TinyStrategy, tiny_config(dataset, tmp_path / "b"))
+def test_common_same_seed_same_losses_and_samples(dataset, tmp_path):
+    a = common.train(TinyStrategy, tiny_config("tiny", dataset, tmp_path / "a"))
+    b = common.train(TinyStrategy, tiny_config("tiny", dataset, tmp_path / "b"))
     ha, hb = (common.load_checkpoint(r / "checkpoints" / "last.pt")["history"] for r in (a, b))
     assert [h["train/loss"] for h in ha] == [h["train/loss"] for h in hb]
     assert Image.open(a / "samples" / "final.png").tobytes() == Image.open(b / "samples" / "final.png").tobytes()
 
 
-def test_resume_at_an_epoch_boundary_equals_an_uninterrupted_run(dataset, tmp_path):
-    full = common.train(TinyStrategy, tiny_config(dataset, tmp_path / "full", epochs=3, ema_decay=0.9))
-    part = common.train(TinyStrategy, tiny_config(dataset, tmp_path / "part", epochs=1, ema_decay=0.9))
-    resumed = common.train(TinyStrategy, tiny_config(dataset, tmp_path / "part", epochs=3, ema_decay=0.9,
+def test_common_resume_at_an_epoch_boundary_equals_an_uninterrupted_run(dataset, tmp_path):
+    full = common.train(TinyStrategy, tiny_config("tiny", dataset, tmp_path / "full", epochs=3, ema_decay=0.9))
+    part = common.train(TinyStrategy, tiny_config("tiny", dataset, tmp_path / "part", epochs=1, ema_decay=0.9))
+    resumed = common.train(TinyStrategy, tiny_config("tiny", dataset, tmp_path / "part", epochs=3, ema_decay=0.9,
                                                      resume=str(part / "checkpoints" / "last.pt")))
     a, b = params_of(full), params_of(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_ctrl_c_mid_epoch_saves_a_checkpoint_that_resumes_exactly(dataset, tmp_path):
-    full = common.train(TinyStrategy, tiny_config(dataset, tmp_path / "full", epochs=2))
-    cfg = tiny_config(dataset, tmp_path / "cut", epochs=2, interrupt_at_step=3)
+def test_common_ctrl_c_mid_epoch_saves_a_checkpoint_that_resumes_exactly(dataset, tmp_path):
+    full = common.train(TinyStrategy, tiny_config("tiny", dataset, tmp_path / "full", epochs=2))
+    cfg = tiny_config("tiny", dataset, tmp_path / "cut", epochs=2, interrupt_at_step=3)
     with pytest.raises(common.Interrupted, match="resume with"):
         common.train(TinyStrategy, cfg)  # SIGINT at step 3 of epoch 1
     cut = tmp_path / "cut" / "run"
@@ -607,23 +529,23 @@ def test_ctrl_c_mid_epoch_saves_a_checkpoint_that_resumes_exactly(dataset, tmp_p
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(dataset, tmp_path):
+def test_common_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(dataset, tmp_path):
     n_batches = -(-int((~np.load(dataset)["is_val"]).sum()) // 16)
-    cfg = tiny_config(dataset, tmp_path, epochs=3, nan_at_step=n_batches + 2)  # in epoch 2
+    cfg = tiny_config("tiny", dataset, tmp_path, epochs=3, nan_at_step=n_batches + 2)  # in epoch 2
     with pytest.raises(common.UserError, match=r"nan in epoch 2.*last good checkpoint.*epoch 1"):
         common.train(TinyStrategy, cfg)
     state = common.load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
 
 
-def test_a_run_folder_is_never_overwritten(dataset, tmp_path):
-    common.train(TinyStrategy, tiny_config(dataset, tmp_path, epochs=1))
+def test_common_a_run_folder_is_never_overwritten(dataset, tmp_path):
+    common.train(TinyStrategy, tiny_config("tiny", dataset, tmp_path, epochs=1))
     with pytest.raises(common.UserError, match="already holds a run"):
-        common.train(TinyStrategy, tiny_config(dataset, tmp_path, epochs=1))
+        common.train(TinyStrategy, tiny_config("tiny", dataset, tmp_path, epochs=1))
 
 
-def test_checkpoint_loads_with_weights_only_and_refuses_garbage(dataset, tmp_path):
-    run = common.train(TinyStrategy, tiny_config(dataset, tmp_path, epochs=1))
+def test_common_checkpoint_loads_with_weights_only_and_refuses_garbage(dataset, tmp_path):
+    run = common.train(TinyStrategy, tiny_config("tiny", dataset, tmp_path, epochs=1))
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert {"model", "optimizer", "epoch", "torch_rng", "config", "palette"} <= set(state)
     bad = tmp_path / "bad.pt"
@@ -632,14 +554,14 @@ def test_checkpoint_loads_with_weights_only_and_refuses_garbage(dataset, tmp_pat
         common.load_checkpoint(bad)
 
 
-def test_mlflow_run_can_be_read_back(dataset, tmp_path, monkeypatch):
+def test_common_mlflow_run_can_be_read_back(dataset, tmp_path, monkeypatch):
     db = tmp_path / "mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
     monkeypatch.chdir(tmp_path)
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{db}")
-    run_dir = common.train(TinyStrategy, tiny_config(dataset, tmp_path, epochs=2, sample_every=1, mlflow=True))
+    run_dir = common.train(TinyStrategy, tiny_config("tiny", dataset, tmp_path, epochs=2, sample_every=1, mlflow=True))
     run_id = common.load_checkpoint(run_dir / "checkpoints" / "last.pt")["mlflow_run_id"]
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
     run = client.get_run(run_id)
@@ -653,14 +575,14 @@ def test_mlflow_run_can_be_read_back(dataset, tmp_path, monkeypatch):
     assert run.inputs.dataset_inputs, "dataset not logged"
 
 
-def test_unreachable_mlflow_server_fails_fast_in_one_line():
+def test_common_unreachable_mlflow_server_fails_fast_in_one_line():
     t0 = time.time()
     with pytest.raises(common.UserError, match="unreachable.*--no-mlflow"):
         common.check_server("http://127.0.0.1:9", tries=2, timeout=1)
     assert time.time() - t0 < 10
 
 
-def test_mlflow_failure_mid_run_only_warns(capsys, monkeypatch):
+def test_common_mlflow_failure_mid_run_only_warns(capsys, monkeypatch):
     monkeypatch.setattr(common.Tracker, "lost", "")  # the failure below must not outlive this test
     tracker = common.Tracker(False, "", "")
     tracker.run_id = "fake"  # pretend a run is open, then make every call fail
@@ -679,11 +601,7 @@ def test_mlflow_failure_mid_run_only_warns(capsys, monkeypatch):
 # -----------------------------------------------------------------------------
 
 
-def run_cli(args, **kw):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600, **kw)
-
-
-def test_cli_train_sample_and_real_ctrl_c(dataset, tmp_path):
+def test_common_cli_train_sample_and_real_ctrl_c(dataset, tmp_path):
     out = tmp_path / "run"
     flags = ["--data", str(dataset), "--out", str(out), "--no-mlflow", "--batch-size", "8", "--device", "cpu"]
     # A real Ctrl-C: start a long run, wait for its first epoch line, send SIGINT.
@@ -699,16 +617,16 @@ def test_cli_train_sample_and_real_ctrl_c(dataset, tmp_path):
     state = common.load_checkpoint(out / "checkpoints" / "last.pt")
     assert 1 <= state["epoch"] < 1000
     # Resume with a smaller budget that finishes right away.
-    r = run_cli(["test_contracts.py", "--resume", str(out / "checkpoints" / "last.pt"),
-                 "--epochs", str(state["epoch"] + 1)])
+    r = run_script("test_contracts.py", "--resume", str(out / "checkpoints" / "last.pt"),
+                 "--epochs", str(state["epoch"] + 1))
     assert r.returncode == 0, r.stderr
     assert "resuming from" in r.stdout and "sprite quality" in r.stdout
     # Sampling mode: a grid, and a folder of 16x16 PNGs.
     ckpt = str(out / "checkpoints" / "last.pt")
-    r = run_cli(["test_contracts.py", "sample", "--checkpoint", ckpt, "--n", "10", "--out", str(tmp_path / "g.png")])
+    r = run_script("test_contracts.py", "sample", "--checkpoint", ckpt, "--n", "10", "--out", str(tmp_path / "g.png"))
     assert r.returncode == 0, r.stderr
     assert Image.open(tmp_path / "g.png").size == ((8 * 17 + 1) * 4, (2 * 17 + 1) * 4)
-    r = run_cli(["test_contracts.py", "sample", "--checkpoint", ckpt, "--n", "3", "--out", str(tmp_path / "each")])
+    r = run_script("test_contracts.py", "sample", "--checkpoint", ckpt, "--n", "3", "--out", str(tmp_path / "each"))
     assert r.returncode == 0, r.stderr
     pngs = sorted((tmp_path / "each").glob("*.png"))
     assert len(pngs) == 3 and Image.open(pngs[0]).size == (16, 16)
@@ -719,849 +637,24 @@ def test_cli_train_sample_and_real_ctrl_c(dataset, tmp_path):
     (["--data", "missing.npz", "--no-mlflow"], "dataset missing.npz not found"),
     (["--epochs", "0"], "--epochs must be at least 1"),
 ])
-def test_cli_bad_input_is_one_line(args, message):
-    r = run_cli(["test_contracts.py", *args])
+def test_common_cli_bad_input_is_one_line(args, message):
+    r = run_script("test_contracts.py", *args)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
 
 
 # -----------------------------------------------------------------------------
-# Every model file: the same contract checks
-# -----------------------------------------------------------------------------
-# A model file joins these tests by existing: vae.py, vqvae.py, diffusion.py.
-# TINY holds a configuration small enough for a few seconds on 2 cores.
-
-# -----------------------------------------------------------------------------
-# vae.py
-# -----------------------------------------------------------------------------
-
-MODES = ["mse", "bce", "ce"]
-
-
-def run_cli_args(script, *args):
-    return run_cli([script, *map(str, args)])
-
-
-@pytest.fixture(scope="module")
-def sprites(dataset):
-    return common.load_sprites(dataset, torch.device("cpu"))
-
-
-def tiny_vae_config(dataset, tmp_path, **kw) -> vae.Config:
-    base = dict(epochs=1, data=str(dataset), out=str(tmp_path / "run"), mlflow=False, device="cpu",
-                sample_every=0, n_samples=8, n_eval=16)
-    return vae.Config(**{**base, **TINY["vae"], **kw})
-
-
-def tiny_strategy(sprites, **kw):
-    torch.manual_seed(0)
-    cfg = vae.Config(**{**TINY["vae"], **kw})
-    strategy = vae.VAEStrategy(cfg, sprites.palette)
-    return strategy, strategy.build_model(cfg)
-
-
-# -----------------------------------------------------------------------------
-# Contract checks
+# Time to quality and the --amp probe
 # -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_vae_strategy_contract(sprites, mode):
-    strategy, model = tiny_strategy(sprites, recon_loss=mode)
-    batch = sprites.train[:16]
-    out = strategy.train_step(model, batch)
-    assert set(out) == {"loss", "recon", "kl"}
-    assert out["loss"].dim() == 0 and torch.isfinite(out["loss"]) and out["loss"].requires_grad
-    assert out["kl"] >= 0
-
-    gen = lambda: torch.Generator().manual_seed(3)
-    x = strategy.sample(model, 5, gen())
-    assert x.shape == (5, 3, 16, 16) and x.dtype == torch.float32
-    assert 0 <= x.min() and x.max() <= 1
-    assert torch.equal(x, strategy.sample(model, 5, gen()))                       # same seed, same sprites
-    if mode != "ce":  # an untrained ce decoder's argmax is the same colour for every z
-        assert not torch.equal(x, strategy.sample(model, 5, torch.Generator().manual_seed(4)))
-
-    metrics = strategy.get_metrics(model, sprites.val[:8])
-    expected = {"loss", "recon", "kl", "nelbo", "pixel_acc"} | ({"bpd"} if mode == "ce" else set())
-    assert set(metrics) == expected and all(math.isfinite(v) for v in metrics.values())
-    assert 0 <= metrics["pixel_acc"] <= 1
-    if mode == "ce":
-        assert metrics["bpd"] == pytest.approx(metrics["nelbo"] / (256 * math.log(2)), rel=1e-5)
-
-    pictures = strategy.images(model, sprites.val, torch.Generator().manual_seed(0))
-    rec, per_row = pictures["reconstructions"]
-    assert per_row == min(8, len(sprites.val)) and rec.shape[0] % (2 * per_row) == 0 and rec.shape[1:] == (3, 16, 16)
-    assert torch.equal(rec[:8], rec[:8].clamp(0, 1))
-    inter, per_row = pictures["interpolation"]
-    assert per_row == 10 and inter.shape[0] % 10 == 0 and 0 <= inter.min() and inter.max() <= 1
-
-
-def test_vae_tiny_run_writes_pictures_and_repeats_exactly(dataset, tmp_path):
-    a = common.train(vae.VAEStrategy, tiny_vae_config(dataset, tmp_path / "a"))
-    b = common.train(vae.VAEStrategy, tiny_vae_config(dataset, tmp_path / "b"))
-    ha, hb = (common.load_checkpoint(r / "checkpoints" / "last.pt")["history"] for r in (a, b))
-    assert [h["train/loss"] for h in ha] == [h["train/loss"] for h in hb]
-    assert Image.open(a / "samples" / "final.png").tobytes() == Image.open(b / "samples" / "final.png").tobytes()
-    for name in ("samples", "reconstructions", "interpolation"):
-        assert (a / name / "final.png").exists(), name
-    metrics = json.loads((a / "metrics.json").read_text())
-    for key in ("train/recon", "train/kl", "val/recon", "val/kl", "val/nelbo", "val/bpd", "sample/precision"):
-        assert key in metrics and math.isfinite(metrics[key]), key
-
-
-@pytest.mark.parametrize("flags, message", [
-    (["--recon-loss", "l1"], "unknown --recon-loss 'l1'"),
-    (["--recon-loss", "mse", "--temperature", "1"], "--temperature applies to --recon-loss ce only"),
-    (["--kl-weight", "-1"], "cannot be negative"),
-])
-def test_bad_vae_flags_are_refused_in_one_line(flags, message, capsys):
-    with pytest.raises(SystemExit) as e:
-        common.parse_train_args(vae.Config, flags)
-    assert e.value.code == 2 and message in capsys.readouterr().err
-
-
-# -----------------------------------------------------------------------------
-# Reference formulas
-# -----------------------------------------------------------------------------
-
-
-def test_closed_form_kl_matches_torch_distributions():
-    g = torch.Generator().manual_seed(0)
-    mu, logvar = torch.randn(6, 32, generator=g) * 2, torch.randn(6, 32, generator=g)
-    q = torch.distributions.Normal(mu, torch.exp(0.5 * logvar))
-    p = torch.distributions.Normal(torch.zeros_like(mu), torch.ones_like(mu))
-    expected = torch.distributions.kl_divergence(q, p).sum(1)
-    assert torch.allclose(vae.kl_divergence(mu, logvar), expected, rtol=1e-5, atol=1e-5)
-    assert torch.allclose(vae.kl_divergence(torch.zeros(2, 5), torch.zeros(2, 5)), torch.zeros(2))
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_negative_elbo_is_minus_the_decoder_log_likelihood_plus_kl(sprites, mode):
-    strategy, _ = tiny_strategy(sprites, recon_loss=mode, kl_weight=5e-4)
-    g = torch.Generator().manual_seed(1)
-    x = sprites.val[:4]
-    kl = torch.rand(4, generator=g)
-    if mode == "mse":
-        mean = torch.randn(4, 3, 16, 16, generator=g)
-        sigma = math.sqrt(128 * 5e-4)  # the variance the docstring states
-        log_p = torch.distributions.Normal(mean, sigma).log_prob(common.to_model_range(x)).sum((1, 2, 3))
-        out = mean
-    elif mode == "bce":
-        x = (x > 0.5).float()  # Bernoulli is a likelihood for binary values only
-        out = torch.randn(4, 3, 16, 16, generator=g)
-        log_p = torch.distributions.Bernoulli(logits=out).log_prob(x).sum((1, 2, 3))
-    else:
-        out = torch.randn(4, sprites.palette.shape[0], 16, 16, generator=g)
-        index = common.palette_index(x, sprites.palette)
-        log_p = torch.distributions.Categorical(logits=out.permute(0, 2, 3, 1)).log_prob(index).sum((1, 2))
-    assert torch.allclose(strategy.negative_elbo(out, x, kl), -log_p + kl, rtol=1e-5)
-
-
-# -----------------------------------------------------------------------------
-# Training, warm-up, sampling
-# -----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_each_recon_loss_reduces_the_loss_on_a_fixed_batch(sprites, mode):
-    strategy, model = tiny_strategy(sprites, recon_loss=mode)
-    before, after = loss_before_after(strategy, model, sprites.train[:32], steps=40, lr=3e-3)
-    assert after < 0.7 * before, (before, after)
-
-
-def test_kl_warmup_is_linear_then_constant(sprites):
-    strategy, model = tiny_strategy(sprites, kl_weight=0.01, kl_warmup_epochs=4)
-    weights = []
-    for epoch in range(1, 7):
-        strategy.on_epoch_start(model, epoch)
-        weights.append(strategy.kl_weight)
-    assert weights == pytest.approx([0.0025, 0.005, 0.0075, 0.01, 0.01, 0.01])
-    no_warmup, _ = tiny_strategy(sprites, kl_weight=0.01, kl_warmup_epochs=0)
-    assert no_warmup.kl_weight == 0.01
-
-
-def test_ce_samples_are_exact_palette_colours_and_temperature_draws_from_the_generator(sprites):
-    strategy, model = tiny_strategy(sprites, recon_loss="ce")
-    x = strategy.sample(model, 6, torch.Generator().manual_seed(0))
-    pixels = x.permute(0, 2, 3, 1).reshape(-1, 1, 3)  # (6 * 256, 1, 3)
-    assert (pixels == sprites.palette[None]).all(-1).any(-1).all()
-    # With temperature the pixels are draws: new generator seed, new pixels even for one z.
-    hot, _ = tiny_strategy(sprites, recon_loss="ce", temperature=1.0)
-    z = torch.zeros(1, model.latent_dim)
-    a = hot.decode(model, z, torch.Generator().manual_seed(0), temperature=1.0)
-    b = hot.decode(model, z, torch.Generator().manual_seed(1), temperature=1.0)
-    c = hot.decode(model, z, torch.Generator().manual_seed(0), temperature=1.0)
-    assert torch.equal(a, c) and not torch.equal(a, b)
-
-
-def test_sample_mode_writes_pngs_of_the_right_size(dataset, tmp_path):
-    run = common.train(vae.VAEStrategy, tiny_vae_config(dataset, tmp_path, recon_loss="ce"))
-    ckpt = run / "checkpoints" / "last.pt"
-    r = run_cli_args("vae.py", "sample", "--checkpoint", ckpt, "--n", 10, "--out", tmp_path / "g.png", "--temperature", 0.5)
-    assert r.returncode == 0, r.stderr
-    assert Image.open(tmp_path / "g.png").size == ((8 * 17 + 1) * 4, (2 * 17 + 1) * 4)
-    r = run_cli_args("vae.py", "sample", "--checkpoint", ckpt, "--n", 3, "--out", tmp_path / "each")
-    assert r.returncode == 0, r.stderr
-    pngs = sorted((tmp_path / "each").glob("*.png"))
-    assert len(pngs) == 3 and all(Image.open(p).size == (16, 16) for p in pngs)
-
-
-def test_latent_stats_count_active_units_and_measure_the_aggregate_posterior():
-    torch.manual_seed(0)
-    n = 20000
-    # dims 0-1 informative: mu ~ N(0, 0.75), sigma^2 = 0.25, so q(z) = N(0, 1) exactly;
-    # dims 2-3 collapsed: q(z_j|x) = N(0, 1) for every x (KL 0).
-    mu = torch.cat([torch.randn(n, 2) * 0.75 ** 0.5, torch.zeros(n, 2)], 1)
-    logvar = torch.cat([torch.full((n, 2), math.log(0.25)), torch.zeros(n, 2)], 1)
-    r = vae.latent_stats(mu, logvar)
-    assert r["active_units"] == 2 and r["latent_dim"] == 4
-    # per-dim KL of an informative dim: 1/2 (E[mu^2] + 0.25 - 1 - log 0.25)
-    assert r["kl_dim_max"] == pytest.approx(0.5 * (0.75 + 0.25 - 1 - math.log(0.25)), rel=0.02)
-    assert r["agg_kl"] < 1e-3 and r["agg_var_min"] == pytest.approx(1, abs=0.03) and r["agg_mean_norm"] < 0.03
-    # shifted and squeezed codes: the aggregate posterior leaves the prior
-    far = vae.latent_stats(mu * 0.1 + 2, logvar - 3)
-    assert far["agg_mean_norm"] == pytest.approx(4, rel=0.01) and far["agg_kl"] > 5
-
-
-def test_latent_report_on_a_trained_checkpoint(dataset, tmp_path, capsys):
-    run = common.train(vae.VAEStrategy, tiny_vae_config(dataset, tmp_path))
-    r = vae.latent_report(str(run / "checkpoints" / "last.pt"), n=16)
-    assert 0 <= r["active_units"] <= TINY["vae"]["latent_dim"] and r["agg_kl"] >= 0
-    assert {"prior/precision", "aggregate/precision", "aggregate/near_copy_rate"} <= set(r)
-    assert "active_units" in capsys.readouterr().out.splitlines()[-1]
-
-
-# -----------------------------------------------------------------------------
-# vqvae.py
-# -----------------------------------------------------------------------------
-
-
-def tiny_vq(dataset, **kw) -> vqvae.Config:
-    return vqvae.Config(**{**TINY["vqvae"], "data": str(dataset), "device": "cpu", "mlflow": False, **kw})
-
-
-@pytest.fixture
-def vq_setup(dataset):
-    """(strategy, model, train sprites, val sprites) for the tiny configuration."""
-    torch.manual_seed(0)
-    config = tiny_vq(dataset, epochs=5)
-    data = common.load_sprites(dataset, torch.device("cpu"))
-    strategy = vqvae.VQVAEStrategy(config, data.palette)
-    return strategy, strategy.build_model(config), data.train, data.val
-
-
-def grads(module):
-    return [p.grad for p in module.parameters() if p.requires_grad]
-
-
-# -----------------------------------------------------------------------------
-# Stage 1: the quantizer
-# -----------------------------------------------------------------------------
-
-
-def test_straight_through_gradient_reaches_the_encoder(vq_setup):
-    strategy, model, train, _ = vq_setup
-    out = strategy.train_step(model, train[:16])
-    out["recon"].backward()  # the reconstruction term alone: its only way back is the straight-through copy
-    assert all(g is not None and g.abs().sum() > 0 for g in grads(model.encoder))
-    assert model.quantizer.codebook.grad is None  # recon never reaches the codebook (z_q's gradient goes to z_e)
-    # Without the estimator, decoding e_k directly, the encoder gets nothing.
-    model.zero_grad(set_to_none=True)
-    z_e = model.encoder(common.to_model_range(train[:16]))
-    strategy.recon(model.decoder(model.quantizer.lookup(model.quantizer.nearest(z_e))), train[:16]).backward()
-    assert all(g is None for g in grads(model.encoder))
-
-
-def test_codebook_and_commitment_are_separate_terms(vq_setup):
-    strategy, model, train, _ = vq_setup
-    out = strategy.train_step(model, train[:16])
-    v = {k: float(t.detach()) for k, t in out.items()}
-    assert v["loss"] == pytest.approx(v["recon"] + v["codebook"] + 0.25 * v["commitment"])
-    out["codebook"].backward(retain_graph=True)  # ||sg[z_e] - e||^2: the codebook only
-    assert model.quantizer.codebook.grad.abs().sum() > 0
-    assert all(g is None for g in grads(model.encoder))
-    model.zero_grad(set_to_none=True)
-    out["commitment"].backward()                 # ||z_e - sg[e]||^2: the encoder only
-    assert model.quantizer.codebook.grad is None
-    assert all(g is not None and g.abs().sum() > 0 for g in grads(model.encoder))
-
-
-def test_codebook_ema_moves_entries_without_a_codebook_loss(dataset):
-    torch.manual_seed(0)
-    config = tiny_vq(dataset, codebook_ema=True, codebook_decay=0.5)
-    data = common.load_sprites(dataset, torch.device("cpu"))
-    strategy = vqvae.VQVAEStrategy(config, data.palette)
-    model = strategy.build_model(config)
-    before = model.quantizer.codebook.detach().clone()
-    out = strategy.train_step(model, data.train[:16])
-    v = {k: float(t.detach()) for k, t in out.items()}
-    assert v["loss"] == pytest.approx(v["recon"] + 0.25 * v["commitment"])
-    assert not model.quantizer.codebook.requires_grad
-    used = model.quantizer.epoch_counts > 0
-    assert not torch.allclose(model.quantizer.codebook[used], before[used])    # moved towards their z_e
-    assert torch.allclose(model.quantizer.codebook[~used], before[~used], atol=1e-4)
-
-
-def test_dead_code_restart_revives_unused_entries(vq_setup):
-    strategy, model, train, val = vq_setup
-    q = model.quantizer
-    with torch.no_grad():
-        q.codebook[8:] = 100.0  # far from every encoder output: entries 8..15 are dead
-    batch = train[:16]
-    strategy.train_step(model, batch)
-    assert (q.epoch_counts[8:] == 0).all() and q.epoch_counts.sum() == 16 * 16
-    used_before = int((strategy.code_counts(model, batch) > 0).sum())
-    metrics = strategy.on_epoch_end(model, 1, val)
-    assert metrics["dead_codes"] >= 8 and metrics["restarted"] == metrics["dead_codes"]
-    revived = q.codebook[8:]
-    pool = strategy.z_e_pool
-    assert (torch.cdist(revived, pool).min(dim=1).values < 1e-5).all()  # each now sits on an encoder output
-    assert int((strategy.code_counts(model, batch) > 0).sum()) > used_before
-    assert (q.epoch_counts == 0).all()  # counting starts afresh for the next epoch
-
-
-def test_no_restart_flag_and_last_epoch_leave_the_codebook_alone(dataset, vq_setup):
-    strategy, model, train, val = vq_setup
-    for config, epoch in ((tiny_vq(dataset, epochs=5, restart_dead=False), 1), (tiny_vq(dataset, epochs=5), 5)):
-        strategy.config = config
-        with torch.no_grad():
-            model.quantizer.codebook[8:] = 100.0
-        strategy.train_step(model, train[:16])
-        before = model.quantizer.codebook.detach().clone()
-        metrics = strategy.on_epoch_end(model, epoch, val)
-        assert metrics["restarted"] == 0 and metrics["dead_codes"] >= 8
-        assert torch.equal(model.quantizer.codebook, before)
-
-
-def test_codebook_usage_and_perplexity(vq_setup):
-    strategy, model, _, val = vq_setup
-    with torch.no_grad():
-        model.quantizer.codebook[1:] = 100.0  # everything maps to entry 0
-    m = strategy.on_epoch_end(model, 1, val)
-    assert m["codebook_usage"] == pytest.approx(1 / 16) and m["perplexity"] == pytest.approx(1.0)
-
-
-# -----------------------------------------------------------------------------
-# Stage 2: the prior and the samplers
-# -----------------------------------------------------------------------------
-
-
-def test_prior_mask_is_causal(vq_setup):
-    _, model, _, _ = vq_setup
-    prior = model.prior.eval()
-    torch.manual_seed(1)
-    codes = torch.randint(16, (3, 16))
-    logits = prior(prior.inputs_for(codes))
-    assert logits.shape == (3, 16, 16)
-    for j in range(16):
-        changed = codes.clone()
-        changed[:, j] = (codes[:, j] + 1) % 16
-        other = prior(prior.inputs_for(changed))
-        # code j is an input at position j + 1 only: positions 0..j predict it and
-        # the codes before it, and must not see it.
-        assert torch.equal(logits[:, :j + 1], other[:, :j + 1]), j
-        if j < 15:
-            assert not torch.allclose(logits[:, j + 1:], other[:, j + 1:]), j
-
-
-def test_samplers_in_range_seeded_and_top_k(dataset, vq_setup):
-    strategy, model, _, _ = vq_setup
-    model.eval()
-    gen = lambda s: torch.Generator().manual_seed(s)
-    prior = strategy.sample(model, 6, gen(0))
-    noise = strategy.sample(model, 6, gen(0), "random")
-    assert prior.shape == noise.shape == (6, 3, 16, 16) and 0 <= prior.min() and prior.max() <= 1
-    assert torch.equal(prior, strategy.sample(model, 6, gen(0)))
-    assert not torch.equal(strategy.sample_codes(model, 6, gen(0), "prior"),
-                           strategy.sample_codes(model, 6, gen(0), "random"))
-    strategy.config = tiny_vq(dataset, top_k=1)  # greedy: the generator no longer matters
-    assert torch.equal(strategy.sample_codes(model, 4, gen(0), "prior"), strategy.sample_codes(model, 4, gen(1), "prior"))
-
-
-# -----------------------------------------------------------------------------
-# Both stages through the Trainer: resume across the stage boundary, the CLI
-# -----------------------------------------------------------------------------
-
-
-def test_resume_into_stage_two_equals_an_uninterrupted_run(dataset, tmp_path):
-    full = common.train(vqvae.VQVAEStrategy, tiny_vq(dataset, epochs=1, prior_epochs=1, out=str(tmp_path / "full")))
-    cut = common.train(vqvae.VQVAEStrategy, tiny_vq(dataset, epochs=1, prior_epochs=0, out=str(tmp_path / "cut")))
-    assert float(common.load_checkpoint(cut / "checkpoints" / "last.pt")["model"]["stage1_epochs"]) == 0
-    resumed = common.train(vqvae.VQVAEStrategy, tiny_vq(dataset, epochs=1, prior_epochs=1,
-                                                     resume=str(cut / "checkpoints" / "last.pt")))
-    a, b = (common.load_checkpoint(r / "checkpoints" / "last.pt")["model"] for r in (full, resumed))
-    assert float(a["stage1_epochs"]) == 1 and all(torch.equal(a[k], b[k]) for k in a)
-    # Once the prior has trained, stage 1 cannot be extended under it.
-    with pytest.raises(common.UserError, match="--epochs 1"):
-        common.train(vqvae.VQVAEStrategy, tiny_vq(dataset, epochs=2, prior_epochs=1,
-                                               resume=str(full / "checkpoints" / "last.pt")))
-
-
-def test_both_stages_run_and_sample_as_a_subprocess(dataset, tmp_path):
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY["vqvae"].items() if k != "prior_epochs"]
-    r = run_cli(["vqvae.py", *flags, "--epochs", "1", "--prior-epochs", "1", "--data", str(dataset), "--out", str(tmp_path / "run"),
-                 "--no-mlflow", "--device", "cpu"])
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert "stage 1 = encoder" in r.stdout and "stage 2: training the prior" in r.stdout
-    assert "epoch 2/2" in r.stdout and "sample_random/precision" in r.stdout
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    for key in ("val/codebook_usage", "val/perplexity", "val/bits_per_code", "sample/precision",
-                "sample_random/precision"):
-        assert np.isfinite(metrics[key]), key
-    for picture in ("samples", "samples_random", "reconstructions", "codebook"):
-        assert (tmp_path / "run" / picture / "final.png").exists(), picture
-    r = run_cli(["vqvae.py", "sample", "--checkpoint", str(tmp_path / "run" / "checkpoints" / "last.pt"), "--n", "4",
-                 "--sampler", "random", "--out", str(tmp_path / "grid.png")])
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert Image.open(tmp_path / "grid.png").size == ((4 * 17 + 1) * 4, (1 * 17 + 1) * 4)
-
-
-@pytest.mark.parametrize("flags, message", [
-    (["--recon-loss", "bce"], "unknown --recon-loss 'bce'"),
-    (["--sampler", "pixelcnn"], "unknown --sampler"),
-    (["--top-k", "999"], "--top-k must be in"),
-])
-def test_bad_flags_are_one_line(flags, message, capsys):
-    with pytest.raises(SystemExit) as e:
-        common.parse_train_args(vqvae.Config, flags)
-    assert e.value.code == 2 and message in capsys.readouterr().err
-
-
-# -----------------------------------------------------------------------------
-# diffusion.py (and the shared bench mode)
-# -----------------------------------------------------------------------------
-
-
-def tiny_diffusion_config(**kw) -> diffusion.Config:
-    return diffusion.Config(**{**dict(device="cpu", mlflow=False, n_samples=8, n_eval=16), **TINY["diffusion"], **kw})
-
-
-def tiny_diffusion(palette, **kw):
-    torch.manual_seed(0)
-    cfg = tiny_diffusion_config(**kw)
-    strategy = diffusion.DiffusionStrategy(cfg, palette)
-    return strategy, strategy.build_model(cfg)
-
-
-class Oracle(nn.Module):
-    """The ideal eps_theta when the data is one sprite x_star: from
-    x_t = sqrt(alpha_bar_t) x_star + sqrt(1 - alpha_bar_t) eps the noise is
-    eps = (x_t - sqrt(alpha_bar_t) x_star) / sqrt(1 - alpha_bar_t) exactly."""
-
-    def __init__(self, strategy, x_star):
-        super().__init__()
-        self.s, self.x_star = strategy.schedule, x_star
-
-    def forward(self, x, t):
-        a = self.s["sqrt_alpha_bar"][t][:, None, None, None]
-        b = self.s["sqrt_one_minus_alpha_bar"][t][:, None, None, None]
-        return (x - a * self.x_star) / b
-
-
-# -----------------------------------------------------------------------------
-# Reference formulas
-# -----------------------------------------------------------------------------
-
-
-def test_linear_schedule_and_q_sample_match_the_closed_form():
-    palette = torch.rand(8, 3)
-    strategy = diffusion.DiffusionStrategy(diffusion.Config(**diffusion.Config.LEGACY), palette)  # linear
-    s = strategy.schedule
-    beta = np.linspace(1e-4, 0.02, 1000)
-    assert np.allclose(s["beta"].numpy(), beta, atol=1e-9)
-    alpha_bar = np.cumprod(1 - beta)
-    assert np.allclose(s["alpha_bar"].numpy(), alpha_bar, rtol=1e-5)
-    assert 3e-5 < alpha_bar[-1] < 5e-5  # x_T is noise: 0.6% of the sprite's amplitude is left
-    g = torch.Generator().manual_seed(0)
-    x0 = torch.rand(5, 3, 16, 16, generator=g) * 2 - 1
-    eps = torch.randn(5, 3, 16, 16, generator=g)
-    t = torch.tensor([0, 1, 250, 998, 999])
-    x_t = strategy.q_sample(x0, t, eps)
-    ab = torch.tensor(alpha_bar[t.numpy()], dtype=torch.float64)[:, None, None, None]  # float64: 1 - ab at t = 0
-    assert torch.allclose(x_t.double(), ab.sqrt() * x0.double() + (1 - ab).sqrt() * eps.double(), atol=1e-6)
-
-
-def test_q_sample_equals_running_the_forward_chain():
-    """Eq. 4 (closed form) against Eq. 2 run step by step,
-    x_t = sqrt(1 - beta_t) x_{t-1} + sqrt(beta_t) z, on 50,000 noisings of
-    one pixel: same mean and standard deviation at several t."""
-    strategy = diffusion.DiffusionStrategy(diffusion.Config(**diffusion.Config.LEGACY), torch.rand(8, 3))
-    s = strategy.schedule
-    g = torch.Generator().manual_seed(0)
-    x0 = 0.7
-    x = torch.full((50_000,), x0, dtype=torch.float64)
-    beta = s["beta"].double()
-    for t in range(300):
-        x = (1 - beta[t]).sqrt() * x + beta[t].sqrt() * torch.randn(x.shape, generator=g, dtype=torch.float64)
-        if t in (0, 99, 299):  # 3 standard errors of a difference of two 50,000-sample estimates: 0.02
-            closed = strategy.q_sample(torch.full((50_000, 1, 1, 1), x0), torch.full((50_000,), t),
-                                       torch.randn(50_000, 1, 1, 1, generator=g)).flatten().double()
-            assert abs(x.mean() - closed.mean()) < 0.02 and abs(x.std() - closed.std()) < 0.02, t
-            assert abs(x.mean() - s["sqrt_alpha_bar"][t] * x0) < 0.02, t
-
-
-@pytest.mark.parametrize("T, steps", [(1000, 50), (1000, 1000), (1000, 2), (1000, 3), (10, 5), (10, 10), (7, 4)])
-def test_ddim_timesteps_cover_the_schedule_and_end_at_zero(T, steps):
-    tau = diffusion.ddim_timesteps(T, steps)
-    assert tau.dtype == torch.long and len(tau) == steps
-    assert tau[0] == T - 1, "DDIM must start where x_T is drawn, t = T-1 (the off-by-one starts at T - T/steps)"
-    assert tau[-1] == 0, "DDIM must end at t = 0, the last noise level before clean data"
-    assert (tau[1:] < tau[:-1]).all(), "timesteps must strictly decrease"
-    if steps == T:
-        assert tau.tolist() == list(range(T - 1, -1, -1))
-    if (T, steps) == (1000, 50):
-        gaps = (tau[:-1] - tau[1:]).tolist()
-        assert set(gaps) <= {20, 21} and tau.tolist()[:3] == [999, 979, 958]
-
-
-def test_bad_sampling_settings_are_refused():
-    with pytest.raises(ValueError, match="--steps must be between 2 and --timesteps"):
-        diffusion.Config(steps=1001)
-    with pytest.raises(ValueError, match="--steps"):
-        diffusion.Config(steps=1)
-    with pytest.raises(ValueError, match="--sampler must be ddim, ddpm or dpm"):
-        diffusion.Config(sampler="euler")
-    with pytest.raises(ValueError, match="--eta cannot be negative"):
-        diffusion.Config(eta=-0.5)
-
-
-@pytest.mark.parametrize("sampler, eta", [("ddim", 0.0), ("ddim", 1.0), ("ddpm", 0.0)])
-def test_samplers_return_the_data_when_eps_theta_is_exact(sampler, eta):
-    """With the oracle eps_theta for a one-sprite data set, every DDIM step
-    predicts x_0 = x_star exactly, and Algorithm 2's last step lands on it
-    too: both samplers must return x_star. A sampler that stopped one level
-    early (at alpha_bar_0 instead of clean data) would leave noise of ~0.01."""
-    palette = torch.rand(8, 3)
-    cfg = diffusion.Config(**diffusion.Config.LEGACY, sampler=sampler, eta=eta, steps=50)  # the oracle predicts eps
-    strategy = diffusion.DiffusionStrategy(cfg, palette)
-    x_star = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    out = strategy.sample(Oracle(strategy, x_star), 3, torch.Generator().manual_seed(0))
-    assert out.shape == (3, 3, 16, 16)
-    assert torch.allclose(out, common.from_model_range(x_star).expand(3, -1, -1, -1), atol=2e-4)
-
-
-# -----------------------------------------------------------------------------
-# Contracts: model, determinism, training, range, pictures
-# -----------------------------------------------------------------------------
-
-
-def test_default_unet_shape_and_size():
-    model = diffusion.UNet(64, 0.1)
-    n = sum(p.numel() for p in model.parameters())
-    assert 6.8e6 < n < 7.6e6, n
-    x, t = torch.randn(2, 3, 16, 16), torch.tensor([0, 999])
-    assert model(x, t).shape == (2, 3, 16, 16)
-    widths = {m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)}
-    assert {64, 128, 256} <= widths and max(widths) == 256
-    assert not any("attn" in name.lower() for name, _ in model.named_modules())
-
-
-def test_ddim_with_eta_zero_is_deterministic_under_a_seed(sprites):
-    strategy, model = tiny_diffusion(sprites.palette, sampler="ddim")
-    model.eval()
-    a = strategy.sample(model, 4, torch.Generator().manual_seed(3))
-    b = strategy.sample(model, 4, torch.Generator().manual_seed(3))
-    c = strategy.sample(model, 4, torch.Generator().manual_seed(4))
-    assert torch.equal(a, b) and not torch.equal(a, c)
-    strategy.config.eta = 1.0  # stochastic DDIM: still reproducible from the generator alone
-    d = strategy.sample(model, 4, torch.Generator().manual_seed(3))
-    e = strategy.sample(model, 4, torch.Generator().manual_seed(3))
-    assert torch.equal(d, e) and not torch.equal(a, d)
-
-
-def test_tiny_unet_with_10_timesteps_learns_and_both_samplers_stay_in_range(sprites):
-    strategy, model = tiny_diffusion(sprites.palette)
-    batch = sprites.train[:32]
-    before, after = loss_before_after(strategy, model, batch, steps=30, lr=strategy.config.lr,
-                                      measure=lambda: strategy.get_metrics(model, batch)["loss"])
-    assert before == pytest.approx(1.0, abs=0.15)  # zero-initialised output: eps_theta = 0 at first
-    assert after < 0.85 * before, (before, after)  # measured: 1.01 -> 0.76
-    model.eval()
-    for sampler in ("ddim", "ddpm"):
-        strategy.config.sampler = sampler
-        x = strategy.sample(model, 6, torch.Generator().manual_seed(0))
-        common.check_samples(x, 6)  # (6, 3, 16, 16), finite, in [0, 1]
-
-
-def test_denoising_strip_and_trajectory(sprites):
-    strategy, model = tiny_diffusion(sprites.palette)
-    model.eval()
-    pictures = strategy.images(model, sprites.val, torch.Generator().manual_seed(0))
-    strip, per_row = pictures["denoising"]
-    assert per_row == 8 and strip.shape == (4 * 2 * 8, 3, 16, 16)
-    assert strip.min() >= 0 and strip.max() <= 1
-    x_t_at_t0 = strip[0]  # sprite 0's first column: t = 0, barely noised
-    assert (x_t_at_t0 - sprites.val[0]).abs().mean() < 0.05
-    frames = strategy.trajectory(model, 5, torch.Generator().manual_seed(0))
-    assert frames.shape == (strategy.config.steps + 2, 5, 3, 16, 16)
-    assert torch.equal(common.snap_to_palette(frames[-1], sprites.palette), frames[-1])  # last frame: snapped
-
-
-# -----------------------------------------------------------------------------
-# The Trainer and the CLI
-# -----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_run(dataset, tmp_path_factory):
-    out = tmp_path_factory.mktemp("diffusion-run") / "run"
-    cfg = tiny_diffusion_config(epochs=2, sample_every=1, data=str(dataset), out=str(out))
-    return common.train(diffusion.DiffusionStrategy, cfg)
-
-
-def test_training_run_writes_grids_strip_gif_and_quality_at_each_grid(tiny_run):
-    for name in ("samples/epoch_0001.png", "samples/final.png", "denoising/epoch_0001.png",
-                 "denoising/final.png", "trajectory.gif", "metrics.json"):
-        assert (tiny_run / name).exists(), name
-    with Image.open(tiny_run / "trajectory.gif") as gif:
-        assert gif.n_frames == TINY["diffusion"]["steps"] + 2
-    history = common.load_checkpoint(tiny_run / "checkpoints" / "last.pt")["history"]
-    assert "sample/near_copy_rate" in history[0]  # scored at the epoch-1 grid, not only at the end
-    assert "sample/near_copy_rate" in json.loads((tiny_run / "metrics.json").read_text())
-
-
-def run_diffusion(*args):
-    return subprocess.run([sys.executable, "diffusion.py", *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
-
-
-def test_sample_mode_writes_pngs_and_the_gif(tiny_run, tmp_path):
-    ckpt = tiny_run / "checkpoints" / "last.pt"
-    r = run_diffusion("sample", "--checkpoint", ckpt, "--n", 10, "--out", tmp_path / "grid.png",
-                      "--sampler", "ddim", "--steps", 4, "--eta", 0, "--gif", tmp_path / "ddim.gif")
-    assert r.returncode == 0, r.stderr
-    assert re.search(r"wrote 10 sprites to .*grid\.png \(sampled in \d+\.\d\d s on cpu\)", r.stdout), r.stdout
-    assert Image.open(tmp_path / "grid.png").size == ((8 * 17 + 1) * 4, (2 * 17 + 1) * 4)
-    with Image.open(tmp_path / "ddim.gif") as gif:
-        assert gif.n_frames == 4 + 2 and gif.size == ((4 * 17 + 1) * 4, (3 * 17 + 1) * 4)  # 10 sprites, 4 per row
-    r = run_diffusion("sample", "--checkpoint", ckpt, "--n", 3, "--out", tmp_path / "each", "--sampler", "ddpm")
-    assert r.returncode == 0, r.stderr
-    assert len(list((tmp_path / "each").glob("*.png"))) == 3
-    r = run_diffusion("sample", "--checkpoint", ckpt, "--steps", 50)  # more steps than the 10 timesteps
-    assert r.returncode == 2 and "--steps must be between 2 and --timesteps (10)" in r.stderr
-    assert "Traceback" not in r.stderr
-
-
-def test_bench_prints_its_figures_for_diffusion_and_for_the_tiny_test_strategy():
-    tiny_flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY["diffusion"].items() if k != "lr"]  # no optimizer flags
-    for script, flags in (("diffusion.py", tiny_flags), ("test_contracts.py", ["--batch-size", "8"])):
-        r = subprocess.run([sys.executable, script, "bench", "--repeats", "1", "--n", "2", *flags], cwd=ROOT,
-                           capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stderr
-        for words in ("parameters:", "FLOPs", "matmul peak fp32:", "matmul peak bf16:", "fp32: training",
-                      "fp32: sampling 2 sprites", "bf16 autocast (--amp): training", "of fp32 matmul peak",
-                      "bf16 autocast vs fp32", "fp32 training step, where the time goes",
-                      "fp32 sampling 2 sprites, where the time goes"):
-            assert words in r.stdout, (script, words, r.stdout)
-        if script == "diffusion.py":
-            assert "= 5 model calls" in r.stdout  # DDIM over --steps 5: one batched U-Net call per step
-
-
-def test_compare_bench_tabulates_what_each_bench_run_returns(capsys):
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    try:  # bench_command sets deterministic algorithms, as training does; this process goes on testing
-        figures = compare.bench_command(TinyStrategy, TinyConfig, ["--repeats", "1", "--n", "2", "--batch-size", "8"])
-    finally:
-        torch.use_deterministic_algorithms(deterministic)
-    printed = capsys.readouterr().out
-    assert figures["params"] == sum(p.numel() for p in TinyStrategy(TinyConfig(), torch.rand(8, 3)).build_model(
-        TinyConfig()).parameters())
-    for p in ("fp32", "bf16"):
-        assert figures[p]["train_sprites_per_s"] > 0 and figures[p]["sample_s"] > 0
-    assert f"fp32: training {figures['fp32']['train_sprites_per_s']:.1f} sprites/s" in printed
-    md = compare.bench_table({"tiny": figures, "again": figures})
-    lines = md.splitlines()
-    assert lines[0].startswith("| model | params | fp32 train sprites/s") and len(lines[0].split("|")) == 9
-    assert lines[2].startswith(f"| tiny | {figures['params'] / 1e6:.2f}M | {figures['fp32']['train_sprites_per_s']:.1f} (")
-    assert lines[3].startswith("| again |") and "sampling: 2 sprites" in md
-
-
-def test_compare_bench_runs_the_models_named():
-    r = run_cli(["compare.py", "bench", "--models", "vae", "--repeats", "1", "--n", "2", "--no-bf16",
-                 "--channels", "8", "--latent-dim", "8", "--device", "cpu"])
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "=== vae ===" in r.stdout and "=== vqvae ===" not in r.stdout
-    assert "\n| vae | " in r.stdout and "| vqvae |" not in r.stdout
-
-
-def test_cli_refuses_a_bad_sampler_in_one_line():
-    r = run_diffusion("--sampler", "euler", "--no-mlflow")
-    assert r.returncode == 2 and "--sampler must be ddim, ddpm or dpm++" in r.stderr and "Traceback" not in r.stderr
-
-
-# -----------------------------------------------------------------------------
-# diffusion.py levers (issue 11): U-Net size, cosine schedule, v-prediction,
-# min-SNR weighting, LR warm-up/decay, DPM-Solver++, time-to-quality, --amp probe
-# -----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("kw, message", [
-    (dict(schedule="quadratic"), "--schedule must be linear or cosine"),
-    (dict(prediction="x0"), "--prediction must be eps or v"),
-    (dict(loss_weight="p2"), "--loss-weight must be none or min-snr"),
-    (dict(lr_decay="step"), "--lr-decay must be none or cosine"),
-    (dict(snr_gamma=0.0), "--snr-gamma must be positive"),
-    (dict(warmup_steps=-1), "--warmup-steps cannot be negative"),
-    (dict(res_blocks=0), "--res-blocks must be at least 1"),
-    (dict(channel_mult="1,2"), "--channel-mult must be three positive integers"),
-    (dict(channel_mult="1,0,2"), "--channel-mult must be three positive integers"),
-    (dict(sampler="euler"), "--sampler must be ddim, ddpm or dpm\\+\\+"),
-    (dict(eval_every_minutes=-1.0), "--eval-every-minutes cannot be negative"),
-])
-def test_new_diffusion_flags_refuse_bad_values(kw, message):
-    with pytest.raises(ValueError, match=message):
-        diffusion.Config(**kw)
-
-
-def test_unet_width_and_depth_flags_and_the_reference_model():
-    ref = diffusion.DiffusionStrategy(diffusion.Config(**diffusion.Config.LEGACY, base_channels=64), torch.rand(8, 3))
-    with contextlib.redirect_stdout(io.StringIO()):
-        n_ref = sum(p.numel() for p in ref.build_model(ref.config).parameters())
-        cfg = diffusion.Config(base_channels=16, channel_mult="1,2,2", res_blocks=1)
-        small = diffusion.DiffusionStrategy(cfg, torch.rand(8, 3)).build_model(cfg)
-    assert 6.8e6 < n_ref < 7.6e6, n_ref  # LEGACY + base 64 rebuilds today's 7.0M reference U-Net
-    widths = {m.out_channels for m in small.modules() if isinstance(m, nn.Conv2d)}
-    assert max(widths) == 32 and {16, 32} <= widths
-    assert len(small.down1) == len(small.up1) == 1 and len(small.bottom) == 2
-    assert small(torch.randn(2, 3, 16, 16), torch.tensor([0, 9])).shape == (2, 3, 16, 16)
-
-
-def test_old_checkpoint_configs_get_the_legacy_values_not_new_defaults():
-    old = {f.name: getattr(diffusion.Config(), f.name) for f in dataclasses.fields(common.TrainConfig)}
-    old.update(base_channels=64, dropout=0.1, timesteps=1000, sampler="ddim", steps=50, eta=0.0, retired_field=1)
-    values = common.saved_config(diffusion.Config, old)
-    assert "retired_field" not in values
-    for k, v in diffusion.Config.LEGACY.items():
-        assert values[k] == v, k
-    assert common.saved_config(diffusion.Config, {**old, "schedule": "cosine"})["schedule"] == "cosine"
-
-
-def test_cosine_schedule_matches_its_closed_form():
-    T, s = 1000, 0.008
-    sched = diffusion.cosine_schedule(T, torch.device("cpu"))
-    f = lambda t: np.cos((t / T + s) / (1 + s) * np.pi / 2) ** 2
-    t = np.arange(1, T + 1)  # the paper's t = 1..T is index 0..T-1
-    closed = f(t) / f(0)
-    beta = 1 - closed / np.concatenate([[1.0], closed[:-1]])
-    unclipped = beta <= 0.999
-    assert unclipped[:-1].all() and not unclipped[-1]  # only the last beta hits the 0.999 clip
-    assert np.allclose(sched["alpha_bar"].numpy()[:-1], closed[:-1], rtol=1e-5, atol=1e-9)
-    assert sched["beta"].max() == pytest.approx(0.999)
-    assert np.allclose(sched["alpha_bar"][-1].item(), closed[-2] * (1 - 0.999), rtol=1e-4)
-    assert (sched["alpha_bar"][1:] < sched["alpha_bar"][:-1]).all()
-    # SNR and log-SNR follow from alpha_bar (computed in float64 before storing float32)
-    snr = closed[:-1] / (1 - closed[:-1])
-    assert np.allclose(sched["snr"].numpy()[:-1], snr, rtol=1e-5)
-    assert np.allclose(sched["log_snr"].numpy()[:-1], 0.5 * np.log(snr), atol=1e-5)
-
-
-@pytest.mark.parametrize("prediction", ["eps", "v"])
-def test_min_snr_weights_match_the_formula(prediction):
-    gamma = 5.0
-    strategy = diffusion.DiffusionStrategy(diffusion.Config(prediction=prediction, loss_weight="min-snr",
-                                                            snr_gamma=gamma, schedule="linear"), torch.rand(8, 3))
-    beta = np.linspace(1e-4, 0.02, 1000)
-    alpha_bar = np.cumprod(1 - beta)
-    t = torch.tensor([0, 50, 200, 500, 999])
-    snr = alpha_bar[t.numpy()] / (1 - alpha_bar[t.numpy()])
-    expected = np.minimum(snr, gamma) / (snr if prediction == "eps" else snr + 1)
-    assert np.allclose(strategy.min_snr_weight(t).numpy(), expected, rtol=1e-4)
-    # high noise (SNR < gamma): eps weight is exactly 1; low noise: clipped to gamma / SNR < 1
-    w = strategy.min_snr_weight(t).numpy()
-    assert (w <= 1 + 1e-6).all() and (w[-1] == pytest.approx(1.0) if prediction == "eps" else w[0] < 1e-3)
-
-
-def test_v_target_and_its_inverse_round_trip():
-    for schedule in ("linear", "cosine"):
-        strategy = diffusion.DiffusionStrategy(diffusion.Config(schedule=schedule, prediction="v"), torch.rand(8, 3))
-        g = torch.Generator().manual_seed(0)
-        x0 = torch.rand(6, 3, 16, 16, generator=g, dtype=torch.float64) * 2 - 1
-        eps = torch.randn(6, 3, 16, 16, generator=g, dtype=torch.float64)
-        t = torch.tensor([0, 1, 300, 600, 998, 999])
-        strategy.schedule = {k: v.double() for k, v in strategy.schedule.items()}  # exact in float64
-        x_t = strategy.q_sample(x0, t, eps)
-        v = strategy.v_target(x0, t, eps)
-        x0_back, eps_back = strategy.x0_eps_from_v(x_t, t, v)
-        assert torch.allclose(x0_back, x0, atol=1e-6) and torch.allclose(eps_back, eps, atol=1e-6)
-
-
-def test_v_and_min_snr_losses_start_near_their_expected_values(sprites):
-    """Zero-initialised output: the v loss is E[v^2] = 1 and the eps loss 1, per pixel."""
-    for prediction in ("eps", "v"):
-        strategy, model = tiny_diffusion(sprites.palette, prediction=prediction)
-        torch.manual_seed(0)
-        assert strategy.loss(model, sprites.train[:32]).item() == pytest.approx(1.0, abs=0.2)
-
-
-def test_lr_warmup_and_cosine_decay():
-    strategy = diffusion.DiffusionStrategy(diffusion.Config(warmup_steps=10, lr_decay="cosine"), torch.rand(8, 3))
-    f = [strategy.lr_factor(step, 110) for step in range(110)]
-    assert f[0] == pytest.approx(0.1) and f[4] == pytest.approx(0.5) and f[9] == pytest.approx(1.0)
-    assert f[60] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))  # halfway through the decay
-    assert f[-1] < 0.01 and all(a >= b for a, b in zip(f[9:], f[10:]))
-    constant = diffusion.DiffusionStrategy(diffusion.Config(**diffusion.Config.LEGACY), torch.rand(8, 3))
-    assert {constant.lr_factor(s, 100) for s in range(100)} == {1.0}  # the reference keeps --lr fixed
-
-
-class GaussianOracle(nn.Module):
-    """The ideal eps_theta when every pixel of the data is N(mu, s^2), independent:
-    x_t = a x_0 + b eps is Gaussian too, and E[eps | x_t] = b (x_t - a mu) / (a^2 s^2 + b^2)
-    (a = sqrt(alpha_bar_t), b = sqrt(1 - alpha_bar_t))."""
-
-    def __init__(self, strategy, mu, s):
-        super().__init__()
-        self.sched, self.mu, self.s = strategy.schedule, mu, s
-
-    def forward(self, x, t):
-        a = self.sched["sqrt_alpha_bar"][t][:, None, None, None].double()
-        b = self.sched["sqrt_one_minus_alpha_bar"][t][:, None, None, None].double()
-        return (b * (x.double() - a * self.mu) / (a ** 2 * self.s ** 2 + b ** 2)).float()
-
-
-def test_dpm_solver_pp_recovers_a_gaussian_in_few_steps():
-    """With the oracle, the probability-flow ODE maps x_T to
-    x_0 = mu + s (x_T - a_T mu) / sqrt(a_T^2 s^2 + b_T^2) exactly (an affine map
-    between Gaussians). DPM-Solver++(2M) must land there in 10 steps, much
-    closer than DDIM (its first-order special case) with the same 10 steps."""
-    mu, s = 0.1, 0.2
-    strategy = diffusion.DiffusionStrategy(diffusion.Config(**diffusion.Config.LEGACY, sampler="dpm++", steps=10),
-                                           torch.rand(8, 3))  # the oracle predicts eps
-    oracle = GaussianOracle(strategy, mu, s)
-    n, seed = 8, 0
-    z = torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed))  # the sampler's x_T
-    a, b = strategy.schedule["sqrt_alpha_bar"][-1].item(), strategy.schedule["sqrt_one_minus_alpha_bar"][-1].item()
-    exact = mu + s * (z - a * mu) / math.sqrt(a ** 2 * s ** 2 + b ** 2)
-    dpm = strategy.sample_dpm_pp(oracle, n, torch.Generator().manual_seed(seed), 10)
-    ddim = strategy.sample_ddim(oracle, n, torch.Generator().manual_seed(seed), 10, 0.0)
-    err_dpm, err_ddim = (dpm - exact).abs().max().item(), (ddim - exact).abs().max().item()
-    assert err_dpm < 0.01, err_dpm
-    assert err_dpm < err_ddim / 3, (err_dpm, err_ddim)
-    assert dpm.mean().item() == pytest.approx(mu, abs=0.01) and dpm.std().item() == pytest.approx(s, abs=0.01)
-
-
-def test_dpm_solver_pp_is_finite_in_range_and_deterministic(sprites):
-    strategy, model = tiny_diffusion(sprites.palette, sampler="dpm++", prediction="v", schedule="cosine")
-    model.eval()
-    a = strategy.sample(model, 4, torch.Generator().manual_seed(3))
-    b = strategy.sample(model, 4, torch.Generator().manual_seed(3))
-    c = strategy.sample(model, 4, torch.Generator().manual_seed(4))
-    common.check_samples(a, 4)  # (4, 3, 16, 16), finite, in [0, 1]
-    assert torch.equal(a, b) and not torch.equal(a, c)
-    x_star = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    eps_strategy = diffusion.DiffusionStrategy(diffusion.Config(**diffusion.Config.LEGACY, sampler="dpm++", steps=10),
-                                               sprites.palette)
-    out = eps_strategy.sample(Oracle(eps_strategy, x_star), 2, torch.Generator().manual_seed(0))
-    assert torch.allclose(out, common.from_model_range(x_star).expand(2, -1, -1, -1), atol=2e-4)
-
-
-def test_time_to_quality_points_leave_training_unchanged(sprites, tmp_path):
+def test_common_time_to_quality_points_leave_training_unchanged(sprites, tmp_path):
     """--eval-every-minutes scores the EMA model while training; the points go
     to time_to_quality.json, and the losses are the same as without them
     (scoring forks the RNG). The LR warm-up hook sets the optimizer's lr."""
     losses = {}
     for every in (0.0, 1e-9):  # 1e-9 minutes: a point after every step
         torch.manual_seed(0)
-        cfg = tiny_diffusion_config(epochs=1, eval_every_minutes=every, n_eval=8, ema_decay=0.9, warmup_steps=8,
+        cfg = tiny_config("diffusion", epochs=1, eval_every_minutes=every, n_eval=8, ema_decay=0.9, warmup_steps=8,
                                     sampler="dpm++", batch_size=16)
         run = tmp_path / f"every-{every}"
         trainer = common.Trainer(diffusion.DiffusionStrategy(cfg, sprites.palette), cfg, sprites.train[:48],
@@ -1589,7 +682,7 @@ def test_time_to_quality_points_leave_training_unchanged(sprites, tmp_path):
     (False, 1.3, False, True),    # no flag found but measured faster: keep bf16
     (True, 0.5, False, True),     # native bf16 (avx512_bf16 / AMX): trust the hardware
 ])
-def test_amp_probe_decision(monkeypatch, capsys, native, ratio, force, expected):
+def test_common_amp_probe_decision(monkeypatch, capsys, native, ratio, force, expected):
     monkeypatch.setattr(common, "native_bf16", lambda device: (native, "mocked CPU flags"))
     monkeypatch.setattr(common, "bf16_probe", lambda device: ratio)
     assert common.amp_worth_it(torch.device("cpu"), force) is expected
@@ -1600,121 +693,18 @@ def test_amp_probe_decision(monkeypatch, capsys, native, ratio, force, expected)
         assert printed.count("\n") == 1 and "0.08x as fast as fp32" in printed and "--amp-force" in printed
 
 
-def test_amp_probe_really_measures_this_machine():
+def test_common_amp_probe_really_measures_this_machine():
     native, found = common.native_bf16(torch.device("cpu"))
     assert isinstance(native, bool) and found
     assert common.bf16_probe(torch.device("cpu")) > 0
 
 
-def test_compare_amp_samples_in_fp32_where_the_probe_says_bf16_is_slower(monkeypatch, capsys):
-    import compare
-    monkeypatch.setattr(common, "native_bf16", lambda device: (False, "mocked CPU flags"))
-    monkeypatch.setattr(common, "bf16_probe", lambda device: 0.08)
-    seen = {}
-    monkeypatch.setattr(compare, "compare", lambda configs, *args, **kw: seen.update(amp=args[6]))
-    compare.main(["--amp", "--quick", "--no-mlflow", "--device", "cpu"])
-    assert seen == {"amp": False} and "0.08x as fast as fp32" in capsys.readouterr().out
-
-
 # -----------------------------------------------------------------------------
-# compare.py
+# Every model of compare.py's registry: the Strategy contract, and its script
 # -----------------------------------------------------------------------------
 
 
-def test_compare_writes_figure_and_table_and_reloads_the_same_samples(dataset, tmp_path):
-    configs = {name: config_cls(**{**TINY[name], "epochs": 1, "data": str(dataset), "device": "cpu",
-                                   "mlflow": False, "out": str(tmp_path / "runs" / name), "n_eval": 8,
-                                   "sample_every": 0, **({"prior_epochs": 1} if name == "vqvae" else {})})
-               for name, (_, config_cls) in compare.MODELS.items()}
-    kw = dict(n_show=4, n_eval=8, device="cpu", use_mlflow=False)
-    fig, md = compare.compare(configs, str(dataset), tmp_path / "runs", **kw)
-    for row in ("| VAE |", "| VQ-VAE (prior) |", "| diffusion |", "| VQ-VAE (random codes) |",
-                "| real (validation, n="):
-        assert row in md, row
-    assert (tmp_path / "runs" / "comparison.md").read_text() == md
-    # Loading the finished runs instead of training: the same sprites under the same seed.
-    fig2, _ = compare.compare(configs, str(dataset), tmp_path / "again", checkpoints=tmp_path / "runs", **kw)
-    assert Image.open(fig).tobytes() == Image.open(fig2).tobytes()
-    with pytest.raises(common.UserError, match="no vae run"):
-        compare.compare(configs, str(dataset), tmp_path / "x", checkpoints=tmp_path / "empty", **kw)
-
-
-def fenced_python(page: Path) -> list[str]:
-    """The ```python blocks of a page, in order."""
-    return re.findall(r"```python\n(.*?)```", page.read_text(), re.S)
-
-
-def test_compare_fourth_model_from_tutorial_00(dataset, tmp_path):
-    """Tutorial 00's walkthrough, as written: its toy.py and its registry (compare.py's
-    own plus one line, and the import), in a scratch copy of the project; then
-    compare.py --quick trains, samples and scores the fourth model with no other edit."""
-    blocks = fenced_python(ROOT / "docs" / "learn" / "00-strategy-pattern.md")
-    toy = next(b for b in blocks if b.startswith('"""toy.py'))
-    registry = next(b for b in blocks if "REGISTRY = [" in b)
-    source = (ROOT / "compare.py").read_text()
-    ours = re.search(r"REGISTRY = \[\n.*?\n\]\n", source, re.S).group(0)
-    theirs = re.search(r"REGISTRY = \[\n.*?\n\]\n", registry, re.S).group(0)
-    added = [line for line in theirs.splitlines() if line not in ours.splitlines()]
-    assert added == ["    toy.ToyStrategy,"] and len(theirs.splitlines()) == len(ours.splitlines()) + 1
-    for name in ("common.py", "download.py", "vae.py", "vqvae.py", "diffusion.py"):
-        (tmp_path / name).symlink_to(ROOT / name)
-    (tmp_path / "toy.py").write_text(toy)
-    (tmp_path / "compare.py").write_text(source.replace(ours, theirs).replace("import vqvae\n", "import vqvae\nimport toy\n"))
-    r = subprocess.run([sys.executable, "compare.py", "--quick", "--models", "toy", "--data", str(dataset),
-                        "--out", str(tmp_path / "cmp"), "--no-mlflow", "--device", "cpu", "--n-show", "4",
-                        "--n-eval", "8"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert "=== training toy ===" in r.stdout and "epoch 2/2" in r.stdout  # its --quick budget
-    md = (tmp_path / "cmp" / "comparison.md").read_text()
-    assert "SMOKE RUN" in md and "| toy autoencoder |" in md and "| VAE |" not in md
-    assert (tmp_path / "cmp" / "toy" / "checkpoints" / "last.pt").exists()
-    help_ = subprocess.run([sys.executable, "compare.py", "--help"], cwd=tmp_path, capture_output=True, text=True)
-    assert "--epochs-toy" in help_.stdout and "toy epochs (default: 100)" in " ".join(help_.stdout.split())
-
-
-# -----------------------------------------------------------------------------
-# Docs: every relative link and image in README.md and docs/ resolves
-# -----------------------------------------------------------------------------
-
-
-def test_relative_links_and_images_resolve():
-    pages = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
-    broken = []
-    for page in pages:
-        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)  # links inside code blocks are examples
-        for target in re.findall(r"\]\(([^)\s]+)\)", text) + re.findall(r'<img[^>]+src="([^"]+)"', text):
-            if re.match(r"[a-z]+:", target) or target.startswith("#"):
-                continue  # a web address or an anchor on the same page
-            if not (page.parent / target.split("#")[0]).exists():
-                broken.append(f"{page.relative_to(ROOT)} -> {target}")
-    assert not broken, broken
-
-
-# The model files are compare.py's registry; each declares its tiny configuration (TINY) next to its Config.
-TINY: dict[str, dict] = {name: compare.module_of(cls).TINY for name, (cls, _) in compare.MODELS.items()}
-
-
-def model_modules():
-    return [compare.module_of(cls) for cls in compare.REGISTRY]
-
-
-def test_compare_registry_names_each_model_after_its_file():
-    # `python <name>.py` is how messages tell the user to resume or sample a <name> checkpoint.
-    for name, (cls, config_cls) in compare.MODELS.items():
-        assert issubclass(cls, common.Strategy) and cls.__module__ == name, (name, cls)
-        assert issubclass(config_cls, common.TrainConfig) and (ROOT / f"{name}.py").exists()
-
-
-@pytest.fixture(params=list(compare.MODELS))
-def model(request, dataset):
-    """(module, Strategy class, tiny Config, palette, fixed batch) for each model of the registry."""
-    cls, config_cls = compare.MODELS[request.param]
-    config = config_cls(**{**TINY[request.param], "data": str(dataset), "device": "cpu", "mlflow": False})
-    data = common.load_sprites(dataset, torch.device("cpu"))
-    return compare.module_of(cls), cls, config, data.palette, data.train[:16]
-
-
-def test_model_contract_shapes_dtype_range(model):
+def test_common_strategy_contract_shapes_dtype_range(model):
     module, cls, config, palette, batch = model
     strategy = cls(config, palette)
     torch.manual_seed(0)
@@ -1731,7 +721,7 @@ def test_model_contract_shapes_dtype_range(model):
     assert metrics and all(np.isfinite(float(v)) for v in metrics.values())
 
 
-def test_model_is_deterministic_under_a_seed(model):
+def test_common_strategy_is_deterministic_under_a_seed(model):
     module, cls, config, palette, batch = model
     results = []
     for _ in range(2):
@@ -1747,7 +737,7 @@ def test_model_is_deterministic_under_a_seed(model):
     assert torch.equal(results[0][1], results[1][1])
 
 
-def test_model_train_steps_reduce_the_loss_on_a_fixed_batch(model):
+def test_common_strategy_train_steps_reduce_the_loss_on_a_fixed_batch(model):
     module, cls, config, palette, batch = model
     torch.manual_seed(0)
     strategy = cls(config, palette)
@@ -1756,24 +746,16 @@ def test_model_train_steps_reduce_the_loss_on_a_fixed_batch(model):
     assert after < 0.9 * before, (before, after)
 
 
-def tiny_flags(name: str) -> list[str]:
-    flags = []
-    for k, v in TINY[name].items():
-        flag = "--" + k.replace("_", "-")
-        flags += ([flag] if v else ["--no-" + k.replace("_", "-")]) if isinstance(v, bool) else [flag, str(v)]
-    return flags
-
-
-def test_model_script_runs_and_samples_as_a_subprocess(model, dataset, tmp_path):
+def test_common_model_script_runs_and_samples_as_a_subprocess(model, dataset, tmp_path):
     module, *_ = model
     name = module.__name__
-    r = run_cli([f"{name}.py", *tiny_flags(name), "--epochs", "1", "--data", str(dataset),
-                 "--out", str(tmp_path / "run"), "--no-mlflow", "--device", "cpu"])
+    r = run_script(f"{name}.py", *tiny_flags(name), "--epochs", "1", "--data", str(dataset),
+                 "--out", str(tmp_path / "run"), "--no-mlflow", "--device", "cpu")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "parameters" in r.stdout and "epoch 1/1" in r.stdout and "sprite quality" in r.stdout
     assert (tmp_path / "run" / "samples" / "final.png").exists()
-    r = run_cli([f"{name}.py", "sample", "--checkpoint", str(tmp_path / "run" / "checkpoints" / "last.pt"),
-                 "--n", "4", "--out", str(tmp_path / "grid.png")])
+    r = run_script(f"{name}.py", "sample", "--checkpoint", str(tmp_path / "run" / "checkpoints" / "last.pt"),
+                 "--n", "4", "--out", str(tmp_path / "grid.png"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert Image.open(tmp_path / "grid.png").size == ((4 * 17 + 1) * 4, (1 * 17 + 1) * 4)
 
@@ -1781,21 +763,22 @@ def test_model_script_runs_and_samples_as_a_subprocess(model, dataset, tmp_path)
 # -----------------------------------------------------------------------------
 # Bad input and faults: one clean line, exit status 2, nothing lost (issue 12)
 # -----------------------------------------------------------------------------
+
+
 # Every expected failure of every script is `error: <what is wrong>; <what to
 # do>` on one line with exit status 2 and no traceback, and leaves its input
 # files as they were. The table runs each script's own main() in this process
 # (fast); the rows that depend on the environment of a fresh process run as a
 # subprocess. Concurrency, MLflow server loss, resume with new flags, a full
 # disk and Ctrl-C have their own tests below.
-
-
 @pytest.fixture(scope="module")
 def fault_inputs(dataset, tmp_path_factory) -> dict[str, str]:
     """Files the bad-input table points at: finished runs, garbage, degenerate
     datasets, a zip bomb and a zip whose header lies about its member's size."""
     d = tmp_path_factory.mktemp("faults")
-    tiny = common.train(TinyStrategy, tiny_config(dataset, d / "tiny", epochs=1)) / "checkpoints" / "last.pt"
-    vae_ckpt = common.train(vae.VAEStrategy, tiny_vae_config(dataset, d / "vae")) / "checkpoints" / "last.pt"
+    tiny = common.train(TinyStrategy, tiny_config("tiny", dataset, d / "tiny", epochs=1)) / "checkpoints" / "last.pt"
+    vae_run = common.train(vae.VAEStrategy, tiny_config("vae", dataset, d / "vae", epochs=1, sample_every=0))
+    vae_ckpt = vae_run / "checkpoints" / "last.pt"
     (d / "garbage.pt").write_bytes(b"not a checkpoint")
     (d / "garbage.npz").write_bytes(b"PK\x03\x04 not a dataset")
     (d / "afile").write_text("a file, not a folder")
@@ -1829,7 +812,7 @@ BAD_INPUT = [  # (script, arguments, one-line message fragment, paths that must 
     ("diffusion.py", ["--resume", "{vae}"], "is a vae checkpoint, not diffusion", []),
     ("vae.py", ["--resume", "{vae}", "--latent-dim", "4"], "does not fit the model built from --latent-dim 4", []),
     (T, ["--resume", "{dir}/garbage.pt"], "cannot load checkpoint", []),
-    # unwritable --out (case 6; a full and a read-only disk: test_full_and_read_only_disk)
+    # unwritable --out (case 6; a full and a read-only disk: test_common_full_and_read_only_disk)
     (T, [*TRAIN_FLAGS, "--out", "/proc/i12-run"], "cannot write or read /proc/i12-run", []),
     (T, [*TRAIN_FLAGS, "--out", "{dir}/afile/run"], "a file is in the way", []),
     (T, [*SAMPLE, "--out", "/proc/i12.png"], "cannot write or read /proc/i12.png", []),
@@ -1848,7 +831,7 @@ BAD_INPUT = [  # (script, arguments, one-line message fragment, paths that must 
     # compare.py does not create --out when it then fails (case 6)
     ("compare.py", ["--checkpoints", "{dir}/none", "--out", "{dir}/cmp4", "--no-mlflow", "--device", "cpu",
                     "--data", "{data}"], "no vae run in", ["{dir}/cmp4"]),
-    # degenerate and corrupt datasets (case 9; an empty validation split trains: test_empty_validation_split)
+    # degenerate and corrupt datasets (case 9; an empty validation split trains: test_common_empty_validation_split)
     (T, [*TRAIN_FLAGS, "--data", "{dir}/short_is_val.npz"], "but is_val of shape", []),
     (T, [*TRAIN_FLAGS, "--data", "{dir}/empty.npz"], "has no training sprites (0 sprites", []),
     (T, [*TRAIN_FLAGS, "--data", "{dir}/all_val.npz"], "has no training sprites", []),
@@ -1904,7 +887,7 @@ def assert_one_clean_line(code, out, err, fragment):
 
 @pytest.mark.parametrize("script, args, fragment, absent", BAD_INPUT,
                          ids=[f"{s} {' '.join(a[-2:])}" for s, a, _, _ in BAD_INPUT])
-def test_bad_input_is_one_clean_line_and_changes_no_file(script, args, fragment, absent, fault_inputs,
+def test_common_bad_input_is_one_clean_line_and_changes_no_file(script, args, fragment, absent, fault_inputs,
                                                          monkeypatch, capsys):
     fill = lambda s: s.format(**fault_inputs)
     before = file_hashes(fault_inputs["dir"], Path(fault_inputs["data"]).parent)
@@ -1918,34 +901,15 @@ def test_bad_input_is_one_clean_line_and_changes_no_file(script, args, fragment,
 
 @pytest.mark.parametrize("script, args, uri, fragment, absent", BAD_INPUT_SUBPROCESS,
                          ids=[row[2] for row in BAD_INPUT_SUBPROCESS])
-def test_bad_tracking_uri_is_one_clean_line(script, args, uri, fragment, absent, fault_inputs):
+def test_common_bad_tracking_uri_is_one_clean_line(script, args, uri, fragment, absent, fault_inputs):
     fill = lambda s: s.format(**fault_inputs)
-    r = run_cli([script, *map(fill, args)], env={**os.environ, "MLFLOW_TRACKING_URI": uri})
+    r = run_script(script, *map(fill, args), env={**os.environ, "MLFLOW_TRACKING_URI": uri})
     assert_one_clean_line(r.returncode, r.stdout, r.stderr, fragment)
     for path in absent:
         assert not Path(fill(path)).exists(), f"{fill(path)} was left behind"
 
 
-def test_zip_member_is_read_in_bounded_chunks(monkeypatch):
-    """The header is checked first, but not trusted: the member is read in
-    chunks and refused as soon as it passes the bound."""
-    data = make_zip({download.SHEET_NAME: b"\1" * 5000})
-    monkeypatch.setattr(download, "MAX_MEMBER_BYTES", 10_000)
-    assert len(download.sheet_from_zip(data)) == 5000
-    monkeypatch.setattr(download, "MAX_MEMBER_BYTES", 4096)
-    with pytest.raises(download.DataError, match="inflates to more than"):
-        download.sheet_from_zip(data)
-    # A header that under-states the size: still refused, by counting what is read.
-    class Archive:  # yields more bytes than its header says (Python's zipfile would stop at the header's size)
-        def open(self, info):
-            return io.BytesIO(b"\1" * 5000)
-    info = zipfile.ZipInfo(download.SHEET_NAME)
-    info.file_size = 100
-    with pytest.raises(download.DataError, match="inflates to more than"):
-        download.read_member(Archive(), info, "test")
-
-
-def test_help_of_every_script_and_subcommand():
+def test_common_help_of_every_script_and_subcommand():
     """`--help` of every script and mode prints its help and exits 0 (a '%'
     in a Config comment once crashed diffusion.py --help): every model of the
     registry, test_contracts.py's tiny model, compare.py and download.py, and
@@ -1977,7 +941,7 @@ def test_help_of_every_script_and_subcommand():
         "            code = e.code\n"
         "    results.append((script, argv, code, out.getvalue()))\n"
         "print(json.dumps(results))\n")
-    r = run_cli(["-c", script])
+    r = run_script("-c", script)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
     for script_name, argv, code, text in json.loads(r.stdout.splitlines()[-1]):
         assert code == 0 and text.lstrip().startswith(("usage:", "=== vae ===\nusage:")) and "--help" in text, \
@@ -1985,7 +949,7 @@ def test_help_of_every_script_and_subcommand():
     assert len(json.loads(r.stdout.splitlines()[-1])) == len(cases) >= 19  # 4 models x 3 modes + 7 more
 
 
-def test_two_runs_into_one_folder_second_refused_first_unharmed(dataset, tmp_path):
+def test_common_two_runs_into_one_folder_second_refused_first_unharmed(dataset, tmp_path):
     """A run claims its folder (run.lock, with its PID): a second run, or a
     resume of its checkpoint, is refused in one line while it lives; the first
     finishes untouched; the lock is gone afterwards."""
@@ -1999,10 +963,10 @@ def test_two_runs_into_one_folder_second_refused_first_unharmed(dataset, tmp_pat
             if line.startswith("epoch"):  # a checkpoint exists now
                 break
         assert (out / "run.lock").read_text().strip() == str(first.pid)
-        second = run_cli(["test_contracts.py", "--epochs", "3", "--seed", "1", *flags])
+        second = run_script("test_contracts.py", "--epochs", "3", "--seed", "1", *flags)
         assert_one_clean_line(second.returncode, second.stdout, second.stderr,
                               f"is in use by another run (PID {first.pid})")
-        again = run_cli(["test_contracts.py", "--resume", str(out / "checkpoints" / "last.pt"), "--epochs", "5"])
+        again = run_script("test_contracts.py", "--resume", str(out / "checkpoints" / "last.pt"), "--epochs", "5")
         assert_one_clean_line(again.returncode, again.stdout, again.stderr, f"(PID {first.pid})")
     finally:
         first.send_signal(signal.SIGINT)
@@ -2013,7 +977,7 @@ def test_two_runs_into_one_folder_second_refused_first_unharmed(dataset, tmp_pat
     assert not (out / "run.lock").exists()
 
 
-def test_ctrl_c_while_a_script_imports_exits_quietly():
+def test_common_ctrl_c_while_a_script_imports_exits_quietly():
     proc = subprocess.Popen([sys.executable, "vae.py", "--help"], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     time.sleep(1.0)  # past the interpreter's start, inside `import torch` (seconds on 2 cores)
@@ -2024,14 +988,14 @@ def test_ctrl_c_while_a_script_imports_exits_quietly():
     assert proc.returncode == 130 and "Traceback" not in err, err
 
 
-def test_stale_lock_and_orphan_temp_files_are_taken_over(dataset, tmp_path, capsys):
+def test_common_stale_lock_and_orphan_temp_files_are_taken_over(dataset, tmp_path, capsys):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "run.lock").write_text(f"{dead.pid}\n")
     (run / "checkpoints" / "last.pt.k3x9.tmp").write_bytes(b"half a checkpoint")
-    common.train(TinyStrategy, tiny_config(dataset, tmp_path, epochs=1))
+    common.train(TinyStrategy, tiny_config("tiny", dataset, tmp_path, epochs=1))
     out = capsys.readouterr().out
     assert f"was left by PID {dead.pid}, which has ended; taking the folder over" in out
     assert "removed 1 temporary file(s)" in out
@@ -2039,13 +1003,13 @@ def test_stale_lock_and_orphan_temp_files_are_taken_over(dataset, tmp_path, caps
     assert common.load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 1
 
 
-def test_a_failed_start_leaves_no_run_folder(dataset, tmp_path):
+def test_common_a_failed_start_leaves_no_run_folder(dataset, tmp_path):
     with pytest.raises(common.UserError, match="does not fit"):  # fails after the folder was claimed
-        part = common.train(TinyStrategy, tiny_config(dataset, tmp_path / "a", epochs=1))
-        common.train(TinyStrategy, tiny_config(dataset, tmp_path / "a", epochs=2, hidden=8,
+        part = common.train(TinyStrategy, tiny_config("tiny", dataset, tmp_path / "a", epochs=1))
+        common.train(TinyStrategy, tiny_config("tiny", dataset, tmp_path / "a", epochs=2, hidden=8,
                                                resume=str(part / "checkpoints" / "last.pt")))
     with pytest.raises(common.UserError, match="MLFLOW_TRACKING_URI"):
-        cfg = tiny_config(dataset, tmp_path / "b" / "deep", mlflow=True)
+        cfg = tiny_config("tiny", dataset, tmp_path / "b" / "deep", mlflow=True)
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("MLFLOW_TRACKING_URI", "http//nowhere")
             common.train(TinyStrategy, cfg)
@@ -2054,8 +1018,8 @@ def test_a_failed_start_leaves_no_run_folder(dataset, tmp_path):
     assert common.load_checkpoint(tmp_path / "a" / "run" / "checkpoints" / "last.pt")["epoch"] == 1
 
 
-def test_resume_with_new_optimizer_flags_takes_effect_and_says_so(dataset, tmp_path, capsys):
-    part = common.train(TinyStrategy, tiny_config(dataset, tmp_path, epochs=1))
+def test_common_resume_with_new_optimizer_flags_takes_effect_and_says_so(dataset, tmp_path, capsys):
+    part = common.train(TinyStrategy, tiny_config("tiny", dataset, tmp_path, epochs=1))
     ckpt = part / "checkpoints" / "last.pt"
     config = common.parse_train_args(TinyConfig, ["--resume", str(ckpt), "--epochs", "2", "--lr", "0.0005",
                                                   "--weight-decay", "0.01"])
@@ -2116,7 +1080,7 @@ class FakeMLflowServer:
         self.httpd.server_close()
 
 
-def test_mlflow_server_lost_mid_run_costs_seconds_and_is_noted(dataset, tmp_path, monkeypatch, capsys):
+def test_common_mlflow_server_lost_mid_run_costs_seconds_and_is_noted(dataset, tmp_path, monkeypatch, capsys):
     """The server dies after epoch 1's metrics: one warning, no further MLflow
     call (so no retries), training finishes, metrics.json says where tracking
     stopped, and the MLflow calls after the loss cost a few seconds in all."""
@@ -2139,7 +1103,7 @@ def test_mlflow_server_lost_mid_run_costs_seconds_and_is_noted(dataset, tmp_path
     previous = mlflow.get_tracking_uri()  # an earlier test may have set one for this process
     mlflow.set_tracking_uri(server.url)
     try:
-        run = common.train(TinyStrategy, tiny_config(dataset, tmp_path, epochs=4, mlflow=True))
+        run = common.train(TinyStrategy, tiny_config("tiny", dataset, tmp_path, epochs=4, mlflow=True))
     finally:
         mlflow.set_tracking_uri(previous)
     out = capsys.readouterr().out
@@ -2155,14 +1119,14 @@ def test_mlflow_server_lost_mid_run_costs_seconds_and_is_noted(dataset, tmp_path
     assert later.run_id is None and "MLflow failed earlier" in later.stopped
 
 
-def test_empty_validation_split_trains_and_notes_it(dataset, tmp_path, capsys):
+def test_common_empty_validation_split_trains_and_notes_it(dataset, tmp_path, capsys):
     with np.load(dataset) as z:
         arrays = {k: z[k] for k in z.files}
     path = tmp_path / "no_val.npz"
     np.savez_compressed(path, **{**arrays, "is_val": np.zeros(len(arrays["images"]), bool)})
     before = hashlib.sha256(path.read_bytes()).hexdigest()
-    for strategy, config in ((vae.VAEStrategy, tiny_vae_config(path, tmp_path / "vae", sample_every=1)),
-                             (vqvae.VQVAEStrategy, tiny_vq(path, epochs=1, out=str(tmp_path / "vq")))):
+    for strategy, config in ((vae.VAEStrategy, tiny_config("vae", path, tmp_path / "vae", epochs=1, sample_every=1)),
+                             (vqvae.VQVAEStrategy, tiny_config("vqvae", path, epochs=1, out=str(tmp_path / "vq")))):
         metrics = json.loads((common.train(strategy, config) / "metrics.json").read_text())
         assert "no validation sprites" in metrics["note"]
         assert not any(k.startswith("val/") for k in metrics) and np.isfinite(metrics["sample/precision"])
@@ -2170,7 +1134,7 @@ def test_empty_validation_split_trains_and_notes_it(dataset, tmp_path, capsys):
     assert hashlib.sha256(path.read_bytes()).hexdigest() == before
 
 
-def test_full_and_read_only_disk_are_one_line_and_keep_the_last_checkpoint(dataset, tmp_path, monkeypatch, capsys):
+def test_common_full_and_read_only_disk_are_one_line_and_keep_the_last_checkpoint(dataset, tmp_path, monkeypatch, capsys):
     """A 1 MB tmpfs holds one checkpoint of the tiny model (~0.6 MB) but not
     the temporary copy of the next: the run stops with one line naming the
     last good checkpoint, which is whole. Then the same disk read-only."""
@@ -2203,7 +1167,7 @@ def test_full_and_read_only_disk_are_one_line_and_keep_the_last_checkpoint(datas
 # -----------------------------------------------------------------------------
 
 
-def test_mlflow_run_has_a_step_0_grid_a_descriptive_name_and_no_plumbing_params(dataset, tmp_path, monkeypatch,
+def test_common_mlflow_run_has_a_step_0_grid_a_descriptive_name_and_no_plumbing_params(dataset, tmp_path, monkeypatch,
                                                                                 capsys):
     import logging
     import warnings
@@ -2224,7 +1188,7 @@ def test_mlflow_run_has_a_step_0_grid_a_descriptive_name_and_no_plumbing_params(
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            run_dir = common.train(TinyStrategy, tiny_config(dataset, tmp_path, epochs=2, sample_every=1,
+            run_dir = common.train(TinyStrategy, tiny_config("tiny", dataset, tmp_path, epochs=2, sample_every=1,
                                                              mlflow=True, lr=0.003))
     finally:
         for name in ("mlflow", "alembic"):
@@ -2265,14 +1229,18 @@ def test_mlflow_run_has_a_step_0_grid_a_descriptive_name_and_no_plumbing_params(
     assert child.experiment == "compare" and "in experiment 'compare'" in capsys.readouterr().out.splitlines()[-1]
 
 
-def test_run_name_lists_choice_fields_and_changed_flags():
+def test_common_run_name_lists_the_named_fields_and_changed_flags():
     when = time.strptime("2026-01-02 03:04", "%Y-%m-%d %H:%M")
     assert common.run_name("vae", vae.Config(), when) == "vae ce 200ep 2026-01-02 03:04"
     name = common.run_name("vae", vae.Config(recon_loss="mse", kl_weight=1e-3, out="x", device="cpu"), when)
     assert name == "vae mse 200ep kl-weight=0.001 2026-01-02 03:04"  # no plumbing (out, device)
+    assert common.run_name("vqvae", vqvae.Config(sampler="random"), when) == "vqvae ce random 500ep 2026-01-02 03:04"
+    # diffusion names no choice field: its choices appear as changed flags, like any other
+    name = common.run_name("diffusion", diffusion.Config(condition="colour", sampler="ddim"), when)
+    assert name == "diffusion 110ep sampler=ddim condition=colour 2026-01-02 03:04"
 
 
-def test_progress_line_fits_110_columns_and_starts_with_the_losses():
+def test_common_progress_line_fits_110_columns_and_starts_with_the_losses():
     metrics = {"train/loss": 2.0361, "train/recon": 2.0359, "train/kl": 0.05122, "train/grad_norm": 0.9,
                "val/recon": 1.997, "val/kl": 0.5647, "val/loss": 1.9971, "val/nelbo": 511.8, "val/bpd": 2.884,
                "val/pixel_acc": 0.7007, "system/images_per_sec": 40.2}
@@ -2282,7 +1250,7 @@ def test_progress_line_fits_110_columns_and_starts_with_the_losses():
     assert line.endswith("| 40 img/s | 0:00:20, ETA 1:00:00")
 
 
-def test_sample_out_decides_by_suffix():
+def test_common_sample_out_decides_by_suffix():
     assert common.sample_out("", "runs/vae/x/checkpoints/last.pt", 3) == Path("runs/vae/x/sample-seed3.png")
     assert common.sample_out("", "elsewhere/model.pt", 0) == Path("elsewhere/sample-seed0.png")
     for out in ("grid.png", "GRID.PNG", "sprites", "anim.gif"):
@@ -2291,32 +1259,22 @@ def test_sample_out_decides_by_suffix():
         common.sample_out("out.jpg", "c.pt", 0)
 
 
-@pytest.fixture(scope="module")
-def vae_run(dataset, tmp_path_factory) -> Path:
-    """One tiny finished vae run laid out as the model script writes it: runs/vae/<date-time>/."""
-    root = tmp_path_factory.mktemp("runs")
-    config = vae.Config(**{**TINY["vae"], "epochs": 1, "data": str(dataset), "device": "cpu", "mlflow": False,
-                           "out": str(root / "vae" / "20260101-000000"), "sample_every": 0, "n_eval": 16})
-    with contextlib.redirect_stdout(io.StringIO()):
-        return common.train(vae.VAEStrategy, config)
-
-
-def test_sample_writes_by_suffix_into_the_run_folder_and_never_imports_mlflow(vae_run, tmp_path):
+def test_common_sample_writes_by_suffix_into_the_run_folder_and_never_imports_mlflow(vae_run, tmp_path):
     ckpt = vae_run / "checkpoints" / "last.pt"
     # The default output goes next to the run, and sampling does not load MLflow (seconds of imports).
     probe = ("import runpy, sys; sys.argv = ['vae.py', 'sample', '--checkpoint', sys.argv[1], '--n', '4']; "
              "runpy.run_path('vae.py', run_name='__main__'); print('mlflow loaded:', 'mlflow' in sys.modules)")
-    r = run_cli(["-c", probe, str(ckpt)])
+    r = run_script("-c", probe, str(ckpt))
     assert r.returncode == 0, r.stderr
     assert "mlflow loaded: False" in r.stdout and (vae_run / "sample-seed0.png").exists()
-    r = run_cli(["vae.py", "sample", "--checkpoint", str(ckpt), "--n", "4", "--out", str(tmp_path / "out.jpg")])
+    r = run_script("vae.py", "sample", "--checkpoint", str(ckpt), "--n", "4", "--out", str(tmp_path / "out.jpg"))
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "cannot write .jpg files" in r.stderr
     assert not (tmp_path / "out.jpg").exists()
-    r = run_cli(["vae.py", "sample", "--checkpoint", str(ckpt), "--out", str(tmp_path / "a.gif")])
+    r = run_script("vae.py", "sample", "--checkpoint", str(ckpt), "--out", str(tmp_path / "a.gif"))
     assert r.returncode == 2 and "no sampling trajectory to animate" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_help_shows_the_modes_each_default_once_and_sample_only_sampling_flags(capsys):
+def test_common_help_shows_the_modes_each_default_once_and_sample_only_sampling_flags(capsys):
     with pytest.raises(SystemExit):
         vae.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
@@ -2327,6 +1285,1069 @@ def test_help_shows_the_modes_each_default_once_and_sample_only_sampling_flags(c
         vae.main(["sample", "--help"])
     text = capsys.readouterr().out
     assert "--temperature" in text and "--kl-weight" not in text and "--kl-warmup-epochs" not in text
+
+
+def test_common_slow_throughput_hint_with_the_probe_mocked(dataset, tmp_path, monkeypatch, capsys):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(common, "cpu_probe", lambda: (12.0, 0.3))  # other processes took 70% of the cores
+    hint = common.contention_hint(cpu, "OMP_NUM_THREADS=1 python vae.py --resume X")
+    assert hint.startswith("hint: other processes share these CPU cores (a quick probe got 30% of 2 threads'")
+    assert hint.endswith("Ctrl-C, then OMP_NUM_THREADS=1 python vae.py --resume X") and "\n" not in hint
+    assert common.contention_hint(torch.device("cuda"), "X") == ""
+    # In a run: printed once, after the first epoch, with this run's checkpoint.
+    common.train(TinyStrategy, tiny_config("tiny", dataset, tmp_path, epochs=2))
+    out = capsys.readouterr().out
+    assert out.count("hint: ") == 1 and f"--resume {tmp_path / 'run' / 'checkpoints' / 'last.pt'}" in out
+    assert out.index("hint: ") > out.index("epoch 1/2") and out.index("hint: ") < out.index("epoch 2/2")
+    # Cores to ourselves, or one thread: no hint.
+    monkeypatch.setattr(common, "cpu_probe", lambda: (100.0, 0.95))
+    assert common.contention_hint(cpu, "X") == ""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    monkeypatch.setattr(common, "cpu_probe", lambda: (12.0, 0.3))
+    assert common.contention_hint(cpu, "X") == ""
+
+
+def test_common_the_real_probe_is_cheap():
+    t0 = time.perf_counter()
+    gflops, share = common.cpu_probe()
+    assert gflops > 0 and 0 < share <= 1.5
+    assert time.perf_counter() - t0 < 3.0  # 0.33 s measured on 2 loaded cores; generous
+
+
+def one_colour_sprites(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """n sprites (n, 3, 16, 16) in [0, 1] on black, sprite i a random blob in
+    SHEET_COLOURS[i % 7]; and those colour indices (n,)."""
+    g = torch.Generator().manual_seed(seed)
+    colours = torch.tensor(SHEET_COLOURS, dtype=torch.float32) / 255  # (7, 3)
+    which = torch.arange(n) % 7
+    masks = torch.rand(n, 1, 16, 16, generator=g) < torch.rand(n, 1, 1, 1, generator=g) * 0.5 + 0.1  # (n, 1, 16, 16)
+    return masks * colours[which][:, :, None, None], which
+
+
+# -----------------------------------------------------------------------------
+# Class labels (common.Labeller)
+# -----------------------------------------------------------------------------
+
+
+def test_common_colour_labels_are_the_known_colours_and_labels_are_deterministic(dataset):
+    x, which = one_colour_sprites(70)
+    palette = torch.from_numpy(common.kmeans_palette((x.permute(0, 2, 3, 1) * 255).round().numpy().reshape(-1, 3))) / 255
+    labeller = common.Labeller("colour", palette)
+    assert labeller.n_classes == 7
+    y = labeller(x)
+    class_rgb = (palette[labeller.colours] * 255).round().int()  # (7, 3) the colour of each class
+    assert [tuple(c) for c in class_rgb[y].tolist()] == [SHEET_COLOURS[i] for i in which.tolist()]
+    assert labeller(x.flip(-1)).equal(y) and labeller(torch.zeros(1, 3, 16, 16)).item() == -1  # no foreground
+    assert labeller.names.count("red") == 1 and labeller.parse("red") == labeller.names.index("red")
+    sprites = common.load_sprites(dataset, torch.device("cpu"))
+    a, b = (common.make_labeller("cluster", sprites.palette, str(dataset), 4, 0) for _ in range(2))
+    assert a.centres.shape == (4, 256) and a.centres.equal(b.centres) and a(sprites.train).equal(b(sprites.train))
+    counts = torch.bincount(a(sprites.train), minlength=4)
+    assert (counts > 0).all() and counts.tolist() == sorted(counts.tolist(), reverse=True)  # largest cluster first
+    assert not a.centres.equal(common.make_labeller("cluster", sprites.palette, str(dataset), 4, 1).centres)
+
+
+# =============================================================================
+# vae.py
+# =============================================================================
+
+
+MODES = ["mse", "bce", "ce"]
+
+
+# -----------------------------------------------------------------------------
+# Contract checks
+# -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_vae_strategy_contract(sprites, mode):
+    strategy, model = tiny_model("vae", sprites.palette, recon_loss=mode)
+    batch = sprites.train[:16]
+    out = strategy.train_step(model, batch)
+    assert set(out) == {"loss", "recon", "kl"}
+    assert out["loss"].dim() == 0 and torch.isfinite(out["loss"]) and out["loss"].requires_grad
+    assert out["kl"] >= 0
+
+    gen = lambda: torch.Generator().manual_seed(3)
+    x = strategy.sample(model, 5, gen())
+    assert x.shape == (5, 3, 16, 16) and x.dtype == torch.float32
+    assert 0 <= x.min() and x.max() <= 1
+    assert torch.equal(x, strategy.sample(model, 5, gen()))                       # same seed, same sprites
+    if mode != "ce":  # an untrained ce decoder's argmax is the same colour for every z
+        assert not torch.equal(x, strategy.sample(model, 5, torch.Generator().manual_seed(4)))
+
+    metrics = strategy.get_metrics(model, sprites.val[:8])
+    expected = {"loss", "recon", "kl", "nelbo", "pixel_acc"} | ({"bpd"} if mode == "ce" else set())
+    assert set(metrics) == expected and all(math.isfinite(v) for v in metrics.values())
+    assert 0 <= metrics["pixel_acc"] <= 1
+    if mode == "ce":
+        assert metrics["bpd"] == pytest.approx(metrics["nelbo"] / (256 * math.log(2)), rel=1e-5)
+
+    pictures = strategy.images(model, sprites.val, torch.Generator().manual_seed(0))
+    rec, per_row = pictures["reconstructions"]
+    assert per_row == min(8, len(sprites.val)) and rec.shape[0] % (2 * per_row) == 0 and rec.shape[1:] == (3, 16, 16)
+    assert torch.equal(rec[:8], rec[:8].clamp(0, 1))
+    inter, per_row = pictures["interpolation"]
+    assert per_row == 10 and inter.shape[0] % 10 == 0 and 0 <= inter.min() and inter.max() <= 1
+
+
+def test_vae_tiny_run_writes_pictures_and_repeats_exactly(dataset, tmp_path):
+    a = common.train(vae.VAEStrategy, tiny_config("vae", dataset, tmp_path / "a", epochs=1, sample_every=0))
+    b = common.train(vae.VAEStrategy, tiny_config("vae", dataset, tmp_path / "b", epochs=1, sample_every=0))
+    ha, hb = (common.load_checkpoint(r / "checkpoints" / "last.pt")["history"] for r in (a, b))
+    assert [h["train/loss"] for h in ha] == [h["train/loss"] for h in hb]
+    assert Image.open(a / "samples" / "final.png").tobytes() == Image.open(b / "samples" / "final.png").tobytes()
+    for name in ("samples", "reconstructions", "interpolation"):
+        assert (a / name / "final.png").exists(), name
+    metrics = json.loads((a / "metrics.json").read_text())
+    for key in ("train/recon", "train/kl", "val/recon", "val/kl", "val/nelbo", "val/bpd", "sample/precision"):
+        assert key in metrics and math.isfinite(metrics[key]), key
+
+
+# -----------------------------------------------------------------------------
+# Reference formulas
+# -----------------------------------------------------------------------------
+
+
+def test_vae_closed_form_kl_matches_torch_distributions():
+    g = torch.Generator().manual_seed(0)
+    mu, logvar = torch.randn(6, 32, generator=g) * 2, torch.randn(6, 32, generator=g)
+    q = torch.distributions.Normal(mu, torch.exp(0.5 * logvar))
+    p = torch.distributions.Normal(torch.zeros_like(mu), torch.ones_like(mu))
+    expected = torch.distributions.kl_divergence(q, p).sum(1)
+    assert torch.allclose(vae.kl_divergence(mu, logvar), expected, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(vae.kl_divergence(torch.zeros(2, 5), torch.zeros(2, 5)), torch.zeros(2))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_vae_negative_elbo_is_minus_the_decoder_log_likelihood_plus_kl(sprites, mode):
+    strategy, _ = tiny_model("vae", sprites.palette, recon_loss=mode, kl_weight=5e-4)
+    g = torch.Generator().manual_seed(1)
+    x = sprites.val[:4]
+    kl = torch.rand(4, generator=g)
+    if mode == "mse":
+        mean = torch.randn(4, 3, 16, 16, generator=g)
+        sigma = math.sqrt(128 * 5e-4)  # the variance the docstring states
+        log_p = torch.distributions.Normal(mean, sigma).log_prob(common.to_model_range(x)).sum((1, 2, 3))
+        out = mean
+    elif mode == "bce":
+        x = (x > 0.5).float()  # Bernoulli is a likelihood for binary values only
+        out = torch.randn(4, 3, 16, 16, generator=g)
+        log_p = torch.distributions.Bernoulli(logits=out).log_prob(x).sum((1, 2, 3))
+    else:
+        out = torch.randn(4, sprites.palette.shape[0], 16, 16, generator=g)
+        index = common.palette_index(x, sprites.palette)
+        log_p = torch.distributions.Categorical(logits=out.permute(0, 2, 3, 1)).log_prob(index).sum((1, 2))
+    assert torch.allclose(strategy.negative_elbo(out, x, kl), -log_p + kl, rtol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# Training, warm-up, sampling
+# -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_vae_each_recon_loss_reduces_the_loss_on_a_fixed_batch(sprites, mode):
+    strategy, model = tiny_model("vae", sprites.palette, recon_loss=mode)
+    before, after = loss_before_after(strategy, model, sprites.train[:32], steps=40, lr=3e-3)
+    assert after < 0.7 * before, (before, after)
+
+
+def test_vae_kl_warmup_is_linear_then_constant(sprites):
+    strategy, model = tiny_model("vae", sprites.palette, kl_weight=0.01, kl_warmup_epochs=4)
+    weights = []
+    for epoch in range(1, 7):
+        strategy.on_epoch_start(model, epoch)
+        weights.append(strategy.kl_weight)
+    assert weights == pytest.approx([0.0025, 0.005, 0.0075, 0.01, 0.01, 0.01])
+    no_warmup, _ = tiny_model("vae", sprites.palette, kl_weight=0.01, kl_warmup_epochs=0)
+    assert no_warmup.kl_weight == 0.01
+
+
+def test_vae_ce_samples_are_exact_palette_colours_and_temperature_draws_from_the_generator(sprites):
+    strategy, model = tiny_model("vae", sprites.palette, recon_loss="ce")
+    x = strategy.sample(model, 6, torch.Generator().manual_seed(0))
+    pixels = x.permute(0, 2, 3, 1).reshape(-1, 1, 3)  # (6 * 256, 1, 3)
+    assert (pixels == sprites.palette[None]).all(-1).any(-1).all()
+    # With temperature the pixels are draws: new generator seed, new pixels even for one z.
+    hot, _ = tiny_model("vae", sprites.palette, recon_loss="ce", temperature=1.0)
+    z = torch.zeros(1, model.latent_dim)
+    a = hot.decode(model, z, torch.Generator().manual_seed(0), temperature=1.0)
+    b = hot.decode(model, z, torch.Generator().manual_seed(1), temperature=1.0)
+    c = hot.decode(model, z, torch.Generator().manual_seed(0), temperature=1.0)
+    assert torch.equal(a, c) and not torch.equal(a, b)
+
+
+def test_vae_sample_mode_writes_pngs_of_the_right_size(dataset, tmp_path):
+    run = common.train(vae.VAEStrategy,
+                       tiny_config("vae", dataset, tmp_path, epochs=1, sample_every=0, recon_loss="ce"))
+    ckpt = run / "checkpoints" / "last.pt"
+    r = run_script("vae.py", "sample", "--checkpoint", ckpt, "--n", 10, "--out", tmp_path / "g.png", "--temperature", 0.5)
+    assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / "g.png").size == ((8 * 17 + 1) * 4, (2 * 17 + 1) * 4)
+    r = run_script("vae.py", "sample", "--checkpoint", ckpt, "--n", 3, "--out", tmp_path / "each")
+    assert r.returncode == 0, r.stderr
+    pngs = sorted((tmp_path / "each").glob("*.png"))
+    assert len(pngs) == 3 and all(Image.open(p).size == (16, 16) for p in pngs)
+
+
+def test_vae_latent_stats_count_active_units_and_measure_the_aggregate_posterior():
+    torch.manual_seed(0)
+    n = 20000
+    # dims 0-1 informative: mu ~ N(0, 0.75), sigma^2 = 0.25, so q(z) = N(0, 1) exactly;
+    # dims 2-3 collapsed: q(z_j|x) = N(0, 1) for every x (KL 0).
+    mu = torch.cat([torch.randn(n, 2) * 0.75 ** 0.5, torch.zeros(n, 2)], 1)
+    logvar = torch.cat([torch.full((n, 2), math.log(0.25)), torch.zeros(n, 2)], 1)
+    r = vae.latent_stats(mu, logvar)
+    assert r["active_units"] == 2 and r["latent_dim"] == 4
+    # per-dim KL of an informative dim: 1/2 (E[mu^2] + 0.25 - 1 - log 0.25)
+    assert r["kl_dim_max"] == pytest.approx(0.5 * (0.75 + 0.25 - 1 - math.log(0.25)), rel=0.02)
+    assert r["agg_kl"] < 1e-3 and r["agg_var_min"] == pytest.approx(1, abs=0.03) and r["agg_mean_norm"] < 0.03
+    # shifted and squeezed codes: the aggregate posterior leaves the prior
+    far = vae.latent_stats(mu * 0.1 + 2, logvar - 3)
+    assert far["agg_mean_norm"] == pytest.approx(4, rel=0.01) and far["agg_kl"] > 5
+
+
+def test_vae_latent_report_on_a_trained_checkpoint(dataset, tmp_path, capsys):
+    run = common.train(vae.VAEStrategy, tiny_config("vae", dataset, tmp_path, epochs=1, sample_every=0))
+    r = vae.latent_report(str(run / "checkpoints" / "last.pt"), n=16)
+    assert 0 <= r["active_units"] <= TINY["vae"]["latent_dim"] and r["agg_kl"] >= 0
+    assert {"prior/precision", "aggregate/precision", "aggregate/near_copy_rate"} <= set(r)
+    assert "active_units" in capsys.readouterr().out.splitlines()[-1]
+
+
+# =============================================================================
+# vqvae.py
+# =============================================================================
+
+
+@pytest.fixture
+def vq_setup(dataset):
+    """(strategy, model, train sprites, val sprites) for the tiny configuration."""
+    data = common.load_sprites(dataset, torch.device("cpu"))
+    return (*tiny_model("vqvae", data.palette, dataset, epochs=5), data.train, data.val)
+
+
+def grads(module):
+    return [p.grad for p in module.parameters() if p.requires_grad]
+
+
+# -----------------------------------------------------------------------------
+# Stage 1: the quantizer
+# -----------------------------------------------------------------------------
+
+
+def test_vqvae_straight_through_gradient_reaches_the_encoder(vq_setup):
+    strategy, model, train, _ = vq_setup
+    out = strategy.train_step(model, train[:16])
+    out["recon"].backward()  # the reconstruction term alone: its only way back is the straight-through copy
+    assert all(g is not None and g.abs().sum() > 0 for g in grads(model.encoder))
+    assert model.quantizer.codebook.grad is None  # recon never reaches the codebook (z_q's gradient goes to z_e)
+    # Without the estimator, decoding e_k directly, the encoder gets nothing.
+    model.zero_grad(set_to_none=True)
+    z_e = model.encoder(common.to_model_range(train[:16]))
+    strategy.recon_mean(model.decoder(model.quantizer.lookup(model.quantizer.nearest(z_e))), train[:16]).backward()
+    assert all(g is None for g in grads(model.encoder))
+
+
+def test_vqvae_codebook_and_commitment_are_separate_terms(vq_setup):
+    strategy, model, train, _ = vq_setup
+    out = strategy.train_step(model, train[:16])
+    v = {k: float(t.detach()) for k, t in out.items()}
+    assert v["loss"] == pytest.approx(v["recon"] + v["codebook"] + 0.25 * v["commitment"])
+    out["codebook"].backward(retain_graph=True)  # ||sg[z_e] - e||^2: the codebook only
+    assert model.quantizer.codebook.grad.abs().sum() > 0
+    assert all(g is None for g in grads(model.encoder))
+    model.zero_grad(set_to_none=True)
+    out["commitment"].backward()                 # ||z_e - sg[e]||^2: the encoder only
+    assert model.quantizer.codebook.grad is None
+    assert all(g is not None and g.abs().sum() > 0 for g in grads(model.encoder))
+
+
+def test_vqvae_codebook_ema_moves_entries_without_a_codebook_loss(dataset):
+    torch.manual_seed(0)
+    config = tiny_config("vqvae", dataset, codebook_ema=True, codebook_decay=0.5)
+    data = common.load_sprites(dataset, torch.device("cpu"))
+    strategy = vqvae.VQVAEStrategy(config, data.palette)
+    model = strategy.build_model(config)
+    before = model.quantizer.codebook.detach().clone()
+    out = strategy.train_step(model, data.train[:16])
+    v = {k: float(t.detach()) for k, t in out.items()}
+    assert v["loss"] == pytest.approx(v["recon"] + 0.25 * v["commitment"])
+    assert not model.quantizer.codebook.requires_grad
+    used = model.quantizer.epoch_counts > 0
+    assert not torch.allclose(model.quantizer.codebook[used], before[used])    # moved towards their z_e
+    assert torch.allclose(model.quantizer.codebook[~used], before[~used], atol=1e-4)
+
+
+def test_vqvae_dead_code_restart_revives_unused_entries(vq_setup):
+    strategy, model, train, val = vq_setup
+    q = model.quantizer
+    with torch.no_grad():
+        q.codebook[8:] = 100.0  # far from every encoder output: entries 8..15 are dead
+    batch = train[:16]
+    strategy.train_step(model, batch)
+    assert (q.epoch_counts[8:] == 0).all() and q.epoch_counts.sum() == 16 * 16
+    used_before = int((strategy.code_counts(model, batch) > 0).sum())
+    metrics = strategy.on_epoch_end(model, 1, val)
+    assert metrics["dead_codes"] >= 8 and metrics["restarted"] == metrics["dead_codes"]
+    revived = q.codebook[8:]
+    pool = strategy.z_e_pool
+    assert (torch.cdist(revived, pool).min(dim=1).values < 1e-5).all()  # each now sits on an encoder output
+    assert int((strategy.code_counts(model, batch) > 0).sum()) > used_before
+    assert (q.epoch_counts == 0).all()  # counting starts afresh for the next epoch
+
+
+def test_vqvae_no_restart_flag_and_last_epoch_leave_the_codebook_alone(dataset, vq_setup):
+    strategy, model, train, val = vq_setup
+    for config, epoch in ((tiny_config("vqvae", dataset, epochs=5, restart_dead=False), 1),
+                          (tiny_config("vqvae", dataset, epochs=5), 5)):
+        strategy.config = config
+        with torch.no_grad():
+            model.quantizer.codebook[8:] = 100.0
+        strategy.train_step(model, train[:16])
+        before = model.quantizer.codebook.detach().clone()
+        metrics = strategy.on_epoch_end(model, epoch, val)
+        assert metrics["restarted"] == 0 and metrics["dead_codes"] >= 8
+        assert torch.equal(model.quantizer.codebook, before)
+
+
+def test_vqvae_codebook_usage_and_perplexity(vq_setup):
+    strategy, model, _, val = vq_setup
+    with torch.no_grad():
+        model.quantizer.codebook[1:] = 100.0  # everything maps to entry 0
+    m = strategy.on_epoch_end(model, 1, val)
+    assert m["codebook_usage"] == pytest.approx(1 / 16) and m["perplexity"] == pytest.approx(1.0)
+
+
+# -----------------------------------------------------------------------------
+# Stage 2: the prior and the samplers
+# -----------------------------------------------------------------------------
+
+
+def test_vqvae_prior_mask_is_causal(vq_setup):
+    _, model, _, _ = vq_setup
+    prior = model.prior.eval()
+    torch.manual_seed(1)
+    codes = torch.randint(16, (3, 16))
+    logits = prior(prior.inputs_for(codes))
+    assert logits.shape == (3, 16, 16)
+    for j in range(16):
+        changed = codes.clone()
+        changed[:, j] = (codes[:, j] + 1) % 16
+        other = prior(prior.inputs_for(changed))
+        # code j is an input at position j + 1 only: positions 0..j predict it and
+        # the codes before it, and must not see it.
+        assert torch.equal(logits[:, :j + 1], other[:, :j + 1]), j
+        if j < 15:
+            assert not torch.allclose(logits[:, j + 1:], other[:, j + 1:]), j
+
+
+def test_vqvae_samplers_in_range_seeded_and_top_k(dataset, vq_setup):
+    strategy, model, _, _ = vq_setup
+    model.eval()
+    gen = lambda s: torch.Generator().manual_seed(s)
+    prior = strategy.sample(model, 6, gen(0))
+    noise = strategy.sample(model, 6, gen(0), "random")
+    assert prior.shape == noise.shape == (6, 3, 16, 16) and 0 <= prior.min() and prior.max() <= 1
+    assert torch.equal(prior, strategy.sample(model, 6, gen(0)))
+    assert not torch.equal(strategy.sample_codes(model, 6, gen(0), "prior"),
+                           strategy.sample_codes(model, 6, gen(0), "random"))
+    strategy.config = tiny_config("vqvae", dataset, top_k=1)  # greedy: the generator no longer matters
+    assert torch.equal(strategy.sample_codes(model, 4, gen(0), "prior"), strategy.sample_codes(model, 4, gen(1), "prior"))
+
+
+# -----------------------------------------------------------------------------
+# Both stages through the Trainer: resume across the stage boundary, the CLI
+# -----------------------------------------------------------------------------
+
+
+def test_vqvae_resume_into_stage_two_equals_an_uninterrupted_run(dataset, tmp_path):
+    full = common.train(vqvae.VQVAEStrategy,
+                        tiny_config("vqvae", dataset, epochs=1, prior_epochs=1, out=str(tmp_path / "full")))
+    cut = common.train(vqvae.VQVAEStrategy,
+                       tiny_config("vqvae", dataset, epochs=1, prior_epochs=0, out=str(tmp_path / "cut")))
+    assert float(common.load_checkpoint(cut / "checkpoints" / "last.pt")["model"]["stage1_epochs"]) == 0
+    resumed = common.train(vqvae.VQVAEStrategy, tiny_config("vqvae", dataset, epochs=1, prior_epochs=1,
+                                                     resume=str(cut / "checkpoints" / "last.pt")))
+    a, b = (common.load_checkpoint(r / "checkpoints" / "last.pt")["model"] for r in (full, resumed))
+    assert float(a["stage1_epochs"]) == 1 and all(torch.equal(a[k], b[k]) for k in a)
+    # Once the prior has trained, stage 1 cannot be extended under it.
+    with pytest.raises(common.UserError, match="--epochs 1"):
+        common.train(vqvae.VQVAEStrategy, tiny_config("vqvae", dataset, epochs=2, prior_epochs=1,
+                                               resume=str(full / "checkpoints" / "last.pt")))
+
+
+def test_vqvae_both_stages_run_and_sample_as_a_subprocess(dataset, tmp_path):
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY["vqvae"].items() if k != "prior_epochs"]
+    r = run_script("vqvae.py", *flags, "--epochs", "1", "--prior-epochs", "1", "--data", str(dataset), "--out", str(tmp_path / "run"),
+                 "--no-mlflow", "--device", "cpu")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "stage 1 = encoder" in r.stdout and "stage 2: training the prior" in r.stdout
+    assert "epoch 2/2" in r.stdout and "sample_random/precision" in r.stdout
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    for key in ("val/codebook_usage", "val/perplexity", "val/bits_per_code", "sample/precision",
+                "sample_random/precision"):
+        assert np.isfinite(metrics[key]), key
+    for picture in ("samples", "samples_random", "reconstructions", "codebook"):
+        assert (tmp_path / "run" / picture / "final.png").exists(), picture
+    r = run_script("vqvae.py", "sample", "--checkpoint", str(tmp_path / "run" / "checkpoints" / "last.pt"), "--n", "4",
+                 "--sampler", "random", "--out", str(tmp_path / "grid.png"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert Image.open(tmp_path / "grid.png").size == ((4 * 17 + 1) * 4, (1 * 17 + 1) * 4)
+
+
+def test_vqvae_conditional_prior_class_token_dropout_and_guided_logits(dataset):
+    torch.manual_seed(0)
+    config = tiny_config("vqvae", dataset, condition="colour", epochs=1, prior_epochs=1)
+    data = common.load_sprites(dataset, torch.device("cpu"))
+    strategy = vqvae.VQVAEStrategy(config, data.palette)
+    model = strategy.build_model(config).eval()
+    prior, k = model.prior, config.codebook_size
+    with torch.no_grad():  # GPT-2's N(0, 0.02) start makes every logit about 0: scale up, so the class matters
+        prior.tok_emb.weight.normal_(0, 1, generator=torch.Generator().manual_seed(0))
+        prior.head.weight.normal_(0, 1, generator=torch.Generator().manual_seed(1))
+    codes, y = torch.randint(k, (4, 16)), torch.tensor([0, 2, 6, 7])  # 7 = the null label of 7 colour classes
+    assert prior.inputs_for(codes, y)[:, 0].tolist() == [k + 1, k + 3, k + 7, k]  # class tokens; null = start token
+    assert prior.inputs_for(codes)[:, 1:].equal(codes[:, :-1])
+    torch.manual_seed(0)
+    dropped = strategy.drop_labels(torch.zeros(20000, dtype=torch.long)) == 7
+    assert dropped.float().mean().item() == pytest.approx(config.p_uncond, abs=0.01)
+    y = y[:3]
+    calls = []
+    forward = prior.forward
+    prior.forward = lambda tokens: (calls.append(tokens.shape[0]), forward(tokens))[1]
+    draw = lambda w, labels=y: (setattr(strategy.config, "guidance", w),
+                                strategy.sample_codes(model, 3, torch.Generator().manual_seed(5), "prior", labels))[1]
+    uncond = draw(1.0, torch.full((3,), 7))  # the null label: the unconditional prior
+    assert draw(0.0).equal(uncond) and not draw(1.0).equal(uncond)
+    calls.clear()
+    draw(3.0)
+    assert calls == [6] * 16  # one call of 2 x 3 sequences per code
+    tokens = torch.cat([torch.full((3, 1), k), codes[:3, :5]], dim=1)
+    strategy.config.guidance = 2.5
+    with torch.no_grad():
+        guided = strategy.prior_logits(model, tokens, y)
+        c = forward(torch.cat([prior.start_token(y)[:, None], tokens[:, 1:]], 1))[:, -1]
+        u = forward(tokens)[:, -1]
+    assert torch.allclose(guided, u + 2.5 * (c - u), atol=1e-5)
+
+
+# =============================================================================
+# diffusion.py
+# =============================================================================
+
+
+class Oracle(nn.Module):
+    """The ideal eps_theta when the data is one sprite x_star: from
+    x_t = sqrt(alpha_bar_t) x_star + sqrt(1 - alpha_bar_t) eps the noise is
+    eps = (x_t - sqrt(alpha_bar_t) x_star) / sqrt(1 - alpha_bar_t) exactly."""
+
+    def __init__(self, strategy, x_star):
+        super().__init__()
+        self.s, self.x_star = strategy.schedule, x_star
+
+    def forward(self, x, t):
+        a = self.s["sqrt_alpha_bar"][t][:, None, None, None]
+        b = self.s["sqrt_one_minus_alpha_bar"][t][:, None, None, None]
+        return (x - a * self.x_star) / b
+
+
+# -----------------------------------------------------------------------------
+# Reference formulas
+# -----------------------------------------------------------------------------
+
+
+def test_diffusion_linear_schedule_and_q_sample_match_the_closed_form():
+    palette = torch.rand(8, 3)
+    strategy = diffusion.DiffusionStrategy(diffusion.Config(**diffusion.Config.LEGACY), palette)  # linear
+    s = strategy.schedule
+    beta = np.linspace(1e-4, 0.02, 1000)
+    assert np.allclose(s["beta"].numpy(), beta, atol=1e-9)
+    alpha_bar = np.cumprod(1 - beta)
+    assert np.allclose(s["alpha_bar"].numpy(), alpha_bar, rtol=1e-5)
+    assert 3e-5 < alpha_bar[-1] < 5e-5  # x_T is noise: 0.6% of the sprite's amplitude is left
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(5, 3, 16, 16, generator=g) * 2 - 1
+    eps = torch.randn(5, 3, 16, 16, generator=g)
+    t = torch.tensor([0, 1, 250, 998, 999])
+    x_t = strategy.q_sample(x0, t, eps)
+    ab = torch.tensor(alpha_bar[t.numpy()], dtype=torch.float64)[:, None, None, None]  # float64: 1 - ab at t = 0
+    assert torch.allclose(x_t.double(), ab.sqrt() * x0.double() + (1 - ab).sqrt() * eps.double(), atol=1e-6)
+
+
+def test_diffusion_q_sample_equals_running_the_forward_chain():
+    """Eq. 4 (closed form) against Eq. 2 run step by step,
+    x_t = sqrt(1 - beta_t) x_{t-1} + sqrt(beta_t) z, on 50,000 noisings of
+    one pixel: same mean and standard deviation at several t."""
+    strategy = diffusion.DiffusionStrategy(diffusion.Config(**diffusion.Config.LEGACY), torch.rand(8, 3))
+    s = strategy.schedule
+    g = torch.Generator().manual_seed(0)
+    x0 = 0.7
+    x = torch.full((50_000,), x0, dtype=torch.float64)
+    beta = s["beta"].double()
+    for t in range(300):
+        x = (1 - beta[t]).sqrt() * x + beta[t].sqrt() * torch.randn(x.shape, generator=g, dtype=torch.float64)
+        if t in (0, 99, 299):  # 3 standard errors of a difference of two 50,000-sample estimates: 0.02
+            closed = strategy.q_sample(torch.full((50_000, 1, 1, 1), x0), torch.full((50_000,), t),
+                                       torch.randn(50_000, 1, 1, 1, generator=g)).flatten().double()
+            assert abs(x.mean() - closed.mean()) < 0.02 and abs(x.std() - closed.std()) < 0.02, t
+            assert abs(x.mean() - s["sqrt_alpha_bar"][t] * x0) < 0.02, t
+
+
+@pytest.mark.parametrize("T, steps", [(1000, 50), (1000, 1000), (1000, 2), (1000, 3), (10, 5), (10, 10), (7, 4)])
+def test_diffusion_ddim_timesteps_cover_the_schedule_and_end_at_zero(T, steps):
+    tau = diffusion.ddim_timesteps(T, steps)
+    assert tau.dtype == torch.long and len(tau) == steps
+    assert tau[0] == T - 1, "DDIM must start where x_T is drawn, t = T-1 (the off-by-one starts at T - T/steps)"
+    assert tau[-1] == 0, "DDIM must end at t = 0, the last noise level before clean data"
+    assert (tau[1:] < tau[:-1]).all(), "timesteps must strictly decrease"
+    if steps == T:
+        assert tau.tolist() == list(range(T - 1, -1, -1))
+    if (T, steps) == (1000, 50):
+        gaps = (tau[:-1] - tau[1:]).tolist()
+        assert set(gaps) <= {20, 21} and tau.tolist()[:3] == [999, 979, 958]
+
+
+@pytest.mark.parametrize("sampler, eta", [("ddim", 0.0), ("ddim", 1.0), ("ddpm", 0.0)])
+def test_diffusion_samplers_return_the_data_when_eps_theta_is_exact(sampler, eta):
+    """With the oracle eps_theta for a one-sprite data set, every DDIM step
+    predicts x_0 = x_star exactly, and Algorithm 2's last step lands on it
+    too: both samplers must return x_star. A sampler that stopped one level
+    early (at alpha_bar_0 instead of clean data) would leave noise of ~0.01."""
+    palette = torch.rand(8, 3)
+    cfg = diffusion.Config(**diffusion.Config.LEGACY, sampler=sampler, eta=eta, steps=50)  # the oracle predicts eps
+    strategy = diffusion.DiffusionStrategy(cfg, palette)
+    x_star = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    out = strategy.sample(Oracle(strategy, x_star), 3, torch.Generator().manual_seed(0))
+    assert out.shape == (3, 3, 16, 16)
+    assert torch.allclose(out, common.from_model_range(x_star).expand(3, -1, -1, -1), atol=2e-4)
+
+
+# -----------------------------------------------------------------------------
+# Contracts: model, determinism, training, range, pictures
+# -----------------------------------------------------------------------------
+
+
+def test_diffusion_default_unet_shape_and_size():
+    model = diffusion.UNet(64, 0.1)
+    n = sum(p.numel() for p in model.parameters())
+    assert 6.8e6 < n < 7.6e6, n
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([0, 999])
+    assert model(x, t).shape == (2, 3, 16, 16)
+    widths = {m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)}
+    assert {64, 128, 256} <= widths and max(widths) == 256
+    assert not any("attn" in name.lower() for name, _ in model.named_modules())
+
+
+def test_diffusion_ddim_with_eta_zero_is_deterministic_under_a_seed(sprites):
+    strategy, model = tiny_model("diffusion", sprites.palette, sampler="ddim")
+    model.eval()
+    a = strategy.sample(model, 4, torch.Generator().manual_seed(3))
+    b = strategy.sample(model, 4, torch.Generator().manual_seed(3))
+    c = strategy.sample(model, 4, torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    strategy.config.eta = 1.0  # stochastic DDIM: still reproducible from the generator alone
+    d = strategy.sample(model, 4, torch.Generator().manual_seed(3))
+    e = strategy.sample(model, 4, torch.Generator().manual_seed(3))
+    assert torch.equal(d, e) and not torch.equal(a, d)
+
+
+def test_diffusion_tiny_unet_with_10_timesteps_learns_and_both_samplers_stay_in_range(sprites):
+    strategy, model = tiny_model("diffusion", sprites.palette)
+    batch = sprites.train[:32]
+    before, after = loss_before_after(strategy, model, batch, steps=30, lr=strategy.config.lr,
+                                      measure=lambda: strategy.get_metrics(model, batch)["loss"])
+    assert before == pytest.approx(1.0, abs=0.15)  # zero-initialised output: eps_theta = 0 at first
+    assert after < 0.85 * before, (before, after)  # measured: 1.01 -> 0.76
+    model.eval()
+    for sampler in ("ddim", "ddpm"):
+        strategy.config.sampler = sampler
+        x = strategy.sample(model, 6, torch.Generator().manual_seed(0))
+        common.check_samples(x, 6)  # (6, 3, 16, 16), finite, in [0, 1]
+
+
+def test_diffusion_denoising_strip_and_trajectory(sprites):
+    strategy, model = tiny_model("diffusion", sprites.palette)
+    model.eval()
+    pictures = strategy.images(model, sprites.val, torch.Generator().manual_seed(0))
+    strip, per_row = pictures["denoising"]
+    assert per_row == 8 and strip.shape == (4 * 2 * 8, 3, 16, 16)
+    assert strip.min() >= 0 and strip.max() <= 1
+    x_t_at_t0 = strip[0]  # sprite 0's first column: t = 0, barely noised
+    assert (x_t_at_t0 - sprites.val[0]).abs().mean() < 0.05
+    frames = strategy.trajectory(model, 5, torch.Generator().manual_seed(0))
+    assert frames.shape == (strategy.config.steps + 2, 5, 3, 16, 16)
+    assert torch.equal(common.snap_to_palette(frames[-1], sprites.palette), frames[-1])  # last frame: snapped
+
+
+# -----------------------------------------------------------------------------
+# The Trainer and the CLI
+# -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_run(dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("diffusion-run") / "run"
+    cfg = tiny_config("diffusion", epochs=2, sample_every=1, data=str(dataset), out=str(out))
+    return common.train(diffusion.DiffusionStrategy, cfg)
+
+
+def test_diffusion_training_run_writes_grids_strip_gif_and_quality_at_each_grid(tiny_run):
+    for name in ("samples/epoch_0001.png", "samples/final.png", "denoising/epoch_0001.png",
+                 "denoising/final.png", "trajectory.gif", "metrics.json"):
+        assert (tiny_run / name).exists(), name
+    with Image.open(tiny_run / "trajectory.gif") as gif:
+        assert gif.n_frames == TINY["diffusion"]["steps"] + 2
+    history = common.load_checkpoint(tiny_run / "checkpoints" / "last.pt")["history"]
+    assert "sample/near_copy_rate" in history[0]  # scored at the epoch-1 grid, not only at the end
+    assert "sample/near_copy_rate" in json.loads((tiny_run / "metrics.json").read_text())
+
+
+def test_diffusion_sample_mode_writes_pngs_and_the_gif(tiny_run, tmp_path):
+    ckpt = tiny_run / "checkpoints" / "last.pt"
+    r = run_script("diffusion.py", "sample", "--checkpoint", ckpt, "--n", 10, "--out", tmp_path / "grid.png",
+                      "--sampler", "ddim", "--steps", 4, "--eta", 0, "--gif", tmp_path / "ddim.gif")
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"wrote 10 sprites to .*grid\.png \(sampled in \d+\.\d\d s on cpu\)", r.stdout), r.stdout
+    assert Image.open(tmp_path / "grid.png").size == ((8 * 17 + 1) * 4, (2 * 17 + 1) * 4)
+    with Image.open(tmp_path / "ddim.gif") as gif:
+        assert gif.n_frames == 4 + 2 and gif.size == ((4 * 17 + 1) * 4, (3 * 17 + 1) * 4)  # 10 sprites, 4 per row
+    r = run_script("diffusion.py", "sample", "--checkpoint", ckpt, "--n", 3, "--out", tmp_path / "each", "--sampler", "ddpm")
+    assert r.returncode == 0, r.stderr
+    assert len(list((tmp_path / "each").glob("*.png"))) == 3
+    r = run_script("diffusion.py", "sample", "--checkpoint", ckpt, "--steps", 50)  # more steps than the 10 timesteps
+    assert r.returncode == 2 and "--steps must be between 2 and --timesteps (10)" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_diffusion_cli_refuses_a_bad_sampler_in_one_line():
+    r = run_script("diffusion.py", "--sampler", "euler", "--no-mlflow")
+    assert r.returncode == 2 and "unknown --sampler 'euler'; use one of ddim, ddpm, dpm++" in r.stderr and "Traceback" not in r.stderr
+
+
+# -----------------------------------------------------------------------------
+# diffusion.py levers (issue 11): U-Net size, cosine schedule, v-prediction,
+# min-SNR weighting, LR warm-up/decay, DPM-Solver++
+# -----------------------------------------------------------------------------
+
+
+def test_diffusion_unet_width_and_depth_flags_and_the_reference_model():
+    ref = diffusion.DiffusionStrategy(diffusion.Config(**diffusion.Config.LEGACY, base_channels=64), torch.rand(8, 3))
+    with contextlib.redirect_stdout(io.StringIO()):
+        n_ref = sum(p.numel() for p in ref.build_model(ref.config).parameters())
+        cfg = diffusion.Config(base_channels=16, channel_mult="1,2,2", res_blocks=1)
+        small = diffusion.DiffusionStrategy(cfg, torch.rand(8, 3)).build_model(cfg)
+    assert 6.8e6 < n_ref < 7.6e6, n_ref  # LEGACY + base 64 rebuilds today's 7.0M reference U-Net
+    widths = {m.out_channels for m in small.modules() if isinstance(m, nn.Conv2d)}
+    assert max(widths) == 32 and {16, 32} <= widths
+    assert len(small.down1) == len(small.up1) == 1 and len(small.bottom) == 2
+    assert small(torch.randn(2, 3, 16, 16), torch.tensor([0, 9])).shape == (2, 3, 16, 16)
+
+
+def test_diffusion_old_checkpoint_configs_get_the_legacy_values_not_new_defaults():
+    old = {f.name: getattr(diffusion.Config(), f.name) for f in dataclasses.fields(common.TrainConfig)}
+    old.update(base_channels=64, dropout=0.1, timesteps=1000, sampler="ddim", steps=50, eta=0.0, retired_field=1)
+    values = common.saved_config(diffusion.Config, old)
+    assert "retired_field" not in values
+    for k, v in diffusion.Config.LEGACY.items():
+        assert values[k] == v, k
+    assert common.saved_config(diffusion.Config, {**old, "schedule": "cosine"})["schedule"] == "cosine"
+
+
+def test_diffusion_cosine_schedule_matches_its_closed_form():
+    T, s = 1000, 0.008
+    sched = diffusion.cosine_schedule(T, torch.device("cpu"))
+    f = lambda t: np.cos((t / T + s) / (1 + s) * np.pi / 2) ** 2
+    t = np.arange(1, T + 1)  # the paper's t = 1..T is index 0..T-1
+    closed = f(t) / f(0)
+    beta = 1 - closed / np.concatenate([[1.0], closed[:-1]])
+    unclipped = beta <= 0.999
+    assert unclipped[:-1].all() and not unclipped[-1]  # only the last beta hits the 0.999 clip
+    assert np.allclose(sched["alpha_bar"].numpy()[:-1], closed[:-1], rtol=1e-5, atol=1e-9)
+    assert sched["beta"].max() == pytest.approx(0.999)
+    assert np.allclose(sched["alpha_bar"][-1].item(), closed[-2] * (1 - 0.999), rtol=1e-4)
+    assert (sched["alpha_bar"][1:] < sched["alpha_bar"][:-1]).all()
+    # SNR and log-SNR follow from alpha_bar (computed in float64 before storing float32)
+    snr = closed[:-1] / (1 - closed[:-1])
+    assert np.allclose(sched["snr"].numpy()[:-1], snr, rtol=1e-5)
+    assert np.allclose(sched["log_snr"].numpy()[:-1], 0.5 * np.log(snr), atol=1e-5)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_diffusion_min_snr_weights_match_the_formula(prediction):
+    gamma = 5.0
+    strategy = diffusion.DiffusionStrategy(diffusion.Config(prediction=prediction, loss_weight="min-snr",
+                                                            snr_gamma=gamma, schedule="linear"), torch.rand(8, 3))
+    beta = np.linspace(1e-4, 0.02, 1000)
+    alpha_bar = np.cumprod(1 - beta)
+    t = torch.tensor([0, 50, 200, 500, 999])
+    snr = alpha_bar[t.numpy()] / (1 - alpha_bar[t.numpy()])
+    expected = np.minimum(snr, gamma) / (snr if prediction == "eps" else snr + 1)
+    assert np.allclose(strategy.min_snr_weight(t).numpy(), expected, rtol=1e-4)
+    # high noise (SNR < gamma): eps weight is exactly 1; low noise: clipped to gamma / SNR < 1
+    w = strategy.min_snr_weight(t).numpy()
+    assert (w <= 1 + 1e-6).all() and (w[-1] == pytest.approx(1.0) if prediction == "eps" else w[0] < 1e-3)
+
+
+def test_diffusion_v_target_and_its_inverse_round_trip():
+    for schedule in ("linear", "cosine"):
+        strategy = diffusion.DiffusionStrategy(diffusion.Config(schedule=schedule, prediction="v"), torch.rand(8, 3))
+        g = torch.Generator().manual_seed(0)
+        x0 = torch.rand(6, 3, 16, 16, generator=g, dtype=torch.float64) * 2 - 1
+        eps = torch.randn(6, 3, 16, 16, generator=g, dtype=torch.float64)
+        t = torch.tensor([0, 1, 300, 600, 998, 999])
+        strategy.schedule = {k: v.double() for k, v in strategy.schedule.items()}  # exact in float64
+        x_t = strategy.q_sample(x0, t, eps)
+        v = strategy.v_target(x0, t, eps)
+        x0_back, eps_back = strategy.x0_eps_from_v(x_t, t, v)
+        assert torch.allclose(x0_back, x0, atol=1e-6) and torch.allclose(eps_back, eps, atol=1e-6)
+
+
+def test_diffusion_v_and_min_snr_losses_start_near_their_expected_values(sprites):
+    """Zero-initialised output: the v loss is E[v^2] = 1 and the eps loss 1, per pixel."""
+    for prediction in ("eps", "v"):
+        strategy, model = tiny_model("diffusion", sprites.palette, prediction=prediction)
+        torch.manual_seed(0)
+        assert strategy.loss(model, sprites.train[:32]).item() == pytest.approx(1.0, abs=0.2)
+
+
+def test_diffusion_lr_warmup_and_cosine_decay():
+    strategy = diffusion.DiffusionStrategy(diffusion.Config(warmup_steps=10, lr_decay="cosine"), torch.rand(8, 3))
+    f = [strategy.lr_factor(step, 110) for step in range(110)]
+    assert f[0] == pytest.approx(0.1) and f[4] == pytest.approx(0.5) and f[9] == pytest.approx(1.0)
+    assert f[60] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))  # halfway through the decay
+    assert f[-1] < 0.01 and all(a >= b for a, b in zip(f[9:], f[10:]))
+    constant = diffusion.DiffusionStrategy(diffusion.Config(**diffusion.Config.LEGACY), torch.rand(8, 3))
+    assert {constant.lr_factor(s, 100) for s in range(100)} == {1.0}  # the reference keeps --lr fixed
+
+
+class GaussianOracle(nn.Module):
+    """The ideal eps_theta when every pixel of the data is N(mu, s^2), independent:
+    x_t = a x_0 + b eps is Gaussian too, and E[eps | x_t] = b (x_t - a mu) / (a^2 s^2 + b^2)
+    (a = sqrt(alpha_bar_t), b = sqrt(1 - alpha_bar_t))."""
+
+    def __init__(self, strategy, mu, s):
+        super().__init__()
+        self.sched, self.mu, self.s = strategy.schedule, mu, s
+
+    def forward(self, x, t):
+        a = self.sched["sqrt_alpha_bar"][t][:, None, None, None].double()
+        b = self.sched["sqrt_one_minus_alpha_bar"][t][:, None, None, None].double()
+        return (b * (x.double() - a * self.mu) / (a ** 2 * self.s ** 2 + b ** 2)).float()
+
+
+def test_diffusion_dpm_solver_pp_recovers_a_gaussian_in_few_steps():
+    """With the oracle, the probability-flow ODE maps x_T to
+    x_0 = mu + s (x_T - a_T mu) / sqrt(a_T^2 s^2 + b_T^2) exactly (an affine map
+    between Gaussians). DPM-Solver++(2M) must land there in 10 steps, much
+    closer than DDIM (its first-order special case) with the same 10 steps."""
+    mu, s = 0.1, 0.2
+    strategy = diffusion.DiffusionStrategy(diffusion.Config(**diffusion.Config.LEGACY, sampler="dpm++", steps=10),
+                                           torch.rand(8, 3))  # the oracle predicts eps
+    oracle = GaussianOracle(strategy, mu, s)
+    n, seed = 8, 0
+    z = torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed))  # the sampler's x_T
+    a, b = strategy.schedule["sqrt_alpha_bar"][-1].item(), strategy.schedule["sqrt_one_minus_alpha_bar"][-1].item()
+    exact = mu + s * (z - a * mu) / math.sqrt(a ** 2 * s ** 2 + b ** 2)
+    dpm = strategy.sample_dpm_pp(oracle, n, torch.Generator().manual_seed(seed), 10)
+    ddim = strategy.sample_ddim(oracle, n, torch.Generator().manual_seed(seed), 10, 0.0)
+    err_dpm, err_ddim = (dpm - exact).abs().max().item(), (ddim - exact).abs().max().item()
+    assert err_dpm < 0.01, err_dpm
+    assert err_dpm < err_ddim / 3, (err_dpm, err_ddim)
+    assert dpm.mean().item() == pytest.approx(mu, abs=0.01) and dpm.std().item() == pytest.approx(s, abs=0.01)
+
+
+def test_diffusion_dpm_solver_pp_is_finite_in_range_and_deterministic(sprites):
+    strategy, model = tiny_model("diffusion", sprites.palette, sampler="dpm++", prediction="v", schedule="cosine")
+    model.eval()
+    a = strategy.sample(model, 4, torch.Generator().manual_seed(3))
+    b = strategy.sample(model, 4, torch.Generator().manual_seed(3))
+    c = strategy.sample(model, 4, torch.Generator().manual_seed(4))
+    common.check_samples(a, 4)  # (4, 3, 16, 16), finite, in [0, 1]
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    x_star = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    eps_strategy = diffusion.DiffusionStrategy(diffusion.Config(**diffusion.Config.LEGACY, sampler="dpm++", steps=10),
+                                               sprites.palette)
+    out = eps_strategy.sample(Oracle(eps_strategy, x_star), 2, torch.Generator().manual_seed(0))
+    assert torch.allclose(out, common.from_model_range(x_star).expand(2, -1, -1, -1), atol=2e-4)
+
+
+# -----------------------------------------------------------------------------
+# Conditioning and classifier-free guidance (diffusion.py --condition, common.Labeller)
+def test_diffusion_class_weight_balanced_weights_each_labelled_sprite_by_its_class_size(sprites, dataset):
+    """--class-weight balanced: w_y = N / (K n_y), mean 1 over the training sprites; a dropped
+    (null) label keeps weight 1; validation loss is the plain mean."""
+    strategy, model = tiny_model("diffusion", sprites.palette, dataset, condition="colour",
+                                 class_weight="balanced", p_uncond=0.5)
+    data = common.load_sprites(dataset, torch.device("cpu"))
+    y = strategy.class_labels(data.train)
+    n_y = torch.bincount(y, minlength=strategy.labeller.n_classes).float()
+    assert torch.allclose(strategy.class_weights, len(y) / (len(n_y) * n_y))
+    assert strategy.class_weights[y].mean().item() == pytest.approx(1.0, abs=1e-5)
+    batch = data.train[:16]
+    plain, _ = tiny_model("diffusion", sprites.palette, dataset, condition="colour", p_uncond=0.5)
+    torch.manual_seed(3)
+    weighted = strategy.loss(model, batch)
+    torch.manual_seed(3)  # the same t, eps and dropout draws, redone by hand
+    x0 = common.to_model_range(batch)
+    t = torch.randint(0, strategy.T, (16,))
+    eps = torch.randn_like(x0)
+    labels = strategy.drop_labels(strategy.class_labels(batch))
+    err = ((model(strategy.q_sample(x0, t, eps), t, labels) - strategy.v_target(x0, t, eps)) ** 2).mean(dim=(1, 2, 3))
+    w = torch.where(labels == strategy.labeller.n_classes, 1.0, torch.cat([strategy.class_weights, torch.ones(1)])[labels])
+    assert (labels == strategy.labeller.n_classes).any() and torch.allclose(weighted, (w * err).mean(), atol=1e-6)
+    val = [(torch.manual_seed(3), s.loss(model, batch, drop_labels=False))[1] for s in (strategy, plain)]
+    assert torch.allclose(*val)
+    with pytest.raises(ValueError, match="unknown --class-weight 'equal'; use one of none, balanced"):
+        tiny_config("diffusion", class_weight="equal")
+
+
+# -----------------------------------------------------------------------------
+
+
+def test_diffusion_label_dropout_happens_at_the_configured_rate(sprites, dataset):
+    strategy, _ = tiny_model("diffusion", sprites.palette, dataset, condition="colour", p_uncond=0.1)
+    null = strategy.labeller.n_classes
+    torch.manual_seed(0)
+    y = torch.zeros(200, 64, dtype=torch.long)  # 200 steps of a batch of 64
+    dropped = torch.stack([strategy.drop_labels(row) for row in y]) == null
+    assert dropped.float().mean().item() == pytest.approx(0.1, abs=0.01)  # 12,800 draws: sd 0.0027
+    strategy.config.p_uncond = 0.0
+    assert (strategy.drop_labels(y[0]) != null).all()
+
+
+def untrained_but_not_blind(model):
+    """Draw the zero-initialised weights (the class embedding, each block's last conv, the
+    output conv) at random, so that the output depends on the class as a trained model's does."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0, 0.05 if p.dim() > 1 else 0.01, generator=g)
+    model.class_emb.weight.data *= 20  # embeddings: unit scale, as nn.Embedding's default
+
+
+class CountingUNet(nn.Module):
+    """Wraps a U-Net: counts the calls and the batch size of each."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.batches = model, []
+
+    def forward(self, x, t, y=None):
+        self.batches.append(x.shape[0])
+        return self.model(x, t, y)
+
+
+class FixedLabel(nn.Module):
+    """A U-Net told one label (or the null label, y=None) whatever the sampler asks."""
+
+    def __init__(self, model, y):
+        super().__init__()
+        self.model, self.y = model, y
+
+    def forward(self, x, t, y=None):
+        return self.model(x, t, None if self.y is None else self.y[: x.shape[0]])
+
+
+@pytest.mark.parametrize("sampler,prediction", [("ddim", "eps"), ("ddpm", "v"), ("dpm++", "v")])
+def test_diffusion_guidance_zero_is_unconditional_one_is_conditional_and_one_unet_call_per_step(sprites, dataset, sampler,
+                                                                                     prediction):
+    strategy, model = tiny_model("diffusion", sprites.palette, dataset, condition="colour", sampler=sampler,
+                                 prediction=prediction)
+    untrained_but_not_blind(model)
+    model.eval()
+    y = torch.tensor([0, 3, 5, 6])
+    draw = lambda m, w, labels: (setattr(strategy.config, "guidance", w),
+                                 strategy.sample(m, 4, torch.Generator().manual_seed(7), labels))[1]
+    plain = diffusion.DiffusionStrategy(strategy.config, sprites.palette)
+    plain.labeller = None  # no labels passed: the model is called exactly as given
+    uncond = plain.sample(FixedLabel(model, None), 4, torch.Generator().manual_seed(7))
+    cond = plain.sample(FixedLabel(model, y), 4, torch.Generator().manual_seed(7))
+    assert torch.equal(draw(model, 0.0, y), uncond) and torch.equal(draw(model, 1.0, y), cond)
+    assert not torch.equal(uncond, cond)
+    counting = CountingUNet(model)
+    guided = draw(counting, 3.0, y)
+    steps = strategy.T if sampler == "ddpm" else strategy.config.steps
+    assert counting.batches == [8] * steps  # both branches in one call of 2 x 4 sprites per step
+    assert not torch.equal(guided, cond)
+
+
+def test_diffusion_guided_output_extrapolates_from_the_unconditional_branch(sprites, dataset):
+    strategy, model = tiny_model("diffusion", sprites.palette, dataset, condition="colour", prediction="v")
+    untrained_but_not_blind(model)
+    model.eval()
+    x, t, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 3, 6, 9]), torch.tensor([1, 2, 3, 4])
+    strategy.config.guidance = 2.5
+    with torch.no_grad(), strategy.conditioned(y):
+        guided = strategy.model_output(model, x, t)
+        c, u = model(x, t, y), model(x, t)
+    assert torch.allclose(guided, u + 2.5 * (c - u), atol=1e-5)  # eps_u + w (eps_c - eps_u), here on v
+
+
+def test_diffusion_conditional_run_resumes_exactly_and_scores_class_accuracy(dataset, tmp_path):
+    kw = dict(condition="colour", data=str(dataset), sample_every=0, ema_decay=0.9, epochs=2)
+    full = common.train(diffusion.DiffusionStrategy, tiny_config("diffusion", **kw, out=str(tmp_path / "full")))
+    part = common.train(diffusion.DiffusionStrategy,
+                        tiny_config("diffusion", **{**kw, "epochs": 1}, out=str(tmp_path / "part")))
+    resumed = common.train(diffusion.DiffusionStrategy, tiny_config("diffusion", **kw, out=str(tmp_path / "part"),
+                                                                              resume=str(part / "checkpoints" / "last.pt")))
+    a, b = params_of(full), params_of(resumed)
+    assert "class_emb.weight" in a and all(torch.equal(a[k], b[k]) for k in a)
+    metrics = json.loads((full / "metrics.json").read_text())
+    assert 0 <= metrics["sample/class_accuracy"] <= 1
+
+
+def test_diffusion_unconditional_checkpoint_still_loads_and_class_errors_are_one_line(tiny_run, tmp_path):
+    ckpt = tiny_run / "checkpoints" / "last.pt"
+    state = common.load_checkpoint(ckpt)
+    assert not any(k.startswith("class_emb") for k in state["model"])  # unconditional: the weights of old
+    for key in ("condition", "clusters", "p_uncond", "guidance"):  # a checkpoint from before --condition
+        state["config"].pop(key)
+    old = tmp_path / "old.pt"
+    common.save_checkpoint(old, state)
+    strategy, _, _, config = common.load_for_sampling(diffusion.DiffusionStrategy, diffusion.Config, str(old), {},
+                                                      torch.device("cpu"))
+    assert config.condition == "none" and strategy.labeller is None
+    r = run_script("diffusion.py", "sample", "--checkpoint", old, "--n", 2, "--out", tmp_path / "x.png", "--class", "red")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "trained without classes" in r.stderr
+
+
+def test_diffusion_sample_class_by_name_and_unknown_class(dataset, tmp_path):
+    run = common.train(diffusion.DiffusionStrategy, tiny_config(
+        "diffusion", condition="colour", data=str(dataset), sample_every=0, epochs=1, n_eval=8, out=str(tmp_path / "run")))
+    ckpt = run / "checkpoints" / "last.pt"
+    r = run_script("diffusion.py", "sample", "--checkpoint", ckpt, "--n", 8, "--out", tmp_path / "red.png", "--class", "red")
+    assert r.returncode == 0 and (tmp_path / "red.png").exists(), r.stderr
+    r = run_script("diffusion.py", "sample", "--checkpoint", ckpt, "--n", 8, "--out", tmp_path / "x.png", "--class", "teal")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert "unknown class 'teal' for colour labels" in r.stderr and "an index 0..6" in r.stderr
+    r = run_script("diffusion.py", "guidance", "--checkpoint", ckpt, "--w", "0,2", "--n", 14, "--grid-class", "red",
+                      "--out", tmp_path / "sweep")
+    assert r.returncode == 0, r.stderr
+    for name in ("w0/metrics.json", "w2/metrics.json", "real.json", "sweep.png", "grid-red.png"):
+        assert (tmp_path / "sweep" / name).exists(), name
+    m = json.loads((tmp_path / "sweep" / "w2" / "metrics.json").read_text())
+    assert 0 <= m["sample/class_accuracy"] <= 1 and m["guidance"] == 2 and "sample/precision" in m
+    real = json.loads((tmp_path / "sweep" / "real.json").read_text())
+    assert real["class_accuracy_mirrored"] == 1.0 and real["colour_entropy"] == 0.0  # colour labels: exact
+    assert Image.open(tmp_path / "sweep" / "grid-red.png").size == ((8 * 17 + 1) * 4, (2 * 17 + 1) * 4)  # 2 rows of 2
+
+
+# =============================================================================
+# compare.py: the registry, bench, the comparison, report
+# =============================================================================
+
+
+def test_compare_bench_prints_its_figures_for_diffusion_and_for_the_tiny_test_strategy():
+    diffusion_flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY["diffusion"].items() if k != "lr"]  # no optimizer flags
+    for script, flags in (("diffusion.py", diffusion_flags), ("test_contracts.py", ["--batch-size", "8"])):
+        r = run_script(script, "bench", "--repeats", "1", "--n", "2", *flags)
+        assert r.returncode == 0, r.stderr
+        for words in ("parameters:", "FLOPs", "matmul peak fp32:", "matmul peak bf16:", "fp32: training",
+                      "fp32: sampling 2 sprites", "bf16 autocast (--amp): training", "of fp32 matmul peak",
+                      "bf16 autocast vs fp32", "fp32 training step, where the time goes",
+                      "fp32 sampling 2 sprites, where the time goes"):
+            assert words in r.stdout, (script, words, r.stdout)
+        if script == "diffusion.py":
+            assert "= 5 model calls" in r.stdout  # DDIM over --steps 5: one batched U-Net call per step
+
+
+def test_compare_bench_tabulates_what_each_bench_run_returns(capsys):
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:  # bench_command sets deterministic algorithms, as training does; this process goes on testing
+        figures = compare.bench_command(TinyStrategy, TinyConfig, ["--repeats", "1", "--n", "2", "--batch-size", "8"])
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    printed = capsys.readouterr().out
+    assert figures["params"] == sum(p.numel() for p in TinyStrategy(TinyConfig(), torch.rand(8, 3)).build_model(
+        TinyConfig()).parameters())
+    for p in ("fp32", "bf16"):
+        assert figures[p]["train_sprites_per_s"] > 0 and figures[p]["sample_s"] > 0
+    assert f"fp32: training {figures['fp32']['train_sprites_per_s']:.1f} sprites/s" in printed
+    md = compare.bench_table({"tiny": figures, "again": figures})
+    lines = md.splitlines()
+    assert lines[0].startswith("| model | params | fp32 train sprites/s") and len(lines[0].split("|")) == 9
+    assert lines[2].startswith(f"| tiny | {figures['params'] / 1e6:.2f}M | {figures['fp32']['train_sprites_per_s']:.1f} (")
+    assert lines[3].startswith("| again |") and "sampling: 2 sprites" in md
+
+
+def test_compare_bench_runs_the_models_named():
+    r = run_script("compare.py", "bench", "--models", "vae", "--repeats", "1", "--n", "2", "--no-bf16",
+                 "--channels", "8", "--latent-dim", "8", "--device", "cpu")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "=== vae ===" in r.stdout and "=== vqvae ===" not in r.stdout
+    assert "\n| vae | " in r.stdout and "| vqvae |" not in r.stdout
+
+
+def test_compare_amp_samples_in_fp32_where_the_probe_says_bf16_is_slower(monkeypatch, capsys):
+    import compare
+    monkeypatch.setattr(common, "native_bf16", lambda device: (False, "mocked CPU flags"))
+    monkeypatch.setattr(common, "bf16_probe", lambda device: 0.08)
+    seen = {}
+    monkeypatch.setattr(compare, "compare", lambda configs, *args, **kw: seen.update(amp=args[6]))
+    compare.main(["--amp", "--quick", "--no-mlflow", "--device", "cpu"])
+    assert seen == {"amp": False} and "0.08x as fast as fp32" in capsys.readouterr().out
+
+
+def test_compare_writes_figure_and_table_and_reloads_the_same_samples(dataset, tmp_path):
+    configs = {name: config_cls(**{**TINY[name], "epochs": 1, "data": str(dataset), "device": "cpu",
+                                   "mlflow": False, "out": str(tmp_path / "runs" / name), "n_eval": 8,
+                                   "sample_every": 0, **({"prior_epochs": 1} if name == "vqvae" else {})})
+               for name, (_, config_cls) in compare.MODELS.items()}
+    kw = dict(n_show=4, n_eval=8, device="cpu", use_mlflow=False)
+    fig, md = compare.compare(configs, str(dataset), tmp_path / "runs", **kw)
+    for row in ("| VAE |", "| VQ-VAE (prior) |", "| diffusion |", "| VQ-VAE (random codes) |",
+                "| real (validation, n="):
+        assert row in md, row
+    assert (tmp_path / "runs" / "comparison.md").read_text() == md
+    # Loading the finished runs instead of training: the same sprites under the same seed.
+    fig2, _ = compare.compare(configs, str(dataset), tmp_path / "again", checkpoints=tmp_path / "runs", **kw)
+    assert Image.open(fig).tobytes() == Image.open(fig2).tobytes()
+    with pytest.raises(common.UserError, match="no vae run"):
+        compare.compare(configs, str(dataset), tmp_path / "x", checkpoints=tmp_path / "empty", **kw)
+
+
+def fenced_python(page: Path) -> list[str]:
+    """The ```python blocks of a page, in order."""
+    return re.findall(r"```python\n(.*?)```", page.read_text(), re.S)
+
+
+def test_compare_fourth_model_from_tutorial_00(dataset, tmp_path):
+    """Tutorial 00's walkthrough, as written: its toy.py and its registry (compare.py's
+    own plus one line, and the import), in a scratch copy of the project; then
+    compare.py --quick trains, samples and scores the fourth model with no other edit."""
+    blocks = fenced_python(ROOT / "docs" / "learn" / "00-strategy-pattern.md")
+    toy = next(b for b in blocks if b.startswith('"""toy.py'))
+    registry = next(b for b in blocks if "REGISTRY = [" in b)
+    source = (ROOT / "compare.py").read_text()
+    ours = re.search(r"REGISTRY = \[\n.*?\n\]\n", source, re.S).group(0)
+    theirs = re.search(r"REGISTRY = \[\n.*?\n\]\n", registry, re.S).group(0)
+    added = [line for line in theirs.splitlines() if line not in ours.splitlines()]
+    assert added == ["    toy.ToyStrategy,"] and len(theirs.splitlines()) == len(ours.splitlines()) + 1
+    for name in ("common.py", "download.py", "vae.py", "vqvae.py", "diffusion.py"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    (tmp_path / "toy.py").write_text(toy)
+    (tmp_path / "compare.py").write_text(source.replace(ours, theirs).replace("import vqvae\n", "import vqvae\nimport toy\n"))
+    r = run_script("compare.py", "--quick", "--models", "toy", "--data", dataset, "--out", tmp_path / "cmp",
+                   "--no-mlflow", "--device", "cpu", "--n-show", "4", "--n-eval", "8", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "=== training toy ===" in r.stdout and "epoch 2/2" in r.stdout  # its --quick budget
+    md = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "SMOKE RUN" in md and "| toy autoencoder |" in md and "| VAE |" not in md
+    assert (tmp_path / "cmp" / "toy" / "checkpoints" / "last.pt").exists()
+    help_ = run_script("compare.py", "--help", cwd=tmp_path)
+    assert "--epochs-toy" in help_.stdout and "toy epochs (default: 100)" in " ".join(help_.stdout.split())
+
+
+def test_compare_registry_names_each_model_after_its_file():
+    # `python <name>.py` is how messages tell the user to resume or sample a <name> checkpoint.
+    for name, (cls, config_cls) in compare.MODELS.items():
+        assert issubclass(cls, common.Strategy) and cls.__module__ == name, (name, cls)
+        assert issubclass(config_cls, common.TrainConfig) and (ROOT / f"{name}.py").exists()
 
 
 def test_compare_takes_the_newest_run_of_the_model_scripts_layout(vae_run, tmp_path, capsys):
@@ -2348,85 +2369,343 @@ def test_compare_takes_the_newest_run_of_the_model_scripts_layout(vae_run, tmp_p
         compare.run_checkpoint(runs, "diffusion")
 
 
-def test_slow_throughput_hint_with_the_probe_mocked(dataset, tmp_path, monkeypatch, capsys):
-    cpu = torch.device("cpu")
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    monkeypatch.setattr(common, "cpu_probe", lambda: (12.0, 0.3))  # other processes took 70% of the cores
-    hint = common.contention_hint(cpu, "OMP_NUM_THREADS=1 python vae.py --resume X")
-    assert hint.startswith("hint: other processes share these CPU cores (a quick probe got 30% of 2 threads'")
-    assert hint.endswith("Ctrl-C, then OMP_NUM_THREADS=1 python vae.py --resume X") and "\n" not in hint
-    assert common.contention_hint(torch.device("cuda"), "X") == ""
-    # In a run: printed once, after the first epoch, with this run's checkpoint.
-    common.train(TinyStrategy, tiny_config(dataset, tmp_path, epochs=2))
-    out = capsys.readouterr().out
-    assert out.count("hint: ") == 1 and f"--resume {tmp_path / 'run' / 'checkpoints' / 'last.pt'}" in out
-    assert out.index("hint: ") > out.index("epoch 1/2") and out.index("hint: ") < out.index("epoch 2/2")
-    # Cores to ourselves, or one thread: no hint.
-    monkeypatch.setattr(common, "cpu_probe", lambda: (100.0, 0.95))
-    assert common.contention_hint(cpu, "X") == ""
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    monkeypatch.setattr(common, "cpu_probe", lambda: (12.0, 0.3))
-    assert common.contention_hint(cpu, "X") == ""
+def test_compare_report_rewrites_a_stale_table_and_refuses_a_missing_run(tmp_path):
+    import compare
+    run = tmp_path / "docs" / "results" / "demo"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps({"val/kl": 12.5, "epochs": 3, "train_seconds": 75.0}))
+    (run / "latent.json").write_text(json.dumps({"active_units": 7}))
+    page = tmp_path / "docs" / "page.md"
+    page.write_text("Before.\n<!-- results: runs=demo metrics=val/kl,latent/active_units,train_seconds -->\n"
+                    "| stale |\n<!-- /results -->\nAfter.\n")
+    (tmp_path / "README.md").write_text("no tables here\n")
+    assert compare.report(tmp_path, write=False) == ["docs/page.md"] and "stale" in page.read_text()
+    assert compare.report(tmp_path) == ["docs/page.md"]
+    text = page.read_text()
+    assert "| [demo](results/demo/) | 12.5 | 7 | 0:01:15 |" in text and "stale" not in text
+    assert text.startswith("Before.\n<!-- results:") and text.endswith("<!-- /results -->\nAfter.\n")
+    assert compare.report(tmp_path) == []  # idempotent
+    page.write_text("<!-- results: runs=demo metrics=val/kl,epochs rows=metrics -->\n<!-- /results -->\n")
+    compare.report(tmp_path)
+    assert "| | [demo](results/demo/) |\n|---|---|\n| `val/kl` | 12.5 |\n| `epochs` | 3 |\n" in page.read_text()
+    page.write_text("<!-- results: runs=gone metrics=val/kl -->\n<!-- /results -->\n")
+    with pytest.raises(common.UserError, match="run 'gone'"):
+        compare.report(tmp_path)
 
 
-def test_the_real_probe_is_cheap():
-    t0 = time.perf_counter()
-    gflops, share = common.cpu_probe()
-    assert gflops > 0 and 0 < share <= 1.5
-    assert time.perf_counter() - t0 < 3.0  # 0.33 s measured on 2 loaded cores; generous
+def test_compare_guidance_sweeps_a_conditional_vq_prior_and_refuses_an_unconditional_checkpoint(dataset, tmp_path):
+    """`python compare.py guidance` is one sweep for every model with --condition: here the VQ-VAE's prior."""
+    run = common.train(vqvae.VQVAEStrategy, tiny_config("vqvae", dataset, tmp_path / "vq", condition="colour",
+                                                        epochs=1, prior_epochs=1))
+    compare.guidance_command(["--checkpoint", str(run / "checkpoints" / "last.pt"), "--w", "0,3", "--n", "14",
+                              "--grid-class", "red", "--out", str(tmp_path / "sweep")])
+    m = json.loads((tmp_path / "sweep" / "w3" / "metrics.json").read_text())
+    assert 0 <= m["sample/class_accuracy"] <= 1 and m["guidance"] == 3 and m["n"] == 14
+    assert "compare.py guidance" in (tmp_path / "sweep" / "w3" / "command.txt").read_text()
+    assert "checkpoint: vqvae, --condition colour" in (tmp_path / "sweep" / "w0" / "command.txt").read_text()
+    plain = common.train(vqvae.VQVAEStrategy, tiny_config("vqvae", dataset, tmp_path / "plain", epochs=1, prior_epochs=1))
+    with pytest.raises(common.UserError, match="trained without classes"):
+        compare.guidance_command(["--checkpoint", str(plain / "checkpoints" / "last.pt"), "--out", str(tmp_path / "x")])
+
+
+def test_compare_conditional_trains_scores_and_tabulates_class_accuracy(dataset, tmp_path):
+    import compare
+
+    configs = {"diffusion": tiny_config("diffusion", epochs=1, data=str(dataset), sample_every=0, n_eval=8)}
+    ckpts = compare.conditional_checkpoints(configs, tmp_path, None, "colour")
+    assert list(ckpts) == ["diffusion"] and ckpts["diffusion"] == tmp_path / "diffusion-colour" / "checkpoints" / "last.pt"
+    assert compare.conditional_checkpoints(configs, tmp_path / "x", tmp_path, "colour") == ckpts  # --checkpoints: loaded
+    with pytest.raises(common.UserError, match="no .*diffusion-cluster"):
+        compare.conditional_checkpoints(configs, tmp_path / "x", tmp_path, "cluster")
+    data = common.load_sprites(dataset, torch.device("cpu"))
+    r = compare.evaluate("diffusion", {"guidance": 3.0}, ckpts["diffusion"], data, 4, 8, 0, torch.device("cpu"), False)
+    assert 0 <= r["class_accuracy"] <= 1 and r.pop("show").shape == (4, 3, 16, 16)
+    md = compare.table([("diffusion | colour, w=3", r), ("real", common.sprite_metrics(data.val, data.train, data.palette))])
+    assert "| class_accuracy |" in md and md.rstrip().endswith("| - |")  # the real row has no class accuracy
+
+
+# =============================================================================
+# download.py: slicing, filtering, the split, zips, refusals, atomic writes
+# =============================================================================
+
+
+REAL_SHEET_SHA256 = "801243b8b35bcfde727bd52447bcae5c2abf36b0ae2f3ac7ee54f91791575e74"
+
+
+# A 4 x 3 synthetic sheet: tile i draws its first COUNTS[i] pixels (reading order)
+# in one colour. 38/256 and 129/256 lie just outside the 0.15..0.50 bounds,
+# 39/256 and 128/256 (= 0.50 exactly) just inside.
+COUNTS = [0, 38, 39, 128, 129, 64, 0, 256, 1, 100, 50, 200]
+KEPT = [2, 3, 5, 9, 10]                                  # default density filter
+NON_EMPTY = [i for i, c in enumerate(COUNTS) if c > 0]   # --all
+COLOURS = [(230, 72, 46), (56, 217, 115), (60, 172, 215), (244, 180, 27)]
+
+
+def make_sheet_rgba():
+    sheet = np.zeros((3 * 16, 4 * 16, 4), np.uint8)
+    for i, count in enumerate(COUNTS):
+        tile = np.zeros((256, 4), np.uint8)
+        tile[:, :3] = (255, 0, 255)             # colour under transparent pixels: must vanish
+        tile[:count] = (*COLOURS[i % 4], 255)
+        if i == 6:
+            tile[:, 3] = 127                    # faint pixels count as background
+        row, col = divmod(i, 4)
+        sheet[row * 16:(row + 1) * 16, col * 16:(col + 1) * 16] = tile.reshape(16, 16, 4)
+    return sheet
+
+
+@pytest.fixture
+def sheet_png():
+    return png_bytes(make_sheet_rgba())
+
+
+@pytest.fixture
+def pack_zip(sheet_png):
+    decoy = png_bytes(np.full((32, 32, 4), 255, np.uint8))
+    return make_zip({"Some Folder/License.txt": b"CC0",
+                     "Some Folder/Tilesheet/colored_packed.png": decoy,
+                     "Some Folder/Tilesheet/colored-transparent_packed.png": sheet_png})
+
+
+@pytest.fixture
+def sheet_file(tmp_path, sheet_png):
+    path = tmp_path / "colored-transparent_packed.png"
+    path.write_bytes(sheet_png)
+    return path
+
+
+def quiet(*args):
+    pass
+
+
+def test_download_slice_tiles_count_and_row_major_order():
+    rgba = make_sheet_rgba()
+    tiles, index = download.slice_tiles(rgba)
+    assert tiles.shape == (12, 16, 16, 4) and tiles.dtype == np.uint8
+    assert index.tolist() == list(range(12))
+    assert np.array_equal(tiles[6], rgba[16:32, 32:48])      # row 1, column 2
+    assert (download.foreground(tiles).sum(axis=(1, 2)) == [0 if i == 6 else c for i, c in
+                                                            enumerate(COUNTS)]).all()
+
+
+def test_download_density_filter_bounds_are_inclusive_and_empty_tiles_dropped():
+    arrays, non_empty = download.build_dataset(make_sheet_rgba())
+    assert non_empty == len(NON_EMPTY) == 10   # tile 6, at alpha 127 throughout, is empty
+    assert arrays["tile_index"].tolist() == KEPT
+    assert arrays["density"].tolist() == pytest.approx([39 / 256, 0.5, 0.25, 100 / 256, 50 / 256])
+    everything, _ = download.build_dataset(make_sheet_rgba(), keep_all=True)
+    assert everything["tile_index"].tolist() == [1, 2, 3, 4, 5, 7, 8, 9, 10, 11]
+
+
+def test_download_composite_colours_on_black_and_mono_variant():
+    arrays, _ = download.build_dataset(make_sheet_rgba())
+    images = arrays["images"]
+    assert images.shape == (5, 16, 16, 3) and images.dtype == np.uint8
+    first = images[0].reshape(256, 3)                      # tile 2: 39 pixels
+    assert (first[:39] == COLOURS[2]).all() and (first[39:] == 0).all()
+    mono, _ = download.build_dataset(make_sheet_rgba(), variant="mono")
+    assert {tuple(c) for c in mono["images"].reshape(-1, 3)} == {(0, 0, 0), (255, 255, 255)}
+    assert (mono["images"].any(axis=3) == images.any(axis=3)).all()
+
+
+def test_download_split_depends_only_on_tile_index():
+    assert download.is_validation(np.arange(25)).tolist() == [i % 10 == 0 for i in range(25)]
+    few, _ = download.build_dataset(make_sheet_rgba())
+    every, _ = download.build_dataset(make_sheet_rgba(), keep_all=True)
+    split = dict(zip(every["tile_index"].tolist(), every["is_val"].tolist()))
+    assert all(split[i] == v for i, v in zip(few["tile_index"].tolist(), few["is_val"].tolist()))
+
+
+def test_download_sheet_found_in_zip_by_file_name(tmp_path, pack_zip, sheet_png):
+    source = tmp_path / "kenney_1-bit-pack.zip"
+    source.write_bytes(pack_zip)
+    lines = []
+    path = download.prepare(source, out=tmp_path / "out", log=lines.append)
+    assert path == tmp_path / "out" / "sprites-colored.npz"
+    assert any(hashlib.sha256(pack_zip).hexdigest() in line for line in lines)
+    with np.load(path) as data:
+        assert set(data.files) == {"images", "tile_index", "is_val", "density",
+                                   "source_sha256", "variant", "version"}
+        assert str(data["source_sha256"]) == hashlib.sha256(sheet_png).hexdigest()
+        assert str(data["variant"]) == "colored" and int(data["version"]) == 1
+        assert data["tile_index"].dtype == np.int32 and data["is_val"].dtype == bool
+        assert data["density"].dtype == np.float32
+        assert data["tile_index"].tolist() == KEPT
+    assert sorted(p.name for p in path.parent.iterdir()) == ["sprites-colored.npz",
+                                                             "sprites-colored.png"]
+    with Image.open(path.with_suffix(".png")) as preview:
+        assert preview.size == ((5 * 17 + 1) * 2, (17 + 1) * 2)
+
+
+@pytest.mark.parametrize("content, words", [
+    (make_zip({"Tilesheet/monochrome-transparent_packed.png": b"x"}),
+     "does not contain colored-transparent_packed.png; is it the 1-Bit Pack?"),
+    (b"PK\x03\x04 this zip was cut short", "not a readable zip"),
+    (b"hello, I am text", "is not an image"),
+    (png_bytes(np.zeros((20, 32, 4), np.uint8)), "is 32x20 pixels, not a grid of 16x16 tiles"),
+    (png_bytes(np.full((32, 32, 4), 255, np.uint8)), "has no transparent pixels"),
+])
+def test_download_bad_sources_raise_data_error(tmp_path, content, words):
+    source = tmp_path / "input.bin"
+    source.write_bytes(content)
+    with pytest.raises(download.DataError, match=words):
+        download.prepare(source, out=tmp_path / "out", log=quiet)
+    assert not (tmp_path / "out" / "sprites-colored.npz").exists()
+
+
+def test_download_missing_file_raises_data_error(tmp_path):
+    with pytest.raises(download.DataError, match="does not exist"):
+        download.prepare(tmp_path / "nope.zip", out=tmp_path, log=quiet)
+
+
+def test_download_refuses_a_wrong_checksum(tmp_path, monkeypatch, pack_zip):
+    monkeypatch.setattr(download, "fetch_url", lambda url, timeout=30: pack_zip)
+    with pytest.raises(download.DataError) as error:
+        download.prepare(out=tmp_path, log=quiet)
+    message = str(error.value)
+    assert "sha256" in message and download.PACK_PAGE in message
+    assert "python download.py --from PATH/TO/kenney_1-bit-pack.zip" in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_download_offline_explains_the_fallback(tmp_path, monkeypatch):
+    def offline(url, timeout=30):
+        raise urllib.error.URLError("no route to kenney.nl")
+    monkeypatch.setattr(download, "fetch_url", offline)
+    with pytest.raises(download.DataError) as error:
+        download.prepare(out=tmp_path, log=quiet)
+    message = str(error.value)
+    assert "no route to kenney.nl" in message and "\n" not in message
+    assert "https://kenney.nl/assets/1-bit-pack" in message and "--from" in message
+    # ... that the PNG sheet works too, and what to run next (issue 16)
+    assert "python download.py --from PATH/TO/kenney_1-bit-pack.zip" in message
+    assert f"{download.SHEET_NAME}, works too" in message
+    assert ". .venv/bin/activate" in message and "python vae.py --epochs 200" in message
+
+
+def test_download_with_matching_checksum_builds_once(tmp_path, monkeypatch, pack_zip):
+    calls = []
+    monkeypatch.setattr(download, "PACK_SHA256", hashlib.sha256(pack_zip).hexdigest())
+    monkeypatch.setattr(download, "fetch_url", lambda url, timeout=30: calls.append(url) or pack_zip)
+    path = download.prepare(out=tmp_path, keep_all=True, variant="mono", log=quiet)
+    assert path.name == "sprites-mono-all.npz" and calls == [download.PACK_URL]
+    lines = []
+    assert download.prepare(out=tmp_path, keep_all=True, variant="mono", log=lines.append) == path
+    assert calls == [download.PACK_URL] and "already exists" in lines[0]
+
+
+def test_download_failed_write_leaves_no_partial_files(tmp_path, monkeypatch, sheet_file):
+    out = tmp_path / "out"
+    good = download.prepare(sheet_file, out=out, log=quiet)
+    before = good.read_bytes()
+
+    def broken_savez(file, **arrays):
+        file.write(b"PK\x03\x04 half a dataset")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(download.np, "savez_compressed", broken_savez)
+    with pytest.raises(download.DataError, match="No space left"):
+        download.prepare(sheet_file, out=out, force=True, log=quiet)
+    with pytest.raises(download.DataError):
+        download.prepare(sheet_file, out=tmp_path / "fresh", log=quiet)
+    assert good.read_bytes() == before
+    assert list(out.glob("*.tmp")) == [] and list((tmp_path / "fresh").glob("*.tmp")) == []
+    assert list((tmp_path / "fresh").glob("*.npz")) == []
+
+
+def test_download_second_run_is_up_to_date_and_rewrites_nothing(tmp_path, sheet_file):
+    path = download.prepare(sheet_file, out=tmp_path, log=quiet)
+    stamp = path.stat().st_mtime_ns
+    lines = []
+    download.prepare(sheet_file, out=tmp_path, log=lines.append)
+    assert len(lines) == 1 and "up to date" in lines[0]
+    assert path.stat().st_mtime_ns == stamp
+    # A different sheet under the same name is not "up to date".
+    other = make_sheet_rgba()
+    other[:16, :16, 3] = 255                       # tile 0 becomes full
+    sheet_file.write_bytes(png_bytes(other))
+    lines = []
+    download.prepare(sheet_file, out=tmp_path, log=lines.append)
+    assert not any("up to date" in line for line in lines)
+
+
+def test_download_cli_prints_summary_and_fails_cleanly(tmp_path, sheet_file):
+    done = run_script("download.py", "--from", sheet_file, "--out", tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "4x3 = 12 tiles, 10 non-empty" in done.stdout
+    assert "kept: 5 colored sprites" in done.stdout and "palette (4 colours)" in done.stdout
+    assert "split: 4 train, 1 validation" in done.stdout
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not a sheet")
+    failed = run_script("download.py", "--from", bad, "--out", tmp_path)
+    assert failed.returncode == 2
+    assert failed.stderr.startswith("error: ") and failed.stderr.count("\n") == 1
+    assert "Traceback" not in failed.stderr
+
+
+@needs_real_sheet
+def test_download_real_sheet():
+    png = REAL_SHEET.read_bytes()
+    assert hashlib.sha256(png).hexdigest() == REAL_SHEET_SHA256
+    rgba = download.load_sheet(png)
+    assert rgba.shape == (352, 784, 4) and set(np.unique(rgba[..., 3])) == {0, 255}
+    assert len(download.slice_tiles(rgba)[0]) == 1078
+    focused, non_empty = download.build_dataset(rgba)
+    assert non_empty == 1077 and len(focused["images"]) == 873
+    assert int(focused["is_val"].sum()) == 81
+    everything, _ = download.build_dataset(rgba, keep_all=True)
+    assert len(everything["images"]) == 1077 and int(everything["is_val"].sum()) == 107
+    colours = {tuple(c) for c in np.unique(focused["images"].reshape(-1, 3), axis=0).tolist()}
+    assert colours == {(0, 0, 0), *SHEET_COLOURS}
+
+
+def test_download_zip_member_is_read_in_bounded_chunks(monkeypatch):
+    """The header is checked first, but not trusted: the member is read in
+    chunks and refused as soon as it passes the bound."""
+    data = make_zip({download.SHEET_NAME: b"\1" * 5000})
+    monkeypatch.setattr(download, "MAX_MEMBER_BYTES", 10_000)
+    assert len(download.sheet_from_zip(data)) == 5000
+    monkeypatch.setattr(download, "MAX_MEMBER_BYTES", 4096)
+    with pytest.raises(download.DataError, match="inflates to more than"):
+        download.sheet_from_zip(data)
+    # A header that under-states the size: still refused, by counting what is read.
+    class Archive:  # yields more bytes than its header says (Python's zipfile would stop at the header's size)
+        def open(self, info):
+            return io.BytesIO(b"\1" * 5000)
+    info = zipfile.ZipInfo(download.SHEET_NAME)
+    info.file_size = 100
+    with pytest.raises(download.DataError, match="inflates to more than"):
+        download.read_member(Archive(), info, "test")
+
+
+# =============================================================================
+# Docs: README.md and docs/ (links, commands, derivations, generated tables)
+# =============================================================================
+
+
+# -----------------------------------------------------------------------------
+# Docs: every relative link and image in README.md and docs/ resolves
+# -----------------------------------------------------------------------------
+
+
+def test_docs_relative_links_and_images_resolve():
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    broken = []
+    for page in pages:
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)  # links inside code blocks are examples
+        for target in re.findall(r"\]\(([^)\s]+)\)", text) + re.findall(r'<img[^>]+src="([^"]+)"', text):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue  # a web address or an anchor on the same page
+            if not (page.parent / target.split("#")[0]).exists():
+                broken.append(f"{page.relative_to(ROOT)} -> {target}")
+    assert not broken, broken
 
 
 # -----------------------------------------------------------------------------
 # Docs: every command in README.md and docs/learn runs as written
 # -----------------------------------------------------------------------------
-# The commands are read from the pages at test time: the lines of fenced
-# shell blocks (only the `$ ` lines where a block shows output too) and inline
-# `python X.py ...` spans, in page order. Each is parsed by the very parser its
-# script builds for it, caught by intercepting ArgumentParser.parse_args, so
-# flags and subcommands added later are known without a list kept here.
 
-DOC_PAGES = [ROOT / "README.md", *sorted((ROOT / "docs" / "learn").glob("*.md"))]
-SUBCOMMANDS = ("sample", "bench", "report", "plot", "guidance", "labels")
-COMMAND = re.compile(r"^(?:\w+=\S+\s+)*(?:nice -n \d+\s+)?(?:time\s+)?(python3?\s+[\w-]+\.py\b.*)$")
+
 PLACEHOLDER = re.compile(r"<[\w .-]+>")  # <run>, <file>: a value the reader fills in, as the text says
-
-
-def doc_commands(page: Path) -> list[tuple[int, list[str]]]:
-    """(line number, argv after `python`) of every `python X.py ...` command on a page, in page order."""
-    import shlex
-    lines = page.read_text().splitlines()
-    fenced, blocks, current = [False] * len(lines), [], None
-    for i, line in enumerate(lines):
-        if line.lstrip().startswith("```"):
-            fenced[i] = True
-            if current is None:  # an opening fence
-                current = []
-            else:
-                blocks.append(current)
-                current = None
-        elif current is not None:
-            fenced[i] = True
-            current.append((i + 1, line.strip()))
-    candidates = []
-    for block in blocks:
-        prompts = [(no, line[2:]) for no, line in block if line.startswith("$ ")]
-        pending = None
-        for no, line in prompts or block:
-            if pending:
-                no, line = pending[0], pending[1] + " " + line
-            pending = (no, line[:-1]) if line.endswith("\\") else None
-            if not pending:
-                candidates.append((no, line))
-    prose = "\n".join("" if f else line for f, line in zip(fenced, lines))
-    for m in re.finditer(r"`(python3?\s[^`]+)`", prose):  # inline spans may wrap onto the next line
-        candidates.append((prose.count("\n", 0, m.start()) + 1, " ".join(m.group(1).split())))
-    commands = []
-    for no, line in sorted(candidates):
-        for part in re.split(r"&&|;|\|", line):
-            m = COMMAND.match(part.strip())
-            if m:
-                commands.append((no, shlex.split(m.group(1), comments=True)[1:]))
-    return commands
 
 
 class _ParserBuilt(BaseException):
@@ -2521,14 +2800,14 @@ def doc_command_problems(page: Path) -> list[str]:
     return problems
 
 
-def test_doc_commands_name_real_flags_and_files_an_earlier_command_writes():
+def test_docs_commands_name_real_flags_and_files_an_earlier_command_writes():
     commands = {page.name: doc_commands(page) for page in DOC_PAGES}
     assert sum(map(len, commands.values())) > 20, commands  # the extraction finds the pages' commands
     problems = [p for page in DOC_PAGES for p in doc_command_problems(page)]
     assert not problems, "\n".join(problems)
 
 
-def test_doc_checks_catch_a_sample_line_without_its_training_run(tmp_path):
+def test_docs_checks_catch_a_sample_line_without_its_training_run(tmp_path):
     page = tmp_path / "page.md"
     page.write_text("```bash\npython vae.py --epochs 200\n"
                     "python vae.py sample --checkpoint runs/vae-ce/checkpoints/last.pt --n 8\n"
@@ -2544,7 +2823,7 @@ def test_doc_checks_catch_a_sample_line_without_its_training_run(tmp_path):
 
 
 @needs_real_sheet
-def test_doc_download_commands_run_on_the_shared_sheet(tmp_path):
+def test_docs_download_commands_run_on_the_shared_sheet(tmp_path):
     ran = 0
     for page in DOC_PAGES:
         for _, argv in doc_commands(page):
@@ -2552,11 +2831,10 @@ def test_doc_download_commands_run_on_the_shared_sheet(tmp_path):
                 continue  # without --from it downloads: tests stay offline
             args = list(argv[1:])
             args[args.index("--from") + 1] = str(REAL_SHEET)  # <file>: the sheet or the pack zip
-            r = run_download(*args, "--out", str(tmp_path / f"run{ran}"))
+            r = run_script("download.py", *args, "--out", str(tmp_path / f"run{ran}"))
             assert r.returncode == 0 and "kept:" in r.stdout, (page.name, argv, r.stderr)
             ran += 1
     assert ran >= 2
-
 
 
 # -----------------------------------------------------------------------------
@@ -2564,7 +2842,7 @@ def test_doc_download_commands_run_on_the_shared_sheet(tmp_path):
 # -----------------------------------------------------------------------------
 
 
-def test_ddpm_derivation_in_tutorial_04_holds_on_the_schedule():
+def test_docs_ddpm_derivation_in_tutorial_04_holds_on_the_schedule():
     # The code stores its schedule in float32; redo the products in float64 from its beta_t
     # (the code's alpha_bar agrees with them to float32 precision), so that 1 - alpha_bar near
     # t = 1 keeps its digits.
@@ -2598,7 +2876,7 @@ def test_ddpm_derivation_in_tutorial_04_holds_on_the_schedule():
     assert (beta > beta_tilde).all()  # sample_ddpm's sigma_t^2 = beta_t is the larger choice
 
 
-def test_code_lines_quoted_in_tutorial_04_are_in_diffusion_py():
+def test_docs_code_lines_quoted_in_tutorial_04_are_in_diffusion_py():
     code = {line.split("  #")[0].strip() for line in (ROOT / "diffusion.py").read_text().splitlines()}
     quoted = [line.split("  #")[0].strip() for block in
               re.findall(r"```python\n(.*?)```", (ROOT / "docs/learn/04-diffusion.md").read_text(), flags=re.S)
@@ -2608,13 +2886,12 @@ def test_code_lines_quoted_in_tutorial_04_are_in_diffusion_py():
     assert not missing, f"tutorial 04 quotes lines diffusion.py no longer has: {missing}"
 
 
-
 # -----------------------------------------------------------------------------
 # Docs: results tables are generated from the committed run files
 # -----------------------------------------------------------------------------
 
 
-def test_results_tables_in_the_docs_equal_what_compare_report_generates():
+def test_docs_results_tables_equal_what_compare_report_generates():
     import compare
     pages = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
     assert any("<!-- results:" in p.read_text() for p in pages), "no generated results table in the docs"
@@ -2625,290 +2902,6 @@ def test_results_tables_in_the_docs_equal_what_compare_report_generates():
     for group in sorted(results.iterdir()):  # a run's folder, or a folder of runs (docs/results/diffusion/<run>)
         assert not group.is_dir() or any(group.rglob("metrics.json")), f"{group} holds no run's metrics.json"
 
-
-def test_compare_report_rewrites_a_stale_table_and_refuses_a_missing_run(tmp_path):
-    import compare
-    run = tmp_path / "docs" / "results" / "demo"
-    run.mkdir(parents=True)
-    (run / "metrics.json").write_text(json.dumps({"val/kl": 12.5, "epochs": 3, "train_seconds": 75.0}))
-    (run / "latent.json").write_text(json.dumps({"active_units": 7}))
-    page = tmp_path / "docs" / "page.md"
-    page.write_text("Before.\n<!-- results: runs=demo metrics=val/kl,latent/active_units,train_seconds -->\n"
-                    "| stale |\n<!-- /results -->\nAfter.\n")
-    (tmp_path / "README.md").write_text("no tables here\n")
-    assert compare.report(tmp_path, write=False) == ["docs/page.md"] and "stale" in page.read_text()
-    assert compare.report(tmp_path) == ["docs/page.md"]
-    text = page.read_text()
-    assert "| [demo](results/demo/) | 12.5 | 7 | 0:01:15 |" in text and "stale" not in text
-    assert text.startswith("Before.\n<!-- results:") and text.endswith("<!-- /results -->\nAfter.\n")
-    assert compare.report(tmp_path) == []  # idempotent
-    page.write_text("<!-- results: runs=demo metrics=val/kl,epochs rows=metrics -->\n<!-- /results -->\n")
-    compare.report(tmp_path)
-    assert "| | [demo](results/demo/) |\n|---|---|\n| `val/kl` | 12.5 |\n| `epochs` | 3 |\n" in page.read_text()
-    page.write_text("<!-- results: runs=gone metrics=val/kl -->\n<!-- /results -->\n")
-    with pytest.raises(common.UserError, match="run 'gone'"):
-        compare.report(tmp_path)
-
-
-
-# -----------------------------------------------------------------------------
-# Conditioning and classifier-free guidance (diffusion.py --condition, common.Labeller)
-# -----------------------------------------------------------------------------
-
-
-def one_colour_sprites(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """n sprites (n, 3, 16, 16) in [0, 1] on black, sprite i a random blob in
-    SHEET_COLOURS[i % 7]; and those colour indices (n,)."""
-    g = torch.Generator().manual_seed(seed)
-    colours = torch.tensor(SHEET_COLOURS, dtype=torch.float32) / 255  # (7, 3)
-    which = torch.arange(n) % 7
-    masks = torch.rand(n, 1, 16, 16, generator=g) < torch.rand(n, 1, 1, 1, generator=g) * 0.5 + 0.1  # (n, 1, 16, 16)
-    return masks * colours[which][:, :, None, None], which
-
-
-def test_colour_labels_are_the_known_colours_and_labels_are_deterministic(dataset):
-    x, which = one_colour_sprites(70)
-    palette = torch.from_numpy(common.kmeans_palette((x.permute(0, 2, 3, 1) * 255).round().numpy().reshape(-1, 3))) / 255
-    labeller = common.Labeller("colour", palette)
-    assert labeller.n_classes == 7
-    y = labeller(x)
-    class_rgb = (palette[labeller.colours] * 255).round().int()  # (7, 3) the colour of each class
-    assert [tuple(c) for c in class_rgb[y].tolist()] == [SHEET_COLOURS[i] for i in which.tolist()]
-    assert labeller(x.flip(-1)).equal(y) and labeller(torch.zeros(1, 3, 16, 16)).item() == -1  # no foreground
-    assert labeller.names.count("red") == 1 and labeller.parse("red") == labeller.names.index("red")
-    sprites = common.load_sprites(dataset, torch.device("cpu"))
-    a, b = (common.make_labeller("cluster", sprites.palette, str(dataset), 4, 0) for _ in range(2))
-    assert a.centres.shape == (4, 256) and a.centres.equal(b.centres) and a(sprites.train).equal(b(sprites.train))
-    counts = torch.bincount(a(sprites.train), minlength=4)
-    assert (counts > 0).all() and counts.tolist() == sorted(counts.tolist(), reverse=True)  # largest cluster first
-    assert not a.centres.equal(common.make_labeller("cluster", sprites.palette, str(dataset), 4, 1).centres)
-
-
-def tiny_conditional(palette, dataset, **kw):
-    return tiny_diffusion(palette, condition="colour", data=str(dataset), **kw)
-
-
-def test_label_dropout_happens_at_the_configured_rate(sprites, dataset):
-    strategy, _ = tiny_conditional(sprites.palette, dataset, p_uncond=0.1)
-    null = strategy.labeller.n_classes
-    torch.manual_seed(0)
-    y = torch.zeros(200, 64, dtype=torch.long)  # 200 steps of a batch of 64
-    dropped = torch.stack([strategy.drop_labels(row) for row in y]) == null
-    assert dropped.float().mean().item() == pytest.approx(0.1, abs=0.01)  # 12,800 draws: sd 0.0027
-    strategy.config.p_uncond = 0.0
-    assert (strategy.drop_labels(y[0]) != null).all()
-
-
-def untrained_but_not_blind(model):
-    """Draw the zero-initialised weights (the class embedding, each block's last conv, the
-    output conv) at random, so that the output depends on the class as a trained model's does."""
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
-                p.normal_(0, 0.05 if p.dim() > 1 else 0.01, generator=g)
-    model.class_emb.weight.data *= 20  # embeddings: unit scale, as nn.Embedding's default
-
-
-class CountingUNet(nn.Module):
-    """Wraps a U-Net: counts the calls and the batch size of each."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model, self.batches = model, []
-
-    def forward(self, x, t, y=None):
-        self.batches.append(x.shape[0])
-        return self.model(x, t, y)
-
-
-class FixedLabel(nn.Module):
-    """A U-Net told one label (or the null label, y=None) whatever the sampler asks."""
-
-    def __init__(self, model, y):
-        super().__init__()
-        self.model, self.y = model, y
-
-    def forward(self, x, t, y=None):
-        return self.model(x, t, None if self.y is None else self.y[: x.shape[0]])
-
-
-@pytest.mark.parametrize("sampler,prediction", [("ddim", "eps"), ("ddpm", "v"), ("dpm++", "v")])
-def test_guidance_zero_is_unconditional_one_is_conditional_and_one_unet_call_per_step(sprites, dataset, sampler,
-                                                                                     prediction):
-    strategy, model = tiny_conditional(sprites.palette, dataset, sampler=sampler, prediction=prediction)
-    untrained_but_not_blind(model)
-    model.eval()
-    y = torch.tensor([0, 3, 5, 6])
-    draw = lambda m, w, labels: (setattr(strategy.config, "guidance", w),
-                                 strategy.sample(m, 4, torch.Generator().manual_seed(7), labels))[1]
-    plain = diffusion.DiffusionStrategy(strategy.config, sprites.palette)
-    plain.labeller = None  # no labels passed: the model is called exactly as given
-    uncond = plain.sample(FixedLabel(model, None), 4, torch.Generator().manual_seed(7))
-    cond = plain.sample(FixedLabel(model, y), 4, torch.Generator().manual_seed(7))
-    assert torch.equal(draw(model, 0.0, y), uncond) and torch.equal(draw(model, 1.0, y), cond)
-    assert not torch.equal(uncond, cond)
-    counting = CountingUNet(model)
-    guided = draw(counting, 3.0, y)
-    steps = strategy.T if sampler == "ddpm" else strategy.config.steps
-    assert counting.batches == [8] * steps  # both branches in one call of 2 x 4 sprites per step
-    assert not torch.equal(guided, cond)
-
-
-def test_guided_output_extrapolates_from_the_unconditional_branch(sprites, dataset):
-    strategy, model = tiny_conditional(sprites.palette, dataset, prediction="v")
-    untrained_but_not_blind(model)
-    model.eval()
-    x, t, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 3, 6, 9]), torch.tensor([1, 2, 3, 4])
-    strategy.config.guidance = 2.5
-    with torch.no_grad(), strategy.conditioned(y):
-        guided = strategy.model_output(model, x, t)
-        c, u = model(x, t, y), model(x, t)
-    assert torch.allclose(guided, u + 2.5 * (c - u), atol=1e-5)  # eps_u + w (eps_c - eps_u), here on v
-
-
-def test_conditional_run_resumes_exactly_and_scores_class_accuracy(dataset, tmp_path):
-    kw = dict(condition="colour", data=str(dataset), sample_every=0, ema_decay=0.9, epochs=2)
-    full = common.train(diffusion.DiffusionStrategy, tiny_diffusion_config(**kw, out=str(tmp_path / "full")))
-    part = common.train(diffusion.DiffusionStrategy, tiny_diffusion_config(**{**kw, "epochs": 1}, out=str(tmp_path / "part")))
-    resumed = common.train(diffusion.DiffusionStrategy, tiny_diffusion_config(**kw, out=str(tmp_path / "part"),
-                                                                              resume=str(part / "checkpoints" / "last.pt")))
-    a, b = params_of(full), params_of(resumed)
-    assert "class_emb.weight" in a and all(torch.equal(a[k], b[k]) for k in a)
-    metrics = json.loads((full / "metrics.json").read_text())
-    assert 0 <= metrics["sample/class_accuracy"] <= 1
-
-
-def test_unconditional_checkpoint_still_loads_and_class_errors_are_one_line(tiny_run, tmp_path):
-    ckpt = tiny_run / "checkpoints" / "last.pt"
-    state = common.load_checkpoint(ckpt)
-    assert not any(k.startswith("class_emb") for k in state["model"])  # unconditional: the weights of old
-    for key in ("condition", "clusters", "p_uncond", "guidance"):  # a checkpoint from before --condition
-        state["config"].pop(key)
-    old = tmp_path / "old.pt"
-    common.save_checkpoint(old, state)
-    strategy, _, _, config = common.load_for_sampling(diffusion.DiffusionStrategy, diffusion.Config, str(old), {},
-                                                      torch.device("cpu"))
-    assert config.condition == "none" and strategy.labeller is None
-    r = run_diffusion("sample", "--checkpoint", old, "--n", 2, "--out", tmp_path / "x.png", "--class", "red")
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "trained without classes" in r.stderr
-
-
-def test_sample_class_by_name_and_unknown_class(dataset, tmp_path):
-    run = common.train(diffusion.DiffusionStrategy, tiny_diffusion_config(
-        condition="colour", data=str(dataset), sample_every=0, epochs=1, n_eval=8, out=str(tmp_path / "run")))
-    ckpt = run / "checkpoints" / "last.pt"
-    r = run_diffusion("sample", "--checkpoint", ckpt, "--n", 8, "--out", tmp_path / "red.png", "--class", "red")
-    assert r.returncode == 0 and (tmp_path / "red.png").exists(), r.stderr
-    r = run_diffusion("sample", "--checkpoint", ckpt, "--n", 8, "--out", tmp_path / "x.png", "--class", "teal")
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
-    assert "unknown class 'teal' for colour labels" in r.stderr and "an index 0..6" in r.stderr
-    r = run_diffusion("guidance", "--checkpoint", ckpt, "--w", "0,2", "--n", 14, "--grid-class", "red",
-                      "--out", tmp_path / "sweep")
-    assert r.returncode == 0, r.stderr
-    for name in ("w0/metrics.json", "w2/metrics.json", "real.json", "sweep.png", "grid-red.png"):
-        assert (tmp_path / "sweep" / name).exists(), name
-    m = json.loads((tmp_path / "sweep" / "w2" / "metrics.json").read_text())
-    assert 0 <= m["sample/class_accuracy"] <= 1 and m["guidance"] == 2 and "sample/precision" in m
-    real = json.loads((tmp_path / "sweep" / "real.json").read_text())
-    assert real["class_accuracy_mirrored"] == 1.0 and real["colour_entropy"] == 0.0  # colour labels: exact
-    assert Image.open(tmp_path / "sweep" / "grid-red.png").size == ((8 * 17 + 1) * 4, (2 * 17 + 1) * 4)  # 2 rows of 2
-
-
-def test_compare_conditional_trains_scores_and_tabulates_class_accuracy(dataset, tmp_path):
-    import compare
-
-    configs = {"diffusion": tiny_diffusion_config(epochs=1, data=str(dataset), sample_every=0, n_eval=8)}
-    ckpts = compare.conditional_checkpoints(configs, tmp_path, None, "colour")
-    assert list(ckpts) == ["diffusion"] and ckpts["diffusion"] == tmp_path / "diffusion-colour" / "checkpoints" / "last.pt"
-    assert compare.conditional_checkpoints(configs, tmp_path / "x", tmp_path, "colour") == ckpts  # --checkpoints: loaded
-    with pytest.raises(common.UserError, match="no .*diffusion-cluster"):
-        compare.conditional_checkpoints(configs, tmp_path / "x", tmp_path, "cluster")
-    data = common.load_sprites(dataset, torch.device("cpu"))
-    r = compare.evaluate("diffusion", {"guidance": 3.0}, ckpts["diffusion"], data, 4, 8, 0, torch.device("cpu"), False)
-    assert 0 <= r["class_accuracy"] <= 1 and r.pop("show").shape == (4, 3, 16, 16)
-    md = compare.table([("diffusion | colour, w=3", r), ("real", common.sprite_metrics(data.val, data.train, data.palette))])
-    assert "| class_accuracy |" in md and md.rstrip().endswith("| - |")  # the real row has no class accuracy
-
-
-def test_conditional_vq_prior_class_token_dropout_and_guided_logits(dataset):
-    torch.manual_seed(0)
-    config = tiny_vq(dataset, condition="colour", epochs=1, prior_epochs=1)
-    data = common.load_sprites(dataset, torch.device("cpu"))
-    strategy = vqvae.VQVAEStrategy(config, data.palette)
-    model = strategy.build_model(config).eval()
-    prior, k = model.prior, config.codebook_size
-    with torch.no_grad():  # GPT-2's N(0, 0.02) start makes every logit about 0: scale up, so the class matters
-        prior.tok_emb.weight.normal_(0, 1, generator=torch.Generator().manual_seed(0))
-        prior.head.weight.normal_(0, 1, generator=torch.Generator().manual_seed(1))
-    codes, y = torch.randint(k, (4, 16)), torch.tensor([0, 2, 6, 7])  # 7 = the null label of 7 colour classes
-    assert prior.inputs_for(codes, y)[:, 0].tolist() == [k + 1, k + 3, k + 7, k]  # class tokens; null = start token
-    assert prior.inputs_for(codes)[:, 1:].equal(codes[:, :-1])
-    torch.manual_seed(0)
-    dropped = strategy.drop_labels(torch.zeros(20000, dtype=torch.long)) == 7
-    assert dropped.float().mean().item() == pytest.approx(config.p_uncond, abs=0.01)
-    y = y[:3]
-    calls = []
-    forward = prior.forward
-    prior.forward = lambda tokens: (calls.append(tokens.shape[0]), forward(tokens))[1]
-    draw = lambda w, labels=y: (setattr(strategy.config, "guidance", w),
-                                strategy.sample_codes(model, 3, torch.Generator().manual_seed(5), "prior", labels))[1]
-    uncond = draw(1.0, torch.full((3,), 7))  # the null label: the unconditional prior
-    assert draw(0.0).equal(uncond) and not draw(1.0).equal(uncond)
-    calls.clear()
-    draw(3.0)
-    assert calls == [6] * 16  # one call of 2 x 3 sequences per code
-    tokens = torch.cat([torch.full((3, 1), k), codes[:3, :5]], dim=1)
-    strategy.config.guidance = 2.5
-    with torch.no_grad():
-        guided = strategy.prior_logits(model, tokens, y)
-        c = forward(torch.cat([prior.start_token(y)[:, None], tokens[:, 1:]], 1))[:, -1]
-        u = forward(tokens)[:, -1]
-    assert torch.allclose(guided, u + 2.5 * (c - u), atol=1e-5)
-
-
-def test_compare_guidance_sweeps_a_conditional_vq_prior_and_refuses_an_unconditional_checkpoint(dataset, tmp_path):
-    """`python compare.py guidance` is one sweep for every model with --condition: here the VQ-VAE's prior."""
-    import compare
-
-    run = common.train(vqvae.VQVAEStrategy, tiny_vq(dataset, condition="colour", epochs=1, prior_epochs=1,
-                                                    out=str(tmp_path / "vq")))
-    compare.guidance_command(["--checkpoint", str(run / "checkpoints" / "last.pt"), "--w", "0,3", "--n", "14",
-                              "--grid-class", "red", "--out", str(tmp_path / "sweep")])
-    m = json.loads((tmp_path / "sweep" / "w3" / "metrics.json").read_text())
-    assert 0 <= m["sample/class_accuracy"] <= 1 and m["guidance"] == 3 and m["n"] == 14
-    assert "compare.py guidance" in (tmp_path / "sweep" / "w3" / "command.txt").read_text()
-    assert "checkpoint: vqvae, --condition colour" in (tmp_path / "sweep" / "w0" / "command.txt").read_text()
-    plain = common.train(vqvae.VQVAEStrategy, tiny_vq(dataset, epochs=1, prior_epochs=1, out=str(tmp_path / "plain")))
-    with pytest.raises(common.UserError, match="trained without classes"):
-        compare.guidance_command(["--checkpoint", str(plain / "checkpoints" / "last.pt"), "--out", str(tmp_path / "x")])
-
-
-def test_diffusion_class_weight_balanced_weights_each_labelled_sprite_by_its_class_size(sprites, dataset):
-    """--class-weight balanced: w_y = N / (K n_y), mean 1 over the training sprites; a dropped
-    (null) label keeps weight 1; validation loss is the plain mean."""
-    strategy, model = tiny_conditional(sprites.palette, dataset, class_weight="balanced", p_uncond=0.5)
-    data = common.load_sprites(dataset, torch.device("cpu"))
-    y = strategy.class_labels(data.train)
-    n_y = torch.bincount(y, minlength=strategy.labeller.n_classes).float()
-    assert torch.allclose(strategy.class_weights, len(y) / (len(n_y) * n_y))
-    assert strategy.class_weights[y].mean().item() == pytest.approx(1.0, abs=1e-5)
-    batch = data.train[:16]
-    plain, _ = tiny_conditional(sprites.palette, dataset, p_uncond=0.5)
-    torch.manual_seed(3)
-    weighted = strategy.loss(model, batch)
-    torch.manual_seed(3)  # the same t, eps and dropout draws, redone by hand
-    x0 = common.to_model_range(batch)
-    t = torch.randint(0, strategy.T, (16,))
-    eps = torch.randn_like(x0)
-    labels = strategy.drop_labels(strategy.class_labels(batch))
-    err = ((model(strategy.q_sample(x0, t, eps), t, labels) - strategy.v_target(x0, t, eps)) ** 2).mean(dim=(1, 2, 3))
-    w = torch.where(labels == strategy.labeller.n_classes, 1.0, torch.cat([strategy.class_weights, torch.ones(1)])[labels])
-    assert (labels == strategy.labeller.n_classes).any() and torch.allclose(weighted, (w * err).mean(), atol=1e-6)
-    val = [(torch.manual_seed(3), s.loss(model, batch, drop_labels=False))[1] for s in (strategy, plain)]
-    assert torch.allclose(*val)
-    with pytest.raises(ValueError, match="--class-weight must be none or balanced"):
-        tiny_diffusion_config(class_weight="equal")
 
 if __name__ == "__main__":
     common.main(TinyStrategy, TinyConfig)

@@ -118,6 +118,7 @@ class Config(common.TrainConfig):
     # draws each pixel from softmax(logits / T)
 
     sample_flags = ("temperature",)  # what `vae.py sample` may override; the rest is training-only
+    run_name_flags = ("recon_loss",)  # named in every MLflow run name (common.run_name)
 
     def __post_init__(self):
         super().__post_init__()  # also refuses a --recon-loss not in RECON_LOSSES (the field's choices)
@@ -272,8 +273,9 @@ class VAEStrategy(common.Strategy):
     # -- the reconstruction term ------------------------------------------------
 
     def recon_sum(self, out: Tensor, x: Tensor) -> Tensor:
-        """The reconstruction criterion summed over one sprite, (B,):
-        decoder output `out` (B, C, 16, 16), sprites x (B, 3, 16, 16) in [0, 1]."""
+        """The reconstruction term summed over each sprite, (B,) (divided by PIXELS:
+        the `recon` metric, as vqvae.py's recon_mean): decoder output `out`
+        (B, C, 16, 16), sprites x (B, 3, 16, 16) in [0, 1]."""
         out = out.float()  # losses in float32, also under bf16 autocast
         if self.mode == "mse":
             # sum_d (x_d - x_mean_d)^2 over the 768 RGB values in [-1, 1]

@@ -156,7 +156,7 @@ class Config(common.TrainConfig):
     # prior sampling: divide the logits by this (< 1: safer, more common codes)
     top_k: int = 0
     # prior sampling: draw only from the k most likely codes at each step (0 = all)
-    condition: str = "none"
+    condition: str = field(default="none", metadata={"choices": common.LABEL_KINDS})
     # class label the prior is conditioned on, as its first token (common.Labeller): none, colour (the
     # sprite's one non-black palette colour: 7 classes) or cluster (k-means on foreground masks)
     clusters: int = 8
@@ -169,9 +169,10 @@ class Config(common.TrainConfig):
     # 1 = plain conditional (conditional checkpoints only)
 
     sample_flags = ("sampler", "temperature", "top_k", "guidance")  # what `vqvae.py sample` may override
+    run_name_flags = ("recon_loss", "sampler")  # named in every MLflow run name (common.run_name)
 
     def __post_init__(self):
-        super().__post_init__()  # also refuses a --recon-loss or --sampler not among the field's choices
+        super().__post_init__()  # also refuses a --recon-loss, --sampler or --condition not among the field's choices
         if self.hidden < 4 or self.hidden % 4:
             raise ValueError(f"--hidden must be a positive multiple of 4, got {self.hidden}")
         if self.codebook_size < 2 or self.code_dim < 1:
@@ -189,8 +190,6 @@ class Config(common.TrainConfig):
             raise ValueError(f"--temperature must be positive, got {self.temperature}")
         if not 0 <= self.top_k <= self.codebook_size:
             raise ValueError(f"--top-k must be in [0, --codebook-size], got {self.top_k}")
-        if self.condition not in common.LABEL_KINDS:
-            raise ValueError(f"--condition must be {', '.join(common.LABEL_KINDS)}, got {self.condition!r}")
         if self.clusters < 2 or not 0 <= self.p_uncond < 1 or self.guidance < 0:
             raise ValueError("--clusters must be at least 2, --p-uncond in [0, 1) and --guidance at least 0")
 
@@ -531,8 +530,9 @@ class VQVAEStrategy(common.Strategy):
 
     # -- losses ---------------------------------------------------------------
 
-    def recon(self, out: Tensor, x: Tensor) -> Tensor:
-        """Reconstruction term per pixel, averaged over the batch: decoder output
+    def recon_mean(self, out: Tensor, x: Tensor) -> Tensor:
+        """The reconstruction term per pixel, averaged over the batch (the `recon`
+        metric; vae.py's recon_sum is its per-sprite sum): decoder output
         (B, C, 16, 16), sprites x (B, 3, 16, 16) in [0, 1]."""
         out = out.float()
         if self.config.recon_loss == "mse":
@@ -554,7 +554,7 @@ class VQVAEStrategy(common.Strategy):
 
         z_e = model.encoder(common.to_model_range(batch))  # (B, D, 4, 4)
         z_q, k, codebook_loss, commitment_loss = model.quantizer(z_e)
-        recon = self.recon(model.decoder(z_q), batch)
+        recon = self.recon_mean(model.decoder(z_q), batch)
         if self.config.codebook_ema:
             # the codebook is learned by the EMA update below, not by a loss term
             loss = recon + self.config.beta * commitment_loss
@@ -576,8 +576,8 @@ class VQVAEStrategy(common.Strategy):
         z_e = model.encoder(common.to_model_range(batch))
         z_q, k, codebook_loss, commitment_loss = model.quantizer(z_e)
         out = model.decoder(z_q)
-        recon = self.recon(out, batch)
-        same = common.palette_index(self.to_image(out), self.palette) == common.palette_index(batch, self.palette)
+        recon = self.recon_mean(out, batch)
+        same = common.palette_index(self.decode_output(out), self.palette) == common.palette_index(batch, self.palette)
         codebook_weight = 0.0 if self.config.codebook_ema else 1.0
         metrics = {"recon": recon.item(), "codebook": codebook_loss.item(), "commitment": commitment_loss.item(),
                    "pixel_acc": same.float().mean().item(),
@@ -620,7 +620,7 @@ class VQVAEStrategy(common.Strategy):
 
     # -- decoding and sampling ------------------------------------------------
 
-    def to_image(self, out: Tensor) -> Tensor:
+    def decode_output(self, out: Tensor) -> Tensor:
         """Decoder output (B, C, 16, 16) -> sprites (B, 3, 16, 16) in [0, 1]:
         the RGB mean (mse) or each pixel's most likely palette colour (ce)."""
         out = out.float()
@@ -628,10 +628,10 @@ class VQVAEStrategy(common.Strategy):
             return common.from_model_range(out)
         return self.palette[out.argmax(dim=1)].permute(0, 3, 1, 2)  # (B, 16, 16, 3) -> (B, 3, 16, 16)
 
-    def decode_codes(self, model: nn.Module, codes: Tensor) -> Tensor:
-        """codes (B, 16) -> sprites (B, 3, 16, 16) in [0, 1]."""
+    def decode(self, model: nn.Module, codes: Tensor) -> Tensor:
+        """Code grids (B, 16) -> sprites (B, 3, 16, 16) in [0, 1] (vae.py's decode does this for z)."""
         z_q = model.quantizer.lookup(codes.view(-1, GRID, GRID))  # (B, 4, 4) -> (B, D, 4, 4)
-        return self.to_image(model.decoder(z_q))
+        return self.decode_output(model.decoder(z_q))
 
     # -- conditioning and guidance (--condition) ---------------------------------
 
@@ -699,7 +699,7 @@ class VQVAEStrategy(common.Strategy):
         if self.labeller is not None and y is None:
             y = self.requested_classes(n, generator.device)
         codes = self.sample_codes(model, n, generator, sampler or self.config.sampler, y)
-        return self.decode_codes(model, codes)
+        return self.decode(model, codes)
 
     @torch.no_grad()
     def sample_classes(self, model: nn.Module, y: Tensor, generator: torch.Generator, chunk: int = 256) -> Tensor:
@@ -716,7 +716,7 @@ class VQVAEStrategy(common.Strategy):
         # Reconstructions: each row of real validation sprites above the same sprites decoded.
         order = torch.randperm(val.shape[0], generator=generator, device=generator.device).to(val.device)
         pictures["reconstructions"] = common.reconstruction_strip(
-            val, order, lambda real: self.decode_codes(model, model.codes(real)))
+            val, order, lambda real: self.decode(model, model.codes(real)))
 
         # The most used codes, one by one: the 4x4 pixels each code draws, cut from
         # the decoding of the first validation sprite that uses it, enlarged 4x.
@@ -728,7 +728,7 @@ class VQVAEStrategy(common.Strategy):
         top = top[counts[top] > 0]
         first = torch.stack([(codes == c).flatten().nonzero()[0, 0] for c in top])  # index into codes.flatten()
         sprite, cell = first // N_CODES, first % N_CODES
-        decoded = self.decode_codes(model, codes[sprite])                   # (n, 3, 16, 16)
+        decoded = self.decode(model, codes[sprite])                         # (n, 3, 16, 16)
         rows = (cell // GRID)[:, None] * 4 + torch.arange(4, device=cell.device)  # (n, 4) pixel rows of the cell
         cols = (cell % GRID)[:, None] * 4 + torch.arange(4, device=cell.device)   # (n, 4) pixel columns
         n = torch.arange(top.shape[0], device=cell.device)[:, None, None]

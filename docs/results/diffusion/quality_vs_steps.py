@@ -49,7 +49,7 @@ for item in [] if args.replot else args.grid.split(","):
 Path(args.out + ".json").write_text(json.dumps(rows, indent=1))
 for metric in ("precision", "palette_distance", "one_colour_rate"):
     series = {s: [(r["steps"], r[metric]) for r in rows if r["sampler"] == s] for s in dict.fromkeys(r["sampler"] for r in rows)}
-    img = common.line_chart(series, f"{metric} of {args.n_eval} samples vs sampler steps ({Path(args.checkpoint).parent.parent.name})",
+    img = diffusion.line_chart(series, f"{metric} of {args.n_eval} samples vs sampler steps ({Path(args.checkpoint).parent.parent.name})",
                             "sampler steps (U-Net calls)", metric)
     common.save_png(img, f"{args.out}_{metric}.png")
 print(f"wrote {args.out}.json and PNGs; load average {os.getloadavg()[0]:.2f}")
