@@ -1237,7 +1237,7 @@ def test_common_run_name_lists_the_named_fields_and_changed_flags():
     assert common.run_name("vqvae", vqvae.Config(sampler="random"), when) == "vqvae ce random 500ep 2026-01-02 03:04"
     # diffusion names no choice field: its choices appear as changed flags, like any other
     name = common.run_name("diffusion", diffusion.Config(condition="colour", sampler="ddim"), when)
-    assert name == "diffusion 110ep sampler=ddim condition=colour 2026-01-02 03:04"
+    assert name == f"diffusion {diffusion.Config.epochs}ep sampler=ddim condition=colour 2026-01-02 03:04"
 
 
 def test_common_progress_line_fits_110_columns_and_starts_with_the_losses():
