@@ -11,8 +11,8 @@ The idea in three lines:
                    (DDPM, Algorithm 2) or 50 (DDIM, Eq. 12; deterministic when eta = 0).
 
 Run (from the repository root):
-    python diffusion.py                                # train the defaults (110 epochs, ~20 min on 2 CPU cores)
-    python diffusion.py --epochs 200                   # longer; --help lists every flag
+    python diffusion.py                                # train the defaults (200 epochs, ~16 min on 2 CPU cores)
+    python diffusion.py --epochs 400                   # longer; --help lists every flag
     python diffusion.py sample --checkpoint runs/diffusion/<run>/checkpoints/last.pt --n 64 --out grid.png
     python diffusion.py sample --checkpoint ... --sampler ddim --steps 50 --eta 0 --gif ddim.gif
     python diffusion.py sample --checkpoint ... --sampler ddpm           # 1000 ancestral steps
