@@ -136,7 +136,14 @@ class TrainConfig:
             raise ValueError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         if not re.fullmatch(DEVICES, self.device):
             raise ValueError(f"unknown --device {self.device!r}; use auto, cpu, cuda, cuda:N or mps")
-        check_finite_and_seed(self)
+        # Every float field (the model's own too) must be a number: `--lr nan` would train
+        # on silently, and `nan <= 0` is False, so the range checks above let NaN through.
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
+        if not 0 <= self.seed <= SEED_MAX:  # it must fit every RNG it seeds
+            raise ValueError(f"--seed must be between 0 and {SEED_MAX}, got {self.seed}")
         for f in dataclasses.fields(self):  # a model's fields with listed choices, e.g. vae.py's --recon-loss
             choices, value = f.metadata.get("choices"), getattr(self, f.name)
             if choices and value not in choices:
@@ -145,19 +152,6 @@ class TrainConfig:
 
 SEED_MAX = 2**32 - 1  # NumPy's seeds are 32-bit
 DEVICES = r"auto|cpu|mps|cuda(:\d+)?"  # what --device accepts: auto, cpu, cuda, cuda:N or mps
-
-
-def check_finite_and_seed(config) -> None:
-    """Every float field of a Config (the model's own too) must be a number:
-    `--lr nan` would train on silently, and `nan <= 0` is False, so range
-    checks alone let NaN through. The seed must fit every RNG it seeds."""
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
-    seed = getattr(config, "seed", 0)
-    if not 0 <= seed <= SEED_MAX:
-        raise ValueError(f"--seed must be between 0 and {SEED_MAX}, got {seed}")
 
 
 def field_help(config_cls) -> dict[str, str]:
@@ -221,15 +215,12 @@ def select_device(name: str = "auto") -> torch.device:
     """cuda, then mps, then cpu -- unless --device names one."""
     if not re.fullmatch(DEVICES, name):
         raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name} was asked for, but CUDA is not available here; use --device cpu")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+    if name == "mps" and not mps:
         raise UserError("--device mps was asked for, but MPS is not available here; use --device cpu")
     return torch.device(name)
 
@@ -553,7 +544,7 @@ def sprite_metrics(samples: Tensor, reference: Tensor, palette: Tensor, k: int =
     palette_distance = (d * 255).mean().item()
 
     snapped = snap_to_palette(raw, palette)
-    black = palette[palette.sum(1).argmin()]
+    black = palette[background_index(palette)]
     fg = (snapped - black[None, :, None, None]).abs().sum(1) > 1e-6  # (N, H, W) foreground mask
     density = fg.float().mean((1, 2))
     colours_used = [len(torch.unique(s.permute(1, 2, 0)[f], dim=0)) for s, f in zip(snapped, fg)]
@@ -901,7 +892,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 
 
 class NonFiniteLoss(Exception):
-    pass
+    """The loss became NaN or infinite; train() names the last good checkpoint."""
 
 
 class Trainer:
@@ -1002,8 +993,7 @@ class Trainer:
 
     def fit(self) -> list[dict]:
         """Train from the epoch after the last completed one to the end; returns
-        the history (one dict of metrics per epoch). Ctrl-C finishes the
-        current step and saves a checkpoint that resumes exactly there."""
+        the history (one dict of metrics per epoch)."""
         previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
         self._fit_start, self._eval_pause = time.time(), 0.0
         epochs_timed = 0
@@ -1410,8 +1400,9 @@ def train(strategy_cls, config: TrainConfig) -> Path:
         status = "FAILED"
         try:
             trainer = Trainer(strategy, config, data.train, data.val, palette, run_dir, tracker)
-            if strategy.describe(trainer.model):
-                print(strategy.describe(trainer.model))
+            description = strategy.describe(trainer.model)
+            if description:
+                print(description)
             print(f"{name}: {trainer.n_params():,} parameters | {data.train.shape[0]} train / {data.val.shape[0]} val "
                   f"sprites from {data.path} | device {device}{' + bf16 autocast' if config.amp else ''} | run folder {run_dir}")
             if not len(data.val):
@@ -1465,9 +1456,6 @@ def check_model_type(state: dict, name: str, path) -> None:
         raise UserError(f"{path} is a {kind} checkpoint, not {name}; resume it with `python {kind}.py --resume {path}`")
 
 
-RESUMABLE_OPTIMIZER_FLAGS = ("lr", "weight_decay")
-
-
 def resume(trainer: Trainer, state: dict, config: TrainConfig) -> None:
     """Restore a checkpoint into the trainer. Flags given with --resume that
     differ from the checkpoint's config take effect and are printed (and
@@ -1484,7 +1472,7 @@ def resume(trainer: Trainer, state: dict, config: TrainConfig) -> None:
         raise UserError(f"{config.resume} does not fit the model built from {flags or 'these flags'} "
                         f"({first_line(e)}); resume without changing the model's shape, or start a new run "
                         f"with another --out") from None
-    for key in RESUMABLE_OPTIMIZER_FLAGS:
+    for key in ("lr", "weight_decay"):
         if key in changed:
             for group in trainer.optimizer.param_groups:
                 group[key] = getattr(config, key)
@@ -1671,7 +1659,7 @@ def parse_train_args(config_cls, argv: list[str], strategy_name: str = "") -> Tr
               f"       {prog} sample --checkpoint PATH ...  draw sprites from a run ({prog} sample --help)\n"
               f"       {prog} bench ...                     speed on this machine ({prog} bench --help)",
         description=(sys.modules[config_cls.__module__].__doc__ or "").split("\n\n")[0],
-        epilog=f"other modes: `{Path(sys.argv[0]).name} sample --help`, `{Path(sys.argv[0]).name} bench --help`")
+        epilog=f"other modes: `{prog} sample --help`, `{prog} bench --help`")
     add_config_flags(parser, config_cls)
     args = parser.parse_args(argv)
     values = vars(args)
