@@ -17,12 +17,17 @@ subtly wrong when written three times:
     sprite metrics          shared quality metrics for samples (and compare.py)
     Strategy                the abstract base class a model file implements
     MLflow                  lazy, fail-soft experiment tracking
+    checkpoints             atomic writes; loads that never run code
     Trainer                 the one training loop: optimizer, EMA, AMP,
-                            clipping, checkpoints, resume, Ctrl-C, NaN guard;
-                            run folders claimed by one run at a time
+                            clipping, checkpoints, resume, Ctrl-C, NaN guard
+    training a model        train(): run folders claimed by one run at a time,
+                            resuming with changed flags, the end-of-run files
     speed                   the --amp decision and the busy-CPU hint
     CLI                     `python X.py` trains; its `sample` and `bench` modes
                             are passed to compare.py, which holds them
+
+Why each section is shared, and why they stay in this one file:
+docs/learn/00-strategy-pattern.md, "What is in common.py, and why".
 
 Adding a fourth model is one new file (a Config dataclass, a subclass of
 Strategy and a main() that calls `common.main(Strategy, Config)`) and one line
