@@ -105,10 +105,10 @@ METRICS = ["palette_distance", "one_colour_rate", "density_in_range", "precision
 
 class Trained(NamedTuple):
     strategy: common.Strategy
-    model: torch.nn.Module  # the eval model (the EMA weights, if the run kept them), in eval mode, on the device
-    palette: torch.Tensor   # (K, 3) the run's palette, on the device
+    model: torch.nn.Module      # the eval model (the EMA weights, if the run kept them), in eval mode, on the device
+    palette: torch.Tensor       # (K, 3) the run's palette, on the device
     config: common.TrainConfig  # the run's Config, with the overrides
-    state: dict             # the whole checkpoint (epoch, train_seconds, ...)
+    state: dict                 # the whole checkpoint (epoch, train_seconds, ...)
 
 
 def load_for_sampling(checkpoint: str | Path, device: torch.device, overrides: dict | None = None,
