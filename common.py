@@ -17,12 +17,17 @@ subtly wrong when written three times:
     sprite metrics          shared quality metrics for samples (and compare.py)
     Strategy                the abstract base class a model file implements
     MLflow                  lazy, fail-soft experiment tracking
+    checkpoints             atomic writes; loads that never run code
     Trainer                 the one training loop: optimizer, EMA, AMP,
-                            clipping, checkpoints, resume, Ctrl-C, NaN guard;
-                            run folders claimed by one run at a time
+                            clipping, checkpoints, resume, Ctrl-C, NaN guard
+    training a model        train(): run folders claimed by one run at a time,
+                            resuming with changed flags, the end-of-run files
     speed                   the --amp decision and the busy-CPU hint
-    CLI                     `python X.py`, `python X.py sample ...` (and `bench`,
-                            whose code is in compare.py)
+    CLI                     `python X.py` trains; its `sample` and `bench` modes
+                            are passed to compare.py, which holds them
+
+Why each section is shared, and why they stay in this one file:
+docs/learn/00-strategy-pattern.md, "What is in common.py, and why".
 
 Adding a fourth model is one new file (a Config dataclass, a subclass of
 Strategy and a main() that calls `common.main(Strategy, Config)`) and one line
@@ -47,7 +52,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
@@ -136,7 +141,14 @@ class TrainConfig:
             raise ValueError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         if not re.fullmatch(DEVICES, self.device):
             raise ValueError(f"unknown --device {self.device!r}; use auto, cpu, cuda, cuda:N or mps")
-        check_finite_and_seed(self)
+        # Every float field (the model's own too) must be a number: `--lr nan` would train
+        # on silently, and `nan <= 0` is False, so the range checks above let NaN through.
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
+        if not 0 <= self.seed <= SEED_MAX:  # it must fit every RNG it seeds
+            raise ValueError(f"--seed must be between 0 and {SEED_MAX}, got {self.seed}")
         for f in dataclasses.fields(self):  # a model's fields with listed choices, e.g. vae.py's --recon-loss
             choices, value = f.metadata.get("choices"), getattr(self, f.name)
             if choices and value not in choices:
@@ -145,19 +157,6 @@ class TrainConfig:
 
 SEED_MAX = 2**32 - 1  # NumPy's seeds are 32-bit
 DEVICES = r"auto|cpu|mps|cuda(:\d+)?"  # what --device accepts: auto, cpu, cuda, cuda:N or mps
-
-
-def check_finite_and_seed(config) -> None:
-    """Every float field of a Config (the model's own too) must be a number:
-    `--lr nan` would train on silently, and `nan <= 0` is False, so range
-    checks alone let NaN through. The seed must fit every RNG it seeds."""
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
-    seed = getattr(config, "seed", 0)
-    if not 0 <= seed <= SEED_MAX:
-        raise ValueError(f"--seed must be between 0 and {SEED_MAX}, got {seed}")
 
 
 def field_help(config_cls) -> dict[str, str]:
@@ -221,15 +220,12 @@ def select_device(name: str = "auto") -> torch.device:
     """cuda, then mps, then cpu -- unless --device names one."""
     if not re.fullmatch(DEVICES, name):
         raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name} was asked for, but CUDA is not available here; use --device cpu")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+    if name == "mps" and not mps:
         raise UserError("--device mps was asked for, but MPS is not available here; use --device cpu")
     return torch.device(name)
 
@@ -553,7 +549,7 @@ def sprite_metrics(samples: Tensor, reference: Tensor, palette: Tensor, k: int =
     palette_distance = (d * 255).mean().item()
 
     snapped = snap_to_palette(raw, palette)
-    black = palette[palette.sum(1).argmin()]
+    black = palette[background_index(palette)]
     fg = (snapped - black[None, :, None, None]).abs().sum(1) > 1e-6  # (N, H, W) foreground mask
     density = fg.float().mean((1, 2))
     colours_used = [len(torch.unique(s.permute(1, 2, 0)[f], dim=0)) for s, f in zip(snapped, fg)]
@@ -901,7 +897,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 
 
 class NonFiniteLoss(Exception):
-    pass
+    """The loss became NaN or infinite; train() names the last good checkpoint."""
 
 
 class Trainer:
@@ -1002,8 +998,7 @@ class Trainer:
 
     def fit(self) -> list[dict]:
         """Train from the epoch after the last completed one to the end; returns
-        the history (one dict of metrics per epoch). Ctrl-C finishes the
-        current step and saves a checkpoint that resumes exactly there."""
+        the history (one dict of metrics per epoch)."""
         previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
         self._fit_start, self._eval_pause = time.time(), 0.0
         epochs_timed = 0
@@ -1286,7 +1281,7 @@ def fmt_time(seconds: float) -> str:
 
 
 # -----------------------------------------------------------------------------
-# Running a model file: train, sample
+# Training a model: the run folder, train, resume, finish
 # -----------------------------------------------------------------------------
 
 
@@ -1410,8 +1405,9 @@ def train(strategy_cls, config: TrainConfig) -> Path:
         status = "FAILED"
         try:
             trainer = Trainer(strategy, config, data.train, data.val, palette, run_dir, tracker)
-            if strategy.describe(trainer.model):
-                print(strategy.describe(trainer.model))
+            description = strategy.describe(trainer.model)
+            if description:
+                print(description)
             print(f"{name}: {trainer.n_params():,} parameters | {data.train.shape[0]} train / {data.val.shape[0]} val "
                   f"sprites from {data.path} | device {device}{' + bf16 autocast' if config.amp else ''} | run folder {run_dir}")
             if not len(data.val):
@@ -1465,9 +1461,6 @@ def check_model_type(state: dict, name: str, path) -> None:
         raise UserError(f"{path} is a {kind} checkpoint, not {name}; resume it with `python {kind}.py --resume {path}`")
 
 
-RESUMABLE_OPTIMIZER_FLAGS = ("lr", "weight_decay")
-
-
 def resume(trainer: Trainer, state: dict, config: TrainConfig) -> None:
     """Restore a checkpoint into the trainer. Flags given with --resume that
     differ from the checkpoint's config take effect and are printed (and
@@ -1484,7 +1477,7 @@ def resume(trainer: Trainer, state: dict, config: TrainConfig) -> None:
         raise UserError(f"{config.resume} does not fit the model built from {flags or 'these flags'} "
                         f"({first_line(e)}); resume without changing the model's shape, or start a new run "
                         f"with another --out") from None
-    for key in RESUMABLE_OPTIMIZER_FLAGS:
+    for key in ("lr", "weight_decay"):
         if key in changed:
             for group in trainer.optimizer.param_groups:
                 group[key] = getattr(config, key)
@@ -1555,114 +1548,6 @@ def saved_config(config_cls, saved: dict) -> dict:
     return {**legacy, **{k: v for k, v in saved.items() if k in known}}
 
 
-def load_for_sampling(strategy_cls, config_cls, checkpoint: str, overrides: dict, device: torch.device):
-    """Rebuild a trained model from a checkpoint: (strategy, eval model, palette)."""
-    state = load_checkpoint(checkpoint)
-    if state.get("strategy") != strategy_cls.name:
-        raise UserError(f"{checkpoint} is a {state.get('strategy')} checkpoint, not {strategy_cls.name}")
-    try:
-        config = config_cls(**{**saved_config(config_cls, state["config"]), **overrides})
-    except ValueError as e:  # e.g. a sampling flag out of range
-        raise UserError(str(e)) from None
-    palette = state["palette"].to(device)
-    strategy = strategy_cls(config, palette)
-    model = strategy.build_model(config)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
-        raise UserError(f"{checkpoint} does not fit the model these flags build ({first}); "
-                        f"drop the architecture flags") from None
-    if state.get("ema") is not None:  # sample with the EMA weights, as training did
-        ema = torch.optim.swa_utils.AveragedModel(model, use_buffers=True)
-        ema.load_state_dict(state["ema"])
-        model = ema.module
-    return strategy, model.to(device).eval(), palette, config
-
-
-def sample_command(strategy_cls, config_cls, argv: list[str]) -> None:
-    parser = download.OneLineParser(
-        prog=f"{Path(sys.argv[0]).name} sample",
-        description="Draw sprites from a trained checkpoint. Model flags given here override the checkpoint's "
-                    "config (e.g. a sampling temperature).")
-    parser.add_argument("--checkpoint", required=True, help="a checkpoints/last.pt from a run folder")
-    parser.add_argument("--n", type=int, default=64, help="number of sprites (default: %(default)s)")
-    parser.add_argument("--out", default="", metavar="FILE.png|FOLDER|FILE.gif",
-                        help="by its suffix: .png a grid; none, a folder of one 16x16 PNG per sprite; .gif an "
-                             "animation of one sampling run (models with a trajectory: diffusion.py). "
-                             "Default: sample-seed<SEED>.png in the checkpoint's run folder")
-    parser.add_argument("--seed", type=int, default=0, help="same seed, same sprites (default: %(default)s)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
-    parser.add_argument("--gif", default="", help="also write an animated GIF of one sampling run of the first "
-                        "(up to) 16 sprites, for models that define a trajectory (diffusion.py)")
-    parser.add_argument("--class", dest="sample_class", metavar="NAME|INDEX",
-                        help="checkpoints trained with --condition: draw only this class (e.g. red, cluster3 or 2); "
-                             "default: one class per row of 8")
-    # The model's own fields (not the shared training ones) can be overridden,
-    # e.g. a sampling temperature or a number of denoising steps. A Config that
-    # names its sampling fields (`sample_flags`) offers only those, not
-    # training-only ones such as vae.py's KL weight.
-    own = {f.name for f in dataclasses.fields(config_cls)} - {f.name for f in dataclasses.fields(TrainConfig)}
-    own &= set(getattr(config_cls, "sample_flags", own))
-    if own:
-        add_config_flags(parser.add_argument_group("model flags (override the checkpoint's config)"),
-                         config_cls, suppress_defaults=True, only=own)
-    args = parser.parse_args(argv)
-    if args.n < 1:
-        parser.error("--n must be at least 1")
-    if not 0 <= args.seed <= SEED_MAX:
-        parser.error(f"--seed must be between 0 and {SEED_MAX}")
-    out = sample_out(args.out, args.checkpoint, args.seed)
-    overrides = {k: v for k, v in vars(args).items() if k in own}
-    device = select_device(args.device)
-    strategy, model, palette, _ = load_for_sampling(strategy_cls, config_cls, args.checkpoint, overrides, device)
-    if args.sample_class is not None:  # conditioning (diffusion.py --condition): the labeller names the classes
-        labeller = getattr(strategy, "labeller", None)
-        if labeller is None:
-            raise UserError(f"{args.checkpoint} was trained without classes; --class needs a checkpoint "
-                            f"trained with --condition colour or --condition cluster")
-        strategy.sample_class = labeller.parse(args.sample_class)
-    if (args.gif or out.suffix.lower() == ".gif") and not strategy.animates():
-        raise UserError(f"{strategy_cls.name} has no sampling trajectory to animate; write a .png or a folder")
-    if out.suffix.lower() == ".gif":
-        args.gif, out = str(out), None
-    if out is not None:
-        t0 = time.perf_counter()
-        x = draw_samples(strategy, model, args.n, args.seed, device)
-        took = f"sampled in {time.perf_counter() - t0:.2f} s on {device}"  # draw_samples reads x: the device is done
-    if out is None:
-        pass  # --out NAME.gif: only the animation below
-    elif out.suffix.lower() == ".png":
-        save_png(make_grid(x, nrow=8, scale=4, palette=palette), out)
-        print(f"wrote {args.n} sprites to {out} ({took})")
-    else:
-        snapped = (snap_to_palette(x, palette) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-        for i, sprite in enumerate(snapped):
-            save_png(Image.fromarray(sprite), out / f"{i:04d}.png")
-        print(f"wrote {args.n} PNGs (16x16) to {out}/ ({took})")
-    if args.gif:
-        with torch.no_grad():
-            frames = strategy.trajectory(model, min(args.n, 16), torch.Generator(device).manual_seed(args.seed))
-        save_gif(frames.float(), args.gif, nrow=4)
-        print(f"wrote an animation of {min(args.n, 16)} sprites ({frames.shape[0]} frames) to {args.gif}")
-
-
-def sample_out(out: str, checkpoint: str, seed: int) -> Path:
-    """Where `sample` writes, decided by the suffix of --out: .png a grid,
-    .gif an animation, no suffix (or an existing folder) a folder of PNGs;
-    any other suffix is refused. Default: a grid in the checkpoint's run
-    folder (runs/<model>/<date-time>/sample-seed0.png), not the working one."""
-    if not out:
-        ckpt = Path(checkpoint)
-        run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-        return run_dir / f"sample-seed{seed}.png"
-    path = Path(out)
-    if path.suffix.lower() not in ("", ".png", ".gif") and not path.is_dir():
-        raise UserError(f"--out {out}: cannot write {path.suffix} files; use a .png (a grid), a folder name "
-                        f"without a suffix (one PNG per sprite) or a .gif (an animation, diffusion.py)")
-    return path
-
-
 # -----------------------------------------------------------------------------
 # Speed: matmul throughput, the --amp decision, the contention hint
 # -----------------------------------------------------------------------------
@@ -1672,15 +1557,15 @@ def sample_out(out: str, checkpoint: str, seed: int) -> Path:
 def matmul_rate(n: int, dtype: torch.dtype, device: torch.device, repeats: int,
                 run_seconds: float) -> tuple[float, float]:
     """GFLOP/s of n x n products in `dtype` (best of `repeats` timed runs of
-    about `run_seconds` each) and the CPU share of that run (see _best_time).
+    about `run_seconds` each) and the CPU share of that run (see best_time).
     The matrices come from a generator of their own, so measuring never moves
     the random stream a seeded training run draws from."""
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
     b = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
-    once, _ = _best_time(lambda: a @ b, 1, device)
+    once, _ = best_time(lambda: a @ b, 1, device)
     k = max(1, math.ceil(run_seconds / once))  # products per timed run
-    wall, share = _best_time(lambda: [a @ b for _ in range(k)], repeats, device)
+    wall, share = best_time(lambda: [a @ b for _ in range(k)], repeats, device)
     return 2 * n ** 3 * k / wall / 1e9, share
 
 
@@ -1726,7 +1611,7 @@ def amp_worth_it(device: torch.device, force: bool) -> bool:
     return False
 
 
-def _best_time(fn: Callable, repeats: int, device: torch.device) -> tuple[float, float]:
+def best_time(fn: Callable, repeats: int, device: torch.device) -> tuple[float, float]:
     """Best wall time of `repeats` calls after one warm-up call. The best, not
     the mean: on a shared machine the fastest run is the least disturbed one.
     Also returns the CPU share of that run: this process's CPU time over wall
@@ -1747,7 +1632,7 @@ def _best_time(fn: Callable, repeats: int, device: torch.device) -> tuple[float,
 def cpu_probe(n: int = 256, seconds: float = 0.05, repeats: int = 3) -> tuple[float, float]:
     """A quick look at this machine now (0.33 s on 2 cores shared with other jobs): the
     GFLOP/s of fp32 n x n matrix products with all of torch's threads, and
-    the CPU share they got (see _best_time: near 1 when the cores are ours)."""
+    the CPU share they got (see best_time: near 1 when the cores are ours)."""
     return matmul_rate(n, torch.float32, torch.device("cpu"), repeats, run_seconds=seconds)
 
 
@@ -1779,7 +1664,7 @@ def parse_train_args(config_cls, argv: list[str], strategy_name: str = "") -> Tr
               f"       {prog} sample --checkpoint PATH ...  draw sprites from a run ({prog} sample --help)\n"
               f"       {prog} bench ...                     speed on this machine ({prog} bench --help)",
         description=(sys.modules[config_cls.__module__].__doc__ or "").split("\n\n")[0],
-        epilog=f"other modes: `{Path(sys.argv[0]).name} sample --help`, `{Path(sys.argv[0]).name} bench --help`")
+        epilog=f"other modes: `{prog} sample --help`, `{prog} bench --help`")
     add_config_flags(parser, config_cls)
     args = parser.parse_args(argv)
     values = vars(args)
@@ -1804,9 +1689,12 @@ def main(strategy_cls, config_cls, argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
 
     def run():
+        # `sample` and `bench` live in compare.py, with everything else that works on a
+        # trained (or, for bench, a fresh) model; imported here, as compare.py imports every model file.
         if argv[:1] == ["sample"]:
-            sample_command(strategy_cls, config_cls, argv[1:])
-        elif argv[:1] == ["bench"]:  # its code lives in compare.py, beside the table of every model's figures
+            import compare
+            compare.sample_command(strategy_cls, config_cls, argv[1:])
+        elif argv[:1] == ["bench"]:
             import compare
             compare.bench_command(strategy_cls, config_cls, argv[1:])
         else:

@@ -37,6 +37,7 @@ if __name__ == "__main__":  # Ctrl-C while the imports below load: exit at once 
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -95,6 +96,147 @@ METRICS = ["palette_distance", "one_colour_rate", "density_in_range", "precision
 
 
 # -----------------------------------------------------------------------------
+# Trained checkpoints: loading one, and `python X.py sample`
+# -----------------------------------------------------------------------------
+# What works on a finished run lives in this file: sampling it (a model file's
+# `sample` mode runs sample_command below), comparing, the guidance sweep and,
+# on a fresh model, bench. common.py holds what training needs.
+
+
+class Trained(NamedTuple):
+    strategy: common.Strategy
+    model: torch.nn.Module      # the eval model (the EMA weights, if the run kept them), in eval mode, on the device
+    palette: torch.Tensor       # (K, 3) the run's palette, on the device
+    config: common.TrainConfig  # the run's Config, with the overrides
+    state: dict                 # the whole checkpoint (epoch, train_seconds, ...)
+
+
+def load_for_sampling(checkpoint: str | Path, device: torch.device, overrides: dict | None = None,
+                      expected: tuple | None = None) -> Trained:
+    """Rebuild a trained model from a checkpoint. `expected`: the (Strategy, Config)
+    the checkpoint must be of (a model file's `sample`); None: the one the
+    checkpoint names, from the registry. `overrides`: Config values that replace
+    the checkpoint's (e.g. a sampling temperature)."""
+    state = common.load_checkpoint(checkpoint)
+    name = state.get("strategy")
+    if expected is None:
+        if name not in MODELS:
+            raise common.UserError(f"{checkpoint} is a {name} checkpoint, not one of {', '.join(MODELS)}")
+        expected = MODELS[name]
+    strategy_cls, config_cls = expected
+    if name != strategy_cls.name:
+        raise common.UserError(f"{checkpoint} is a {name} checkpoint, not {strategy_cls.name}")
+    try:
+        config = config_cls(**{**common.saved_config(config_cls, state["config"]), **(overrides or {})})
+    except ValueError as e:  # e.g. a sampling flag out of range
+        raise common.UserError(str(e)) from None
+    palette = state["palette"].to(device)
+    strategy = strategy_cls(config, palette)
+    model = strategy.build_model(config)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise common.UserError(f"{checkpoint} does not fit the model these flags build ({first}); "
+                               f"drop the architecture flags") from None
+    if state.get("ema") is not None:  # sample with the EMA weights, as training did
+        ema = torch.optim.swa_utils.AveragedModel(model, use_buffers=True)
+        ema.load_state_dict(state["ema"])
+        model = ema.module
+    return Trained(strategy, model.to(device).eval(), palette, config, state)
+
+
+def sample_command(strategy_cls, config_cls, argv: list[str]) -> None:
+    """`python X.py sample`: draw sprites from a trained checkpoint of that model."""
+    parser = common.download.OneLineParser(
+        prog=f"{Path(sys.argv[0]).name} sample",
+        description="Draw sprites from a trained checkpoint. Model flags given here override the checkpoint's "
+                    "config (e.g. a sampling temperature).")
+    parser.add_argument("--checkpoint", required=True, help="a checkpoints/last.pt from a run folder")
+    parser.add_argument("--n", type=int, default=64, help="number of sprites (default: %(default)s)")
+    parser.add_argument("--out", default="", metavar="FILE.png|FOLDER|FILE.gif",
+                        help="by its suffix: .png a grid; none, a folder of one 16x16 PNG per sprite; .gif an "
+                             "animation of one sampling run (models with a trajectory: diffusion.py). "
+                             "Default: sample-seed<SEED>.png in the checkpoint's run folder")
+    parser.add_argument("--seed", type=int, default=0, help="same seed, same sprites (default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
+    parser.add_argument("--gif", default="", help="also write an animated GIF of one sampling run of the first "
+                        "(up to) 16 sprites, for models that define a trajectory (diffusion.py)")
+    parser.add_argument("--class", dest="sample_class", metavar="NAME|INDEX",
+                        help="checkpoints trained with --condition: draw only this class (e.g. red, cluster3 or 2); "
+                             "default: one class per row of 8")
+    # The model's own fields (not the shared training ones) can be overridden,
+    # e.g. a sampling temperature or a number of denoising steps. A Config that
+    # names its sampling fields (`sample_flags`) offers only those, not
+    # training-only ones such as vae.py's KL weight.
+    own = model_fields(config_cls)
+    own &= set(getattr(config_cls, "sample_flags", own))
+    if own:
+        common.add_config_flags(parser.add_argument_group("model flags (override the checkpoint's config)"),
+                                config_cls, suppress_defaults=True, only=own)
+    args = parser.parse_args(argv)
+    if args.n < 1:
+        parser.error("--n must be at least 1")
+    if not 0 <= args.seed <= common.SEED_MAX:
+        parser.error(f"--seed must be between 0 and {common.SEED_MAX}")
+    out = sample_out(args.out, args.checkpoint, args.seed)
+    overrides = {k: v for k, v in vars(args).items() if k in own}
+    device = common.select_device(args.device)
+    strategy, model, palette, _, _ = load_for_sampling(args.checkpoint, device, overrides, (strategy_cls, config_cls))
+    if args.sample_class is not None:  # conditioning (diffusion.py --condition): the labeller names the classes
+        labeller = getattr(strategy, "labeller", None)
+        if labeller is None:
+            raise common.UserError(f"{args.checkpoint} was trained without classes; --class needs a checkpoint "
+                                   f"trained with --condition colour or --condition cluster")
+        strategy.sample_class = labeller.parse(args.sample_class)
+    if (args.gif or out.suffix.lower() == ".gif") and not strategy.animates():
+        raise common.UserError(f"{strategy_cls.name} has no sampling trajectory to animate; write a .png or a folder")
+    if out.suffix.lower() == ".gif":
+        args.gif, out = str(out), None
+    if out is not None:
+        t0 = time.perf_counter()
+        x = common.draw_samples(strategy, model, args.n, args.seed, device)
+        took = f"sampled in {time.perf_counter() - t0:.2f} s on {device}"  # draw_samples reads x: the device is done
+    if out is None:
+        pass  # --out NAME.gif: only the animation below
+    elif out.suffix.lower() == ".png":
+        common.save_png(common.make_grid(x, nrow=8, scale=4, palette=palette), out)
+        print(f"wrote {args.n} sprites to {out} ({took})")
+    else:
+        snapped = (common.snap_to_palette(x, palette) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        for i, sprite in enumerate(snapped):  # (n, 16, 16, 3) uint8
+            common.save_png(Image.fromarray(sprite), out / f"{i:04d}.png")
+        print(f"wrote {args.n} PNGs (16x16) to {out}/ ({took})")
+    if args.gif:
+        with torch.no_grad():
+            frames = strategy.trajectory(model, min(args.n, 16), torch.Generator(device).manual_seed(args.seed))
+        common.save_gif(frames.float(), args.gif, nrow=4)
+        print(f"wrote an animation of {min(args.n, 16)} sprites ({frames.shape[0]} frames) to {args.gif}")
+
+
+def sample_out(out: str, checkpoint: str, seed: int) -> Path:
+    """Where `sample` writes, decided by the suffix of --out: .png a grid,
+    .gif an animation, no suffix (or an existing folder) a folder of PNGs;
+    any other suffix is refused. Default: a grid in the checkpoint's run
+    folder (runs/<model>/<date-time>/sample-seed0.png), not the working one."""
+    if not out:
+        ckpt = Path(checkpoint)
+        run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+        return run_dir / f"sample-seed{seed}.png"
+    path = Path(out)
+    if path.suffix.lower() not in ("", ".png", ".gif") and not path.is_dir():
+        raise common.UserError(f"--out {out}: cannot write {path.suffix} files; use a .png (a grid), a folder name "
+                               f"without a suffix (one PNG per sprite) or a .gif (an animation, diffusion.py)")
+    return path
+
+
+def model_fields(config_cls) -> set[str]:
+    """A model's own Config fields, not the shared training ones: what `sample`
+    and `bench` let a user override."""
+    return {f.name for f in dataclasses.fields(config_cls)} - {f.name for f in dataclasses.fields(common.TrainConfig)}
+
+
+# -----------------------------------------------------------------------------
 # Train or load
 # -----------------------------------------------------------------------------
 
@@ -103,8 +245,8 @@ def checkpoint_of(name: str, configs: dict, out: Path, checkpoints: Path | None)
     """A finished run's checkpoint: loaded from --checkpoints, or trained now."""
     if checkpoints is not None:
         path = run_checkpoint(checkpoints, name)
-        strategy, _, _, config = common.load_for_sampling(*MODELS[name], str(path), {}, torch.device("cpu"))
-        epoch = common.load_checkpoint(path)["epoch"]
+        strategy, _, _, config, state = load_for_sampling(path, torch.device("cpu"), expected=MODELS[name])
+        epoch = state["epoch"]
         if epoch < strategy.total_epochs(config):
             raise common.UserError(f"{path} stopped at epoch {epoch}: finish it with "
                                    f"`python {name}.py --resume {path}`")
@@ -139,9 +281,7 @@ def run_checkpoint(checkpoints: Path, name: str) -> Path:
 def evaluate(name: str, overrides: dict, ckpt: Path, data: common.Sprites, n_show: int, n_eval: int,
              seed: int, device: torch.device, amp: bool) -> dict:
     """Samples for the figure, sampling time and sprite-quality metrics of one panel."""
-    strategy_cls, config_cls = MODELS[name]
-    strategy, model, palette, config = common.load_for_sampling(strategy_cls, config_cls, str(ckpt), overrides, device)
-    state = common.load_checkpoint(ckpt)
+    strategy, model, palette, _, state = load_for_sampling(ckpt, device, overrides, MODELS[name])
     show = common.draw_samples(strategy, model, n_show, seed, device, amp)
     common.draw_samples(strategy, model, 2, seed, device, amp)  # warm-up: one-time allocations
     t0 = time.perf_counter()
@@ -205,7 +345,7 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, repeats: int,
     """This machine's matrix-multiply throughput in GFLOP/s for `dtype`: the
     best of `repeats` square products, at growing sizes until the next product
     would take longer than `budget_s`. Returns (GFLOP/s, the size that gave
-    it, the CPU share of that run; see _best_time)."""
+    it, the CPU share of that run; see best_time)."""
     best, best_n, best_share = 0.0, 0, 0.0
     for n in (256, 512, 1024, 2048):
         gflops, share = common.matmul_rate(n, dtype, device, repeats, run_seconds=0.1)  # >= 0.1 s: reliable CPU time
@@ -274,7 +414,7 @@ def bench_command(strategy_cls, config_cls, argv: list[str], parents: tuple = ()
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
                         help="also measure with bf16 autocast, as --amp trains (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
-    own = {f.name for f in dataclasses.fields(config_cls)} - {f.name for f in dataclasses.fields(common.TrainConfig)}
+    own = model_fields(config_cls)
     common.add_config_flags(parser.add_argument_group("model flags (default: the model's defaults)"),
                      config_cls, suppress_defaults=True, only=own)
     args = parser.parse_args(argv)
@@ -340,9 +480,9 @@ def bench_command(strategy_cls, config_cls, argv: list[str], parents: tuple = ()
     rows = {}
     for p, trainer in trainers.items():
         step = iter(range(10 ** 9))
-        train_s, train_share = common._best_time(lambda: trainer.optimizer_step(batch, 1, next(step)), args.repeats, device)
+        train_s, train_share = common.best_time(lambda: trainer.optimizer_step(batch, 1, next(step)), args.repeats, device)
         trainer.eval_model.eval()
-        sample_s, sample_share = common._best_time(lambda: common.draw_samples(trainer.strategy, trainer.eval_model, args.n, 0,
+        sample_s, sample_share = common.best_time(lambda: common.draw_samples(trainer.strategy, trainer.eval_model, args.n, 0,
                                                                  device, amp=(p == "bf16")), args.repeats, device)
         rows[p] = (train_s, sample_s, train_share, sample_share)
 
@@ -534,11 +674,8 @@ def guidance_command(argv: list[str]) -> None:
     if args.n < 8 or min(ws) < 0:
         parser.error("--n must be at least 8 and every w at least 0")
     device = common.select_device(args.device)
-    state = common.load_checkpoint(args.checkpoint)
-    model_name = state.get("strategy")
-    if model_name not in MODELS:
-        raise common.UserError(f"{args.checkpoint} is a {model_name} checkpoint; guidance sweeps {', '.join(MODELS)}")
-    strategy, model, palette, config = common.load_for_sampling(*MODELS[model_name], args.checkpoint, {}, device)
+    strategy, model, palette, config, state = load_for_sampling(args.checkpoint, device)
+    model_name = strategy.name
     labeller = getattr(strategy, "labeller", None)  # models with a --condition flag have one
     if labeller is None:
         raise common.UserError(f"{args.checkpoint} was trained without classes; train with --condition colour or cluster")

@@ -1250,30 +1250,6 @@ def test_common_progress_line_fits_110_columns_and_starts_with_the_losses():
     assert line.endswith("| 40 img/s | 0:00:20, ETA 1:00:00")
 
 
-def test_common_sample_out_decides_by_suffix():
-    assert common.sample_out("", "runs/vae/x/checkpoints/last.pt", 3) == Path("runs/vae/x/sample-seed3.png")
-    assert common.sample_out("", "elsewhere/model.pt", 0) == Path("elsewhere/sample-seed0.png")
-    for out in ("grid.png", "GRID.PNG", "sprites", "anim.gif"):
-        assert common.sample_out(out, "c.pt", 0) == Path(out)
-    with pytest.raises(common.UserError, match=r"--out out\.jpg: cannot write \.jpg files; use a \.png"):
-        common.sample_out("out.jpg", "c.pt", 0)
-
-
-def test_common_sample_writes_by_suffix_into_the_run_folder_and_never_imports_mlflow(vae_run, tmp_path):
-    ckpt = vae_run / "checkpoints" / "last.pt"
-    # The default output goes next to the run, and sampling does not load MLflow (seconds of imports).
-    probe = ("import runpy, sys; sys.argv = ['vae.py', 'sample', '--checkpoint', sys.argv[1], '--n', '4']; "
-             "runpy.run_path('vae.py', run_name='__main__'); print('mlflow loaded:', 'mlflow' in sys.modules)")
-    r = run_script("-c", probe, str(ckpt))
-    assert r.returncode == 0, r.stderr
-    assert "mlflow loaded: False" in r.stdout and (vae_run / "sample-seed0.png").exists()
-    r = run_script("vae.py", "sample", "--checkpoint", str(ckpt), "--n", "4", "--out", str(tmp_path / "out.jpg"))
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "cannot write .jpg files" in r.stderr
-    assert not (tmp_path / "out.jpg").exists()
-    r = run_script("vae.py", "sample", "--checkpoint", str(ckpt), "--out", str(tmp_path / "a.gif"))
-    assert r.returncode == 2 and "no sampling trajectory to animate" in r.stderr and "Traceback" not in r.stderr
-
-
 def test_common_help_shows_the_modes_each_default_once_and_sample_only_sampling_flags(capsys):
     with pytest.raises(SystemExit):
         vae.main(["--help"])
@@ -2209,8 +2185,8 @@ def test_diffusion_unconditional_checkpoint_still_loads_and_class_errors_are_one
         state["config"].pop(key)
     old = tmp_path / "old.pt"
     common.save_checkpoint(old, state)
-    strategy, _, _, config = common.load_for_sampling(diffusion.DiffusionStrategy, diffusion.Config, str(old), {},
-                                                      torch.device("cpu"))
+    strategy, _, _, config, _ = compare.load_for_sampling(old, torch.device("cpu"),
+                                                          expected=(diffusion.DiffusionStrategy, diffusion.Config))
     assert config.condition == "none" and strategy.labeller is None
     r = run_script("diffusion.py", "sample", "--checkpoint", old, "--n", 2, "--out", tmp_path / "x.png", "--class", "red")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "trained without classes" in r.stderr
@@ -2238,8 +2214,32 @@ def test_diffusion_sample_class_by_name_and_unknown_class(dataset, tmp_path):
 
 
 # =============================================================================
-# compare.py: the registry, bench, the comparison, report
+# compare.py: the registry, loading checkpoints and `X.py sample`, bench, the comparison, report
 # =============================================================================
+
+
+def test_compare_sample_out_decides_by_suffix():
+    assert compare.sample_out("", "runs/vae/x/checkpoints/last.pt", 3) == Path("runs/vae/x/sample-seed3.png")
+    assert compare.sample_out("", "elsewhere/model.pt", 0) == Path("elsewhere/sample-seed0.png")
+    for out in ("grid.png", "GRID.PNG", "sprites", "anim.gif"):
+        assert compare.sample_out(out, "c.pt", 0) == Path(out)
+    with pytest.raises(common.UserError, match=r"--out out\.jpg: cannot write \.jpg files; use a \.png"):
+        compare.sample_out("out.jpg", "c.pt", 0)
+
+
+def test_compare_sample_writes_by_suffix_into_the_run_folder_and_never_imports_mlflow(vae_run, tmp_path):
+    ckpt = vae_run / "checkpoints" / "last.pt"
+    # The default output goes next to the run, and sampling does not load MLflow (seconds of imports).
+    probe = ("import runpy, sys; sys.argv = ['vae.py', 'sample', '--checkpoint', sys.argv[1], '--n', '4']; "
+             "runpy.run_path('vae.py', run_name='__main__'); print('mlflow loaded:', 'mlflow' in sys.modules)")
+    r = run_script("-c", probe, str(ckpt))
+    assert r.returncode == 0, r.stderr
+    assert "mlflow loaded: False" in r.stdout and (vae_run / "sample-seed0.png").exists()
+    r = run_script("vae.py", "sample", "--checkpoint", str(ckpt), "--n", "4", "--out", str(tmp_path / "out.jpg"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "cannot write .jpg files" in r.stderr
+    assert not (tmp_path / "out.jpg").exists()
+    r = run_script("vae.py", "sample", "--checkpoint", str(ckpt), "--out", str(tmp_path / "a.gif"))
+    assert r.returncode == 2 and "no sampling trajectory to animate" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_compare_bench_prints_its_figures_for_diffusion_and_for_the_tiny_test_strategy():

@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 import common  # noqa: E402
+import compare  # noqa: E402
 import diffusion  # noqa: E402
 
 p = argparse.ArgumentParser()
@@ -35,8 +36,8 @@ rows = json.loads(Path(args.out + ".json").read_text()) if args.replot else []
 print(f"threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f}", flush=True)
 for item in [] if args.replot else args.grid.split(","):
     sampler, steps = item.split(":")
-    strategy, model, palette, _ = common.load_for_sampling(
-        diffusion.DiffusionStrategy, diffusion.Config, args.checkpoint, dict(sampler=sampler, steps=int(steps)), device)
+    strategy, model, palette, _, _ = compare.load_for_sampling(
+        args.checkpoint, device, dict(sampler=sampler, steps=int(steps)), (diffusion.DiffusionStrategy, diffusion.Config))
     x = common.draw_samples(strategy, model, args.n_eval, 0, device)
     metrics = common.sprite_metrics(x, data.train, palette)
     times = []

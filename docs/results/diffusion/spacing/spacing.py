@@ -7,11 +7,11 @@ common.sprite_metrics; one thread, timings on a shared machine (not comparable t
 Evidence for tutorial 04, not part of the library. Run from the repository root:
     PYTHONPATH=. python docs/results/diffusion/spacing/spacing.py SAMPLER:STEPS:SPACING ...
 """
-import sys, time, torch, common, diffusion
+import sys, time, torch, common, compare, diffusion
 torch.set_num_threads(1)
 dev = torch.device("cpu")
 ck = "runs/compare/diffusion/checkpoints/last.pt"
-strategy, model, palette, config = common.load_for_sampling(diffusion.DiffusionStrategy, diffusion.Config, ck, {}, dev)
+strategy, model, palette, config, _ = compare.load_for_sampling(ck, dev, expected=(diffusion.DiffusionStrategy, diffusion.Config))
 data = common.load_sprites(config.data, dev, config.palette_size, config.seed)
 orig = diffusion.ddim_timesteps
 s = strategy.schedule
