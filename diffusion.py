@@ -798,6 +798,9 @@ def line_chart(series: dict[str, list[tuple[float, float]]], title: str, xlabel:
     pad = 0.05 * (max(ys) - min(ys) or 1.0)
     y0, y1 = min(ys) - pad, max(ys) + pad
 
+    def text(xy, s, fill="black"):  # PIL's built-in font has a 2-pixel space that hinting can drop: widen it
+        draw.text(xy, s.replace(" ", "  "), fill=fill)
+
     def to_px(x, y):  # data -> pixel, y up
         return (left + (x - x0) / (x1 - x0) * (w - left - right), h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom))
 
@@ -810,9 +813,9 @@ def line_chart(series: dict[str, list[tuple[float, float]]], title: str, xlabel:
         draw.text((px - 12, h - bottom + 6), f"{xv:.3g}", fill="black")
         draw.line([left - 4, py, left, py], fill="black")
         draw.text((4, py - 6), f"{yv:.3g}", fill="black")
-    draw.text((left, 8), title, fill="black")
-    draw.text(((w - len(xlabel) * 6) // 2, h - 18), xlabel, fill="black")
-    draw.text((left + 4, top + 4), ylabel, fill=(90, 90, 90))
+    text((left, 8), title)
+    text(((w - len(xlabel) * 6) // 2, h - 18), xlabel)
+    text((left + 4, top + 4), ylabel, fill=(90, 90, 90))
     dots = max(len(pts) for pts in series.values()) <= 50 if series else False
     for k, (name, pts) in enumerate(series.items()):
         colour = CHART_COLOURS[k % len(CHART_COLOURS)]
@@ -822,7 +825,7 @@ def line_chart(series: dict[str, list[tuple[float, float]]], title: str, xlabel:
         for cx, cy in px if dots else []:
             draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=colour)
         draw.line([left, 30 + 14 * k, left + 20, 30 + 14 * k], fill=colour, width=3)
-        draw.text((left + 26, 24 + 14 * k), name, fill="black")
+        text((left + 26, 24 + 14 * k), name)
     return img
 
 
