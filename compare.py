@@ -193,20 +193,18 @@ def sample_command(strategy_cls, config_cls, argv: list[str]) -> None:
         raise common.UserError(f"{strategy_cls.name} has no sampling trajectory to animate; write a .png or a folder")
     if out.suffix.lower() == ".gif":
         args.gif, out = str(out), None
-    if out is not None:
+    if out is not None:  # None: --out NAME.gif, only the animation below
         t0 = time.perf_counter()
         x = common.draw_samples(strategy, model, args.n, args.seed, device)
         took = f"sampled in {time.perf_counter() - t0:.2f} s on {device}"  # draw_samples reads x: the device is done
-    if out is None:
-        pass  # --out NAME.gif: only the animation below
-    elif out.suffix.lower() == ".png":
-        common.save_png(common.make_grid(x, nrow=8, scale=4, palette=palette), out)
-        print(f"wrote {args.n} sprites to {out} ({took})")
-    else:
-        snapped = (common.snap_to_palette(x, palette) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-        for i, sprite in enumerate(snapped):  # (n, 16, 16, 3) uint8
-            common.save_png(Image.fromarray(sprite), out / f"{i:04d}.png")
-        print(f"wrote {args.n} PNGs (16x16) to {out}/ ({took})")
+        if out.suffix.lower() == ".png":
+            common.save_png(common.make_grid(x, nrow=8, scale=4, palette=palette), out)
+            print(f"wrote {args.n} sprites to {out} ({took})")
+        else:
+            snapped = (common.snap_to_palette(x, palette) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+            for i, sprite in enumerate(snapped):  # (n, 16, 16, 3) uint8
+                common.save_png(Image.fromarray(sprite), out / f"{i:04d}.png")
+            print(f"wrote {args.n} PNGs (16x16) to {out}/ ({took})")
     if args.gif:
         with torch.no_grad():
             frames = strategy.trajectory(model, min(args.n, 16), torch.Generator(device).manual_seed(args.seed))
