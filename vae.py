@@ -428,10 +428,8 @@ def latent_report(checkpoint: str, n: int = 256, seed: int = 0) -> dict:
     A one-off command (tutorial 02 shows its output):
         python -c "import vae; vae.latent_report('runs/vae-ce/checkpoints/last.pt')"
     """
-    import compare  # the checkpoint loader, with `sample`; compare.py imports this file, so not at the top
-
     device = torch.device("cpu")
-    strategy, model, palette, config, _ = compare.load_for_sampling(checkpoint, device, expected=(VAEStrategy, Config))
+    strategy, model, palette, config, _ = common.load_for_sampling(checkpoint, device, VAEStrategy, Config)
     data = common.load_sprites(config.data, device, config.palette_size, config.seed)
     mu, logvar = model.encoder(common.to_model_range(data.train))  # (N, D) each
     report = latent_stats(mu, logvar)
