@@ -77,35 +77,26 @@ SAMPLERS = ("ddim", "ddpm", "dpm++")
 @dataclass
 class Config(common.TrainConfig):
     epochs: int = 200
-    # passes over the 792 training sprites (25 steps each at batch 32: 5,000 steps in all), sized
-    # to train in under 20 minutes on 2 CPU cores (the reference: 200 epochs of the 7M U-Net, 76 min)
+    # passes over the training sprites (at batch 32, 25 optimizer steps each)
     batch_size: int = 32
-    # sprites per optimizer step; small batches = more steps in the short CPU budget
+    # sprites per optimizer step
     lr: float = 1e-3
-    # AdamW peak learning rate. Ho et al. use 2e-4 for 800k steps; this run has 3,750, so it
-    # takes a larger step, tamed by --warmup-steps and --lr-decay cosine (the reference: 5e-4 constant)
+    # AdamW peak learning rate (Ho et al. 2020: 2e-4 over 800k steps), shaped by
+    # --warmup-steps and --lr-decay
     ema_decay: float = 0.995
-    # EMA of the weights, used for validation and every sample. Its time constant is
-    # 1 / (1 - decay) = 200 steps = 8 of the 200 epochs: long enough to smooth the
-    # step-to-step noise of the diffusion loss, short enough to follow a 5,000-step run.
-    # With the paper's 0.9999, 0.9999^5000 = 61 percent of the EMA would still be the random
-    # initial weights at the end of the run.
+    # EMA of the weights, used for validation and every sample; its time constant is 1 / (1 - decay)
+    # steps (Ho et al. 2020: 0.9999, for runs of 800k steps)
     sample_every: int = 50
-    # sample grid, denoising strip and sprite-quality metrics every this many epochs
-    # (mostly the 256 samples for the metrics: with the defaults 16 x 1.4 s, the time of 16 sprites with
-    # DPM-Solver++ 20 steps in docs/results/diffusion/quality_vs_steps/default.json; DDIM-50 x 7.0M: ~2 min)
+    # sample grid, denoising strip and sprite-quality metrics every this many epochs (0 = only at the end)
     base_channels: int = 24
-    # U-Net width at 16x16; the widths at 16x16, 8x8 and 4x4 are this times --channel-mult. The reference:
-    # 64, 7.0M parameters; 32 gives 1.8M, 24 gives 0.99M, and the cost of a 3x3 conv goes with width^2, so
-    # 24 takes about 1.8x the steps of 32 in the same minutes -- which bought more quality than the width
-    # did (tutorial 04, "Width against steps")
+    # U-Net width at 16x16 (24: 0.99M parameters; 64: 7.0M); the widths at 16x16, 8x8 and 4x4
+    # are this times --channel-mult
     channel_mult: str = "1,2,4"
-    # width multipliers of the three levels 16x16, 8x8, 4x4 (Ho et al. use 1,2,2,2 on CIFAR-10).
-    # With 1,2,4 the 4x4 level holds 4.7M of the 7.0M parameters: a 3x3 conv costs width^2
+    # width multipliers of the three levels 16x16, 8x8, 4x4 (Ho et al. 2020: 1,2,2,2 on CIFAR-10)
     res_blocks: int = 2
-    # residual blocks per level on each side of the U-Net (Ho et al.: 2); the 4x4 middle has twice this
+    # residual blocks per level on each side of the U-Net (Ho et al. 2020: 2); the 4x4 middle has twice this
     dropout: float = 0.1
-    # dropout inside each residual block (Ho et al. use 0.1 on CIFAR-10; 792 sprites overfit easily)
+    # dropout inside each residual block (Ho et al. 2020: 0.1 on CIFAR-10)
     timesteps: int = 1000
     # T, the number of noise levels of the forward process
     schedule: str = field(default="cosine", metadata={"choices": SCHEDULES})
@@ -129,16 +120,15 @@ class Config(common.TrainConfig):
     # ddim (Song et al. 2021, --steps steps), ddpm (Ho et al. 2020, Algorithm 2: all T steps) or dpm++
     # (DPM-Solver++(2M), Lu et al. 2022, Algorithm 2: second order, --steps steps)
     steps: int = 20
-    # model calls of ddim and dpm++: the sub-sequence of the T noise levels visited (ignored by ddpm).
-    # 20: on the default run's checkpoint DPM-Solver++ with 20 calls scores at least as well as DDIM
-    # with 50, and 10 calls leave stray off-colour pixels (tutorial 04, "DPM-Solver++ against DDIM")
+    # model calls of ddim and dpm++: the sub-sequence of the T noise levels visited
+    # (ignored by ddpm)
     eta: float = 0.0
     # DDIM noise scale: 0 = deterministic (same seed, same sprites), 1 = DDPM-like noise
     condition: str = field(default="none", metadata={"choices": common.LABEL_KINDS})
     # class label the U-Net is conditioned on (common.Labeller): none, colour (the sprite's one
     # non-black palette colour: 7 classes) or cluster (k-means on foreground masks: --clusters classes)
     clusters: int = 8
-    # shape clusters of --condition cluster (the smallest of the 8 holds 52 of the 792 training sprites)
+    # shape clusters of --condition cluster
     p_uncond: float = 0.1
     # label dropout: the chance that a training sprite's label is replaced by the null label, so one
     # network learns p(x | y) and p(x) (Ho and Salimans 2022, "Classifier-Free Diffusion Guidance": 0.1 to 0.2)

@@ -32,6 +32,7 @@ Run (from the repository root; the dataset is prepared by download.py):
     python vae.py --epochs 200 --out runs/vae-ce        # ce, the default
     python vae.py --epochs 200 --recon-loss mse --out runs/vae-mse
     python vae.py --epochs 200 --recon-loss bce --out runs/vae-bce
+    python vae.py --resume runs/vae-ce/checkpoints/last.pt --epochs 300   # continue a run
     python vae.py sample --checkpoint runs/vae-ce/checkpoints/last.pt --n 64 --out grid.png
     python vae.py sample --checkpoint runs/vae-ce/checkpoints/last.pt --temperature 1 --out grid.png
 
