@@ -40,6 +40,7 @@ import abc
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import inspect
 import io
 import json
@@ -52,7 +53,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -747,14 +748,24 @@ class Tracker:
             self._forget_run()
 
     def _forget_run(self):
-        """Drop the run from MLflow's stack of active runs without a call to the
-        server, so that neither end() nor MLflow's own exit hook retries it.
-        (MLflow has no public call for this; best effort.)"""
-        with contextlib.suppress(Exception):
-            from mlflow.tracking import fluent
-            stack = fluent._active_run_stack.get()
-            if stack and stack[-1].info.run_id == self.run_id:
-                stack.pop()
+        """End the run in MLflow's public API after a failed call, so that
+        neither end() nor MLflow's own exit hook retries it: mlflow.end_run()
+        drops the run from the active runs first, then tells the server once --
+        here with no retry and a 1-second timeout, as that server just failed."""
+        fast = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "1"}
+        saved = {k: os.environ.get(k) for k in fast}
+        os.environ.update(fast)
+        try:
+            with contextlib.suppress(Exception):
+                active = self.mlflow.active_run()
+                if active is not None and active.info.run_id == self.run_id:
+                    self.mlflow.end_run(status="FAILED")
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
     def how_to_view(self) -> str:
         """Two lines for the end of a run: the command that serves this store,
@@ -1078,9 +1089,9 @@ class Trainer:
         eta = elapsed / epochs_timed * (self.epochs - epoch)
         print(self.progress_line(epoch, metrics, elapsed, eta), flush=True)
         if epochs_timed == 1:
-            script = Path(sys.argv[0]).name  # compare.py trains through the model scripts' Trainer
-            script = f"{self.strategy.name}.py" if script == "compare.py" else script
-            hint = contention_hint(self.device, f"OMP_NUM_THREADS=1 python {script} --resume {self.ckpt_path}")
+            # every model's script is named after it (check_model_type's hint relies on that too)
+            hint = contention_hint(self.device, f"OMP_NUM_THREADS=1 python {self.strategy.name}.py "
+                                                f"--resume {self.ckpt_path}")
             if hint:
                 print(hint, flush=True)
         if cfg.sample_every and epoch % cfg.sample_every == 0 and epoch < self.epochs:
@@ -1104,7 +1115,10 @@ class Trainer:
         loss.backward()
         if self.config.grad_clip > 0:
             scalars["grad_norm"] = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip))
-        for group in self.optimizer.param_groups:  # the strategy's warm-up / decay by step
+        # The strategy's warm-up / decay, by step. Not a torch LambdaLR: its state (last_epoch, base_lrs)
+        # would be a second copy of self.step and --lr to save, restore and rewrite when --resume changes
+        # --lr; derived from the saved step, the rate after a resume is the uninterrupted run's by construction.
+        for group in self.optimizer.param_groups:
             group["lr"] = self.config.lr * self.strategy.lr_factor(self.step, self.total_steps)
         self.optimizer.step()
         if self.ema is not None:
@@ -1276,8 +1290,8 @@ def check_samples(x: Tensor, n: int) -> None:
 
 
 def fmt_time(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+    """H:MM:SS, e.g. 0:16:05 (datetime.timedelta's str, whole seconds)."""
+    return str(datetime.timedelta(seconds=round(seconds)))
 
 
 # -----------------------------------------------------------------------------
@@ -1549,9 +1563,139 @@ def saved_config(config_cls, saved: dict) -> dict:
 
 
 # -----------------------------------------------------------------------------
+# Sampling a trained checkpoint: `python X.py sample`
+# -----------------------------------------------------------------------------
+
+
+class Trained(NamedTuple):
+    strategy: Strategy
+    model: nn.Module            # the eval model (the EMA weights, if the run kept them), in eval mode, on the device
+    palette: torch.Tensor       # (K, 3) the run's palette, on the device
+    config: TrainConfig  # the run's Config, with the overrides
+    state: dict                 # the whole checkpoint (epoch, train_seconds, ...)
+
+
+def load_for_sampling(checkpoint: str | os.PathLike, device: torch.device, strategy_cls, config_cls,
+                      overrides: dict | None = None) -> Trained:
+    """Rebuild a trained model of strategy_cls from a checkpoint (compare.py's
+    load_any finds the model of any checkpoint). `overrides`: Config values that
+    replace the checkpoint's (e.g. a sampling temperature)."""
+    state = load_checkpoint(checkpoint)
+    name = state.get("strategy")
+    if name != strategy_cls.name:
+        raise UserError(f"{checkpoint} is a {name} checkpoint, not {strategy_cls.name}")
+    try:
+        config = config_cls(**{**saved_config(config_cls, state["config"]), **(overrides or {})})
+    except ValueError as e:  # e.g. a sampling flag out of range
+        raise UserError(str(e)) from None
+    palette = state["palette"].to(device)
+    strategy = strategy_cls(config, palette)
+    model = strategy.build_model(config)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise UserError(f"{checkpoint} does not fit the model these flags build ({first}); "
+                               f"drop the architecture flags") from None
+    if state.get("ema") is not None:  # sample with the EMA weights, as training did
+        ema = torch.optim.swa_utils.AveragedModel(model, use_buffers=True)
+        ema.load_state_dict(state["ema"])
+        model = ema.module
+    return Trained(strategy, model.to(device).eval(), palette, config, state)
+
+
+def sample_command(strategy_cls, config_cls, argv: list[str]) -> None:
+    """`python X.py sample`: draw sprites from a trained checkpoint of that model."""
+    parser = download.OneLineParser(
+        prog=f"{Path(sys.argv[0]).name} sample",
+        description="Draw sprites from a trained checkpoint. Model flags given here override the checkpoint's "
+                    "config (e.g. a sampling temperature).")
+    parser.add_argument("--checkpoint", required=True, help="a checkpoints/last.pt from a run folder")
+    parser.add_argument("--n", type=int, default=64, help="number of sprites (default: %(default)s)")
+    parser.add_argument("--out", default="", metavar="FILE.png|FOLDER|FILE.gif",
+                        help="by its suffix: .png a grid; none, a folder of one 16x16 PNG per sprite; .gif an "
+                             "animation of one sampling run (models with a trajectory: diffusion.py). "
+                             "Default: sample-seed<SEED>.png in the checkpoint's run folder")
+    parser.add_argument("--seed", type=int, default=0, help="same seed, same sprites (default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
+    parser.add_argument("--gif", default="", help="also write an animated GIF of one sampling run of the first "
+                        "(up to) 16 sprites, for models that define a trajectory (diffusion.py)")
+    parser.add_argument("--class", dest="sample_class", metavar="NAME|INDEX",
+                        help="checkpoints trained with --condition: draw only this class (e.g. red, cluster3 or 2); "
+                             "default: one class per row of 8")
+    # The model's own fields (not the shared training ones) can be overridden,
+    # e.g. a sampling temperature or a number of denoising steps. A Config that
+    # names its sampling fields (`sample_flags`) offers only those, not
+    # training-only ones such as vae.py's KL weight.
+    own = model_fields(config_cls)
+    own &= set(getattr(config_cls, "sample_flags", own))
+    if own:
+        add_config_flags(parser.add_argument_group("model flags (override the checkpoint's config)"),
+                                config_cls, suppress_defaults=True, only=own)
+    args = parser.parse_args(argv)
+    if args.n < 1:
+        parser.error("--n must be at least 1")
+    if not 0 <= args.seed <= SEED_MAX:
+        parser.error(f"--seed must be between 0 and {SEED_MAX}")
+    out = sample_out(args.out, args.checkpoint, args.seed)
+    overrides = {k: v for k, v in vars(args).items() if k in own}
+    device = select_device(args.device)
+    strategy, model, palette, _, _ = load_for_sampling(args.checkpoint, device, strategy_cls, config_cls, overrides)
+    if args.sample_class is not None:  # conditioning (diffusion.py --condition): the labeller names the classes
+        labeller = getattr(strategy, "labeller", None)
+        if labeller is None:
+            raise UserError(f"{args.checkpoint} was trained without classes; --class needs a checkpoint "
+                                   f"trained with --condition colour or --condition cluster")
+        strategy.sample_class = labeller.parse(args.sample_class)
+    if (args.gif or out.suffix.lower() == ".gif") and not strategy.animates():
+        raise UserError(f"{strategy_cls.name} has no sampling trajectory to animate; write a .png or a folder")
+    if out.suffix.lower() == ".gif":
+        args.gif, out = str(out), None
+    if out is not None:  # None: --out NAME.gif, only the animation below
+        t0 = time.perf_counter()
+        x = draw_samples(strategy, model, args.n, args.seed, device)
+        took = f"sampled in {time.perf_counter() - t0:.2f} s on {device}"  # draw_samples reads x: the device is done
+        if out.suffix.lower() == ".png":
+            save_png(make_grid(x, nrow=8, scale=4, palette=palette), out)
+            print(f"wrote {args.n} sprites to {out} ({took})")
+        else:
+            snapped = (snap_to_palette(x, palette) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+            for i, sprite in enumerate(snapped):  # (n, 16, 16, 3) uint8
+                save_png(Image.fromarray(sprite), out / f"{i:04d}.png")
+            print(f"wrote {args.n} PNGs (16x16) to {out}/ ({took})")
+    if args.gif:
+        with torch.no_grad():
+            frames = strategy.trajectory(model, min(args.n, 16), torch.Generator(device).manual_seed(args.seed))
+        save_gif(frames.float(), args.gif, nrow=4)
+        print(f"wrote an animation of {min(args.n, 16)} sprites ({frames.shape[0]} frames) to {args.gif}")
+
+
+def sample_out(out: str, checkpoint: str, seed: int) -> Path:
+    """Where `sample` writes, decided by the suffix of --out: .png a grid,
+    .gif an animation, no suffix (or an existing folder) a folder of PNGs;
+    any other suffix is refused. Default: a grid in the checkpoint's run
+    folder (runs/<model>/<date-time>/sample-seed0.png), not the working one."""
+    if not out:
+        ckpt = Path(checkpoint)
+        run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+        return run_dir / f"sample-seed{seed}.png"
+    path = Path(out)
+    if path.suffix.lower() not in ("", ".png", ".gif") and not path.is_dir():
+        raise UserError(f"--out {out}: cannot write {path.suffix} files; use a .png (a grid), a folder name "
+                               f"without a suffix (one PNG per sprite) or a .gif (an animation, diffusion.py)")
+    return path
+
+
+def model_fields(config_cls) -> set[str]:
+    """A model's own Config fields, not the shared training ones: what `sample`
+    (and compare.py's bench) let a user override."""
+    return {f.name for f in dataclasses.fields(config_cls)} - {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+# -----------------------------------------------------------------------------
 # Speed: matmul throughput, the --amp decision, the contention hint
 # -----------------------------------------------------------------------------
-# (compare.py's `bench` measures a model's speed with these.)
+# (training uses them for --amp and the hint; compare.py's `bench` reuses matmul_rate, best_time, native_bf16.)
 
 
 def matmul_rate(n: int, dtype: torch.dtype, device: torch.device, repeats: int,
@@ -1653,7 +1797,7 @@ def contention_hint(device: torch.device, resume_command: str, threshold: float 
 
 
 # -----------------------------------------------------------------------------
-# The command line of a model file: train, sample, bench
+# The command line of a model file: train, sample
 # -----------------------------------------------------------------------------
 
 
@@ -1661,10 +1805,9 @@ def parse_train_args(config_cls, argv: list[str], strategy_name: str = "") -> Tr
     prog = Path(sys.argv[0]).name
     parser = download.OneLineParser(
         usage=f"{prog} [options]                     train (options below)\n"
-              f"       {prog} sample --checkpoint PATH ...  draw sprites from a run ({prog} sample --help)\n"
-              f"       {prog} bench ...                     speed on this machine ({prog} bench --help)",
+              f"       {prog} sample --checkpoint PATH ...  draw sprites from a run ({prog} sample --help)",
         description=(sys.modules[config_cls.__module__].__doc__ or "").split("\n\n")[0],
-        epilog=f"other modes: `{prog} sample --help`, `{prog} bench --help`")
+        epilog=f"other modes: `{prog} sample --help`; speed: `python compare.py bench --models NAME`")
     add_config_flags(parser, config_cls)
     args = parser.parse_args(argv)
     values = vars(args)
@@ -1680,23 +1823,21 @@ def parse_train_args(config_cls, argv: list[str], strategy_name: str = "") -> Tr
     return make_config(config_cls, parser, values)
 
 
-def main(strategy_cls, config_cls, argv: list[str] | None = None) -> None:
+def main(strategy_cls, config_cls, argv: list[str] | None = None, moved: dict[str, str] | None = None) -> None:
     """The command line of every model file:
-        python X.py [--flag value ...]        train
+        python X.py [--flag value ...]        train (and --resume)
         python X.py sample --checkpoint PATH  draw sprites from a checkpoint
-        python X.py bench                     FLOPs and speed on this machine
-    """
+    `moved`: modes that now live in compare.py, {old mode: new command}; the
+    old spelling (and `bench`, now `python compare.py bench --models X`) is
+    refused in one line naming the new command."""
     argv = sys.argv[1:] if argv is None else argv
+    moved = {"bench": f"python compare.py bench --models {strategy_cls.name}", **(moved or {})}
 
     def run():
-        # `sample` and `bench` live in compare.py, with everything else that works on a
-        # trained (or, for bench, a fresh) model; imported here, as compare.py imports every model file.
         if argv[:1] == ["sample"]:
-            import compare
-            compare.sample_command(strategy_cls, config_cls, argv[1:])
-        elif argv[:1] == ["bench"]:
-            import compare
-            compare.bench_command(strategy_cls, config_cls, argv[1:])
+            sample_command(strategy_cls, config_cls, argv[1:])
+        elif argv[:1] and argv[0] in moved:
+            raise UserError(f"`python {strategy_cls.name}.py {argv[0]}` has moved; run `{moved[argv[0]]}` instead")
         else:
             train(strategy_cls, parse_train_args(config_cls, argv, strategy_cls.name))
     # A UserError, download.py's DataError or an OSError (full disk...) is one

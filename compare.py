@@ -13,6 +13,10 @@ the same way, so every figure has a scale.
     python compare.py --epochs-diffusion 50 --amp  # override a budget; bf16 autocast
     python compare.py report                    # regenerate the results tables in the docs from docs/results/
     python compare.py guidance --checkpoint CKPT --out DIR   # guidance sweep of a conditional checkpoint
+    python compare.py bench --models diffusion   # parameters, FLOPs, images/s, seconds for 16 sprites
+    python compare.py plot RUN_A RUN_B --metric precision --out curve.png   # time-to-quality curves
+    python compare.py plot --schedules --out schedules.png   # linear vs cosine noise schedule
+    python compare.py labels --out clusters.png  # the colour and shape-cluster labels (tutorial 06)
     python compare.py --conditional colour --guidance 2   # also a colour-conditioned panel per model that has one
 
 Outputs (in --out, default runs/compare): comparison.png, comparison.md (the
@@ -37,8 +41,8 @@ if __name__ == "__main__":  # Ctrl-C while the imports below load: exit at once 
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
@@ -96,142 +100,18 @@ METRICS = ["palette_distance", "one_colour_rate", "density_in_range", "precision
 
 
 # -----------------------------------------------------------------------------
-# Trained checkpoints: loading one, and `python X.py sample`
+# Trained checkpoints of any model of the registry
 # -----------------------------------------------------------------------------
-# What works on a finished run lives in this file: sampling it (a model file's
-# `sample` mode runs sample_command below), comparing, the guidance sweep and,
-# on a fresh model, bench. common.py holds what training needs.
+# Sampling one model's checkpoint (`python X.py sample`) is common.py's
+# (common.load_for_sampling, common.sample_command); what needs the registry is here.
 
 
-class Trained(NamedTuple):
-    strategy: common.Strategy
-    model: torch.nn.Module      # the eval model (the EMA weights, if the run kept them), in eval mode, on the device
-    palette: torch.Tensor       # (K, 3) the run's palette, on the device
-    config: common.TrainConfig  # the run's Config, with the overrides
-    state: dict                 # the whole checkpoint (epoch, train_seconds, ...)
-
-
-def load_for_sampling(checkpoint: str | Path, device: torch.device, overrides: dict | None = None,
-                      expected: tuple | None = None) -> Trained:
-    """Rebuild a trained model from a checkpoint. `expected`: the (Strategy, Config)
-    the checkpoint must be of (a model file's `sample`); None: the one the
-    checkpoint names, from the registry. `overrides`: Config values that replace
-    the checkpoint's (e.g. a sampling temperature)."""
-    state = common.load_checkpoint(checkpoint)
-    name = state.get("strategy")
-    if expected is None:
-        if name not in MODELS:
-            raise common.UserError(f"{checkpoint} is a {name} checkpoint, not one of {', '.join(MODELS)}")
-        expected = MODELS[name]
-    strategy_cls, config_cls = expected
-    if name != strategy_cls.name:
-        raise common.UserError(f"{checkpoint} is a {name} checkpoint, not {strategy_cls.name}")
-    try:
-        config = config_cls(**{**common.saved_config(config_cls, state["config"]), **(overrides or {})})
-    except ValueError as e:  # e.g. a sampling flag out of range
-        raise common.UserError(str(e)) from None
-    palette = state["palette"].to(device)
-    strategy = strategy_cls(config, palette)
-    model = strategy.build_model(config)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
-        raise common.UserError(f"{checkpoint} does not fit the model these flags build ({first}); "
-                               f"drop the architecture flags") from None
-    if state.get("ema") is not None:  # sample with the EMA weights, as training did
-        ema = torch.optim.swa_utils.AveragedModel(model, use_buffers=True)
-        ema.load_state_dict(state["ema"])
-        model = ema.module
-    return Trained(strategy, model.to(device).eval(), palette, config, state)
-
-
-def sample_command(strategy_cls, config_cls, argv: list[str]) -> None:
-    """`python X.py sample`: draw sprites from a trained checkpoint of that model."""
-    parser = common.download.OneLineParser(
-        prog=f"{Path(sys.argv[0]).name} sample",
-        description="Draw sprites from a trained checkpoint. Model flags given here override the checkpoint's "
-                    "config (e.g. a sampling temperature).")
-    parser.add_argument("--checkpoint", required=True, help="a checkpoints/last.pt from a run folder")
-    parser.add_argument("--n", type=int, default=64, help="number of sprites (default: %(default)s)")
-    parser.add_argument("--out", default="", metavar="FILE.png|FOLDER|FILE.gif",
-                        help="by its suffix: .png a grid; none, a folder of one 16x16 PNG per sprite; .gif an "
-                             "animation of one sampling run (models with a trajectory: diffusion.py). "
-                             "Default: sample-seed<SEED>.png in the checkpoint's run folder")
-    parser.add_argument("--seed", type=int, default=0, help="same seed, same sprites (default: %(default)s)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
-    parser.add_argument("--gif", default="", help="also write an animated GIF of one sampling run of the first "
-                        "(up to) 16 sprites, for models that define a trajectory (diffusion.py)")
-    parser.add_argument("--class", dest="sample_class", metavar="NAME|INDEX",
-                        help="checkpoints trained with --condition: draw only this class (e.g. red, cluster3 or 2); "
-                             "default: one class per row of 8")
-    # The model's own fields (not the shared training ones) can be overridden,
-    # e.g. a sampling temperature or a number of denoising steps. A Config that
-    # names its sampling fields (`sample_flags`) offers only those, not
-    # training-only ones such as vae.py's KL weight.
-    own = model_fields(config_cls)
-    own &= set(getattr(config_cls, "sample_flags", own))
-    if own:
-        common.add_config_flags(parser.add_argument_group("model flags (override the checkpoint's config)"),
-                                config_cls, suppress_defaults=True, only=own)
-    args = parser.parse_args(argv)
-    if args.n < 1:
-        parser.error("--n must be at least 1")
-    if not 0 <= args.seed <= common.SEED_MAX:
-        parser.error(f"--seed must be between 0 and {common.SEED_MAX}")
-    out = sample_out(args.out, args.checkpoint, args.seed)
-    overrides = {k: v for k, v in vars(args).items() if k in own}
-    device = common.select_device(args.device)
-    strategy, model, palette, _, _ = load_for_sampling(args.checkpoint, device, overrides, (strategy_cls, config_cls))
-    if args.sample_class is not None:  # conditioning (diffusion.py --condition): the labeller names the classes
-        labeller = getattr(strategy, "labeller", None)
-        if labeller is None:
-            raise common.UserError(f"{args.checkpoint} was trained without classes; --class needs a checkpoint "
-                                   f"trained with --condition colour or --condition cluster")
-        strategy.sample_class = labeller.parse(args.sample_class)
-    if (args.gif or out.suffix.lower() == ".gif") and not strategy.animates():
-        raise common.UserError(f"{strategy_cls.name} has no sampling trajectory to animate; write a .png or a folder")
-    if out.suffix.lower() == ".gif":
-        args.gif, out = str(out), None
-    if out is not None:  # None: --out NAME.gif, only the animation below
-        t0 = time.perf_counter()
-        x = common.draw_samples(strategy, model, args.n, args.seed, device)
-        took = f"sampled in {time.perf_counter() - t0:.2f} s on {device}"  # draw_samples reads x: the device is done
-        if out.suffix.lower() == ".png":
-            common.save_png(common.make_grid(x, nrow=8, scale=4, palette=palette), out)
-            print(f"wrote {args.n} sprites to {out} ({took})")
-        else:
-            snapped = (common.snap_to_palette(x, palette) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-            for i, sprite in enumerate(snapped):  # (n, 16, 16, 3) uint8
-                common.save_png(Image.fromarray(sprite), out / f"{i:04d}.png")
-            print(f"wrote {args.n} PNGs (16x16) to {out}/ ({took})")
-    if args.gif:
-        with torch.no_grad():
-            frames = strategy.trajectory(model, min(args.n, 16), torch.Generator(device).manual_seed(args.seed))
-        common.save_gif(frames.float(), args.gif, nrow=4)
-        print(f"wrote an animation of {min(args.n, 16)} sprites ({frames.shape[0]} frames) to {args.gif}")
-
-
-def sample_out(out: str, checkpoint: str, seed: int) -> Path:
-    """Where `sample` writes, decided by the suffix of --out: .png a grid,
-    .gif an animation, no suffix (or an existing folder) a folder of PNGs;
-    any other suffix is refused. Default: a grid in the checkpoint's run
-    folder (runs/<model>/<date-time>/sample-seed0.png), not the working one."""
-    if not out:
-        ckpt = Path(checkpoint)
-        run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-        return run_dir / f"sample-seed{seed}.png"
-    path = Path(out)
-    if path.suffix.lower() not in ("", ".png", ".gif") and not path.is_dir():
-        raise common.UserError(f"--out {out}: cannot write {path.suffix} files; use a .png (a grid), a folder name "
-                               f"without a suffix (one PNG per sprite) or a .gif (an animation, diffusion.py)")
-    return path
-
-
-def model_fields(config_cls) -> set[str]:
-    """A model's own Config fields, not the shared training ones: what `sample`
-    and `bench` let a user override."""
-    return {f.name for f in dataclasses.fields(config_cls)} - {f.name for f in dataclasses.fields(common.TrainConfig)}
+def load_any(checkpoint: str | Path, device: torch.device, overrides: dict | None = None) -> common.Trained:
+    """Rebuild a trained model of whichever registry model the checkpoint names."""
+    name = common.load_checkpoint(checkpoint).get("strategy")
+    if name not in MODELS:
+        raise common.UserError(f"{checkpoint} is a {name} checkpoint, not one of {', '.join(MODELS)}")
+    return common.load_for_sampling(checkpoint, device, *MODELS[name], overrides)
 
 
 # -----------------------------------------------------------------------------
@@ -243,7 +123,7 @@ def checkpoint_of(name: str, configs: dict, out: Path, checkpoints: Path | None)
     """A finished run's checkpoint: loaded from --checkpoints, or trained now."""
     if checkpoints is not None:
         path = run_checkpoint(checkpoints, name)
-        strategy, _, _, config, state = load_for_sampling(path, torch.device("cpu"), expected=MODELS[name])
+        strategy, _, _, config, state = common.load_for_sampling(path, torch.device("cpu"), *MODELS[name])
         epoch = state["epoch"]
         if epoch < strategy.total_epochs(config):
             raise common.UserError(f"{path} stopped at epoch {epoch}: finish it with "
@@ -279,7 +159,7 @@ def run_checkpoint(checkpoints: Path, name: str) -> Path:
 def evaluate(name: str, overrides: dict, ckpt: Path, data: common.Sprites, n_show: int, n_eval: int,
              seed: int, device: torch.device, amp: bool) -> dict:
     """Samples for the figure, sampling time and sprite-quality metrics of one panel."""
-    strategy, model, palette, _, state = load_for_sampling(ckpt, device, overrides, MODELS[name])
+    strategy, model, palette, _, state = common.load_for_sampling(ckpt, device, *MODELS[name], overrides)
     show = common.draw_samples(strategy, model, n_show, seed, device, amp)
     common.draw_samples(strategy, model, 2, seed, device, amp)  # warm-up: one-time allocations
     t0 = time.perf_counter()
@@ -336,6 +216,8 @@ def table(rows: list[tuple[str, dict]]) -> str:
 # -----------------------------------------------------------------------------
 # Bench: how fast is each model on this machine, as a fraction of its peak?
 # -----------------------------------------------------------------------------
+# Here only, not a mode of each model file: it needs the FLOP counter and the
+# profiler, which training never does, so common.py (what training needs) keeps none of it.
 
 
 def matmul_peak(dtype: torch.dtype, device: torch.device, repeats: int,
@@ -389,7 +271,7 @@ def bench_sprites(n: int, palette: torch.Tensor, generator: torch.Generator) -> 
 
 
 def bench_command(strategy_cls, config_cls, argv: list[str], parents: tuple = ()) -> dict:
-    """`python compare.py bench` (for each model) and `python X.py bench`: parameters, FLOPs, training images/s and seconds to
+    """`python compare.py bench --models X`, for each model: parameters, FLOPs, training images/s and seconds to
     sample, in fp32 and with bf16 autocast (--amp), next to this machine's own
     matmul throughput measured in the same run. Needs no data and no
     checkpoint: a freshly initialised model on random sprites costs the same.
@@ -412,7 +294,7 @@ def bench_command(strategy_cls, config_cls, argv: list[str], parents: tuple = ()
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
                         help="also measure with bf16 autocast, as --amp trains (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
-    own = model_fields(config_cls)
+    own = common.model_fields(config_cls)
     common.add_config_flags(parser.add_argument_group("model flags (default: the model's defaults)"),
                      config_cls, suppress_defaults=True, only=own)
     args = parser.parse_args(argv)
@@ -651,11 +533,11 @@ def conditional_checkpoints(configs: dict, out: Path, checkpoints: Path | None, 
 
 
 def guidance_command(argv: list[str]) -> None:
-    """`python compare.py guidance` (also `python diffusion.py guidance`): the
+    """`python compare.py guidance`: the
     classifier-free guidance sweep of a conditional checkpoint of any model (diffusion,
     or the VQ-VAE's prior). At each w: --n samples with balanced classes (sample i asks for class
     i mod n_classes; the same seed, so the same x_T, at every w), scored with the shared
-    sprite metrics, the class accuracy and the within-class variety (diffusion.class_stats),
+    sprite metrics, the class accuracy and the within-class variety (class_stats),
     into OUT/w<w>/metrics.json; a chart of the fractions against w (OUT/sweep.png) and a
     grid of one class, one row per w, the same 8 noise draws in every row (OUT/grid-<class>.png).
     OUT/real.json holds the same figures measured on the real training sprites."""
@@ -668,11 +550,11 @@ def guidance_command(argv: list[str]) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
     parser.add_argument("--out", required=True, help="folder for the results")
     args = parser.parse_args(argv)
-    ws = diffusion.number_list(parser, "--w", args.w, float)
+    ws = number_list(parser, "--w", args.w, float)
     if args.n < 8 or min(ws) < 0:
         parser.error("--n must be at least 8 and every w at least 0")
     device = common.select_device(args.device)
-    strategy, model, palette, config, state = load_for_sampling(args.checkpoint, device)
+    strategy, model, palette, config, state = load_any(args.checkpoint, device)
     model_name = strategy.name
     labeller = getattr(strategy, "labeller", None)  # models with a --condition flag have one
     if labeller is None:
@@ -686,9 +568,9 @@ def guidance_command(argv: list[str]) -> None:
             # the ceiling: how often a real sprite, mirrored as in training, keeps its class
             # (colour: always; cluster: a mirrored mask can fall nearer another centre)
             "class_accuracy_mirrored": float((labeller(train.flip(-1)) == y_real).float().mean()),
-            "chance": 1 / labeller.n_classes, **diffusion.class_stats(train, y_real, labeller)}
+            "chance": 1 / labeller.n_classes, **class_stats(train, y_real, labeller)}
     everything = torch.zeros_like(y_real)  # all sprites as one class: the variety without a label
-    real.update({f"unlabelled_{k}": v for k, v in diffusion.class_stats(train, everything, labeller).items()})
+    real.update({f"unlabelled_{k}": v for k, v in class_stats(train, everything, labeller).items()})
     common.atomic_write_bytes(out / "real.json", json.dumps(real, indent=1).encode())
     print(f"real training sprites: {json.dumps(real)}")
 
@@ -714,7 +596,7 @@ def guidance_command(argv: list[str]) -> None:
         per_class = {labeller.names[c]: float(hit[y == c].mean()) for c in range(labeller.n_classes)}
         m["sample/worst_class_accuracy"] = min(per_class.values())
         m["per_class_accuracy"] = per_class
-        m.update({f"sample/{k}": v for k, v in diffusion.class_stats(x, y, labeller).items()})
+        m.update({f"sample/{k}": v for k, v in class_stats(x, y, labeller).items()})
         m.update({"guidance": w, "n": args.n, "sample_seconds": seconds})
         common.atomic_write_bytes(out / f"w{w:g}" / "metrics.json", json.dumps(m, indent=1).encode())
         common.atomic_write_bytes(out / f"w{w:g}" / "command.txt", command.encode())
@@ -727,12 +609,174 @@ def guidance_command(argv: list[str]) -> None:
               f"{m['sample/one_colour_rate']:>7.3f} {m['sample/palette_distance']:>8.2f} "
               f"{m['sample/shape_variety']:>9.3f} {m['sample/colour_entropy']:>7.3f} {seconds:>7.1f}", flush=True)
     title = f"guidance sweep, {model_name}, --condition {config.condition}, {args.n} samples per w"
-    common.save_png(diffusion.line_chart(series, title, "guidance w", "fraction"), out / "sweep.png")
+    common.save_png(line_chart(series, title, "guidance w", "fraction"), out / "sweep.png")
     grid = common.make_grid(torch.cat(rows), nrow=8, scale=4, palette=palette)
     common.save_png(grid, out / f"grid-{labeller.names[show]}.png")
     print(f"wrote {out}/w*/metrics.json, real.json, sweep.png and grid-{labeller.names[show]}.png "
           f"(rows: w = {', '.join(f'{w:g}' for w in ws)})")
 
+
+
+# -----------------------------------------------------------------------------
+# Tools: within-class variety, line charts, `plot` and `labels`
+# -----------------------------------------------------------------------------
+
+
+def class_stats(images: torch.Tensor, labels: torch.Tensor, labeller: common.Labeller) -> dict[str, float]:
+    """What a class leaves free, measured on sprites (real or sampled) that carry
+    class `labels` (N,): the within-class variety, a stand-in for H(X|Y).
+    shape_variety   the mean fraction of the 256 mask pixels on which two sprites of
+                    one class differ (0 = one shape per class)
+    colour_entropy  the entropy, in bits, of the sprites' colour within a class
+                    (0 = one colour per class; log2(7) = 2.81 for 7 equally common colours)
+    Each is a class's figure averaged over the classes weighted by their share of
+    the sprites, as H(X|Y) = sum_y p(y) H(X | Y = y). Classes of one sprite are left out."""
+    masks = common.foreground_masks(images, labeller.palette)  # (N, 256)
+    colour = common.Labeller("colour", labeller.palette)(images)  # (N,)
+    shape, entropy, weight = [], [], []
+    for c in labels.unique():
+        m, col = masks[labels == c], colour[labels == c]
+        if len(m) < 2:
+            continue
+        diff = torch.cdist(m, m, p=1) / m.shape[1]  # (n, n) fraction of differing pixels
+        shape.append(float(diff.sum() / (len(m) * (len(m) - 1))))
+        p = torch.bincount(col + 1).float() / len(col)  # +1: the "no colour" class -1 counts too
+        entropy.append(float(-(p[p > 0] * p[p > 0].log2()).sum()))
+        weight.append(len(m))
+    if not weight:
+        return dict(shape_variety=float("nan"), colour_entropy=float("nan"))
+    return dict(shape_variety=float(np.average(shape, weights=weight)),
+                colour_entropy=float(np.average(entropy, weights=weight)))
+
+
+CHART_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
+
+
+def line_chart(series: dict[str, list[tuple[float, float]]], title: str, xlabel: str, ylabel: str,
+               size: tuple[int, int] = (640, 400)):
+    """A plain line chart with PIL only (no plotting library in requirements):
+    one coloured line (with dots, up to 50 points) per named series of (x, y)
+    points, axes with 5 ticks over the data's range, the legend above the plot."""
+    w, h = size
+    left, right, top, bottom = 60, 20, 30 + 14 * len(series), 45  # the legend sits above the plot
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    xs = [x for pts in series.values() for x, _ in pts] or [0.0, 1.0]
+    ys = [y for pts in series.values() for _, y in pts] or [0.0, 1.0]
+    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    pad = 0.05 * (max(ys) - min(ys) or 1.0)
+    y0, y1 = min(ys) - pad, max(ys) + pad
+
+    def text(xy, s, fill="black"):  # PIL's built-in font has a 2-pixel space that hinting can drop: widen it
+        draw.text(xy, s.replace(" ", "  "), fill=fill)
+
+    def to_px(x, y):  # data -> pixel, y up
+        return (left + (x - x0) / (x1 - x0) * (w - left - right), h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom))
+
+    draw.rectangle([left, top, w - right, h - bottom], outline="black")
+    for i in range(5):
+        xv, yv = x0 + i / 4 * (x1 - x0), y0 + i / 4 * (y1 - y0)
+        px, _ = to_px(xv, y0)
+        _, py = to_px(x0, yv)
+        draw.line([px, h - bottom, px, h - bottom + 4], fill="black")
+        draw.text((px - 12, h - bottom + 6), f"{xv:.3g}", fill="black")
+        draw.line([left - 4, py, left, py], fill="black")
+        draw.text((4, py - 6), f"{yv:.3g}", fill="black")
+    text((left, 8), title)
+    text(((w - len(xlabel) * 6) // 2, h - 18), xlabel)
+    text((left + 4, top + 4), ylabel, fill=(90, 90, 90))
+    dots = max(len(pts) for pts in series.values()) <= 50 if series else False
+    for k, (name, pts) in enumerate(series.items()):
+        colour = CHART_COLOURS[k % len(CHART_COLOURS)]
+        px = [to_px(x, y) for x, y in sorted(pts)]
+        if len(px) > 1:
+            draw.line(px, fill=colour, width=2)
+        for cx, cy in px if dots else []:
+            draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=colour)
+        draw.line([left, 30 + 14 * k, left + 20, 30 + 14 * k], fill=colour, width=3)
+        text((left + 26, 24 + 14 * k), name)
+    return img
+
+
+def plot_command(argv: list[str]) -> None:
+    """`python compare.py plot`: line charts (PNG, PIL only) of time-to-quality
+    curves (the time_to_quality.json of runs trained with --eval-every-minutes)
+    or, with --schedules, of the signal share sqrt(alpha_bar_t) of both noise schedules."""
+    parser = common.download.OneLineParser(prog="compare.py plot", description=plot_command.__doc__)
+    parser.add_argument("runs", nargs="*", help="run folders or time_to_quality.json files; LABEL=PATH names a line")
+    parser.add_argument("--metric", default="precision", help="sprite metric on the y axis (default: precision)")
+    parser.add_argument("--x", default="minutes", choices=["minutes", "epoch", "step"], help="x axis (default: minutes)")
+    parser.add_argument("--schedules", action="store_true", help="plot sqrt(alpha_bar_t) of linear and cosine instead")
+    parser.add_argument("--out", required=True, help="the PNG to write")
+    args = parser.parse_args(argv)
+    if args.schedules:
+        T = diffusion.Config.timesteps
+        series = {name: [(t, float(v)) for t, v in enumerate(make(T, torch.device("cpu"))["sqrt_alpha_bar"])][::10]
+                  for name, make in (("linear (Ho et al. 2020)", diffusion.linear_schedule),
+                                     ("cosine (Nichol & Dhariwal 2021)", diffusion.cosine_schedule))}
+        img = line_chart(series, f"signal share sqrt(alpha_bar_t), T = {T}", "t", "sqrt(alpha_bar_t)")
+    else:
+        if not args.runs:
+            parser.error("give run folders or time_to_quality.json files, or --schedules")
+        series = {}
+        for item in args.runs:
+            label, _, path = item.rpartition("=")
+            path = Path(path)
+            path = path / "time_to_quality.json" if path.is_dir() else path
+            if not path.exists():
+                raise common.UserError(f"{path} not found; train with --eval-every-minutes to write it")
+            points = json.loads(path.read_text())
+            key = f"sample/{args.metric}"
+            if not points or key not in points[0]:
+                raise common.UserError(f"{path} has no {key}; metrics there: {sorted(points[0]) if points else 'none'}")
+            series[label or path.parent.name] = [(p[args.x], p[key]) for p in points]
+        img = line_chart(series, f"time to quality: {args.metric} of EMA samples", args.x, args.metric)
+    common.save_png(img, args.out)
+    print(f"wrote {args.out}")
+
+
+def number_list(parser, flag: str, text: str, cast) -> list:
+    """'0,1,2.5' -> [0.0, 1.0, 2.5] (cast each item); anything else is the user's one-line error."""
+    try:
+        return [cast(item) for item in text.split(",")]
+    except ValueError:
+        parser.error(f"{flag} must be {'integers' if cast is int else 'numbers'} separated by commas, got {text!r}")
+
+
+def labels_command(argv: list[str]) -> None:
+    """`python compare.py labels`: the class labels of the training sprites. Prints, for
+    each k, the shape clusters' sizes and within-class variety (class_stats), and
+    the colour classes' too; writes a preview: one row per class, its first --per-class sprites."""
+    parser = common.download.OneLineParser(prog="compare.py labels", description=labels_command.__doc__)
+    parser.add_argument("--kind", default="cluster", choices=["colour", "cluster"], help="labels to preview")
+    parser.add_argument("--k", default="2,4,8,16", help="cluster counts to compare (default: %(default)s)")
+    parser.add_argument("--preview-k", type=int, default=diffusion.Config.clusters, help="k of the preview (default: %(default)s)")
+    parser.add_argument("--per-class", type=int, default=12, help="sprites per row of the preview (default: %(default)s)")
+    parser.add_argument("--data", default=diffusion.Config.data, help="dataset (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="k-means seed (default: %(default)s)")
+    parser.add_argument("--out", required=True, help="the preview PNG to write")
+    args = parser.parse_args(argv)
+    ks = number_list(parser, "--k", args.k, int)
+    data = common.load_sprites(args.data, torch.device("cpu"), diffusion.Config.palette_size, args.seed)
+    colour = common.Labeller("colour", data.palette)
+    everything = torch.zeros(len(data.train), dtype=torch.long)
+    print(f"no label : {class_stats(data.train, everything, colour)}")
+    y = colour(data.train)
+    print(f"colour   : sizes {torch.bincount(y).tolist()} {class_stats(data.train, y, colour)} "
+          f"({', '.join(colour.names)})")
+    for k in ks:
+        cl = common.Labeller("cluster", data.palette, common.fit_shape_clusters(data.train, data.palette, k, args.seed))
+        yk = cl(data.train)
+        print(f"cluster {k:<2}: sizes {torch.bincount(yk, minlength=k).tolist()} {class_stats(data.train, yk, cl)}"
+              f" mirrored sprites keeping their cluster {(cl(data.train.flip(-1)) == yk).float().mean():.3f}")
+    labeller = colour if args.kind == "colour" else common.Labeller(
+        "cluster", data.palette, common.fit_shape_clusters(data.train, data.palette, args.preview_k, args.seed))
+    y = labeller(data.train)
+    blank = torch.zeros(1, 3, 16, 16)
+    rows = [torch.cat([data.train[y == c][:args.per_class], blank.expand(args.per_class, -1, -1, -1)])[:args.per_class]
+            for c in range(labeller.n_classes)]  # (per_class, 3, 16, 16) each, padded with black
+    common.save_png(common.make_grid(torch.cat(rows), nrow=args.per_class, scale=4, palette=data.palette), args.out)
+    print(f"wrote {args.out}: one row per class ({', '.join(labeller.names)}), its first {args.per_class} training sprites")
 
 
 # -----------------------------------------------------------------------------
@@ -892,6 +936,10 @@ def main(argv: list[str] | None = None) -> None:
             return bench_models(argv[1:])
         if argv[:1] == ["guidance"]:
             return guidance_command(argv[1:])
+        if argv[:1] == ["plot"]:
+            return plot_command(argv[1:])
+        if argv[:1] == ["labels"]:
+            return labels_command(argv[1:])
         args = parse_args(argv)
         if args.amp:  # sampling gets training's decision: no emulated bf16 where it is slower (common.amp_worth_it)
             args.amp = common.amp_worth_it(common.select_device(args.device), force=False)

@@ -13,18 +13,15 @@ The idea in three lines:
 Run (from the repository root):
     python diffusion.py                                # train the defaults (200 epochs, ~16 min on 2 CPU cores)
     python diffusion.py --epochs 400                   # longer; --help lists every flag
+    python diffusion.py --resume runs/diffusion/<run>/checkpoints/last.pt   # continue a run
     python diffusion.py sample --checkpoint runs/diffusion/<run>/checkpoints/last.pt --n 64 --out grid.png
     python diffusion.py sample --checkpoint ... --sampler ddim --steps 50 --eta 0 --gif ddim.gif
     python diffusion.py sample --checkpoint ... --sampler ddpm           # 1000 ancestral steps
-    python diffusion.py bench                          # parameters, FLOPs, images/s, seconds for 16 sprites
     python diffusion.py sample --checkpoint ... --sampler dpm++ --steps 15   # DPM-Solver++(2M), Lu et al. 2022
     python diffusion.py --eval-every-minutes 5 ...     # time to quality: score the EMA model every 5 minutes
-    python diffusion.py plot RUN_A RUN_B --metric precision --out curve.png   # ... and draw the curves
-    python diffusion.py plot --schedules --out schedules.png                  # linear vs cosine noise schedule
     python diffusion.py --condition colour             # p(x | colour) and p(x) in one U-Net (label dropout)
     python diffusion.py sample --checkpoint ... --class red --guidance 3     # classifier-free guidance
-    python diffusion.py guidance --checkpoint ... --out sweep               # the guidance sweep, w = 0..8
-    python diffusion.py labels --out clusters.png       # the colour and shape-cluster labels (tutorial 06)
+(The tools -- bench, plot, the guidance sweep, labels -- are compare.py's.)
 
 Levers beyond the paper, each a flag with its citation in Config: U-Net size (--channel-mult,
 --res-blocks), cosine schedule (Nichol & Dhariwal 2021), v-prediction (Salimans & Ho 2022),
@@ -53,13 +50,11 @@ import contextlib
 import math
 import os
 import signal
-import sys
 from dataclasses import dataclass, field
 
 if __name__ == "__main__":  # Ctrl-C while torch loads: exit at once (130), nothing to save yet, no traceback
     signal.signal(signal.SIGINT, lambda *_: os._exit(130))
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -82,35 +77,26 @@ SAMPLERS = ("ddim", "ddpm", "dpm++")
 @dataclass
 class Config(common.TrainConfig):
     epochs: int = 200
-    # passes over the 792 training sprites (25 steps each at batch 32: 5,000 steps in all), sized
-    # to train in under 20 minutes on 2 CPU cores (the reference: 200 epochs of the 7M U-Net, 76 min)
+    # passes over the training sprites (at batch 32, 25 optimizer steps each)
     batch_size: int = 32
-    # sprites per optimizer step; small batches = more steps in the short CPU budget
+    # sprites per optimizer step
     lr: float = 1e-3
-    # AdamW peak learning rate. Ho et al. use 2e-4 for 800k steps; this run has 3,750, so it
-    # takes a larger step, tamed by --warmup-steps and --lr-decay cosine (the reference: 5e-4 constant)
+    # AdamW peak learning rate (Ho et al. 2020: 2e-4 over 800k steps), shaped by
+    # --warmup-steps and --lr-decay
     ema_decay: float = 0.995
-    # EMA of the weights, used for validation and every sample. Its time constant is
-    # 1 / (1 - decay) = 200 steps = 8 of the 200 epochs: long enough to smooth the
-    # step-to-step noise of the diffusion loss, short enough to follow a 5,000-step run.
-    # With the paper's 0.9999, 0.9999^5000 = 61 percent of the EMA would still be the random
-    # initial weights at the end of the run.
+    # EMA of the weights, used for validation and every sample; its time constant is 1 / (1 - decay)
+    # steps (Ho et al. 2020: 0.9999, for runs of 800k steps)
     sample_every: int = 50
-    # sample grid, denoising strip and sprite-quality metrics every this many epochs
-    # (mostly the 256 samples for the metrics: with the defaults 16 x 1.4 s, the time of 16 sprites with
-    # DPM-Solver++ 20 steps in docs/results/diffusion/quality_vs_steps/default.json; DDIM-50 x 7.0M: ~2 min)
+    # sample grid, denoising strip and sprite-quality metrics every this many epochs (0 = only at the end)
     base_channels: int = 24
-    # U-Net width at 16x16; the widths at 16x16, 8x8 and 4x4 are this times --channel-mult. The reference:
-    # 64, 7.0M parameters; 32 gives 1.8M, 24 gives 0.99M, and the cost of a 3x3 conv goes with width^2, so
-    # 24 takes about 1.8x the steps of 32 in the same minutes -- which bought more quality than the width
-    # did (tutorial 04, "Width against steps")
+    # U-Net width at 16x16 (24: 0.99M parameters; 64: 7.0M); the widths at 16x16, 8x8 and 4x4
+    # are this times --channel-mult
     channel_mult: str = "1,2,4"
-    # width multipliers of the three levels 16x16, 8x8, 4x4 (Ho et al. use 1,2,2,2 on CIFAR-10).
-    # With 1,2,4 the 4x4 level holds 4.7M of the 7.0M parameters: a 3x3 conv costs width^2
+    # width multipliers of the three levels 16x16, 8x8, 4x4 (Ho et al. 2020: 1,2,2,2 on CIFAR-10)
     res_blocks: int = 2
-    # residual blocks per level on each side of the U-Net (Ho et al.: 2); the 4x4 middle has twice this
+    # residual blocks per level on each side of the U-Net (Ho et al. 2020: 2); the 4x4 middle has twice this
     dropout: float = 0.1
-    # dropout inside each residual block (Ho et al. use 0.1 on CIFAR-10; 792 sprites overfit easily)
+    # dropout inside each residual block (Ho et al. 2020: 0.1 on CIFAR-10)
     timesteps: int = 1000
     # T, the number of noise levels of the forward process
     schedule: str = field(default="cosine", metadata={"choices": SCHEDULES})
@@ -134,16 +120,15 @@ class Config(common.TrainConfig):
     # ddim (Song et al. 2021, --steps steps), ddpm (Ho et al. 2020, Algorithm 2: all T steps) or dpm++
     # (DPM-Solver++(2M), Lu et al. 2022, Algorithm 2: second order, --steps steps)
     steps: int = 20
-    # model calls of ddim and dpm++: the sub-sequence of the T noise levels visited (ignored by ddpm).
-    # 20: on the default run's checkpoint DPM-Solver++ with 20 calls scores at least as well as DDIM
-    # with 50, and 10 calls leave stray off-colour pixels (tutorial 04, "DPM-Solver++ against DDIM")
+    # model calls of ddim and dpm++: the sub-sequence of the T noise levels visited
+    # (ignored by ddpm)
     eta: float = 0.0
     # DDIM noise scale: 0 = deterministic (same seed, same sprites), 1 = DDPM-like noise
     condition: str = field(default="none", metadata={"choices": common.LABEL_KINDS})
     # class label the U-Net is conditioned on (common.Labeller): none, colour (the sprite's one
     # non-black palette colour: 7 classes) or cluster (k-means on foreground masks: --clusters classes)
     clusters: int = 8
-    # shape clusters of --condition cluster (the smallest of the 8 holds 52 of the 792 training sprites)
+    # shape clusters of --condition cluster
     p_uncond: float = 0.1
     # label dropout: the chance that a training sprite's label is replaced by the null label, so one
     # network learns p(x | y) and p(x) (Ho and Salimans 2022, "Classifier-Free Diffusion Guidance": 0.1 to 0.2)
@@ -747,189 +732,13 @@ class DiffusionStrategy(common.Strategy):
 
 
 # -----------------------------------------------------------------------------
-# The figures of the command-line tools below: within-class variety, line charts
-# -----------------------------------------------------------------------------
-
-
-def class_stats(images: Tensor, labels: Tensor, labeller: common.Labeller) -> dict[str, float]:
-    """What a class leaves free, measured on sprites (real or sampled) that carry
-    class `labels` (N,): the within-class variety, a stand-in for H(X|Y).
-    shape_variety   the mean fraction of the 256 mask pixels on which two sprites of
-                    one class differ (0 = one shape per class)
-    colour_entropy  the entropy, in bits, of the sprites' colour within a class
-                    (0 = one colour per class; log2(7) = 2.81 for 7 equally common colours)
-    Each is a class's figure averaged over the classes weighted by their share of
-    the sprites, as H(X|Y) = sum_y p(y) H(X | Y = y). Classes of one sprite are left out."""
-    masks = common.foreground_masks(images, labeller.palette)  # (N, 256)
-    colour = common.Labeller("colour", labeller.palette)(images)  # (N,)
-    shape, entropy, weight = [], [], []
-    for c in labels.unique():
-        m, col = masks[labels == c], colour[labels == c]
-        if len(m) < 2:
-            continue
-        diff = torch.cdist(m, m, p=1) / m.shape[1]  # (n, n) fraction of differing pixels
-        shape.append(float(diff.sum() / (len(m) * (len(m) - 1))))
-        p = torch.bincount(col + 1).float() / len(col)  # +1: the "no colour" class -1 counts too
-        entropy.append(float(-(p[p > 0] * p[p > 0].log2()).sum()))
-        weight.append(len(m))
-    if not weight:
-        return dict(shape_variety=float("nan"), colour_entropy=float("nan"))
-    return dict(shape_variety=float(np.average(shape, weights=weight)),
-                colour_entropy=float(np.average(entropy, weights=weight)))
-
-
-CHART_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
-
-
-def line_chart(series: dict[str, list[tuple[float, float]]], title: str, xlabel: str, ylabel: str,
-               size: tuple[int, int] = (640, 400)):
-    """A plain line chart with PIL only (no plotting library in requirements):
-    one coloured line (with dots, up to 50 points) per named series of (x, y)
-    points, axes with 5 ticks over the data's range, the legend above the plot."""
-    from PIL import Image, ImageDraw
-
-    w, h = size
-    left, right, top, bottom = 60, 20, 30 + 14 * len(series), 45  # the legend sits above the plot
-    img = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(img)
-    xs = [x for pts in series.values() for x, _ in pts] or [0.0, 1.0]
-    ys = [y for pts in series.values() for _, y in pts] or [0.0, 1.0]
-    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-    pad = 0.05 * (max(ys) - min(ys) or 1.0)
-    y0, y1 = min(ys) - pad, max(ys) + pad
-
-    def text(xy, s, fill="black"):  # PIL's built-in font has a 2-pixel space that hinting can drop: widen it
-        draw.text(xy, s.replace(" ", "  "), fill=fill)
-
-    def to_px(x, y):  # data -> pixel, y up
-        return (left + (x - x0) / (x1 - x0) * (w - left - right), h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom))
-
-    draw.rectangle([left, top, w - right, h - bottom], outline="black")
-    for i in range(5):
-        xv, yv = x0 + i / 4 * (x1 - x0), y0 + i / 4 * (y1 - y0)
-        px, _ = to_px(xv, y0)
-        _, py = to_px(x0, yv)
-        draw.line([px, h - bottom, px, h - bottom + 4], fill="black")
-        draw.text((px - 12, h - bottom + 6), f"{xv:.3g}", fill="black")
-        draw.line([left - 4, py, left, py], fill="black")
-        draw.text((4, py - 6), f"{yv:.3g}", fill="black")
-    text((left, 8), title)
-    text(((w - len(xlabel) * 6) // 2, h - 18), xlabel)
-    text((left + 4, top + 4), ylabel, fill=(90, 90, 90))
-    dots = max(len(pts) for pts in series.values()) <= 50 if series else False
-    for k, (name, pts) in enumerate(series.items()):
-        colour = CHART_COLOURS[k % len(CHART_COLOURS)]
-        px = [to_px(x, y) for x, y in sorted(pts)]
-        if len(px) > 1:
-            draw.line(px, fill=colour, width=2)
-        for cx, cy in px if dots else []:
-            draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=colour)
-        draw.line([left, 30 + 14 * k, left + 20, 30 + 14 * k], fill=colour, width=3)
-        text((left + 26, 24 + 14 * k), name)
-    return img
-
-
-# -----------------------------------------------------------------------------
 # Command line
 # -----------------------------------------------------------------------------
 
 
-def plot_command(argv: list[str]) -> None:
-    """`python diffusion.py plot`: line charts (PNG, PIL only) of time-to-quality
-    curves (the time_to_quality.json of runs trained with --eval-every-minutes)
-    or, with --schedules, of the signal share sqrt(alpha_bar_t) of both noise schedules."""
-    import json
-    from pathlib import Path
-
-    parser = common.download.OneLineParser(prog="diffusion.py plot", description=plot_command.__doc__)
-    parser.add_argument("runs", nargs="*", help="run folders or time_to_quality.json files; LABEL=PATH names a line")
-    parser.add_argument("--metric", default="precision", help="sprite metric on the y axis (default: precision)")
-    parser.add_argument("--x", default="minutes", choices=["minutes", "epoch", "step"], help="x axis (default: minutes)")
-    parser.add_argument("--schedules", action="store_true", help="plot sqrt(alpha_bar_t) of linear and cosine instead")
-    parser.add_argument("--out", required=True, help="the PNG to write")
-    args = parser.parse_args(argv)
-    if args.schedules:
-        T = Config.timesteps
-        series = {name: [(t, float(v)) for t, v in enumerate(make(T, torch.device("cpu"))["sqrt_alpha_bar"])][::10]
-                  for name, make in (("linear (Ho et al. 2020)", linear_schedule),
-                                     ("cosine (Nichol & Dhariwal 2021)", cosine_schedule))}
-        img = line_chart(series, f"signal share sqrt(alpha_bar_t), T = {T}", "t", "sqrt(alpha_bar_t)")
-    else:
-        if not args.runs:
-            parser.error("give run folders or time_to_quality.json files, or --schedules")
-        series = {}
-        for item in args.runs:
-            label, _, path = item.rpartition("=")
-            path = Path(path)
-            path = path / "time_to_quality.json" if path.is_dir() else path
-            if not path.exists():
-                raise common.UserError(f"{path} not found; train with --eval-every-minutes to write it")
-            points = json.loads(path.read_text())
-            key = f"sample/{args.metric}"
-            if not points or key not in points[0]:
-                raise common.UserError(f"{path} has no {key}; metrics there: {sorted(points[0]) if points else 'none'}")
-            series[label or path.parent.name] = [(p[args.x], p[key]) for p in points]
-        img = line_chart(series, f"time to quality: {args.metric} of EMA samples", args.x, args.metric)
-    common.save_png(img, args.out)
-    print(f"wrote {args.out}")
-
-
-def number_list(parser, flag: str, text: str, cast) -> list:
-    """'0,1,2.5' -> [0.0, 1.0, 2.5] (cast each item); anything else is the user's one-line error."""
-    try:
-        return [cast(item) for item in text.split(",")]
-    except ValueError:
-        parser.error(f"{flag} must be {'integers' if cast is int else 'numbers'} separated by commas, got {text!r}")
-
-
-def labels_command(argv: list[str]) -> None:
-    """`python diffusion.py labels`: the class labels of the training sprites. Prints, for
-    each k, the shape clusters' sizes and within-class variety (class_stats), and
-    the colour classes' too; writes a preview: one row per class, its first --per-class sprites."""
-    from pathlib import Path
-
-    parser = common.download.OneLineParser(prog="diffusion.py labels", description=labels_command.__doc__)
-    parser.add_argument("--kind", default="cluster", choices=["colour", "cluster"], help="labels to preview")
-    parser.add_argument("--k", default="2,4,8,16", help="cluster counts to compare (default: %(default)s)")
-    parser.add_argument("--preview-k", type=int, default=Config.clusters, help="k of the preview (default: %(default)s)")
-    parser.add_argument("--per-class", type=int, default=12, help="sprites per row of the preview (default: %(default)s)")
-    parser.add_argument("--data", default=Config.data, help="dataset (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="k-means seed (default: %(default)s)")
-    parser.add_argument("--out", required=True, help="the preview PNG to write")
-    args = parser.parse_args(argv)
-    ks = number_list(parser, "--k", args.k, int)
-    data = common.load_sprites(args.data, torch.device("cpu"), Config.palette_size, args.seed)
-    colour = common.Labeller("colour", data.palette)
-    everything = torch.zeros(len(data.train), dtype=torch.long)
-    print(f"no label : {class_stats(data.train, everything, colour)}")
-    y = colour(data.train)
-    print(f"colour   : sizes {torch.bincount(y).tolist()} {class_stats(data.train, y, colour)} "
-          f"({', '.join(colour.names)})")
-    for k in ks:
-        cl = common.Labeller("cluster", data.palette, common.fit_shape_clusters(data.train, data.palette, k, args.seed))
-        yk = cl(data.train)
-        print(f"cluster {k:<2}: sizes {torch.bincount(yk, minlength=k).tolist()} {class_stats(data.train, yk, cl)}"
-              f" mirrored sprites keeping their cluster {(cl(data.train.flip(-1)) == yk).float().mean():.3f}")
-    labeller = colour if args.kind == "colour" else common.Labeller(
-        "cluster", data.palette, common.fit_shape_clusters(data.train, data.palette, args.preview_k, args.seed))
-    y = labeller(data.train)
-    blank = torch.zeros(1, 3, 16, 16)
-    rows = [torch.cat([data.train[y == c][:args.per_class], blank.expand(args.per_class, -1, -1, -1)])[:args.per_class]
-            for c in range(labeller.n_classes)]  # (per_class, 3, 16, 16) each, padded with black
-    common.save_png(common.make_grid(torch.cat(rows), nrow=args.per_class, scale=4, palette=data.palette), args.out)
-    print(f"wrote {args.out}: one row per class ({', '.join(labeller.names)}), its first {args.per_class} training sprites")
-
-
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["plot"]:  # one line and exit 2 for what the user can fix, as every mode
-        return common.download.guarded(lambda: plot_command(argv[1:]), user_errors=(common.UserError,))
-    if argv[:1] == ["guidance"]:  # its code lives in compare.py, which sweeps any model's conditional checkpoint
-        import compare
-        return compare.main(argv)
-    if argv[:1] == ["labels"]:
-        return common.download.guarded(lambda: labels_command(argv[1:]), user_errors=(common.UserError,))
-    common.main(DiffusionStrategy, Config, argv)
+    # the tools that once were modes here live in compare.py; their old spelling names the new one
+    common.main(DiffusionStrategy, Config, argv, moved={m: f"python compare.py {m}" for m in ("plot", "guidance", "labels")})
 
 
 if __name__ == "__main__":

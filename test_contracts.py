@@ -17,6 +17,7 @@ Run this file directly to train the tiny test model with the real CLI:
 `python test_contracts.py --epochs 2 --data data/sprites-colored.npz`.
 """
 
+import ast
 import contextlib
 import dataclasses
 import hashlib
@@ -303,6 +304,37 @@ def run_script(*args, cwd: Path = ROOT, timeout: float = 600, **kw) -> subproces
 
 
 # =============================================================================
+# The layers: download.py <- common.py <- the model files <- compare.py
+# =============================================================================
+
+LAYERS = {"download": 0, "common": 1, "vae": 2, "vqvae": 2, "diffusion": 2, "compare": 3}
+
+
+def test_layers_no_file_imports_one_above_it():
+    """Every import in every project file, at the top or inside a function,
+    points to a lower layer: the model files import common.py (and no other
+    model file), common.py imports download.py, only compare.py imports the
+    model files, and a registry model is in LAYERS. An edge running back up
+    (e.g. common.py importing compare.py for a mode) fails here."""
+    assert set(LAYERS) >= {cls.__module__ for cls in compare.REGISTRY}
+    upward = []
+    for name, layer in LAYERS.items():
+        tree = ast.parse((ROOT / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                targets = [node.module]
+            else:
+                continue
+            for target in targets:
+                top = target.split(".")[0]
+                if top in LAYERS and LAYERS[top] >= layer:
+                    upward.append(f"{name}.py:{node.lineno} imports {top}")
+    assert not upward, upward
+
+
+# =============================================================================
 # common.py: palette, data, pictures, metrics, Config -> argparse, the Trainer, MLflow, the CLI, faults
 # =============================================================================
 
@@ -435,33 +467,23 @@ def test_common_every_config_field_has_help_text():
         assert not missing, f"{cls.__module__}.{cls.__name__}: no comment under {missing}"
 
 
-BAD_FLAGS = [  # (Config, flags, message): the shared TrainConfig checks (through TinyConfig), then each model's
+BAD_FLAGS = [  # (Config, flags, message): one row per check: the shared TrainConfig checks (through TinyConfig;
+    # one row stands for every field with listed choices), then each model's own
     (TinyConfig, ["--epochs", "0"], "--epochs must be at least 1"),
     (TinyConfig, ["--batch-size", "0"], "--batch-size must be at least 1"),
     (TinyConfig, ["--device", "tpu"], "unknown --device"),
     (TinyConfig, ["--lr", "abc"], "invalid float value"),
     (TinyConfig, ["--eval-every-minutes", "-1"], "--eval-every-minutes cannot be negative"),
-    (vae.Config, ["--recon-loss", "l1"], "unknown --recon-loss 'l1'"),
     (vae.Config, ["--recon-loss", "mse", "--temperature", "1"], "--temperature applies to --recon-loss ce only"),
     (vae.Config, ["--kl-weight", "-1"], "cannot be negative"),
-    (vqvae.Config, ["--recon-loss", "bce"], "unknown --recon-loss 'bce'"),
-    (vqvae.Config, ["--sampler", "pixelcnn"], "unknown --sampler"),
     (vqvae.Config, ["--top-k", "999"], "--top-k must be in"),
-    (vqvae.Config, ["--condition", "shape"], "unknown --condition 'shape'; use one of none, colour, cluster"),
     (diffusion.Config, ["--steps", "1001"], "--steps must be between 2 and --timesteps"),
-    (diffusion.Config, ["--steps", "1"], "--steps"),
     (diffusion.Config, ["--sampler", "euler"], "unknown --sampler 'euler'; use one of ddim, ddpm, dpm++"),
     (diffusion.Config, ["--eta", "-0.5"], "--eta cannot be negative"),
-    (diffusion.Config, ["--schedule", "quadratic"], "unknown --schedule 'quadratic'; use one of linear, cosine"),
-    (diffusion.Config, ["--prediction", "x0"], "unknown --prediction 'x0'; use one of eps, v"),
-    (diffusion.Config, ["--loss-weight", "p2"], "unknown --loss-weight 'p2'; use one of none, min-snr"),
-    (diffusion.Config, ["--lr-decay", "step"], "unknown --lr-decay 'step'; use one of none, cosine"),
     (diffusion.Config, ["--snr-gamma", "0"], "--snr-gamma must be positive"),
     (diffusion.Config, ["--warmup-steps", "-1"], "--warmup-steps cannot be negative"),
     (diffusion.Config, ["--res-blocks", "0"], "--res-blocks must be at least 1"),
-    (diffusion.Config, ["--channel-mult", "1,2"], "--channel-mult must be three positive integers"),
     (diffusion.Config, ["--channel-mult", "1,0,2"], "--channel-mult must be three positive integers"),
-    (diffusion.Config, ["--condition", "shape"], "unknown --condition 'shape'; use one of none, colour, cluster"),
 ]
 
 
@@ -642,6 +664,31 @@ def test_common_cli_bad_input_is_one_line(args, message):
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
 
 
+def test_common_sample_out_decides_by_suffix():
+    assert common.sample_out("", "runs/vae/x/checkpoints/last.pt", 3) == Path("runs/vae/x/sample-seed3.png")
+    assert common.sample_out("", "elsewhere/model.pt", 0) == Path("elsewhere/sample-seed0.png")
+    for out in ("grid.png", "GRID.PNG", "sprites", "anim.gif"):
+        assert common.sample_out(out, "c.pt", 0) == Path(out)
+    with pytest.raises(common.UserError, match=r"--out out\.jpg: cannot write \.jpg files; use a \.png"):
+        common.sample_out("out.jpg", "c.pt", 0)
+
+
+def test_common_sample_writes_by_suffix_into_the_run_folder_and_never_imports_mlflow_or_compare(vae_run, tmp_path):
+    ckpt = vae_run / "checkpoints" / "last.pt"
+    # The default output goes next to the run; sampling loads neither MLflow (seconds of imports)
+    # nor compare.py (a model file's mode stays in its layer: test_layers_no_file_imports_one_above_it).
+    probe = ("import runpy, sys; sys.argv = ['vae.py', 'sample', '--checkpoint', sys.argv[1], '--n', '4']; "
+             "runpy.run_path('vae.py', run_name='__main__'); print('loaded:', 'mlflow' in sys.modules, 'compare' in sys.modules)")
+    r = run_script("-c", probe, str(ckpt))
+    assert r.returncode == 0, r.stderr
+    assert "loaded: False False" in r.stdout and (vae_run / "sample-seed0.png").exists()
+    r = run_script("vae.py", "sample", "--checkpoint", str(ckpt), "--n", "4", "--out", str(tmp_path / "out.jpg"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "cannot write .jpg files" in r.stderr
+    assert not (tmp_path / "out.jpg").exists()
+    r = run_script("vae.py", "sample", "--checkpoint", str(ckpt), "--out", str(tmp_path / "a.gif"))
+    assert r.returncode == 2 and "no sampling trajectory to animate" in r.stderr and "Traceback" not in r.stderr
+
+
 # -----------------------------------------------------------------------------
 # Time to quality and the --amp probe
 # -----------------------------------------------------------------------------
@@ -668,12 +715,6 @@ def test_common_time_to_quality_points_leave_training_unchanged(sprites, tmp_pat
     assert [p["step"] for p in points] == [1, 2, 3] and points[-1]["epoch"] == pytest.approx(1.0)
     assert all(0 < p["minutes"] for p in points) and "sample/precision" in points[0]
     assert not (tmp_path / "every-0.0" / "time_to_quality.json").exists()
-    out = tmp_path / "curve.png"
-    diffusion.plot_command([f"tiny={run}", "--metric", "palette_distance", "--x", "step", "--out", str(out)])
-    diffusion.plot_command(["--schedules", "--out", str(tmp_path / "schedules.png")])
-    assert Image.open(out).size == (640, 400) and (tmp_path / "schedules.png").exists()
-    with pytest.raises(common.UserError, match="--eval-every-minutes"):
-        diffusion.plot_command([str(tmp_path / "every-0.0"), "--out", str(out)])
 
 
 @pytest.mark.parametrize("native, ratio, force, expected", [
@@ -817,17 +858,12 @@ BAD_INPUT = [  # (script, arguments, one-line message fragment, paths that must 
     (T, [*TRAIN_FLAGS, "--out", "{dir}/afile/run"], "a file is in the way", []),
     (T, [*SAMPLE, "--out", "/proc/i12.png"], "cannot write or read /proc/i12.png", []),
     (T, [*SAMPLE, "--out", "{dir}/afile/grid.png"], "a file is in the way", []),
-    # values (case 7)
+    # values (case 7): one row per check; the Config's own checks are BAD_FLAGS
     (T, [*TRAIN_FLAGS, "--lr", "nan"], "--lr must be a finite number", []),
-    (T, [*TRAIN_FLAGS, "--weight-decay", "nan"], "--weight-decay must be a finite number", []),
-    (T, [*TRAIN_FLAGS, "--grad-clip", "nan"], "--grad-clip must be a finite number", []),
-    (T, [*TRAIN_FLAGS, "--seed", "-1"], "--seed must be between 0 and 4294967295", []),
     (T, [*TRAIN_FLAGS, "--seed", "99999999999"], "--seed must be between 0 and 4294967295", []),
     (T, [*SAMPLE, "--seed", "-1"], "--seed must be between", []),
     (T, [*SAMPLE, "--device", "tpu"], "unknown --device 'tpu'", []),
     ("compare.py", ["--seed", "-1", "--out", "{dir}/cmp1"], "--seed must be between", ["{dir}/cmp1"]),
-    ("compare.py", ["--seed", "99999999999", "--out", "{dir}/cmp2"], "--seed must be between", ["{dir}/cmp2"]),
-    ("compare.py", ["--device", "tpu", "--out", "{dir}/cmp3"], "unknown --device 'tpu'", ["{dir}/cmp3"]),
     # compare.py does not create --out when it then fails (case 6)
     ("compare.py", ["--checkpoints", "{dir}/none", "--out", "{dir}/cmp4", "--no-mlflow", "--device", "cpu",
                     "--data", "{data}"], "no vae run in", ["{dir}/cmp4"]),
@@ -843,7 +879,10 @@ BAD_INPUT = [  # (script, arguments, one-line message fragment, paths that must 
     (T, ["--epochs", "abc"], "invalid int value: 'abc'; run `python", []),
     (T, ["--bogus"], "unrecognized arguments: --bogus; run `python", []),
     (T, ["sample"], "required: --checkpoint; run `python", []),
-    (T, ["bench", "--n", "x"], "invalid int value: 'x'; run `python", []),
+    ("compare.py", ["bench", "--n", "x"], "invalid int value: 'x'; run `python", []),
+    # the modes that moved to compare.py: the old spelling names the new command
+    (T, ["bench"], "`python tiny.py bench` has moved; run `python compare.py bench --models tiny`", []),
+    ("diffusion.py", ["plot", "--out", "x.png"], "has moved; run `python compare.py plot` instead", []),
     ("compare.py", ["--bogus"], "unrecognized arguments: --bogus; run `python compare.py --help`", []),
     ("download.py", ["--variant", "x"], "invalid choice: 'x' (choose from", []),
 ]
@@ -916,9 +955,9 @@ def test_common_help_of_every_script_and_subcommand():
     every mode the docs use. One process runs them all: each main() with
     sys.argv set as the shell would."""
     models = [f"{name}.py" for name in compare.MODELS] + ["test_contracts.py"]
-    cases = [(m, [*mode, "--help"]) for m in models for mode in ([], ["sample"], ["bench"])]
-    cases += [("diffusion.py", ["plot", "--help"]), ("diffusion.py", ["guidance", "--help"]),
-              ("diffusion.py", ["labels", "--help"]), ("compare.py", ["--help"]), ("compare.py", ["bench", "--help"]),
+    cases = [(m, [*mode, "--help"]) for m in models for mode in ([], ["sample"])]
+    cases += [("compare.py", ["plot", "--help"]), ("compare.py", ["labels", "--help"]),
+              ("compare.py", ["--help"]), ("compare.py", ["bench", "--help"]),
               ("compare.py", ["report", "--help"]), ("compare.py", ["guidance", "--help"]),
               ("download.py", ["--help"])]
     in_docs = {(argv[0], argv[1] if argv[1:2] and argv[1] in SUBCOMMANDS else None)
@@ -946,7 +985,7 @@ def test_common_help_of_every_script_and_subcommand():
     for script_name, argv, code, text in json.loads(r.stdout.splitlines()[-1]):
         assert code == 0 and text.lstrip().startswith(("usage:", "=== vae ===\nusage:")) and "--help" in text, \
             (script_name, argv, code, text[:300])
-    assert len(json.loads(r.stdout.splitlines()[-1])) == len(cases) >= 19  # 4 models x 3 modes + 7 more
+    assert len(json.loads(r.stdout.splitlines()[-1])) == len(cases) >= 15  # 4 models x 2 modes (train, sample) + 7 more
 
 
 def test_common_two_runs_into_one_folder_second_refused_first_unharmed(dataset, tmp_path):
@@ -1254,7 +1293,7 @@ def test_common_help_shows_the_modes_each_default_once_and_sample_only_sampling_
     with pytest.raises(SystemExit):
         vae.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
-    assert "sample --checkpoint PATH" in text and "bench ..." in text
+    assert "sample --checkpoint PATH" in text and "python compare.py bench --models NAME" in text
     assert text.count("(default: runs/<model>/<date-time>)") == 1 and "(default: )" not in text
     assert "--recon-loss {mse,bce,ce}" in text
     with pytest.raises(SystemExit):
@@ -2185,8 +2224,8 @@ def test_diffusion_unconditional_checkpoint_still_loads_and_class_errors_are_one
         state["config"].pop(key)
     old = tmp_path / "old.pt"
     common.save_checkpoint(old, state)
-    strategy, _, _, config, _ = compare.load_for_sampling(old, torch.device("cpu"),
-                                                          expected=(diffusion.DiffusionStrategy, diffusion.Config))
+    strategy, _, _, config, _ = common.load_for_sampling(old, torch.device("cpu"), diffusion.DiffusionStrategy,
+                                                         diffusion.Config)
     assert config.condition == "none" and strategy.labeller is None
     r = run_script("diffusion.py", "sample", "--checkpoint", old, "--n", 2, "--out", tmp_path / "x.png", "--class", "red")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "trained without classes" in r.stderr
@@ -2201,7 +2240,7 @@ def test_diffusion_sample_class_by_name_and_unknown_class(dataset, tmp_path):
     r = run_script("diffusion.py", "sample", "--checkpoint", ckpt, "--n", 8, "--out", tmp_path / "x.png", "--class", "teal")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert "unknown class 'teal' for colour labels" in r.stderr and "an index 0..6" in r.stderr
-    r = run_script("diffusion.py", "guidance", "--checkpoint", ckpt, "--w", "0,2", "--n", 14, "--grid-class", "red",
+    r = run_script("compare.py", "guidance", "--checkpoint", ckpt, "--w", "0,2", "--n", 14, "--grid-class", "red",
                       "--out", tmp_path / "sweep")
     assert r.returncode == 0, r.stderr
     for name in ("w0/metrics.json", "w2/metrics.json", "real.json", "sweep.png", "grid-red.png"):
@@ -2214,46 +2253,21 @@ def test_diffusion_sample_class_by_name_and_unknown_class(dataset, tmp_path):
 
 
 # =============================================================================
-# compare.py: the registry, loading checkpoints and `X.py sample`, bench, the comparison, report
+# compare.py: the registry, bench, plot, the comparison, guidance, report
 # =============================================================================
 
 
-def test_compare_sample_out_decides_by_suffix():
-    assert compare.sample_out("", "runs/vae/x/checkpoints/last.pt", 3) == Path("runs/vae/x/sample-seed3.png")
-    assert compare.sample_out("", "elsewhere/model.pt", 0) == Path("elsewhere/sample-seed0.png")
-    for out in ("grid.png", "GRID.PNG", "sprites", "anim.gif"):
-        assert compare.sample_out(out, "c.pt", 0) == Path(out)
-    with pytest.raises(common.UserError, match=r"--out out\.jpg: cannot write \.jpg files; use a \.png"):
-        compare.sample_out("out.jpg", "c.pt", 0)
-
-
-def test_compare_sample_writes_by_suffix_into_the_run_folder_and_never_imports_mlflow(vae_run, tmp_path):
-    ckpt = vae_run / "checkpoints" / "last.pt"
-    # The default output goes next to the run, and sampling does not load MLflow (seconds of imports).
-    probe = ("import runpy, sys; sys.argv = ['vae.py', 'sample', '--checkpoint', sys.argv[1], '--n', '4']; "
-             "runpy.run_path('vae.py', run_name='__main__'); print('mlflow loaded:', 'mlflow' in sys.modules)")
-    r = run_script("-c", probe, str(ckpt))
-    assert r.returncode == 0, r.stderr
-    assert "mlflow loaded: False" in r.stdout and (vae_run / "sample-seed0.png").exists()
-    r = run_script("vae.py", "sample", "--checkpoint", str(ckpt), "--n", "4", "--out", str(tmp_path / "out.jpg"))
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "cannot write .jpg files" in r.stderr
-    assert not (tmp_path / "out.jpg").exists()
-    r = run_script("vae.py", "sample", "--checkpoint", str(ckpt), "--out", str(tmp_path / "a.gif"))
-    assert r.returncode == 2 and "no sampling trajectory to animate" in r.stderr and "Traceback" not in r.stderr
-
-
-def test_compare_bench_prints_its_figures_for_diffusion_and_for_the_tiny_test_strategy():
-    diffusion_flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY["diffusion"].items() if k != "lr"]  # no optimizer flags
-    for script, flags in (("diffusion.py", diffusion_flags), ("test_contracts.py", ["--batch-size", "8"])):
-        r = run_script(script, "bench", "--repeats", "1", "--n", "2", *flags)
-        assert r.returncode == 0, r.stderr
-        for words in ("parameters:", "FLOPs", "matmul peak fp32:", "matmul peak bf16:", "fp32: training",
-                      "fp32: sampling 2 sprites", "bf16 autocast (--amp): training", "of fp32 matmul peak",
-                      "bf16 autocast vs fp32", "fp32 training step, where the time goes",
-                      "fp32 sampling 2 sprites, where the time goes"):
-            assert words in r.stdout, (script, words, r.stdout)
-        if script == "diffusion.py":
-            assert "= 5 model calls" in r.stdout  # DDIM over --steps 5: one batched U-Net call per step
+def test_compare_bench_prints_its_figures_for_the_models_named():
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY["diffusion"].items() if k != "lr"]  # no optimizer flags
+    r = run_script("compare.py", "bench", "--models", "diffusion", "--repeats", "1", "--n", "2", *flags)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for words in ("parameters:", "FLOPs", "matmul peak fp32:", "matmul peak bf16:", "fp32: training",
+                  "fp32: sampling 2 sprites", "bf16 autocast (--amp): training", "of fp32 matmul peak",
+                  "bf16 autocast vs fp32", "fp32 training step, where the time goes",
+                  "fp32 sampling 2 sprites, where the time goes", "= 5 model calls",  # DDIM, --steps 5: one U-Net call a step
+                  "=== diffusion ===", "\n| diffusion | "):
+        assert words in r.stdout, (words, r.stdout)
+    assert "=== vae ===" not in r.stdout and "| vae |" not in r.stdout
 
 
 def test_compare_bench_tabulates_what_each_bench_run_returns(capsys):
@@ -2275,14 +2289,6 @@ def test_compare_bench_tabulates_what_each_bench_run_returns(capsys):
     assert lines[3].startswith("| again |") and "sampling: 2 sprites" in md
 
 
-def test_compare_bench_runs_the_models_named():
-    r = run_script("compare.py", "bench", "--models", "vae", "--repeats", "1", "--n", "2", "--no-bf16",
-                 "--channels", "8", "--latent-dim", "8", "--device", "cpu")
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "=== vae ===" in r.stdout and "=== vqvae ===" not in r.stdout
-    assert "\n| vae | " in r.stdout and "| vqvae |" not in r.stdout
-
-
 def test_compare_amp_samples_in_fp32_where_the_probe_says_bf16_is_slower(monkeypatch, capsys):
     import compare
     monkeypatch.setattr(common, "native_bf16", lambda device: (False, "mocked CPU flags"))
@@ -2291,6 +2297,21 @@ def test_compare_amp_samples_in_fp32_where_the_probe_says_bf16_is_slower(monkeyp
     monkeypatch.setattr(compare, "compare", lambda configs, *args, **kw: seen.update(amp=args[6]))
     compare.main(["--amp", "--quick", "--no-mlflow", "--device", "cpu"])
     assert seen == {"amp": False} and "0.08x as fast as fp32" in capsys.readouterr().out
+
+
+def test_compare_plot_draws_time_to_quality_curves_and_the_schedules(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    points = [{"minutes": m, "epoch": m, "step": 10 * m, "sample/palette_distance": 9 - m} for m in (1, 2, 3)]
+    (run / "time_to_quality.json").write_text(json.dumps(points))
+    out = tmp_path / "curve.png"
+    compare.plot_command([f"tiny={run}", "--metric", "palette_distance", "--x", "step", "--out", str(out)])
+    compare.plot_command(["--schedules", "--out", str(tmp_path / "schedules.png")])
+    assert Image.open(out).size == (640, 400) and (tmp_path / "schedules.png").exists()
+    with pytest.raises(common.UserError, match="--eval-every-minutes"):
+        compare.plot_command([str(tmp_path / "none"), "--out", str(out)])
+    with pytest.raises(common.UserError, match="has no sample/recall"):
+        compare.plot_command([str(run), "--metric", "recall", "--out", str(out)])
 
 
 def test_compare_writes_figure_and_table_and_reloads_the_same_samples(dataset, tmp_path):
@@ -2726,22 +2747,23 @@ def script_entry(script: str):
 _DOC_PARSERS: dict = {}
 
 
-def parser_of(script: str, sub: str | None):
-    """The ArgumentParser that `python <script> [sub]` builds (None if it builds none)."""
+def parser_of(script: str, sub: str | None, pre: tuple = ()):
+    """The ArgumentParser that `python <script> [sub] [pre]` builds (None if it builds none);
+    `pre`: words that choose the parser, e.g. compare.py bench's `--models diffusion`."""
     import argparse
-    if (script, sub) not in _DOC_PARSERS:
+    if (script, sub, pre) not in _DOC_PARSERS:
         def built(self, args=None, namespace=None):
             raise _ParserBuilt(self)
-        _DOC_PARSERS[script, sub] = None
+        _DOC_PARSERS[script, sub, pre] = None
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(argparse.ArgumentParser, "parse_args", built)
             try:
-                script_entry(script)([sub] if sub else [])
+                script_entry(script)(([sub] if sub else []) + list(pre))
             except _ParserBuilt as got:
-                _DOC_PARSERS[script, sub] = got.parser
+                _DOC_PARSERS[script, sub, pre] = got.parser
             except BaseException:  # the script ran without building a parser for these words
                 pass
-    return _DOC_PARSERS[script, sub]
+    return _DOC_PARSERS[script, sub, pre]
 
 
 def doc_command_problems(page: Path) -> list[str]:
@@ -2758,7 +2780,10 @@ def doc_command_problems(page: Path) -> list[str]:
             continue
         sub = rest[0] if rest[:1] and rest[0] in SUBCOMMANDS else None
         args = rest[1:] if sub else rest
-        parser = parser_of(script, sub)
+        # compare.py bench parses each model's flags with that model's parser: the first one named
+        pre = tuple(args[args.index("--models"):args.index("--models") + 2]) if (script, sub) == (
+            "compare.py", "bench") and "--models" in args else ()
+        parser = parser_of(script, sub, pre)
         if parser is None:
             problems.append(f"{where}: `{script} {sub}` is not a mode of {script}")
             continue

@@ -32,6 +32,7 @@ Run (from the repository root; the dataset is prepared by download.py):
     python vae.py --epochs 200 --out runs/vae-ce        # ce, the default
     python vae.py --epochs 200 --recon-loss mse --out runs/vae-mse
     python vae.py --epochs 200 --recon-loss bce --out runs/vae-bce
+    python vae.py --resume runs/vae-ce/checkpoints/last.pt --epochs 300   # continue a run
     python vae.py sample --checkpoint runs/vae-ce/checkpoints/last.pt --n 64 --out grid.png
     python vae.py sample --checkpoint runs/vae-ce/checkpoints/last.pt --temperature 1 --out grid.png
 
@@ -428,10 +429,8 @@ def latent_report(checkpoint: str, n: int = 256, seed: int = 0) -> dict:
     A one-off command (tutorial 02 shows its output):
         python -c "import vae; vae.latent_report('runs/vae-ce/checkpoints/last.pt')"
     """
-    import compare  # the checkpoint loader, with `sample`; compare.py imports this file, so not at the top
-
     device = torch.device("cpu")
-    strategy, model, palette, config, _ = compare.load_for_sampling(checkpoint, device, expected=(VAEStrategy, Config))
+    strategy, model, palette, config, _ = common.load_for_sampling(checkpoint, device, VAEStrategy, Config)
     data = common.load_sprites(config.data, device, config.palette_size, config.seed)
     mu, logvar = model.encoder(common.to_model_range(data.train))  # (N, D) each
     report = latent_stats(mu, logvar)

@@ -37,16 +37,13 @@ Run (from the repository root; the dataset is prepared by download.py):
     python vqvae.py sample --checkpoint ... --sampler random --out noise.png
     python vqvae.py sample --checkpoint ... --temperature 0.8 --top-k 20 --out grid.png
     python vqvae.py --epochs 500 --prior-epochs 0 --no-restart-dead   # stage 1 only, no restarts
+    python vqvae.py --resume runs/vqvae/<run>/checkpoints/last.pt   # continue a run, in either stage
 
-One Trainer runs both stages: epochs 1..--epochs train the VQ-VAE, epochs
---epochs+1 .. --epochs+--prior-epochs train the prior (the progress line counts
-all of them). The prior's epochs feed it the training sprites as stage 1 did
-(with the same random flips) and encode them with the frozen stage-1 model, so
-it learns from the codes of the sprites and of their mirror images. The
-checkpoint holds both stages, and the stage follows from its epoch: --resume
-and Ctrl-C work anywhere in either stage. Once the prior has started, --epochs
-cannot change any more (the prior would no longer match its codes): a resume
-that tries is refused. --prior-epochs can be raised to train the prior longer.
+One Trainer runs both stages: epochs 1..--epochs train the VQ-VAE, the next
+--prior-epochs the prior, on the codes the frozen stage-1 model gives the
+(randomly flipped) training sprites. The stage follows from the checkpoint's
+epoch, so --resume and Ctrl-C work in either; once the prior has started,
+--epochs is fixed (the prior would no longer match its codes), --prior-epochs can grow.
 
 Metrics (the Trainer prefixes train/ and val/; averaged over the split):
 
@@ -148,8 +145,7 @@ class Config(common.TrainConfig):
     prior_heads: int = 4
     # attention heads per block (must divide --prior-dim)
     prior_dropout: float = 0.5
-    # dropout in the prior: 792 sprites are few for 0.8M parameters; the validation
-    # NLL turned upwards after about 17 prior epochs with 0.1, 34 with 0.3, 86 with 0.5
+    # dropout in the prior, against overfitting a 0.8M-parameter prior to a few hundred sprites
     sampler: str = field(default="prior", metadata={"choices": SAMPLERS})
     # how codes are drawn: prior (the transformer) or random (uniform: shows why a prior is needed)
     temperature: float = 1.0
@@ -194,10 +190,8 @@ class Config(common.TrainConfig):
             raise ValueError("--clusters must be at least 2, --p-uncond in [0, 1) and --guidance at least 0")
 
 
-# What compare.py (its registry holds one line per model: the Strategy) and the
-# tests know of this model, declared next to its Config; the keys are explained
-# at compare.py's registry. TINY trains in a few seconds on 2 cores (the tests).
-# The random-codes panel shows what the prior is for.
+# What compare.py's registry and the tests know of this model (the keys: at the registry); the
+# random-codes panel shows what the prior is for. TINY trains in seconds on 2 cores (the tests).
 COMPARE = dict(panels=[("VQ-VAE (prior)", {"sampler": "prior"}), ("VQ-VAE (random codes)", {"sampler": "random"})],
                budgets={"vqvae": ("epochs", "VQ-VAE stage-1 epochs"), "prior": ("prior_epochs", "VQ-VAE prior epochs")},
                quick=dict(epochs=10, prior_epochs=10))
