@@ -132,6 +132,7 @@ def load_for_sampling(checkpoint: str | Path, device: torch.device, overrides: d
         raise common.UserError(str(e)) from None
     palette = state["palette"].to(device)
     strategy = strategy_cls(config, palette)
+    common.check_model_size(strategy, config)
     model = strategy.build_model(config)
     try:
         model.load_state_dict(state["model"])
@@ -179,6 +180,9 @@ def sample_command(strategy_cls, config_cls, argv: list[str]) -> None:
         parser.error("--n must be at least 1")
     if not 0 <= args.seed <= common.SEED_MAX:
         parser.error(f"--seed must be between 0 and {common.SEED_MAX}")
+    common.check_range("--n", args.n, 1, common.SPRITES_MAX)
+    if args.gif:
+        common.check_suffix("--gif", args.gif, (".gif",))
     out = sample_out(args.out, args.checkpoint, args.seed)
     overrides = {k: v for k, v in vars(args).items() if k in own}
     device = common.select_device(args.device)
@@ -671,6 +675,10 @@ def guidance_command(argv: list[str]) -> None:
     ws = diffusion.number_list(parser, "--w", args.w, float)
     if args.n < 8 or min(ws) < 0:
         parser.error("--n must be at least 8 and every w at least 0")
+    for w in ws:
+        common.check_range("--w", w, 0, common.BOUNDS["guidance"][1])
+    common.check_range("--n", args.n, 8, common.SPRITES_MAX)
+    common.check_range("--seed", args.seed, 0, common.SEED_MAX)
     device = common.select_device(args.device)
     strategy, model, palette, config, state = load_for_sampling(args.checkpoint, device)
     model_name = strategy.name
@@ -846,11 +854,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         value = getattr(args, f"epochs_{suffix.replace('-', '_')}")
         if value is not None and value < 1:
             p.error(f"--epochs-{suffix} must be at least 1")
-    args.n_eval = args.n_eval or (64 if args.quick else 256)
+    args.n_eval = args.n_eval if args.n_eval is not None else (64 if args.quick else 256)
     if args.n_show < 1 or args.n_eval < 2:
         p.error("--n-show must be at least 1 and --n-eval at least 2")
-    if not 0 <= args.guidance < float("inf"):
-        p.error(f"--guidance must be a number >= 0, got {args.guidance}")
+    if not (1 <= args.n_show <= common.SPRITES_MAX and args.n_eval <= common.SPRITES_MAX):
+        p.error(f"--n-show and --n-eval must be at most {common.SPRITES_MAX}")
+    if not 0 <= args.guidance <= common.BOUNDS["guidance"][1]:
+        p.error(f"--guidance must be between 0 and {common.BOUNDS['guidance'][1]}, got {args.guidance}")
     if not 0 <= args.seed <= common.SEED_MAX:
         p.error(f"--seed must be between 0 and {common.SEED_MAX}, got {args.seed}")
     try:
