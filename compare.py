@@ -765,7 +765,7 @@ def run_results(run: Path) -> dict:
     object as <name>/<key> (a list, such as time_to_quality.json's points, is not a figure)."""
     figures = {}
     for path in sorted(run.glob("*.json")):
-        data = json.loads(path.read_text())
+        data = common.read_json(path, "a run's figures")
         if not isinstance(data, dict):
             continue
         figures.update(data if path.stem == "metrics" else {f"{path.stem}/{k}": v for k, v in data.items()})

@@ -852,6 +852,7 @@ def plot_command(argv: list[str]) -> None:
     parser.add_argument("--schedules", action="store_true", help="plot sqrt(alpha_bar_t) of linear and cosine instead")
     parser.add_argument("--out", required=True, help="the PNG to write")
     args = parser.parse_args(argv)
+    common.check_suffix("--out", args.out, (".png",))
     if args.schedules:
         T = Config.timesteps
         series = {name: [(t, float(v)) for t, v in enumerate(make(T, torch.device("cpu"))["sqrt_alpha_bar"])][::10]
@@ -868,10 +869,12 @@ def plot_command(argv: list[str]) -> None:
             path = path / "time_to_quality.json" if path.is_dir() else path
             if not path.exists():
                 raise common.UserError(f"{path} not found; train with --eval-every-minutes to write it")
-            points = json.loads(path.read_text())
-            key = f"sample/{args.metric}"
-            if not points or key not in points[0]:
-                raise common.UserError(f"{path} has no {key}; metrics there: {sorted(points[0]) if points else 'none'}")
+            points, key = common.read_json(path, "a time_to_quality.json", list), f"sample/{args.metric}"
+            if points and all(isinstance(p, dict) for p in points) and key not in points[0]:
+                raise common.UserError(f"{path} has no {key}; metrics there: {sorted(points[0])}")
+            if not points or not all(isinstance(p, dict) and isinstance(p.get(key), (int, float))
+                                     and isinstance(p.get(args.x), (int, float)) for p in points):
+                raise common.UserError(f"{path} holds no points of numbers {key} and {args.x}; give a time_to_quality.json")
             series[label or path.parent.name] = [(p[args.x], p[key]) for p in points]
         img = line_chart(series, f"time to quality: {args.metric} of EMA samples", args.x, args.metric)
     common.save_png(img, args.out)
@@ -902,6 +905,9 @@ def labels_command(argv: list[str]) -> None:
     parser.add_argument("--out", required=True, help="the preview PNG to write")
     args = parser.parse_args(argv)
     ks = number_list(parser, "--k", args.k, int)
+    for flag, value, least in (*(("--k", k, 2) for k in ks), ("--preview-k", args.preview_k, 2), ("--per-class", args.per_class, 1)):
+        common.check_range(flag, value, least, 256)
+    common.check_range("--seed", args.seed, 0, common.SEED_MAX)
     data = common.load_sprites(args.data, torch.device("cpu"), Config.palette_size, args.seed)
     colour = common.Labeller("colour", data.palette)
     everything = torch.zeros(len(data.train), dtype=torch.long)

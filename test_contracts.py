@@ -880,11 +880,13 @@ BAD_INPUT = [  # (script, arguments, one-line message fragment, paths that must 
     ("vae.py", ["sample", "--checkpoint", "{vae}", "--temperature", "1e-300"], "--temperature must be between", []),  # 2
     ("vae.py", ["sample", "--checkpoint", "{dir}/nopal.pt"], "not a usable checkpoint: 'palette'", []),  # 3
     ("diffusion.py", [*TRAIN_FLAGS, "--data", "{dir}/black.npz", "--condition", "colour"], "need a colour", []),  # 4
+    ("diffusion.py", ["plot", "{dir}/garbage.pt", "--out", "{dir}/p.png"], "is not valid JSON", []),  # 5 tools
     (T, [*TRAIN_FLAGS, "--data", "{dir}/fifo"], "is not a regular file", []),  # 6 (SIGTERM: its own test)
     ("download.py", ["--from", "{dir}/gray.png", "--out", "{dir}/d3"], "grayscale or bilevel", ["{dir}/d3"]),  # 7
     # issue 27: a checkpoint's name is a registry name, and the small things
     ("vae.py", ["--resume", "{dir}/evil.pt"], "its model name is not a name of this project", []),
     ("vae.py", ["sample", "--checkpoint", "{vae}", "--gif", "{dir}/anim.jpg"], "this writes .gif files", []),
+    ("diffusion.py", ["plot", "--schedules", "--out", "{dir}/p.jpg"], "this writes .png files", []),
     ("compare.py", ["guidance", "--checkpoint", "{vae}", "--seed", "-1", "--out", "{dir}/g"], "--seed must be", ["{dir}/g"]),
 ]
 BAD_INPUT_SUBPROCESS = [  # MLflow reads its tracking URI once per process: these run in a fresh one (case 8)
@@ -2435,6 +2437,9 @@ def test_compare_report_rewrites_a_stale_table_and_refuses_a_missing_run(tmp_pat
     page.write_text("<!-- results: runs=gone metrics=val/kl -->\n<!-- /results -->\n")
     with pytest.raises(common.UserError, match="run 'gone'"):
         compare.report(tmp_path)
+    (run / "metrics.json").write_bytes(b"\x89PNG corrupt")  # issue 26.5: one line, as every JSON read
+    with pytest.raises(common.UserError, match="metrics.json is not valid JSON"):
+        compare.run_results(run)
 
 
 def test_compare_guidance_sweeps_a_conditional_vq_prior_and_refuses_an_unconditional_checkpoint(dataset, tmp_path):
