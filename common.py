@@ -172,7 +172,7 @@ def check_saved_config(config_cls, saved: dict) -> None:
         kind = kinds.get(f.type if isinstance(f.type, str) else getattr(f.type, "__name__", ""))
         if f.name in saved and kind and (not isinstance(value, kind) or (bool not in kind and isinstance(value, bool))
                                          or (isinstance(value, str) and printable(value) != value)):
-            raise UserError(f"the checkpoint's config has {f.name} = {printable(repr(value))[:60]}, not a "
+            raise UserError(f"the checkpoint's config has {f.name} = {printable(repr(value))[:60]}, not of type "
                             f"{f.type}; it was not written by this project's training")
 
 
