@@ -47,6 +47,7 @@ import json
 import math
 import os
 import re
+import shlex
 import signal
 import sys
 import time
@@ -68,6 +69,131 @@ Tensor = torch.Tensor
 class UserError(Exception):
     """A problem the user can fix (bad flag, missing file...). The CLI prints
     it as one line, `error: ...`, and exits with status 2 -- no traceback."""
+
+
+# -----------------------------------------------------------------------------
+# Bounds on input: sizes, sampling scales, checkpoints, JSON files
+# -----------------------------------------------------------------------------
+# Every value that sizes an allocation or scales a sampler is checked here,
+# once, against a stated maximum, before anything is allocated: past these a
+# run fails in the allocator or samples NaN instead of refusing in one line.
+
+SPRITES_MAX = 4096          # sprites one grid, score or `sample` draws: 4096 x 3 x 16 x 16 float32 = 12 MB
+PARAMS_MAX = 100_000_000    # parameters of a model: 0.4 GB fp32, 1.6 GB with AdamW's two moments and an EMA
+BOUNDS = {  # Config field -> (least, most) allowed; a field a model does not have is skipped
+    "n_samples": (1, SPRITES_MAX), "n_eval": (1, SPRITES_MAX),
+    "timesteps": (2, 100_000),  # T: the schedule holds T float64s per coefficient
+    "prior_dim": (1, None),
+    # sampling scales: past these, logits / temperature, sigma_t or w (l_cond - l_uncond) overflow float32
+    # (3.4e38) and softmax or the sampler gives NaN; the docs use temperatures 0.7 to 1, eta 0 to 1, w 0 to 8
+    # (a negative value gets the model's own message, from its Config)
+    "temperature": (1e-3, 1e3), "eta": (None, 1.0), "guidance": (None, 100.0),
+}
+
+
+def check_range(flag: str, value, least=None, most=None) -> None:
+    """One line for a value outside [least, most] (NaN is outside every range)."""
+    inside = (least is None or value >= least) and (most is None or value <= most)
+    if not inside or (isinstance(value, float) and not math.isfinite(value)):
+        span = f"between {least} and {most}" if least is not None and most is not None else \
+            f"at least {least}" if least is not None else f"at most {most}"
+        raise UserError(f"{flag} must be {span}, got {value}; use a value in that range (common.BOUNDS says why)")
+
+
+def check_bounds(config) -> None:
+    """BOUNDS on a Config's fields (TrainConfig.__post_init__); a temperature of 0 means argmax (vae.py)."""
+    for name, (least, most) in BOUNDS.items():
+        value = getattr(config, name, None)
+        if value is not None and not (name == "temperature" and value <= 0):
+            try:
+                check_range(f"--{name.replace('_', '-')}", value, least, most)
+            except UserError as e:
+                raise ValueError(str(e)) from None
+
+
+def check_model_size(strategy, config) -> None:
+    """Build the model on PyTorch's meta device (shapes, no memory) and count its
+    parameters, so that e.g. --latent-dim 400000000 is refused before anything is allocated."""
+    try:
+        with torch.device("meta"):
+            n = sum(p.numel() for p in strategy.build_model(config).parameters())
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise UserError(f"these flags build no model ({first_line(e)}); check the size flags") from None
+    if n > PARAMS_MAX:
+        raise UserError(f"these flags build a model of {n:,} parameters, more than the {PARAMS_MAX:,} this "
+                        f"project allows (4 bytes each, 4 copies in training); use smaller size flags")
+
+
+def check_suffix(flag: str, path, suffixes: tuple[str, ...]) -> None:
+    """A file written in one format is refused under another's name (a GIF as anim.jpg)."""
+    if Path(path).suffix.lower() not in suffixes:
+        raise UserError(f"{flag} {path}: this writes {' or '.join(suffixes)} files; give a name ending in one")
+
+
+NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")  # a model's name: a registry key, its file's stem
+
+
+def check_checkpoint(state, path) -> None:
+    """A checkpoint's structure and types, checked once (load_checkpoint), so that a
+    damaged or hand-made file is refused naming what is wrong, not by a KeyError later."""
+    bad = lambda what: UserError(f"{path} is not a usable checkpoint: {what}; use a checkpoints/last.pt "
+                                 f"written by this project's training")
+    if not isinstance(state, dict):
+        raise bad(f"it holds a {type(state).__name__}, not a dict")
+    for key, kind in (("model", dict), ("config", dict), ("strategy", str), ("palette", Tensor)):
+        if not isinstance(state.get(key), kind):
+            raise bad(f"'{key}' is {type(state.get(key)).__name__}, not {kind.__name__}")
+    if not NAME.fullmatch(state["strategy"]):
+        raise bad("its model name is not a name of this project's models")
+    ema = state.get("ema")
+    if ema is not None and (not isinstance(ema, dict) or set(ema) != {"n_averaged"} | {f"module.{k}" for k in state["model"]}):
+        raise bad("its 'ema' does not hold the same weights as its 'model'")
+    for key in ("model", "ema"):
+        for k, v in (state.get(key) or {}).items():
+            if not isinstance(v, Tensor) or (v.is_floating_point() and not torch.isfinite(v).all()):
+                raise bad(f"'{key}' entry {str(k)[:60]!r} is not a finite tensor")
+    palette, size = state["palette"], state["config"].get("palette_size")
+    if palette.ndim != 2 or palette.shape[1] != 3 or not torch.isfinite(palette).all() or \
+            palette.min() < 0 or palette.max() > 1 or not 2 <= len(palette) <= (size if type(size) is int else 256):
+        raise bad(f"its palette of shape {tuple(palette.shape)} is not --palette-size ({size}) RGB colours in [0, 1]")
+    for key in ("epoch", "step", "resume_batch"):
+        if key in state and not (type(state[key]) is int and state[key] >= 0):
+            raise bad(f"'{key}' is {state[key]!r}, not a count")
+    run_id = state.get("mlflow_run_id")
+    if run_id is not None and not (isinstance(run_id, str) and re.fullmatch(r"[0-9a-f]{1,64}", run_id)):
+        raise bad("its MLflow run id is not an id")
+
+
+def check_saved_config(config_cls, saved: dict) -> None:
+    """A checkpoint's config values have the types of config_cls's fields (an int for a
+    float is fine); a string is printable (it may be printed, e.g. --data)."""
+    kinds = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+    for f in dataclasses.fields(config_cls):
+        value = saved.get(f.name)
+        kind = kinds.get(f.type if isinstance(f.type, str) else getattr(f.type, "__name__", ""))
+        if f.name in saved and kind and (not isinstance(value, kind) or (bool not in kind and isinstance(value, bool))
+                                         or (isinstance(value, str) and printable(value) != value)):
+            raise UserError(f"the checkpoint's config has {f.name} = {printable(repr(value))[:60]}, not of type "
+                            f"{f.type}; it was not written by this project's training")
+
+
+def printable(text: str) -> str:
+    """Text read from a file, with control characters (ANSI/OSC escapes, newlines...) removed before printing."""
+    return re.sub(r"[\x00-\x1f\x7f-\x9f]", "", str(text))
+
+
+def read_json(path, what: str = "a JSON file", kind: type | None = None):
+    """A JSON file as one value (of `kind`, if given); a missing, binary or malformed file is one line."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path} not found; it should be {what}") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"{path} is not valid JSON ({printable(first_line(e))}); it should be {what}") from None
+    if kind is not None and not isinstance(data, kind):
+        raise UserError(f"{path} holds a JSON {type(data).__name__}, not a {kind.__name__}; it should be {what}")
+    return data
 
 
 # -----------------------------------------------------------------------------
@@ -154,6 +280,7 @@ class TrainConfig:
             choices, value = f.metadata.get("choices"), getattr(self, f.name)
             if choices and value not in choices:
                 raise ValueError(f"unknown --{f.name.replace('_', '-')} {value!r}; use one of {', '.join(choices)}")
+        check_bounds(self)  # sizes and sampling scales against their stated maxima (BOUNDS)
 
 
 SEED_MAX = 2**32 - 1  # NumPy's seeds are 32-bit
@@ -402,6 +529,9 @@ class Labeller:
         self.colours = [i for i in range(len(palette)) if i != background_index(palette)]  # palette index per class
         self.centres = centres.to(palette.device) if centres is not None else None
         self.n_classes = len(self.colours) if kind == "colour" else len(centres)
+        if not self.n_classes:  # e.g. all-black sprites: nothing to condition on or to draw per class
+            raise UserError(f"{kind} labels need a colour other than black in the palette and there is none "
+                            f"(are the sprites all black?); use other data or --condition none")
         self.names = self._names()
 
     def _names(self) -> list[str]:
@@ -705,6 +835,7 @@ class Tracker:
             os.environ.setdefault(f"MLFLOW_HTTP_REQUEST_{key}", value)
         uri = os.environ.get("MLFLOW_TRACKING_URI", "")
         check_tracking_uri(uri)
+        check_store(uri)
         if uri.startswith(("http://", "https://")):
             check_server(uri)
         quiet_mlflow_logs()
@@ -848,6 +979,35 @@ def check_tracking_uri(uri: str) -> None:
                         f"use e.g. http://127.0.0.1:5000 or sqlite:///mlflow.db, or pass --no-mlflow")
 
 
+def check_store(uri: str) -> None:
+    """A local store (sqlite or a folder; none: MLflow's sqlite:///mlflow.db here, with
+    artifacts in ./mlruns) that cannot be written fails at start, in one line: MLflow would
+    print pages of SQLAlchemy tracebacks, or retry for minutes, before failing."""
+    if uri and not uri.startswith(("sqlite:", "file:")) and "://" in uri:
+        return  # a server or a database MLflow reaches itself
+    if not uri or uri.startswith("sqlite:"):
+        db = Path(uri[len("sqlite:///"):]) if uri else Path("mlflow.db")
+        places = [db] if db.exists() else [db.parent or Path(".")]
+        places.append(Path("mlruns") if Path("mlruns").exists() else Path("."))  # the default artifact root
+        places += [db.parent] if db.exists() else []  # sqlite writes its journal next to the file
+    else:
+        places = [Path(uri[len("file://"):] if uri.startswith("file:") else uri)]
+        while not places[0].exists() and places[0] != places[0].parent:
+            places[0] = places[0].parent
+    for place in places:
+        try:  # a real write: permissions alone say nothing of a read-only mount, nor to root
+            if place.is_dir():
+                probe = place / f".mlflow-write-test-{os.getpid()}"
+                probe.touch()
+                probe.unlink()
+            else:
+                open(place, "ab").close()
+        except OSError as e:
+            why = "does not exist" if not place.exists() else f"is not writable ({e.strerror})"
+            raise UserError(f"MLflow cannot write its store: {place.resolve()} {why}; pass --no-mlflow, or set "
+                            f"MLFLOW_TRACKING_URI to a writable one (e.g. sqlite:////tmp/mlflow.db)")
+
+
 def quiet_mlflow_logs() -> None:
     """MLflow's start-up chatter ("Creating initial MLflow database tables...",
     alembic's migration lines) is INFO logging: raise those loggers to WARNING,
@@ -899,6 +1059,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         raise UserError(f"cannot load checkpoint {path} ({type(e).__name__}); is it a checkpoint of this project?")
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise UserError(f"{path} is not a checkpoint of this project")
+    check_checkpoint(state, path)
     return state
 
 
@@ -932,6 +1093,7 @@ class Trainer:
         # All epochs of the run: config.epochs, unless the strategy trains in stages.
         self.epochs = strategy.total_epochs(config)
 
+        check_model_size(strategy, config)
         self.model = strategy.build_model(config).to(self.device)
         # torch.compile wraps the model; checkpoints always hold the original.
         self.step_model = torch.compile(self.model) if config.compile else self.model
@@ -957,6 +1119,7 @@ class Trainer:
         self.quality_curve: list[dict] = []  # time-to-quality points (--eval-every-minutes)
         self._eval_pause = 0.0  # seconds of this fit() spent scoring those points: off the training clock
         self.stop_requested = False
+        self.stop_signal = signal.SIGINT  # the signal that set stop_requested: the exit status is 128 + it
         self._fit_start = None
 
     @property
@@ -1011,6 +1174,7 @@ class Trainer:
         """Train from the epoch after the last completed one to the end; returns
         the history (one dict of metrics per epoch)."""
         previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
+        previous_term = signal.signal(signal.SIGTERM, self._on_sigint)  # kill, a scheduler, a container stop
         self._fit_start, self._eval_pause = time.time(), 0.0
         epochs_timed = 0
         if self.config.sample_every and self.epoch == 0 and self.resume_batch == 0:
@@ -1027,10 +1191,11 @@ class Trainer:
                 epochs_timed += 1
                 self.end_epoch(epoch, train_time, step_log, epochs_timed)
                 if self.stop_requested:
-                    print(f"interrupted after epoch {epoch}; checkpoint saved. Resume with: --resume {self.ckpt_path}")
+                    print(f"interrupted after epoch {epoch}; checkpoint saved. Resume with: --resume {shlex.quote(str(self.ckpt_path))}")
                     return self.history
         finally:
             signal.signal(signal.SIGINT, previous_handler)
+            signal.signal(signal.SIGTERM, previous_term)
             self.train_seconds += self._fit_seconds()
             self._fit_start = None
         return self.history
@@ -1067,7 +1232,7 @@ class Trainer:
                 self.save()
                 self.tracker.log_metric_history(step_log)
                 print(f"\ninterrupted in epoch {epoch}, step {i + 1}/{n_batches}; checkpoint saved. "
-                      f"Resume with: --resume {self.ckpt_path}")
+                      f"Resume with: --resume {shlex.quote(str(self.ckpt_path))}")
                 return None
         self.resume_batch = 0
         self.epoch = epoch
@@ -1154,8 +1319,9 @@ class Trainer:
     def _on_sigint(self, signum, frame):
         if self.stop_requested:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
-        self.stop_requested = True
-        print("\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to abort at once)")
+        self.stop_requested, self.stop_signal = True, signum
+        what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\n{what}: finishing this step, then saving a checkpoint (Ctrl-C again to abort at once)")
 
     @contextlib.contextmanager
     def evaluating(self, seed: int | None = None):
@@ -1209,7 +1375,7 @@ class Trainer:
         pictures; to the run folder and to MLflow."""
         name = "final" if final else f"epoch_{epoch:04d}"
         pictures = {"samples": (self.generate(self.config.n_samples, self.config.seed), 8)}
-        if len(self.val):  # the extra pictures show validation sprites: none, no pictures
+        if len(self.val) >= 2:  # the extra pictures show validation sprites (a VAE interpolation: pairs)
             gen = torch.Generator(self.device).manual_seed(self.config.seed)
             with self.evaluating() as model:
                 pictures.update(self.strategy.images(model, self.val, gen))
@@ -1395,6 +1561,7 @@ def train(strategy_cls, config: TrainConfig) -> Path:
     name = strategy_cls.name
     if resume_state:
         check_model_type(resume_state, name, config.resume)
+        check_mid_epoch(resume_state, config)
     device = select_device(config.device)
     seed_everything(config.seed)
     if device.type == "cpu":
@@ -1442,7 +1609,8 @@ def train(strategy_cls, config: TrainConfig) -> Path:
             trainer.fit()
             if trainer.stop_requested:
                 status = "KILLED"
-                raise Interrupted(f"interrupted; checkpoint saved, resume with: --resume {trainer.ckpt_path}")
+                raise Interrupted(f"interrupted; checkpoint saved, resume with: --resume {shlex.quote(str(trainer.ckpt_path))}",
+                                  status=128 + trainer.stop_signal)
             final = finish(trainer, data)
             status = "FINISHED"
             print(f"done: {final['samples']} | checkpoint {trainer.ckpt_path}")
@@ -1463,8 +1631,13 @@ def train(strategy_cls, config: TrainConfig) -> Path:
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C stopped training after a checkpoint was saved; the message says
-    how to resume. The command line exits with status 130."""
+    """Ctrl-C or SIGTERM stopped training after a checkpoint was saved; the message
+    says how to resume. The command line exits with status 128 + the signal:
+    130 for Ctrl-C (SIGINT), 143 for SIGTERM."""
+
+    def __init__(self, message: str, status: int = 130):
+        super().__init__(message)
+        self.status = status
 
 
 def check_model_type(state: dict, name: str, path) -> None:
@@ -1472,7 +1645,22 @@ def check_model_type(state: dict, name: str, path) -> None:
     config or weights can cause a confusing error."""
     kind = state.get("strategy")
     if kind != name:
-        raise UserError(f"{path} is a {kind} checkpoint, not {name}; resume it with `python {kind}.py --resume {path}`")
+        # only a plain name of a model file beside this one becomes a command to copy
+        # (compare.py holds the registry, and common.py imports nothing above it)
+        known = isinstance(kind, str) and re.fullmatch(r"[a-z][a-z0-9_]*", kind) is not None \
+            and kind not in ("common", "compare", "download") and Path(__file__).with_name(f"{kind}.py").is_file()
+        advice = f"`python {kind}.py --resume {shlex.quote(str(path))}`" if known else "the script that trained it"
+        raise UserError(f"{path} is a {kind} checkpoint, not {name}; resume it with {advice}")
+
+
+def check_mid_epoch(state: dict, config: TrainConfig) -> None:
+    """A checkpoint saved inside an epoch counts the batches done in its own batch size:
+    resuming it with another --batch-size would skip the wrong sprites, so it is refused."""
+    old = state["config"].get("batch_size")
+    if state.get("resume_batch") and old != config.batch_size:
+        raise UserError(f"{config.resume} stopped in the middle of epoch {state.get('epoch', 0) + 1} at --batch-size "
+                        f"{old}; resume with that --batch-size and change it at an epoch boundary, so that every "
+                        f"sprite of the epoch is trained exactly once")
 
 
 def resume(trainer: Trainer, state: dict, config: TrainConfig) -> None:
@@ -1557,6 +1745,7 @@ def saved_config(config_cls, saved: dict) -> dict:
     does not know are dropped, and fields added after the checkpoint was
     written take config_cls.LEGACY's values (those that rebuild the model it
     was trained as), not today's defaults."""
+    check_saved_config(config_cls, saved)
     known = {f.name for f in dataclasses.fields(config_cls)}
     legacy = {k: v for k, v in getattr(config_cls, "LEGACY", {}).items() if k not in saved}
     return {**legacy, **{k: v for k, v in saved.items() if k in known}}
@@ -1590,6 +1779,7 @@ def load_for_sampling(checkpoint: str | os.PathLike, device: torch.device, strat
         raise UserError(str(e)) from None
     palette = state["palette"].to(device)
     strategy = strategy_cls(config, palette)
+    check_model_size(strategy, config)
     model = strategy.build_model(config)
     try:
         model.load_state_dict(state["model"])
@@ -1637,6 +1827,9 @@ def sample_command(strategy_cls, config_cls, argv: list[str]) -> None:
         parser.error("--n must be at least 1")
     if not 0 <= args.seed <= SEED_MAX:
         parser.error(f"--seed must be between 0 and {SEED_MAX}")
+    check_range("--n", args.n, 1, SPRITES_MAX)
+    if args.gif:
+        check_suffix("--gif", args.gif, (".gif",))
     out = sample_out(args.out, args.checkpoint, args.seed)
     overrides = {k: v for k, v in vars(args).items() if k in own}
     device = select_device(args.device)

@@ -553,6 +553,10 @@ def guidance_command(argv: list[str]) -> None:
     ws = number_list(parser, "--w", args.w, float)
     if args.n < 8 or min(ws) < 0:
         parser.error("--n must be at least 8 and every w at least 0")
+    for w in ws:
+        common.check_range("--w", w, 0, common.BOUNDS["guidance"][1])
+    common.check_range("--n", args.n, 8, common.SPRITES_MAX)
+    common.check_range("--seed", args.seed, 0, common.SEED_MAX)
     device = common.select_device(args.device)
     strategy, model, palette, config, state = load_any(args.checkpoint, device)
     model_name = strategy.name
@@ -709,6 +713,7 @@ def plot_command(argv: list[str]) -> None:
     parser.add_argument("--schedules", action="store_true", help="plot sqrt(alpha_bar_t) of linear and cosine instead")
     parser.add_argument("--out", required=True, help="the PNG to write")
     args = parser.parse_args(argv)
+    common.check_suffix("--out", args.out, (".png",))
     if args.schedules:
         T = diffusion.Config.timesteps
         series = {name: [(t, float(v)) for t, v in enumerate(make(T, torch.device("cpu"))["sqrt_alpha_bar"])][::10]
@@ -725,10 +730,12 @@ def plot_command(argv: list[str]) -> None:
             path = path / "time_to_quality.json" if path.is_dir() else path
             if not path.exists():
                 raise common.UserError(f"{path} not found; train with --eval-every-minutes to write it")
-            points = json.loads(path.read_text())
-            key = f"sample/{args.metric}"
-            if not points or key not in points[0]:
-                raise common.UserError(f"{path} has no {key}; metrics there: {sorted(points[0]) if points else 'none'}")
+            points, key = common.read_json(path, "a time_to_quality.json", list), f"sample/{args.metric}"
+            if points and all(isinstance(p, dict) for p in points) and key not in points[0]:
+                raise common.UserError(f"{path} has no {key}; metrics there: {sorted(points[0])}")
+            if not points or not all(isinstance(p, dict) and isinstance(p.get(key), (int, float))
+                                     and isinstance(p.get(args.x), (int, float)) for p in points):
+                raise common.UserError(f"{path} holds no points of numbers {key} and {args.x}; give a time_to_quality.json")
             series[label or path.parent.name] = [(p[args.x], p[key]) for p in points]
         img = line_chart(series, f"time to quality: {args.metric} of EMA samples", args.x, args.metric)
     common.save_png(img, args.out)
@@ -757,6 +764,9 @@ def labels_command(argv: list[str]) -> None:
     parser.add_argument("--out", required=True, help="the preview PNG to write")
     args = parser.parse_args(argv)
     ks = number_list(parser, "--k", args.k, int)
+    for flag, value, least in (*(("--k", k, 2) for k in ks), ("--preview-k", args.preview_k, 2), ("--per-class", args.per_class, 1)):
+        common.check_range(flag, value, least, 256)
+    common.check_range("--seed", args.seed, 0, common.SEED_MAX)
     data = common.load_sprites(args.data, torch.device("cpu"), diffusion.Config.palette_size, args.seed)
     colour = common.Labeller("colour", data.palette)
     everything = torch.zeros(len(data.train), dtype=torch.long)
@@ -801,7 +811,7 @@ def run_results(run: Path) -> dict:
     object as <name>/<key> (a list, such as time_to_quality.json's points, is not a figure)."""
     figures = {}
     for path in sorted(run.glob("*.json")):
-        data = json.loads(path.read_text())
+        data = common.read_json(path, "a run's figures")
         if not isinstance(data, dict):
             continue
         figures.update(data if path.stem == "metrics" else {f"{path.stem}/{k}": v for k, v in data.items()})
@@ -890,11 +900,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         value = getattr(args, f"epochs_{suffix.replace('-', '_')}")
         if value is not None and value < 1:
             p.error(f"--epochs-{suffix} must be at least 1")
-    args.n_eval = args.n_eval or (64 if args.quick else 256)
+    args.n_eval = args.n_eval if args.n_eval is not None else (64 if args.quick else 256)
     if args.n_show < 1 or args.n_eval < 2:
         p.error("--n-show must be at least 1 and --n-eval at least 2")
-    if not 0 <= args.guidance < float("inf"):
-        p.error(f"--guidance must be a number >= 0, got {args.guidance}")
+    if not (1 <= args.n_show <= common.SPRITES_MAX and args.n_eval <= common.SPRITES_MAX):
+        p.error(f"--n-show and --n-eval must be at most {common.SPRITES_MAX}")
+    if not 0 <= args.guidance <= common.BOUNDS["guidance"][1]:
+        p.error(f"--guidance must be between 0 and {common.BOUNDS['guidance'][1]}, got {args.guidance}")
     if not 0 <= args.seed <= common.SEED_MAX:
         p.error(f"--seed must be between 0 and {common.SEED_MAX}, got {args.seed}")
     try:

@@ -141,6 +141,10 @@ class Config(common.TrainConfig):
     # classifier-free guidance w: eps = eps_uncond + w (eps_cond - eps_uncond); 0 = unconditional,
     # 1 = plain conditional, > 1 extrapolates away from p(x) (conditional checkpoints only)
 
+    # what `diffusion.py sample` may override: the sampler, not what the U-Net learnt (a U-Net trained on T
+    # levels would be sampled on another schedule without a word)
+    sample_flags = ("sampler", "steps", "eta", "guidance")
+
     # Checkpoints written before a field existed were trained with these values (common.saved_config).
     LEGACY = dict(channel_mult="1,2,4", res_blocks=2, schedule="linear", prediction="eps", loss_weight="none",
                   warmup_steps=0, lr_decay="none", condition="none")

@@ -32,6 +32,7 @@ import errno
 import hashlib
 import http.client
 import io
+import re
 import tempfile
 import urllib.error
 import urllib.request
@@ -122,16 +123,28 @@ def sheet_from_zip(zip_bytes, origin="the zip"):
     """
     try:
         with zipfile.ZipFile(io.BytesIO(zip_bytes)) as archive:
+            found = []  # every member of the sheet's name: the first one that is a sheet wins
             for info in archive.infolist():
                 # Zips made on Windows sometimes use backslashes as separators.
                 name = PurePosixPath(info.filename.replace("\\", "/")).name
                 if name == SHEET_NAME and not info.is_dir():
-                    return read_member(archive, info, origin)
+                    found.append(read_member(archive, info, origin))
+                    if is_sheet(found[-1]):
+                        return found[-1]
+            if found:  # none is a sheet: the first one's error
+                return found[0]
     except (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError) as exc:
         raise DataError(f"{origin} is not a readable zip ({exc}); "
                         f"download the pack again from {PACK_PAGE}") from None
     raise DataError(f"{origin} does not contain {SHEET_NAME}; is it the 1-Bit Pack? "
                     f"It is on {PACK_PAGE}")
+
+
+def is_sheet(png_bytes):
+    try:
+        return load_sheet(png_bytes) is not None
+    except DataError:
+        return False
 
 
 def read_member(archive, info, origin):
@@ -185,9 +198,12 @@ def load_sheet(png_bytes, origin="the sheet"):
         with Image.open(io.BytesIO(png_bytes)) as image:
             # The sheet is a palette PNG with a transparent index; RGBA turns
             # that into a plain alpha channel we can test per pixel.
-            rgba = np.asarray(image.convert("RGBA"))
+            rgba, mode = np.asarray(image.convert("RGBA")), image.mode
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         raise DataError(f"{origin} is not an image; pass the pack zip or {SHEET_NAME}") from None
+    if mode in ("1", "L", "LA", "La", "I", "I;16", "F"):  # converting would make a grey "colored" dataset
+        raise DataError(f"{origin} is a grayscale or bilevel image (PIL mode {mode}), not the pack's colored "
+                        f"sheet; pass {SHEET_NAME} as downloaded")
     height, width = rgba.shape[:2]
     if height == 0 or width == 0 or height % TILE or width % TILE:
         raise DataError(f"{origin} is {width}x{height} pixels, not a grid of {TILE}x{TILE} "
@@ -284,8 +300,10 @@ def write_atomic(path, write):
             os.fsync(tmp.fileno())  # the bytes are on disk before the name points at them
         os.chmod(tmp.name, 0o644)   # temporary files are private; datasets need not be
         os.replace(tmp.name, path)
-    except BaseException:
+    except BaseException as exc:
         os.unlink(tmp.name)
+        if isinstance(exc, OSError) and exc.filename in (None, tmp.name):
+            exc.filename = str(path)  # the file the user asked for, not its temporary twin
         raise
 
 
@@ -346,6 +364,12 @@ def prepare(source=None, variant="colored", keep_all=False, out="data", force=Fa
         return path
 
     rgba = load_sheet(png, origin=origin)
+    # temporary files of a write a kill interrupted (write_atomic): this run rewrites both files
+    orphans = [p for name in (path.name, path.with_suffix(".png").name) for p in path.parent.glob(f"{name}.*.tmp")]
+    for p in orphans:
+        p.unlink()
+    if orphans:
+        log(f"note: removed {len(orphans)} temporary file(s) left by an interrupted write in {path.parent}")
     arrays, non_empty = build_dataset(rgba, variant, keep_all)
     images = arrays["images"]
     if len(images) == 0:
@@ -382,6 +406,8 @@ def load_dataset(path):
     sprites and one is_val flag per sprite; an empty validation split is allowed
     (the Trainer then skips val/ metrics)."""
     path = Path(path)
+    if path.exists() and not path.is_file():  # a FIFO or a device would block np.load forever
+        raise DataError(f"dataset {path} is not a regular file; pass the .npz that download.py wrote")
     if not path.exists():
         defaults = {default_path(v, a): (v, a) for v in ("colored", "mono") for a in (False, True)}
         if path not in defaults:
@@ -420,7 +446,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 def fail(message):
     """Print `error: <what is wrong>; <what to do>` as one line and exit with status 2."""
-    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+    text = re.sub(r"[\x00-\x1f\x7f-\x9f]", " ", str(message))  # no control characters (ANSI escapes) from a file
+    print(f"error: {' '.join(text.split())}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -450,7 +477,7 @@ def guarded(main, user_errors=()):
         fail(os_error_line(exc))
     except KeyboardInterrupt as exc:
         print(str(exc) or "interrupted; nothing half-written was left behind", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(getattr(exc, "status", 130))  # 143 after SIGTERM (common.Interrupted)
 
 
 def parse_args(argv=None):

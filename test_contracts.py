@@ -545,6 +545,8 @@ def test_common_ctrl_c_mid_epoch_saves_a_checkpoint_that_resumes_exactly(dataset
     cut = tmp_path / "cut" / "run"
     state = common.load_checkpoint(cut / "checkpoints" / "last.pt")
     assert state["epoch"] == 0 and state["resume_batch"] == 3
+    with pytest.raises(common.UserError, match="resume with that --batch-size"):  # 3 old batches are not 3 new ones
+        common.train(TinyStrategy, dataclasses.replace(cfg, batch_size=64, resume=str(cut / "checkpoints" / "last.pt")))
     resumed = common.train(TinyStrategy, dataclasses.replace(cfg, interrupt_at_step=0,
                                                              resume=str(cut / "checkpoints" / "last.pt")))
     a, b = params_of(full), params_of(resumed)
@@ -566,7 +568,7 @@ def test_common_a_run_folder_is_never_overwritten(dataset, tmp_path):
         common.train(TinyStrategy, tiny_config("tiny", dataset, tmp_path, epochs=1))
 
 
-def test_common_checkpoint_loads_with_weights_only_and_refuses_garbage(dataset, tmp_path):
+def test_common_checkpoint_loads_with_weights_only_and_refuses_garbage(dataset, tmp_path, capsys):
     run = common.train(TinyStrategy, tiny_config("tiny", dataset, tmp_path, epochs=1))
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert {"model", "optimizer", "epoch", "torch_rng", "config", "palette"} <= set(state)
@@ -574,6 +576,15 @@ def test_common_checkpoint_loads_with_weights_only_and_refuses_garbage(dataset, 
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(common.UserError, match="cannot load checkpoint"):
         common.load_checkpoint(bad)
+    # issue 27.1: a NaN weight is refused; an advice line quotes its path; no control character reaches the terminal
+    torch.save({**state, "model": {**state["model"], "w": torch.tensor(float("nan"))}}, bad)
+    with pytest.raises(common.UserError, match="'w' is not a finite tensor"):
+        common.load_checkpoint(bad)
+    with pytest.raises(common.UserError, match="`python vqvae.py --resume '/a b/last.pt'`"):
+        common.check_model_type({"strategy": "vqvae"}, "vae", "/a b/last.pt")
+    with pytest.raises(SystemExit):
+        download.fail("from a file: \x1b]0;title\x07\x1b[31mred")
+    assert "\x1b" not in capsys.readouterr().err
 
 
 def test_common_mlflow_run_can_be_read_back(dataset, tmp_path, monkeypatch):
@@ -652,6 +663,18 @@ def test_common_cli_train_sample_and_real_ctrl_c(dataset, tmp_path):
     assert r.returncode == 0, r.stderr
     pngs = sorted((tmp_path / "each").glob("*.png"))
     assert len(pngs) == 3 and Image.open(pngs[0]).size == (16, 16)
+
+
+def test_common_real_sigterm_saves_like_ctrl_c_and_exits_143(dataset, tmp_path):
+    proc = subprocess.Popen([sys.executable, T, "--epochs", "1000", "--data", str(dataset), "--out", str(tmp_path / "r"),
+                             "--no-mlflow", "--device", "cpu"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("epoch"):
+            proc.terminate()  # SIGTERM, as kill, a job scheduler or a container stop sends
+            break
+    rest, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "Resume with: --resume" in rest and "Traceback" not in err, err
+    assert common.load_checkpoint(tmp_path / "r" / "checkpoints" / "last.pt")["epoch"] >= 1
 
 
 @pytest.mark.parametrize("args, message", [
@@ -838,6 +861,12 @@ def fault_inputs(dataset, tmp_path_factory) -> dict[str, str]:
         at = raw.index(sig)
         raw[at + offset:at + offset + 4] = (6000).to_bytes(4, "little")
     (d / "lying.zip").write_bytes(bytes(raw))
+    state = torch.load(vae_ckpt, weights_only=True)  # issue 26/27: a checkpoint without palette, one named like a command
+    torch.save({k: v for k, v in state.items() if k != "palette"}, d / "nopal.pt")
+    torch.save({**state, "strategy": "vae.py; touch /tmp/x; echo"}, d / "evil.pt")
+    np.savez_compressed(d / "black.npz", **{**arrays, "images": np.zeros_like(arrays["images"])})
+    os.mkfifo(d / "fifo")
+    Image.fromarray(synthetic_sheet()).convert("L").save(d / "gray.png")
     return dict(dir=str(d), data=str(dataset), tiny=str(tiny), vae=str(vae_ckpt))
 
 
@@ -885,12 +914,28 @@ BAD_INPUT = [  # (script, arguments, one-line message fragment, paths that must 
     ("diffusion.py", ["plot", "--out", "x.png"], "has moved; run `python compare.py plot` instead", []),
     ("compare.py", ["--bogus"], "unrecognized arguments: --bogus; run `python compare.py --help`", []),
     ("download.py", ["--variant", "x"], "invalid choice: 'x' (choose from", []),
+    # round two (issue 26): one row per root cause, each refused by its one check
+    ("vae.py", [*TRAIN_FLAGS, "--latent-dim", "400000000"], "these flags build a model of", []),  # 1 sizes
+    ("vae.py", ["sample", "--checkpoint", "{vae}", "--temperature", "1e-300"], "--temperature must be between", []),  # 2
+    ("vae.py", ["sample", "--checkpoint", "{dir}/nopal.pt"], "not a usable checkpoint: 'palette'", []),  # 3
+    ("diffusion.py", [*TRAIN_FLAGS, "--data", "{dir}/black.npz", "--condition", "colour"], "need a colour", []),  # 4
+    ("compare.py", ["plot", "{dir}/garbage.pt", "--out", "{dir}/p.png"], "is not valid JSON", []),  # 5 tools
+    (T, [*TRAIN_FLAGS, "--data", "{dir}/fifo"], "is not a regular file", []),  # 6 (SIGTERM: its own test)
+    ("download.py", ["--from", "{dir}/gray.png", "--out", "{dir}/d3"], "grayscale or bilevel", ["{dir}/d3"]),  # 7
+    # issue 27: a checkpoint's name is a registry name, and the small things
+    ("vae.py", ["--resume", "{dir}/evil.pt"], "its model name is not a name of this project", []),
+    ("vae.py", ["sample", "--checkpoint", "{vae}", "--gif", "{dir}/anim.jpg"], "this writes .gif files", []),
+    ("compare.py", ["plot", "--schedules", "--out", "{dir}/p.jpg"], "this writes .png files", []),
+    ("compare.py", ["guidance", "--checkpoint", "{vae}", "--seed", "-1", "--out", "{dir}/g"], "--seed must be", ["{dir}/g"]),
 ]
 BAD_INPUT_SUBPROCESS = [  # MLflow reads its tracking URI once per process: these run in a fresh one (case 8)
     (T, [*TRAIN_FLAGS, "--mlflow", "--out", "{dir}/m1/run"], "foo://bar", "MLflow cannot track to foo://bar",
      ["{dir}/m1"]),
     (T, [*TRAIN_FLAGS, "--mlflow", "--out", "{dir}/m2/run"], "http//127.0.0.1:5000", "is not a valid URI",
      ["{dir}/m2"]),
+    # a store that cannot be written (issue 26.6, 27.3): one line at start, not pages of SQLAlchemy tracebacks
+    (T, [*TRAIN_FLAGS, "--mlflow", "--out", "{dir}/m3/run"], "sqlite:////proc/i26.db", "cannot write its store",
+     ["{dir}/m3"]),
 ]
 
 
@@ -1194,6 +1239,7 @@ def test_common_full_and_read_only_disk_are_one_line_and_keep_the_last_checkpoin
         code, out, err = run_script_main(T, ["sample", "--checkpoint", ckpt, "--n", "3000", "--out", str(disk / "each")],
                                          monkeypatch, capsys)
         assert_one_clean_line(code, out, err, "No space left on device")
+        assert f"cannot write {disk / 'each'}/0" in err and ".tmp" not in err  # the target, not its temporary twin
         subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
         code, out, err = run_script_main(T, [*args[:2], "--out", str(disk / "other"), *args[4:]], monkeypatch, capsys)
         assert_one_clean_line(code, out, err, "Read-only file system")
@@ -2412,6 +2458,9 @@ def test_compare_report_rewrites_a_stale_table_and_refuses_a_missing_run(tmp_pat
     page.write_text("<!-- results: runs=gone metrics=val/kl -->\n<!-- /results -->\n")
     with pytest.raises(common.UserError, match="run 'gone'"):
         compare.report(tmp_path)
+    (run / "metrics.json").write_bytes(b"\x89PNG corrupt")  # issue 26.5: one line, as every JSON read
+    with pytest.raises(common.UserError, match="metrics.json is not valid JSON"):
+        compare.run_results(run)
 
 
 def test_compare_guidance_sweeps_a_conditional_vq_prior_and_refuses_an_unconditional_checkpoint(dataset, tmp_path):
@@ -2541,8 +2590,13 @@ def test_download_sheet_found_in_zip_by_file_name(tmp_path, pack_zip, sheet_png)
     source = tmp_path / "kenney_1-bit-pack.zip"
     source.write_bytes(pack_zip)
     lines = []
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "sprites-colored.npz.x1.tmp").write_bytes(b"a killed write")  # swept (the listing below)
     path = download.prepare(source, out=tmp_path / "out", log=lines.append)
     assert path == tmp_path / "out" / "sprites-colored.npz"
+    # the rule: the first member of the sheet's name that is a sheet, so a decoy before the real one is passed over
+    assert download.sheet_from_zip(make_zip({f"a/{download.SHEET_NAME}": b"decoy", download.SHEET_NAME: sheet_png})) \
+        == sheet_png
     assert any(hashlib.sha256(pack_zip).hexdigest() in line for line in lines)
     with np.load(path) as data:
         assert set(data.files) == {"images", "tile_index", "is_val", "density",
