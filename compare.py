@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import os
 import re
@@ -44,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure  # line charts only (comes with mlflow; see the README)
 from PIL import Image, ImageDraw, ImageFont
 
 import common
@@ -653,57 +655,31 @@ def class_stats(images: torch.Tensor, labels: torch.Tensor, labeller: common.Lab
                 colour_entropy=float(np.average(entropy, weights=weight)))
 
 
-CHART_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
-
-
 def line_chart(series: dict[str, list[tuple[float, float]]], title: str, xlabel: str, ylabel: str,
-               size: tuple[int, int] = (640, 400)):
-    """A plain line chart with PIL only (no plotting library in requirements):
-    one coloured line (with dots, up to 50 points) per named series of (x, y)
-    points, axes with 5 ticks over the data's range, the legend above the plot."""
-    w, h = size
-    left, right, top, bottom = 60, 20, 30 + 14 * len(series), 45  # the legend sits above the plot
-    img = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(img)
-    xs = [x for pts in series.values() for x, _ in pts] or [0.0, 1.0]
-    ys = [y for pts in series.values() for _, y in pts] or [0.0, 1.0]
-    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-    pad = 0.05 * (max(ys) - min(ys) or 1.0)
-    y0, y1 = min(ys) - pad, max(ys) + pad
-
-    def text(xy, s, fill="black"):  # PIL's built-in font has a 2-pixel space that hinting can drop: widen it
-        draw.text(xy, s.replace(" ", "  "), fill=fill)
-
-    def to_px(x, y):  # data -> pixel, y up
-        return (left + (x - x0) / (x1 - x0) * (w - left - right), h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom))
-
-    draw.rectangle([left, top, w - right, h - bottom], outline="black")
-    for i in range(5):
-        xv, yv = x0 + i / 4 * (x1 - x0), y0 + i / 4 * (y1 - y0)
-        px, _ = to_px(xv, y0)
-        _, py = to_px(x0, yv)
-        draw.line([px, h - bottom, px, h - bottom + 4], fill="black")
-        draw.text((px - 12, h - bottom + 6), f"{xv:.3g}", fill="black")
-        draw.line([left - 4, py, left, py], fill="black")
-        draw.text((4, py - 6), f"{yv:.3g}", fill="black")
-    text((left, 8), title)
-    text(((w - len(xlabel) * 6) // 2, h - 18), xlabel)
-    text((left + 4, top + 4), ylabel, fill=(90, 90, 90))
-    dots = max(len(pts) for pts in series.values()) <= 50 if series else False
-    for k, (name, pts) in enumerate(series.items()):
-        colour = CHART_COLOURS[k % len(CHART_COLOURS)]
-        px = [to_px(x, y) for x, y in sorted(pts)]
-        if len(px) > 1:
-            draw.line(px, fill=colour, width=2)
-        for cx, cy in px if dots else []:
-            draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=colour)
-        draw.line([left, 30 + 14 * k, left + 20, 30 + 14 * k], fill=colour, width=3)
-        text((left + 26, 24 + 14 * k), name)
-    return img
+               size: tuple[int, int] = (640, 400)) -> Image.Image:
+    """A line chart (matplotlib, no screen needed): one line with dots per named
+    series of (x, y) points, ticks at round values, a grid and the legend inside
+    the axes. Returned as a PIL image, so it is saved like every other picture
+    (atomically, by common.save_png). Sprite grids stay PIL: nearest-neighbour pixels."""
+    fig = Figure(figsize=(size[0] / 100, size[1] / 100), dpi=100)  # a Figure of its own: no pyplot global state
+    ax = fig.add_subplot()
+    for name, pts in series.items():
+        xs, ys = zip(*sorted(pts)) if pts else ((), ())
+        ax.plot(xs, ys, marker="o" if len(pts) <= 50 else None, markersize=3, linewidth=1.5, label=name)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    if series:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return Image.open(buf).convert("RGB")
 
 
 def plot_command(argv: list[str]) -> None:
-    """`python compare.py plot`: line charts (PNG, PIL only) of time-to-quality
+    """`python compare.py plot`: line charts (PNG, matplotlib) of time-to-quality
     curves (the time_to_quality.json of runs trained with --eval-every-minutes)
     or, with --schedules, of the signal share sqrt(alpha_bar_t) of both noise schedules."""
     parser = common.download.OneLineParser(prog="compare.py plot", description=plot_command.__doc__)
@@ -737,7 +713,8 @@ def plot_command(argv: list[str]) -> None:
                                      and isinstance(p.get(args.x), (int, float)) for p in points):
                 raise common.UserError(f"{path} holds no points of numbers {key} and {args.x}; give a time_to_quality.json")
             series[label or path.parent.name] = [(p[args.x], p[key]) for p in points]
-        img = line_chart(series, f"time to quality: {args.metric} of EMA samples", args.x, args.metric)
+        xlabel = {"minutes": "training minutes (wall clock)", "epoch": "epochs", "step": "optimizer steps"}[args.x]
+        img = line_chart(series, f"time to quality: {args.metric} of EMA samples", xlabel, args.metric)
     common.save_png(img, args.out)
     print(f"wrote {args.out}")
 

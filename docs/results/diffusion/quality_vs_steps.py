@@ -30,14 +30,15 @@ p.add_argument("--replot", action="store_true", help="only redraw the PNGs from 
 args = p.parse_args()
 device = torch.device("cpu")
 torch.use_deterministic_algorithms(True, warn_only=True)
-state = common.load_checkpoint(args.checkpoint)
-data = common.load_sprites(state["config"]["data"], device, state["config"]["palette_size"], state["config"]["seed"])
+if not args.replot:  # --replot redraws the figures from OUT_PREFIX.json alone, without the checkpoint
+    state = common.load_checkpoint(args.checkpoint)
+    data = common.load_sprites(state["config"]["data"], device, state["config"]["palette_size"], state["config"]["seed"])
 rows = json.loads(Path(args.out + ".json").read_text()) if args.replot else []
 print(f"threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f}", flush=True)
 for item in [] if args.replot else args.grid.split(","):
     sampler, steps = item.split(":")
-    strategy, model, palette, _, _ = compare.load_for_sampling(
-        args.checkpoint, device, dict(sampler=sampler, steps=int(steps)), (diffusion.DiffusionStrategy, diffusion.Config))
+    strategy, model, palette, _, _ = common.load_for_sampling(
+        args.checkpoint, device, diffusion.DiffusionStrategy, diffusion.Config, dict(sampler=sampler, steps=int(steps)))
     x = common.draw_samples(strategy, model, args.n_eval, 0, device)
     metrics = common.sprite_metrics(x, data.train, palette)
     times = []
@@ -50,7 +51,7 @@ for item in [] if args.replot else args.grid.split(","):
 Path(args.out + ".json").write_text(json.dumps(rows, indent=1))
 for metric in ("precision", "palette_distance", "one_colour_rate"):
     series = {s: [(r["steps"], r[metric]) for r in rows if r["sampler"] == s] for s in dict.fromkeys(r["sampler"] for r in rows)}
-    img = diffusion.line_chart(series, f"{metric} of {args.n_eval} samples vs sampler steps ({Path(args.checkpoint).parent.parent.name})",
+    img = compare.line_chart(series, f"{metric} of {args.n_eval} samples vs sampler steps ({Path(args.checkpoint).parent.parent.name})",
                             "sampler steps (U-Net calls)", metric)
     common.save_png(img, f"{args.out}_{metric}.png")
 print(f"wrote {args.out}.json and PNGs; load average {os.getloadavg()[0]:.2f}")

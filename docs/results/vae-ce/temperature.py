@@ -17,7 +17,7 @@ import vae  # noqa: E402
 
 device = torch.device("cpu")
 for t in (0.0, 0.5, 1.0):
-    strategy, model, palette, config, _ = compare.load_for_sampling(sys.argv[1], device, {"temperature": t}, (vae.VAEStrategy, vae.Config))
+    strategy, model, palette, config, _ = common.load_for_sampling(sys.argv[1], device, vae.VAEStrategy, vae.Config, {"temperature": t})
     data = common.load_sprites(config.data, device, config.palette_size, config.seed)
     x = common.draw_samples(strategy, model, 256, 2, device)
     print(json.dumps({"temperature": t, **{k: round(v, 4) for k, v in common.sprite_metrics(x, data.train, palette).items()}}))

@@ -3,7 +3,7 @@ import sys, torch, common, compare, diffusion, json
 torch.set_num_threads(int(sys.argv[1]))
 dev = torch.device("cpu")
 for ck in sys.argv[2:]:
-    st, m, pal, cfg, _ = compare.load_for_sampling(ck, dev, expected=(diffusion.DiffusionStrategy, diffusion.Config))
+    st, m, pal, cfg, _ = common.load_for_sampling(ck, dev, diffusion.DiffusionStrategy, diffusion.Config)
     data = common.load_sprites(cfg.data, dev, cfg.palette_size, cfg.seed)
     x = common.draw_samples(st, m, 256, 1, dev, False)
     met = common.sprite_metrics(x, data.train, pal)

@@ -11,7 +11,7 @@ import sys, time, torch, common, compare, diffusion
 torch.set_num_threads(1)
 dev = torch.device("cpu")
 ck = "runs/compare/diffusion/checkpoints/last.pt"
-strategy, model, palette, config, _ = compare.load_for_sampling(ck, dev, expected=(diffusion.DiffusionStrategy, diffusion.Config))
+strategy, model, palette, config, _ = common.load_for_sampling(ck, dev, diffusion.DiffusionStrategy, diffusion.Config)
 data = common.load_sprites(config.data, dev, config.palette_size, config.seed)
 orig = diffusion.ddim_timesteps
 s = strategy.schedule

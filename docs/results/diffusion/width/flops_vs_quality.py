@@ -14,7 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[4]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
-import diffusion  # noqa: E402
+import compare  # noqa: E402
 
 RESULTS = ROOT / "docs" / "results"
 RUNS = [  # (label, bench file, run folder)
@@ -32,6 +32,6 @@ for label, bench, run in RUNS:
     for key, name in (("precision", "precision"), ("one-colour rate", "one_colour_rate"), ("recall", "recall")):
         series[key].append((gflop, m[f"sample/{name}"]))
 out = ROOT / "docs" / "images" / "diffusion_flops_vs_quality.png"
-common.save_png(diffusion.line_chart(series, "quality after 16-20 training minutes against U-Net cost",
+common.save_png(compare.line_chart(series, "quality after 16-20 training minutes against U-Net cost",
                                   "training GFLOP per sprite", "fraction"), out)
 print(f"wrote {out}")
