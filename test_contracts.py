@@ -198,7 +198,8 @@ def vae_run(dataset, tmp_path_factory) -> Path:
 # `python X.py ...` spans, in page order. Each is parsed by the very parser its
 # script builds for it, caught by intercepting ArgumentParser.parse_args, so
 # flags and subcommands added later are known without a list kept here.
-DOC_PAGES = [ROOT / "README.md", *sorted((ROOT / "docs" / "learn").glob("*.md"))]
+DOC_PAGES = [ROOT / "README.md", *sorted((ROOT / "docs" / "learn").glob("*.md")),
+             *sorted((ROOT / "docs" / "results").rglob("README.md"))]  # the tutorials and the lab notes
 SUBCOMMANDS = ("sample", "bench", "report", "plot", "guidance", "labels")
 COMMAND = re.compile(r"^(?:\w+=\S+\s+)*(?:nice -n \d+\s+)?(?:time\s+)?(python3?\s+[\w-]+\.py\b.*)$")
 
