@@ -199,7 +199,8 @@ def vae_run(dataset, tmp_path_factory) -> Path:
 # `python X.py ...` spans, in page order. Each is parsed by the very parser its
 # script builds for it, caught by intercepting ArgumentParser.parse_args, so
 # flags and subcommands added later are known without a list kept here.
-DOC_PAGES = [ROOT / "README.md", *sorted((ROOT / "docs" / "learn").glob("*.md"))]
+DOC_PAGES = [ROOT / "README.md", *sorted((ROOT / "docs" / "learn").glob("*.md")),
+             *sorted((ROOT / "docs" / "results").rglob("README.md"))]  # the tutorials and the lab notes
 SUBCOMMANDS = ("sample", "bench", "report", "plot", "guidance", "labels")
 COMMAND = re.compile(r"^(?:\w+=\S+\s+)*(?:nice -n \d+\s+)?(?:time\s+)?(python3?\s+[\w-]+\.py\b.*)$")
 
@@ -2963,6 +2964,73 @@ def test_docs_code_lines_quoted_in_tutorial_04_are_in_diffusion_py():
     assert len(quoted) >= 10
     missing = [line for line in quoted if line not in code]
     assert not missing, f"tutorial 04 quotes lines diffusion.py no longer has: {missing}"
+
+
+# -----------------------------------------------------------------------------
+# Docs: file:line links name the line they point at; the tutorials keep their word budgets
+# -----------------------------------------------------------------------------
+
+
+CODE_LINK = re.compile(r"\[([^\]]*)\]\(((?:\.\./)*)(\w+\.py)#L(\d+)\)")
+
+
+def symbol_line(lines: list[str], symbol: str) -> int | None:
+    """The 1-based line that defines symbol ('name' or 'Class.name'), else None."""
+    start = 0
+    if "." in symbol:
+        owner, symbol = symbol.rsplit(".", 1)
+        start = next((i for i, l in enumerate(lines) if re.match(rf"\s*class {owner}\b", l)), 0)
+    for i in range(start, len(lines)):
+        if re.match(rf"\s*(?:async )?(?:def|class) {symbol}\b", lines[i]) or re.match(rf"{symbol}\s*[:=]", lines[i]):
+            return i + 1
+    return None
+
+
+def code_link_problems(page: Path) -> list[str]:
+    """Every [text `symbol`](X.py#Lnn) link on page: line nn of X.py defines symbol (or names it)."""
+    problems = []
+    for text, _, script, no in CODE_LINK.findall(page.read_text()):
+        names = re.findall(r"`([\w.]+)`", text)
+        if not names:
+            problems.append(f"{page.name}: [{text}]({script}#L{no}) names no `symbol` in its text")
+            continue
+        symbol, lines = names[-1], (ROOT / script).read_text().splitlines()
+        bare = symbol.rsplit(".", 1)[-1]
+        line = lines[int(no) - 1] if 0 < int(no) <= len(lines) else ""
+        if re.search(rf"\b(?:def|class) {bare}\b", line) or (bare in line and symbol_line(lines, symbol) is None):
+            continue
+        right = symbol_line(lines, symbol)
+        where = page.relative_to(ROOT) if page.is_relative_to(ROOT) else page.name
+        problems.append(f"{where}: {script}#L{no} should point at `{symbol}`, "
+                        f"which is {f'at #L{right}' if right else f'not defined in {script}'}")
+    return problems
+
+
+def test_docs_file_line_links_point_at_the_symbol_they_name():
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    links = sum(len(CODE_LINK.findall(p.read_text())) for p in pages)
+    assert links >= 10, links  # the tutorials link the code that implements their ideas
+    problems = [p for page in pages for p in code_link_problems(page)]
+    assert not problems, "\n".join(problems)
+
+
+def test_docs_file_line_link_check_reports_the_right_line(tmp_path):
+    page = tmp_path / "page.md"
+    right = symbol_line((ROOT / "diffusion.py").read_text().splitlines(), "q_sample")
+    page.write_text(f"[diffusion.py `q_sample`](../../diffusion.py#L{right}) and "
+                    f"[diffusion.py `q_sample`](../../diffusion.py#L{right + 3})\n")
+    problems = code_link_problems(page)
+    assert problems == [f"page.md: diffusion.py#L{right + 3} should point at `q_sample`, which is at #L{right}"]
+
+
+WORD_BUDGETS = {"04-diffusion.md": 5000}  # every other tutorial: 4,000 words, about 20 minutes of reading
+
+
+def test_docs_tutorials_keep_their_word_budgets():
+    counts = {p.name: len(p.read_text().split()) for p in sorted((ROOT / "docs" / "learn").glob("*.md"))}  # as wc -w
+    assert len(counts) >= 7, counts
+    over = {name: n for name, n in counts.items() if n > WORD_BUDGETS.get(name, 4000)}
+    assert not over, f"tutorials over their word budget (move experiment logs to a docs/results/*/README.md): {over}"
 
 
 # -----------------------------------------------------------------------------
