@@ -1647,7 +1647,7 @@ def check_model_type(state: dict, name: str, path) -> None:
     if kind != name:
         # only a plain name of a model file beside this one becomes a command to copy
         # (compare.py holds the registry, and common.py imports nothing above it)
-        known = isinstance(kind, str) and re.fullmatch(r"[a-z][a-z0-9_]*", kind) is not None \
+        known = isinstance(kind, str) and NAME.fullmatch(kind) is not None \
             and kind not in ("common", "compare", "download") and Path(__file__).with_name(f"{kind}.py").is_file()
         advice = f"`python {kind}.py --resume {shlex.quote(str(path))}`" if known else "the script that trained it"
         raise UserError(f"{path} is a {kind} checkpoint, not {name}; resume it with {advice}")
@@ -1765,11 +1765,12 @@ class Trained(NamedTuple):
 
 
 def load_for_sampling(checkpoint: str | os.PathLike, device: torch.device, strategy_cls, config_cls,
-                      overrides: dict | None = None) -> Trained:
+                      overrides: dict | None = None, state: dict | None = None) -> Trained:
     """Rebuild a trained model of strategy_cls from a checkpoint (compare.py's
     load_any finds the model of any checkpoint). `overrides`: Config values that
-    replace the checkpoint's (e.g. a sampling temperature)."""
-    state = load_checkpoint(checkpoint)
+    replace the checkpoint's (e.g. a sampling temperature). `state`: the checkpoint
+    already read by load_checkpoint (load_any), so that the file is read and checked once."""
+    state = load_checkpoint(checkpoint) if state is None else state
     name = state.get("strategy")
     if name != strategy_cls.name:
         raise UserError(f"{checkpoint} is a {name} checkpoint, not {strategy_cls.name}")

@@ -110,10 +110,11 @@ METRICS = ["palette_distance", "one_colour_rate", "density_in_range", "precision
 
 def load_any(checkpoint: str | Path, device: torch.device, overrides: dict | None = None) -> common.Trained:
     """Rebuild a trained model of whichever registry model the checkpoint names."""
-    name = common.load_checkpoint(checkpoint).get("strategy")
+    state = common.load_checkpoint(checkpoint)
+    name = state.get("strategy")
     if name not in MODELS:
         raise common.UserError(f"{checkpoint} is a {name} checkpoint, not one of {', '.join(MODELS)}")
-    return common.load_for_sampling(checkpoint, device, *MODELS[name], overrides)
+    return common.load_for_sampling(checkpoint, device, *MODELS[name], overrides, state)
 
 
 # -----------------------------------------------------------------------------
