@@ -52,6 +52,7 @@ import signal
 import sys
 import time
 import warnings
+from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -768,6 +769,13 @@ class Strategy(abc.ABC):
         (vqvae.py: the VQ-VAE, then its prior)."""
         return config.epochs
 
+    def stage_of(self, epoch: int) -> int:
+        """The training stage of epoch `epoch` (1-based), for a strategy that trains in
+        stages (vqvae.py: 1 the VQ-VAE, 2 its prior). A step's FLOPs are counted once
+        per stage, and time-to-quality points are scored in the last stage only: the
+        model that samples (the prior) is trained there."""
+        return 1
+
     def on_epoch_start(self, model: nn.Module, epoch: int) -> None:
         """Before each training epoch (1-based), e.g. a KL warm-up schedule."""
 
@@ -1118,6 +1126,12 @@ class Trainer:
         self.total_steps = self.epochs * math.ceil(train.shape[0] / config.batch_size)
         self.quality_curve: list[dict] = []  # time-to-quality points (--eval-every-minutes)
         self._eval_pause = 0.0  # seconds of this fit() spent scoring those points: off the training clock
+        self.scoring_seconds = 0.0  # all of those seconds, summed over resumes: the curve's cost
+        # Training compute, the machine-independent clock: forward + backward FLOPs of one step,
+        # counted once per stage (count_step_flops) as FLOPs per sprite, times the sprites of every step.
+        self.flops_per_sprite: dict[int, float] = {}  # stage -> FLOPs per sprite of one training step
+        self.train_flops = 0.0
+        self.last_stage = strategy.stage_of(self.epochs)
         self.stop_requested = False
         self.stop_signal = signal.SIGINT  # the signal that set stop_requested: the exit status is 128 + it
         self._fit_start = None
@@ -1145,6 +1159,8 @@ class Trainer:
             "config": dataclasses.asdict(self.config), "strategy": self.strategy.name,
             "palette": self.palette.cpu(), "history": self.history, "mlflow_run_id": self.tracker.run_id,
             "train_seconds": self.train_seconds + self._fit_seconds(), "quality_curve": self.quality_curve,
+            "train_flops": self.train_flops, "flops_per_sprite": self.flops_per_sprite,
+            "scoring_seconds": self.scoring_seconds,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -1157,6 +1173,9 @@ class Trainer:
         self.history = state["history"]
         self.train_seconds = state.get("train_seconds", 0.0)
         self.quality_curve = state.get("quality_curve", [])
+        # checkpoints from before the compute clock: it restarts at 0 FLOPs there
+        self.train_flops, self.flops_per_sprite = state.get("train_flops", 0.0), state.get("flops_per_sprite", {})
+        self.scoring_seconds = state.get("scoring_seconds", 0.0)
         self.data_gen.set_state(state["data_gen_state"])
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] and torch.cuda.is_available():
@@ -1214,6 +1233,12 @@ class Trainer:
         flip_gen = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=self.data_gen)))
         self.strategy.on_epoch_start(self.model, epoch)
         self.model.train()
+        stage = self.strategy.stage_of(epoch)
+        if stage not in self.flops_per_sprite:  # once per stage, off the clock
+            t0 = time.time()
+            self.flops_per_sprite[stage] = count_step_flops(self.strategy, self.model, self.train[:cfg.batch_size],
+                                                            self.autocast) / min(cfg.batch_size, n)
+            self._eval_pause += time.time() - t0
         step_log: list[tuple[str, float, int]] = []
         for i in range(n_batches):
             idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size].to(self.device)
@@ -1223,7 +1248,9 @@ class Trainer:
             if i < self.resume_batch:
                 continue  # already trained on before the interruption
             scalars = self.optimizer_step(batch, epoch, i)
-            self.maybe_score_curve(epoch - 1 + (i + 1) / n_batches)
+            self.train_flops += self.flops_per_sprite[stage] * batch.shape[0]
+            if stage == self.last_stage:
+                self.maybe_score_curve(epoch - 1 + (i + 1) / n_batches)
             for k, v in scalars.items():
                 self.epoch_sums[k] = self.epoch_sums.get(k, 0.0) + v * batch.shape[0]
                 step_log.append((f"train_step/{k}", v, self.step))  # x-axis: optimizer step
@@ -1309,11 +1336,15 @@ class Trainer:
         t0 = time.time()
         self.add_curve_point(self.score_samples(self.epoch), minutes, epoch)
         self._eval_pause += time.time() - t0
+        self.scoring_seconds += time.time() - t0
 
     def add_curve_point(self, quality: dict, minutes: float, epoch: float, final: bool = False) -> None:
-        self.quality_curve.append({"minutes": minutes, "epoch": epoch, "step": self.step, **quality,
-                                   **({"final": True} if final else {})})
-        self.tracker.log_metrics({**quality, "sample/minutes": minutes}, step=math.ceil(epoch))
+        """A point {minutes, tflop, epoch, step, sample/...} on both clocks: training wall
+        time and training compute (TFLOP, forward + backward); to time_to_quality.json and MLflow."""
+        tflop = self.train_flops / 1e12
+        self.quality_curve.append({"minutes": minutes, "tflop": tflop, "epoch": epoch, "step": self.step,
+                                   **quality, **({"final": True} if final else {})})
+        self.tracker.log_metrics({**quality, "sample/minutes": minutes, "sample/tflop": tflop}, step=math.ceil(epoch))
         atomic_write_bytes(self.run_dir / "time_to_quality.json", json.dumps(self.quality_curve, indent=1).encode())
 
     def _on_sigint(self, signum, frame):
@@ -1433,6 +1464,22 @@ class Trainer:
                 break
             shown.append(k)
         return render(shown)
+
+
+def count_step_flops(strategy, model: nn.Module, batch: Tensor, autocast: Callable = contextlib.nullcontext) -> float:
+    """FLOPs of one training step on `batch`: the strategy's loss forward and its
+    backward, counted by torch.utils.flop_counter (matrix products and
+    convolutions; the optimizer's element-wise update is not counted). Run on a
+    copy of the model under a fork of the RNG, so training is untouched."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    copy = deepcopy(model)
+    with torch.random.fork_rng(devices=[batch.device] if batch.device.type == "cuda" else []), \
+            FlopCounterMode(display=False) as counter:
+        with autocast():
+            loss = strategy.train_step(copy, batch)["loss"]
+        loss.backward()
+    return float(counter.get_total_flops())
 
 
 @torch.no_grad()
@@ -1729,7 +1776,9 @@ def finish(trainer: Trainer, data: Sprites) -> dict[str, Path]:
     quality.update(extra)
     trainer.tracker.log_metrics(quality, step=trainer.epoch)
     summary = {"epochs": trainer.epoch, "n_params": trainer.n_params(), "train_seconds": trainer.train_seconds,
-               **trainer.history[-1], **quality}
+               "train_tflop": trainer.train_flops / 1e12, **trainer.history[-1], **quality}
+    if trainer.quality_curve:  # --eval-every-minutes: the curve, and what scoring it cost (off the clock)
+        summary.update(scoring_seconds=trainer.scoring_seconds, time_to_quality=trainer.quality_curve)
     if trainer.tracker.stopped:  # MLflow failed mid-run: say where its record ends
         summary["mlflow"] = trainer.tracker.stopped
     if not len(trainer.val):

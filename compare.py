@@ -20,7 +20,10 @@ the same way, so every figure has a scale.
     python compare.py --conditional colour --guidance 2   # also a colour-conditioned panel per model that has one
 
 Outputs (in --out, default runs/compare): comparison.png, comparison.md (the
-table) and one run folder per model. With MLflow on, a parent run "compare"
+table, and an equal-budget block: every family at the same training minutes),
+time_to_quality.png and compute_to_quality.png (each family's sample quality
+during training against wall-clock minutes and against training TFLOP, from
+the points each run scores every --eval-every-minutes) and one run folder per model. With MLflow on, a parent run "compare"
 holds a nested child run per model; the table and figure are logged on the
 parent (the table is also the run's description, which the MLflow UI renders).
 """
@@ -94,6 +97,8 @@ MODELS = {cls.name: (cls, module_of(cls).Config) for cls in REGISTRY}
 PANELS = ([(name, *declared(cls)["panels"][0]) for name, (cls, _) in MODELS.items()]
           + [(name, *panel) for name, (cls, _) in MODELS.items() for panel in declared(cls)["panels"][1:]])
 QUICK = {name: declared(cls)["quick"] for name, (cls, _) in MODELS.items()}
+# name -> the label of its own panel: the family's name in the curves and the equal-budget table
+FAMILIES = {name: declared(cls)["panels"][0][0] for name, (cls, _) in MODELS.items()}
 # compare.py's flag suffix -> (model, Config field, help): --epochs-vae, --epochs-prior, ...
 BUDGETS = {suffix: (name, field, text) for name, (cls, _) in MODELS.items()
            for suffix, (field, text) in declared(cls)["budgets"].items()}
@@ -178,6 +183,7 @@ def evaluate(name: str, overrides: dict, ckpt: Path, data: common.Sprites, n_sho
         extra["class_accuracy"] = strategy.class_accuracy(samples, y)
     return dict(show=show, params=sum(p.numel() for p in model.parameters()),
                 train_seconds=state.get("train_seconds", float("nan")), epochs=state["epoch"],
+                scoring_seconds=state.get("scoring_seconds", 0.0),
                 sample_seconds=sample_seconds, **common.sprite_metrics(samples, data.train, palette), **extra)
 
 
@@ -213,6 +219,87 @@ def table(rows: list[tuple[str, dict]]) -> str:
             f"{r['params'] / 1e6:.2f}M", common.fmt_time(r["train_seconds"]) + f" ({r['epochs']} ep)",
             f"{r['sample_seconds']:.2f} s"]
         lines.append("| " + " | ".join([label, *model_cols, *(f"{r[m]:.3f}" if m in r else "-" for m in metrics)]) + " |")
+    return "\n".join(lines)
+
+
+# The equal-compute view: quality curves on two clocks, and the table at equal budgets
+# -----------------------------------------------------------------------------
+# The metrics drawn, with their labels and which way is better.
+CURVE_METRICS = [("precision", "precision", max), ("recall", "recall", max),
+                 ("one_colour_rate", "one-colour rate", max), ("near_copy_rate", "near-copy rate (lower is better)", min)]
+CLOCKS = {"minutes": "training minutes (wall clock, this machine)",
+          "tflop": "training compute, TFLOP (forward + backward)"}
+BUDGET_MINUTES = (2, 5, 10, 15, 30)  # the equal-budget table's rows, besides each run's end
+
+
+def quality_curve(ckpt: Path) -> list[dict]:
+    """The time-to-quality points of the run that wrote `ckpt` (its folder's
+    time_to_quality.json; [] if it was trained without --eval-every-minutes)."""
+    path = Path(ckpt).parent.parent / "time_to_quality.json"
+    if not path.exists():
+        return []
+    points = common.read_json(path, "a time_to_quality.json", list)
+    return [p for p in points if isinstance(p, dict) and all(isinstance(p.get(k), (int, float)) for k in CLOCKS)]
+
+
+def quality_chart(curves: dict[str, list[dict]], real: dict, x: str, title: str) -> Image.Image:
+    """Small multiples (matplotlib): one panel per metric of CURVE_METRICS, one
+    line per family against clock `x` ("minutes" or "tflop"), and the real
+    held-out sprites' value as a dashed horizontal line."""
+    fig = Figure(figsize=(9, 6.4), dpi=100)
+    axes = fig.subplots(2, 2, sharex=True).flatten()
+    for ax, (metric, text, _) in zip(axes, CURVE_METRICS):
+        for family, points in curves.items():  # the same order in every panel: the same colours
+            xs, ys = zip(*sorted((p[x], p[f"sample/{metric}"]) for p in points if p[x] > 0 or x == "minutes"))
+            ax.plot(xs, ys, marker="o", markersize=2.5, linewidth=1.5, label=family)
+        ax.axhline(real[metric], color="0.35", linestyle="--", linewidth=1, label="real held-out sprites")
+        ax.set_title(text, fontsize=10)
+        ax.grid(True, alpha=0.3)
+        if x == "tflop":
+            ax.set_xscale("log")
+    for ax in axes[2:]:
+        ax.set_xlabel(CLOCKS[x] + (", log scale" if x == "tflop" else ""))
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{title}\nsample quality during training, against "
+                 f"{'wall-clock minutes' if x == 'minutes' else 'training compute'}", fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return Image.open(buf).convert("RGB")
+
+
+def nearest_point(points: list[dict], minutes: float) -> dict | None:
+    """The scored point nearest to `minutes` of training, among those at most 10%
+    past it (no family is credited with time it had not trained); None if none."""
+    near = [p for p in points if p["minutes"] <= 1.1 * minutes]
+    return min(near, key=lambda p: abs(p["minutes"] - minutes)) if near else None
+
+
+def budget_table(curves: dict[str, list[dict]], scoring_seconds: float) -> str:
+    """The equal-budget block of comparison.md: each family at the same training
+    minutes (BUDGET_MINUTES) and at its end, from its nearest scored point;
+    the best value of each budget in bold."""
+    metrics = [m for m, _, _ in CURVE_METRICS]
+    lines = ["", "#### At equal training budgets", "",
+             "| budget | family | nearest point: minutes | TFLOP | epoch | " + " | ".join(metrics) + " |",
+             "|" + "---|" * (5 + len(metrics))]
+    for budget in [*BUDGET_MINUTES, "end"]:
+        found = {family: points[-1] if budget == "end" else nearest_point(points, budget)
+                 for family, points in curves.items()}
+        best = {m: better([p[f"sample/{m}"] for p in found.values() if p]) for m, _, better in CURVE_METRICS}
+        for family, p in found.items():
+            where = "no point yet" if p is None else (f"{p['minutes']:.1f}" + (" (end)" if p.get("final") else ""))
+            cells = ["-"] * (2 + len(metrics)) if p is None else [
+                f"{p['tflop']:.3g}", f"{p['epoch']:.1f}",
+                *(f"**{p[f'sample/{m}']:.3f}**" if p[f"sample/{m}"] == best[m] else f"{p[f'sample/{m}']:.3f}"
+                  for m in metrics)]
+            lines.append("| " + " | ".join([f"{budget} min" if budget != "end" else "end", family, where, *cells]) + " |")
+    lines += ["", "Each family at its scored point nearest to the budget, among those at most 10% past it "
+              "(points every --eval-every-minutes of training; \"(end)\" marks the run's last point, for a run "
+              "that had stopped before the budget; \"no point yet\": nothing sampled by then, e.g. the VQ-VAE "
+              "before its prior trains). Bold: the best of each budget (lowest near-copy rate). TFLOP: forward + "
+              f"backward FLOPs of training so far. Scoring these points took {common.fmt_time(scoring_seconds)} off the "
+              f"training clocks, on top of the train times above.", ""]
     return "\n".join(lines)
 
 
@@ -454,6 +541,7 @@ def compare(configs: dict, data_path: str, out: Path, seed: int = 0, n_show: int
     """Train or load every model, then write comparison.png and comparison.md
     into `out`; returns (figure path, table markdown). `models`: the registry
     names to compare (default: all)."""
+    started = time.time()
     models = list(MODELS) if models is None else models
     dev = common.select_device(device)
     data = common.load_sprites(data_path, dev, seed=seed)
@@ -483,6 +571,18 @@ def compare(configs: dict, data_path: str, out: Path, seed: int = 0, n_show: int
         rows.append((f"real (validation, n={data.val.shape[0]})", real))
 
         title = f"{label} | seed {seed}"
+        # Quality against training time and training compute: the points each run scored while it
+        # trained (--eval-every-minutes: time_to_quality.json beside its checkpoint), one curve per family.
+        curves = {FAMILIES[name]: quality_curve(ckpts[name]) for name in models}
+        curves = {family: points for family, points in curves.items() if points}
+        for x, file in (("minutes", "time_to_quality.png"), ("tflop", "compute_to_quality.png")):
+            if curves:
+                chart = quality_chart(curves, real, x, title)
+                common.save_png(chart, out / file)
+                parent.log_image(file.removesuffix(".png"), chart, step=0)
+        if not curves:
+            print("no time_to_quality.json beside the checkpoints (they were trained without "
+                  "--eval-every-minutes): no quality curves and no equal-budget table")
         fig = figure(columns, data.palette, title)
         fig_path = common.save_png(fig, out / "comparison.png")
         md = (f"### {label}\n\n" + table(rows) +
@@ -492,13 +592,16 @@ def compare(configs: dict, data_path: str, out: Path, seed: int = 0, n_show: int
               f"\n\nEach model row: {n_eval} samples (seed {seed + 1}), scored against the "
               f"{data.train.shape[0]} training sprites; the real row scores the {data.val.shape[0]} validation "
               f"sprites the same way. Sample time: 64 sprites on {dev}{' with bf16 autocast' if amp else ''}. "
-              f"Train time: the run's own wall time (from its checkpoint).\n")
+              f"Train time: the run's own wall time (from its checkpoint).\n" +
+              (budget_table(curves, sum(r["scoring_seconds"] for lab, r in rows if lab in curves)) if curves else ""))
         common.atomic_write_bytes(out / "comparison.md", md.encode())
         print("\n" + md)
         parent.log_image("comparison", fig, step=0)
         parent.log_artifact(out / "comparison.md")
         parent.set_description(md)
-        print(f"wrote {fig_path} and {out / 'comparison.md'}")
+        print(f"wrote {fig_path}, {out / 'comparison.md'}"
+              + (f", {out / 'time_to_quality.png'} and {out / 'compute_to_quality.png'}" if curves else ""))
+        print(f"compare.py took {common.fmt_time(time.time() - started)} in all")
         parent.end("FINISHED")
         if parent.run_id:
             print(parent.how_to_view())
@@ -686,7 +789,8 @@ def plot_command(argv: list[str]) -> None:
     parser = common.download.OneLineParser(prog="compare.py plot", description=plot_command.__doc__)
     parser.add_argument("runs", nargs="*", help="run folders or time_to_quality.json files; LABEL=PATH names a line")
     parser.add_argument("--metric", default="precision", help="sprite metric on the y axis (default: precision)")
-    parser.add_argument("--x", default="minutes", choices=["minutes", "epoch", "step"], help="x axis (default: minutes)")
+    parser.add_argument("--x", default="minutes", choices=["minutes", "tflop", "epoch", "step"],
+                        help="x axis (default: minutes)")
     parser.add_argument("--schedules", action="store_true", help="plot sqrt(alpha_bar_t) of linear and cosine instead")
     parser.add_argument("--out", required=True, help="the PNG to write")
     args = parser.parse_args(argv)
@@ -714,7 +818,7 @@ def plot_command(argv: list[str]) -> None:
                                      and isinstance(p.get(args.x), (int, float)) for p in points):
                 raise common.UserError(f"{path} holds no points of numbers {key} and {args.x}; give a time_to_quality.json")
             series[label or path.parent.name] = [(p[args.x], p[key]) for p in points]
-        xlabel = {"minutes": "training minutes (wall clock)", "epoch": "epochs", "step": "optimizer steps"}[args.x]
+        xlabel = {**CLOCKS, "epoch": "epochs", "step": "optimizer steps"}[args.x]
         img = line_chart(series, f"time to quality: {args.metric} of EMA samples", xlabel, args.metric)
     common.save_png(img, args.out)
     print(f"wrote {args.out}")
@@ -864,6 +968,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("runs/compare"), help="output folder (default: %(default)s)")
     p.add_argument("--n-show", type=int, default=32, help="sprites per panel in the figure (default: %(default)s)")
     p.add_argument("--n-eval", type=int, help="samples scored per model (default: 256; 64 with --quick)")
+    p.add_argument("--eval-every-minutes", type=float, help="score each model's samples every this many minutes of "
+                   "its training, for the quality curves and the equal-budget table (default: 1; 0.05 with --quick; "
+                   "0 = no curves)")
     p.add_argument("--data", default=common.TrainConfig.data, help="dataset (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
     p.add_argument("--no-mlflow", action="store_true", help="do not track with MLflow")
@@ -879,6 +986,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         if value is not None and value < 1:
             p.error(f"--epochs-{suffix} must be at least 1")
     args.n_eval = args.n_eval if args.n_eval is not None else (64 if args.quick else 256)
+    if args.eval_every_minutes is None:
+        args.eval_every_minutes = 0.05 if args.quick else 1.0
+    if not 0 <= args.eval_every_minutes < float("inf"):
+        p.error(f"--eval-every-minutes must be a number of minutes, 0 or more, got {args.eval_every_minutes}")
     if args.n_show < 1 or args.n_eval < 2:
         p.error("--n-show must be at least 1 and --n-eval at least 2")
     if not (1 <= args.n_show <= common.SPRITES_MAX and args.n_eval <= common.SPRITES_MAX):
@@ -912,6 +1023,7 @@ def configs_from(args: argparse.Namespace) -> dict:
         values = {**values, **{k: v for k, v in budgets[name].items() if v is not None}}
         configs[name] = config_cls(**values, seed=args.seed, amp=args.amp, data=args.data, device=args.device,
                                    out=str(args.out / name), mlflow=not args.no_mlflow,
+                                   eval_every_minutes=args.eval_every_minutes,
                                    **(dict(n_eval=64, sample_every=0) if args.quick else {}))
     return configs
 

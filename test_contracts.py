@@ -718,27 +718,62 @@ def test_common_sample_writes_by_suffix_into_the_run_folder_and_never_imports_ml
 # -----------------------------------------------------------------------------
 
 
-def test_common_time_to_quality_points_leave_training_unchanged(sprites, tmp_path):
+@pytest.mark.parametrize("name", ["vae", "vqvae", "diffusion"])
+def test_common_time_to_quality_points_leave_training_unchanged(name, sprites, tmp_path):
     """--eval-every-minutes scores the EMA model while training; the points go
-    to time_to_quality.json, and the losses are the same as without them
-    (scoring forks the RNG). The LR warm-up hook sets the optimizer's lr."""
+    to time_to_quality.json, on both clocks (minutes and TFLOP, each rising), and
+    the losses are the same as without them (scoring forks the RNG), for every
+    model. The VQ-VAE's points start with its prior (stage 2); diffusion's LR
+    warm-up hook sets the optimizer's lr."""
+    own = dict(warmup_steps=8, sampler="dpm++") if name == "diffusion" else dict(prior_epochs=1) if name == "vqvae" else {}
     losses = {}
     for every in (0.0, 1e-9):  # 1e-9 minutes: a point after every step
         torch.manual_seed(0)
-        cfg = tiny_config("diffusion", epochs=1, eval_every_minutes=every, n_eval=8, ema_decay=0.9, warmup_steps=8,
-                                    sampler="dpm++", batch_size=16)
+        cfg = tiny_config(name, epochs=1, eval_every_minutes=every, n_eval=8, ema_decay=0.9, batch_size=16, **own)
         run = tmp_path / f"every-{every}"
-        trainer = common.Trainer(diffusion.DiffusionStrategy(cfg, sprites.palette), cfg, sprites.train[:48],
+        trainer = common.Trainer(compare.MODELS[name][0](cfg, sprites.palette), cfg, sprites.train[:48],
                                  sprites.val[:8], sprites.palette, run)
         with contextlib.redirect_stdout(io.StringIO()):
             history = trainer.fit()
-        losses[every] = history[-1]["train/loss"]
-        assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(cfg.lr * 3 / 8)  # 3 steps of 8 warm-up
+        losses[every] = [h["train/loss"] for h in history]
     assert losses[0.0] == losses[1e-9]
     points = json.loads((run / "time_to_quality.json").read_text())
-    assert [p["step"] for p in points] == [1, 2, 3] and points[-1]["epoch"] == pytest.approx(1.0)
+    steps = 3 * (2 if name == "vqvae" else 1)
+    first = 4 if name == "vqvae" else 1  # the prior's first step
+    assert [p["step"] for p in points] == list(range(first, steps + 1)) and points[-1]["epoch"] == pytest.approx(cfg.epochs + own.get("prior_epochs", 0))
+    assert all(a["minutes"] < b["minutes"] and a["tflop"] < b["tflop"] for a, b in zip(points, points[1:]))
+    # the compute clock: FLOPs per sprite of a step of each stage, times the sprites trained on so far
+    per_sprite = trainer.flops_per_sprite
+    stage1 = per_sprite[1] * 48 * cfg.epochs
+    assert points[-1]["tflop"] == pytest.approx((stage1 + per_sprite.get(2, 0) * 48) / 1e12)
+    if name == "vqvae":  # its curve starts after stage 1, in minutes and in compute
+        assert set(per_sprite) == {1, 2} and points[0]["epoch"] > cfg.epochs and points[0]["tflop"] > stage1 / 1e12
     assert all(0 < p["minutes"] for p in points) and "sample/precision" in points[0]
     assert not (tmp_path / "every-0.0" / "time_to_quality.json").exists()
+    if name == "diffusion":
+        assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(cfg.lr * 3 / 8)  # 3 steps of 8 warm-up
+
+
+def test_common_step_flops_match_a_hand_count_of_one_conv_and_one_linear_layer():
+    """count_step_flops (the compute clock) counts one training step, forward and
+    backward, as 2 FLOPs per multiply-add: a 3x3 convolution (3 -> 4 channels,
+    16x16, padding 1) then a linear layer (1024 -> 5), on a batch of 2. Backward
+    costs twice the forward (input and weight gradients), except that the first
+    layer's input needs no gradient."""
+    class Net(common.Strategy):
+        def build_model(self, config): ...
+        def train_step(self, model, batch): return {"loss": model(batch).square().mean()}
+        def sample(self, model, n, generator): ...
+        def get_metrics(self, model, batch): ...
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 16 * 16, 5))
+    batch = torch.rand(2, 3, 16, 16)
+    conv = 2 * 2 * (4 * 16 * 16) * (3 * 3 * 3)  # 2 * batch * outputs * (multiply-adds per output)
+    linear = 2 * 2 * 5 * 1024
+    before = [p.clone() for p in model.parameters()]
+    assert common.count_step_flops(Net(), model, batch) == (conv + conv) + (linear + 2 * linear)
+    assert all(p.grad is None for p in model.parameters())  # counted on a copy: the model is untouched
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 @pytest.mark.parametrize("native, ratio, force, expected", [
@@ -894,6 +929,8 @@ BAD_INPUT = [  # (script, arguments, one-line message fragment, paths that must 
     (T, [*SAMPLE, "--seed", "-1"], "--seed must be between", []),
     (T, [*SAMPLE, "--device", "tpu"], "unknown --device 'tpu'", []),
     ("compare.py", ["--seed", "-1", "--out", "{dir}/cmp1"], "--seed must be between", ["{dir}/cmp1"]),
+    ("compare.py", ["--eval-every-minutes", "nan", "--out", "{dir}/cmp2"], "--eval-every-minutes must be a number",
+     ["{dir}/cmp2"]),
     # compare.py does not create --out when it then fails (case 6)
     ("compare.py", ["--checkpoints", "{dir}/none", "--out", "{dir}/cmp4", "--no-mlflow", "--device", "cpu",
                     "--data", "{data}"], "no vae run in", ["{dir}/cmp4"]),
@@ -2364,7 +2401,8 @@ def test_compare_plot_draws_time_to_quality_curves_and_the_schedules(tmp_path):
 def test_compare_writes_figure_and_table_and_reloads_the_same_samples(dataset, tmp_path):
     configs = {name: config_cls(**{**TINY[name], "epochs": 1, "data": str(dataset), "device": "cpu",
                                    "mlflow": False, "out": str(tmp_path / "runs" / name), "n_eval": 8,
-                                   "sample_every": 0, **({"prior_epochs": 1} if name == "vqvae" else {})})
+                                   "sample_every": 0, "eval_every_minutes": 1e-9,  # a curve point after every step
+                                   **({"prior_epochs": 1} if name == "vqvae" else {})})
                for name, (_, config_cls) in compare.MODELS.items()}
     kw = dict(n_show=4, n_eval=8, device="cpu", use_mlflow=False)
     fig, md = compare.compare(configs, str(dataset), tmp_path / "runs", **kw)
@@ -2372,6 +2410,16 @@ def test_compare_writes_figure_and_table_and_reloads_the_same_samples(dataset, t
                 "| real (validation, n="):
         assert row in md, row
     assert (tmp_path / "runs" / "comparison.md").read_text() == md
+    # The equal-compute view: both charts, and each family's end in the equal-budget block, the best in bold.
+    for chart in ("time_to_quality.png", "compute_to_quality.png"):
+        assert Image.open(tmp_path / "runs" / chart).size == (900, 640)
+    block = md[md.index("#### At equal training budgets"):]
+    ends = {family: json.loads((tmp_path / "runs" / name / "time_to_quality.json").read_text())[-1]
+            for name, family in compare.FAMILIES.items()}
+    for family, p in ends.items():
+        assert p.get("final") and f"| end | {family} | {p['minutes']:.1f} (end) | {p['tflop']:.3g} |" in block
+    best = max(p["sample/precision"] for p in ends.values())
+    assert f"**{best:.3f}**" in block.split("| end |", 1)[1]
     # Loading the finished runs instead of training: the same sprites under the same seed.
     fig2, _ = compare.compare(configs, str(dataset), tmp_path / "again", checkpoints=tmp_path / "runs", **kw)
     assert Image.open(fig).tobytes() == Image.open(fig2).tobytes()
@@ -2407,6 +2455,7 @@ def test_compare_fourth_model_from_tutorial_00(dataset, tmp_path):
     md = (tmp_path / "cmp" / "comparison.md").read_text()
     assert "SMOKE RUN" in md and "| toy autoencoder |" in md and "| VAE |" not in md
     assert (tmp_path / "cmp" / "toy" / "checkpoints" / "last.pt").exists()
+    assert (tmp_path / "cmp" / "time_to_quality.png").exists() and "| end | toy autoencoder |" in md  # --quick draws the curves
     help_ = run_script("compare.py", "--help", cwd=tmp_path)
     assert "--epochs-toy" in help_.stdout and "toy epochs (default: 100)" in " ".join(help_.stdout.split())
 

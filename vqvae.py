@@ -511,8 +511,11 @@ class VQVAEStrategy(common.Strategy):
 
     # -- stages ---------------------------------------------------------------
 
+    def stage_of(self, epoch: int) -> int:
+        return 1 if epoch <= self.config.epochs else 2
+
     def on_epoch_start(self, model: nn.Module, epoch: int) -> None:
-        self.stage = 1 if epoch <= self.config.epochs else 2
+        self.stage = self.stage_of(epoch)
         done = int(model.stage1_epochs)
         if done and done != self.config.epochs:
             raise common.UserError(f"this checkpoint's prior was trained on the codes of a {done}-epoch VQ-VAE; "
