@@ -552,7 +552,7 @@ class DiffusionStrategy(common.Strategy):
             self._y = None
 
     def model_output(self, model: nn.Module, x_t: Tensor, t: Tensor) -> Tensor:
-        """The U-Net's output for the samplers (class-guided by cfg_output), autoguided (Karras et al. 2024, Sec. 3:
+        """The U-Net's output for the samplers (class-guided by cfg_output), autoguided (Karras et al. 2024, Sec. 4:
         D = w D_main + (1 - w) D_guide) on eps or v: at a fixed x_t both are affine in D = x0_pred, alike for both
         networks, and w + (1 - w) = 1, so it is the paper's D. w = 1 or no guide yet: the main model alone."""
         out, w = self.cfg_output(model, x_t, t), self.config.autoguidance
