@@ -88,7 +88,7 @@ BOUNDS = {  # Config field -> (least, most) allowed; a field a model does not ha
     # sampling scales: past these, logits / temperature, sigma_t or w (l_cond - l_uncond) overflow float32
     # (3.4e38) and softmax or the sampler gives NaN; the docs use temperatures 0.7 to 1, eta 0 to 1, w 0 to 8
     # (a negative value gets the model's own message, from its Config)
-    "temperature": (1e-3, 1e3), "eta": (None, 1.0), "guidance": (None, 100.0),
+    "temperature": (1e-3, 1e3), "eta": (None, 1.0), "guidance": (None, 100.0), "autoguidance": (0.0, 100.0),
 }
 
 
@@ -149,10 +149,15 @@ def check_checkpoint(state, path) -> None:
     ema = state.get("ema")
     if ema is not None and (not isinstance(ema, dict) or set(ema) != {"n_averaged"} | {f"module.{k}" for k in state["model"]}):
         raise bad("its 'ema' does not hold the same weights as its 'model'")
-    for key in ("model", "ema"):
-        for k, v in (state.get(key) or {}).items():
+    extra = state.get("extra", {})  # Strategy.extra_state: named snapshots of the model's weights
+    if not isinstance(extra, dict) or any(not isinstance(w, dict) or set(w) != set(state["model"]) for w in extra.values()):
+        raise bad("its 'extra' does not hold snapshots of the weights of its 'model'")
+    for key, weights in [("model", state["model"]), ("ema", state.get("ema")), *extra.items()]:
+        for k, v in (weights or {}).items():
             if not isinstance(v, Tensor) or (v.is_floating_point() and not torch.isfinite(v).all()):
                 raise bad(f"'{key}' entry {str(k)[:60]!r} is not a finite tensor")
+    if any(w[k].shape != v.shape for w in extra.values() for k, v in state["model"].items()):
+        raise bad("a snapshot in its 'extra' has weights of other shapes than its 'model'")
     palette, size = state["palette"], state["config"].get("palette_size")
     if palette.ndim != 2 or palette.shape[1] != 3 or not torch.isfinite(palette).all() or \
             palette.min() < 0 or palette.max() > 1 or not 2 <= len(palette) <= (size if type(size) is int else 256):
@@ -806,6 +811,17 @@ class Strategy(abc.ABC):
         printed, logged and written to metrics.json."""
         return {}
 
+    def after_step(self, model: nn.Module, step: int, total_steps: int) -> None:
+        """After optimizer step `step` (1-based) of `total_steps`, with the eval model (the EMA if kept),
+        e.g. to keep an early snapshot of it (diffusion.py's autoguidance). It must not draw random numbers."""
+
+    def extra_state(self) -> dict[str, dict[str, Tensor]]:
+        """Named snapshots of the model's weights (state dicts) to keep in the checkpoint, as "extra"."""
+        return {}
+
+    def load_extra_state(self, extra: dict[str, dict[str, Tensor]]) -> None:
+        """extra_state's snapshots, back from a checkpoint: on --resume and when sampling it."""
+
     def animates(self) -> bool:
         """Whether this strategy overrides `trajectory`."""
         return type(self).trajectory is not Strategy.trajectory
@@ -1161,6 +1177,7 @@ class Trainer:
             "train_seconds": self.train_seconds + self._fit_seconds(), "quality_curve": self.quality_curve,
             "train_flops": self.train_flops, "flops_per_sprite": self.flops_per_sprite,
             "scoring_seconds": self.scoring_seconds,
+            "extra": self.strategy.extra_state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -1176,6 +1193,7 @@ class Trainer:
         # checkpoints from before the compute clock: it restarts at 0 FLOPs there
         self.train_flops, self.flops_per_sprite = state.get("train_flops", 0.0), state.get("flops_per_sprite", {})
         self.scoring_seconds = state.get("scoring_seconds", 0.0)
+        self.strategy.load_extra_state(state.get("extra", {}))
         self.data_gen.set_state(state["data_gen_state"])
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] and torch.cuda.is_available():
@@ -1316,6 +1334,7 @@ class Trainer:
         if self.ema is not None:
             self.ema.update_parameters(self.model)
         self.step += 1
+        self.strategy.after_step(self.eval_model, self.step, self.total_steps)
         return scalars
 
     def _fit_seconds(self) -> float:
@@ -1829,6 +1848,7 @@ def load_for_sampling(checkpoint: str | os.PathLike, device: torch.device, strat
         raise UserError(str(e)) from None
     palette = state["palette"].to(device)
     strategy = strategy_cls(config, palette)
+    strategy.load_extra_state(state.get("extra", {}))
     check_model_size(strategy, config)
     model = strategy.build_model(config)
     try:

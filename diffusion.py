@@ -23,9 +23,9 @@ Run (from the repository root):
     python diffusion.py sample --checkpoint ... --class red --guidance 3     # classifier-free guidance
 (The tools -- bench, plot, the guidance sweep, labels -- are compare.py's.)
 
-Levers beyond the paper, each a flag with its citation in Config: U-Net size (--channel-mult,
---res-blocks), cosine schedule (Nichol & Dhariwal 2021), v-prediction (Salimans & Ho 2022),
-min-SNR weighting (Hang et al. 2023), LR warm-up and cosine decay, DPM-Solver++ (Lu et al. 2022).
+Levers beyond the paper, each a flag with its citation in Config: U-Net size (--channel-mult, --res-blocks),
+cosine schedule (Nichol & Dhariwal 2021), v-prediction (Salimans & Ho 2022), min-SNR weighting (Hang et al.
+2023), LR warm-up and cosine decay, DPM-Solver++ (Lu et al. 2022), autoguidance (Karras et al. 2024).
 The defaults use the small U-Net, cosine, v, the lr schedule and DPM-Solver++ (20 steps), chosen by
 measurement (tutorial 04, "Time to quality"); the README shows the flags of the reference model.
 
@@ -140,14 +140,20 @@ class Config(common.TrainConfig):
     guidance: float = 2.0
     # classifier-free guidance w: eps = eps_uncond + w (eps_cond - eps_uncond); 0 = unconditional,
     # 1 = plain conditional, > 1 extrapolates away from p(x) (conditional checkpoints only)
+    guide_at: float = 1 / 16
+    # autoguidance's guide (Karras et al. 2024, "Guiding a diffusion model with a bad version of itself"): the EMA
+    # weights after this fraction of the steps, kept in the checkpoint (the paper's guide: 1/16 of the training)
+    autoguidance: float = 1.0
+    # autoguidance w (same paper): D = D_guide + w (D_main - D_guide) at each sampler step, 2 U-Net calls; 1 = off
+    # (exactly the main model), > 1 steps away from the guide's errors (the paper: w ~ 2-3)
 
     # what `diffusion.py sample` may override: the sampler, not what the U-Net learnt (a U-Net trained on T
     # levels would be sampled on another schedule without a word)
-    sample_flags = ("sampler", "steps", "eta", "guidance")
+    sample_flags = ("sampler", "steps", "eta", "guidance", "autoguidance")
 
     # Checkpoints written before a field existed were trained with these values (common.saved_config).
     LEGACY = dict(channel_mult="1,2,4", res_blocks=2, schedule="linear", prediction="eps", loss_weight="none",
-                  warmup_steps=0, lr_decay="none", condition="none")
+                  warmup_steps=0, lr_decay="none", condition="none", guide_at=0.0, autoguidance=1.0)
 
     def __post_init__(self):
         super().__post_init__()  # also refuses a value not among a field's choices (--sampler, --schedule, ...)
@@ -174,6 +180,11 @@ class Config(common.TrainConfig):
             raise ValueError(f"--clusters must be at least 2, got {self.clusters}")
         if not 0 <= self.p_uncond < 1:
             raise ValueError(f"--p-uncond must be in [0, 1), got {self.p_uncond}")
+        if not 0 <= self.guide_at < 1:
+            raise ValueError(f"--guide-at must be in [0, 1), got {self.guide_at}")
+        if self.autoguidance != 1 and not self.guide_at:  # also a checkpoint from before autoguidance (LEGACY)
+            raise ValueError("--autoguidance needs a guide; this run keeps none (--guide-at 0, or trained before "
+                             "autoguidance): use --autoguidance 1")
 
 
 # What compare.py (its registry holds one line per model: the Strategy) and the
@@ -392,6 +403,7 @@ class DiffusionStrategy(common.Strategy):
         self.labeller = common.make_labeller(config.condition, palette, config.data, config.clusters, config.seed)
         self.sample_class: int | None = None
         self._y: Tensor | None = None
+        self.guide, self._guide_net = None, None  # autoguidance: the guide's weights (after_step) and its U-Net
         # --class-weight balanced: w_y = N / (K n_y) from the training split's class sizes n_y (K,)
         self.class_weights: Tensor | None = None
         if self.labeller is not None and config.class_weight == "balanced":
@@ -540,7 +552,32 @@ class DiffusionStrategy(common.Strategy):
             self._y = None
 
     def model_output(self, model: nn.Module, x_t: Tensor, t: Tensor) -> Tensor:
-        """The U-Net's output for the samplers, guided when sampling with labels.
+        """The U-Net's output for the samplers (class-guided by cfg_output), autoguided (Karras et al. 2024, Sec. 4:
+        D = w D_main + (1 - w) D_guide) on eps or v: at a fixed x_t both are affine in D = x0_pred, alike for both
+        networks, and w + (1 - w) = 1, so it is the paper's D. w = 1 or no guide yet: the main model alone."""
+        out, w = self.cfg_output(model, x_t, t), self.config.autoguidance
+        if w == 1 or self.guide is None:
+            return out
+        if self._guide_net is None:  # built on the meta device (no RNG draw), given the snapshot's tensors
+            with torch.inference_mode(False), torch.device("meta"):  # (not inference tensors: no_grad calls too)
+                self._guide_net = self.build_model(self.config)
+                self._guide_net.load_state_dict(self.guide, assign=True)
+        guide = self.cfg_output(self._guide_net.to(x_t.device).eval(), x_t, t)
+        return guide + w * (out - guide)  # Karras et al. 2024, arXiv 2406.02507: D_guide + w (D_main - D_guide)
+
+    def after_step(self, model: nn.Module, step: int, total_steps: int) -> None:
+        """At step round(--guide-at x total_steps) the EMA weights, copied, become the guide (no RNG draw)."""
+        if self.guide is None and self.config.guide_at and step == max(1, round(self.config.guide_at * total_steps)):
+            self.guide = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def extra_state(self) -> dict:
+        return {} if self.guide is None else {"guide": self.guide}
+
+    def load_extra_state(self, extra: dict) -> None:
+        self.guide, self._guide_net = extra.get("guide"), None
+
+    def cfg_output(self, model: nn.Module, x_t: Tensor, t: Tensor) -> Tensor:
+        """The U-Net's output, guided when sampling with labels.
         Classifier-free guidance (Ho & Salimans 2022, Eq. 6, with their w + 1 written as our w):
             eps_guided = eps_theta(x_t, t, null) + w (eps_theta(x_t, t, y) - eps_theta(x_t, t, null))
         Both branches in one batched U-Net call of 2n sprites: the same weights, one pass.

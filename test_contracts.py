@@ -485,6 +485,9 @@ BAD_FLAGS = [  # (Config, flags, message): one row per check: the shared TrainCo
     (diffusion.Config, ["--warmup-steps", "-1"], "--warmup-steps cannot be negative"),
     (diffusion.Config, ["--res-blocks", "0"], "--res-blocks must be at least 1"),
     (diffusion.Config, ["--channel-mult", "1,0,2"], "--channel-mult must be three positive integers"),
+    (diffusion.Config, ["--guide-at", "1"], "--guide-at must be in [0, 1)"),
+    (diffusion.Config, ["--autoguidance", "-1"], "--autoguidance must be between 0.0 and 100.0"),
+    (diffusion.Config, ["--autoguidance", "2", "--guide-at", "0"], "--autoguidance needs a guide"),
 ]
 
 
@@ -2334,6 +2337,106 @@ def test_diffusion_sample_class_by_name_and_unknown_class(dataset, tmp_path):
     real = json.loads((tmp_path / "sweep" / "real.json").read_text())
     assert real["class_accuracy_mirrored"] == 1.0 and real["colour_entropy"] == 0.0  # colour labels: exact
     assert Image.open(tmp_path / "sweep" / "grid-red.png").size == ((8 * 17 + 1) * 4, (2 * 17 + 1) * 4)  # 2 rows of 2
+
+
+
+# -----------------------------------------------------------------------------
+# diffusion.py autoguidance (issue 23, lever 1; Karras et al. 2024): an early EMA snapshot guides the model
+# -----------------------------------------------------------------------------
+
+
+def test_diffusion_autoguidance_w_one_is_exactly_the_main_model_and_w_combines_main_and_guide(sprites, dataset):
+    strategy, model = tiny_model("diffusion", sprites.palette, dataset, prediction="v")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # weights that are not zero (the zero-initialised convs would make both nets alike)
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g), alpha=0.05)
+    model.eval()
+    guide = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in model.state_dict().items()}
+    guide_net = strategy.build_model(strategy.config).eval()
+    guide_net.load_state_dict(guide)
+    x, t = torch.randn(4, 3, 16, 16, generator=g), torch.tensor([0, 3, 6, 9])
+    plain = strategy.sample(model, 4, torch.Generator().manual_seed(7))  # no guide: the main model
+    strategy.load_extra_state({"guide": guide})
+    counting = CountingUNet(model)
+    assert strategy.config.autoguidance == 1 and torch.equal(strategy.sample(counting, 4, torch.Generator().manual_seed(7)), plain)
+    assert counting.batches == [4] * strategy.config.steps  # w = 1: the guide is never called
+    with torch.no_grad():
+        main_out, guide_out = model(x, t), guide_net(x, t)
+        assert torch.equal(strategy.model_output(model, x, t), main_out)
+        for w in (0.0, 2.5):
+            strategy.config.autoguidance = w
+            out = strategy.model_output(model, x, t)
+            assert torch.allclose(out, guide_out + w * (main_out - guide_out), atol=1e-6)  # D_g + w (D_m - D_g)
+        assert not torch.allclose(out, main_out, atol=1e-3)
+    counting, strategy._guide_net = CountingUNet(model), CountingUNet(strategy._guide_net)
+    assert not torch.equal(strategy.sample(counting, 4, torch.Generator().manual_seed(7)), plain)
+    assert counting.batches == strategy._guide_net.batches == [4] * strategy.config.steps  # both nets, once a step
+
+
+class CutDiffusion(diffusion.DiffusionStrategy):
+    """diffusion.py's strategy, sent Ctrl-C (SIGINT) in its training step number `cut_at`."""
+    cut_at = 0
+
+    def train_step(self, model, batch):
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.calls == self.cut_at + 1:  # + 1: the Trainer's FLOP count runs one train_step first, on a copy
+            os.kill(os.getpid(), signal.SIGINT)
+        return super().train_step(model, batch)
+
+
+def test_diffusion_guide_snapshot_is_the_ema_at_guide_at_kept_in_the_checkpoint_and_resumes_exactly(dataset, tmp_path):
+    kw = dict(data=str(dataset), sample_every=0, ema_decay=0.9, epochs=1, guide_at=0.5, n_eval=8)
+    full = common.train(diffusion.DiffusionStrategy, tiny_config("diffusion", **kw, out=str(tmp_path / "full")))
+    done = common.load_checkpoint(full / "checkpoints" / "last.pt")
+    k = round(0.5 * done["step"])  # the snapshot's step: half of the run's steps
+    guide = done["extra"]["guide"]
+    assert set(guide) == set(done["model"]) and not all(torch.equal(guide[n], done["model"][n]) for n in guide)
+    off = common.load_checkpoint(common.train(diffusion.DiffusionStrategy, tiny_config(
+        "diffusion", **{**kw, "guide_at": 0.0}, out=str(tmp_path / "off"))) / "checkpoints" / "last.pt")
+    losses = lambda state: [(h["train/loss"], h["val/loss"]) for h in state["history"]]
+    assert off["extra"] == {} and losses(off) == losses(done)  # the snapshot leaves training as it was
+    assert all(torch.equal(off["model"][n], done["model"][n]) for n in guide)
+    for cut in (k, k - 1):  # just after the snapshot (it must come back from the checkpoint), just before it
+        out = tmp_path / f"cut{cut}"
+        with pytest.raises(common.Interrupted):
+            common.train(type("Cut", (CutDiffusion,), {"cut_at": cut}), tiny_config("diffusion", **kw, out=str(out)))
+        state = common.load_checkpoint(out / "checkpoints" / "last.pt")
+        assert state["step"] == cut and ("guide" in state["extra"]) == (cut == k)
+        if cut == k:  # saved right after step k: the snapshot is that step's EMA, exactly
+            assert all(torch.equal(state["extra"]["guide"][n], state["ema"][f"module.{n}"]) for n in guide)
+        resumed = common.train(diffusion.DiffusionStrategy, tiny_config(
+            "diffusion", **kw, out=str(out), resume=str(out / "checkpoints" / "last.pt")))
+        again = common.load_checkpoint(resumed / "checkpoints" / "last.pt")
+        assert all(torch.equal(again["extra"]["guide"][n], guide[n]) for n in guide)
+        assert all(torch.equal(again["model"][n], done["model"][n]) for n in guide)
+
+
+def test_diffusion_checkpoint_without_a_guide_samples_at_w_one_and_refuses_other_w_in_one_line(tiny_run, tmp_path):
+    ckpt = tiny_run / "checkpoints" / "last.pt"
+    state = common.load_checkpoint(ckpt)
+    assert "guide" in state["extra"]  # every default run keeps one (--guide-at 1/16)
+    guide = state["extra"]["guide"]
+    for name, bad, message in [("partial", dict(list(guide.items())[1:]), "does not hold snapshots of the weights"),
+                               ("reshaped", {k: v.reshape(-1) for k, v in guide.items()}, "weights of other shapes")]:
+        common.save_checkpoint(tmp_path / f"{name}.pt", {**state, "extra": {"guide": bad}})
+        with pytest.raises(common.UserError, match=message):  # a damaged snapshot: refused when read
+            common.load_checkpoint(tmp_path / f"{name}.pt")
+    old = {k: v for k, v in state.items() if k != "extra"}  # as written before autoguidance
+    old["config"] = {k: v for k, v in state["config"].items() if k not in ("guide_at", "autoguidance")}
+    common.save_checkpoint(tmp_path / "old.pt", old)
+    cpu = torch.device("cpu")
+    was, new = (common.load_for_sampling(p, cpu, diffusion.DiffusionStrategy, diffusion.Config)
+                for p in (tmp_path / "old.pt", ckpt))
+    assert was.config.autoguidance == 1 and was.config.guide_at == 0 and was.strategy.guide is None
+    assert torch.equal(common.draw_samples(was.strategy, was.model, 8, 0, cpu),
+                       common.draw_samples(new.strategy, new.model, 8, 0, cpu))
+    r = run_script("diffusion.py", "sample", "--checkpoint", tmp_path / "old.pt", "--autoguidance", 2,
+                   "--n", 4, "--out", tmp_path / "x.png")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert "--autoguidance needs a guide; this run keeps none" in r.stderr and not (tmp_path / "x.png").exists()
+    r = run_script("diffusion.py", "sample", "--checkpoint", ckpt, "--autoguidance", 2, "--n", 4, "--out", tmp_path / "g.png")
+    assert r.returncode == 0 and (tmp_path / "g.png").exists(), r.stderr
 
 
 # =============================================================================
