@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from matplotlib.figure import Figure  # line charts only (comes with mlflow; see the README)
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from PIL import Image, ImageDraw, ImageFont
 
 import common
@@ -255,8 +256,11 @@ def quality_chart(curves: dict[str, list[dict]], real: dict, x: str, title: str)
         ax.axhline(real[metric], color="0.35", linestyle="--", linewidth=1, label="real held-out sprites")
         ax.set_title(text, fontsize=10)
         ax.grid(True, alpha=0.3)
-        if x == "tflop":
+        if x == "tflop":  # log scale, ticks at 1, 2, 5 x 10^k written as plain numbers
             ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
     for ax in axes[2:]:
         ax.set_xlabel(CLOCKS[x] + (", log scale" if x == "tflop" else ""))
     axes[0].legend(fontsize=8)
