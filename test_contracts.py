@@ -133,16 +133,19 @@ class TinyStrategy(common.Strategy):
         self.config, self.palette, self.calls = config, palette, 0
 
     def build_model(self, config):
-        return nn.Sequential(nn.Flatten(), nn.Linear(768, config.hidden), nn.ReLU(), nn.Linear(config.hidden, 768))
+        self.built = nn.Sequential(nn.Flatten(), nn.Linear(768, config.hidden), nn.ReLU(), nn.Linear(config.hidden, 768))
+        return self.built
 
     def train_step(self, model, batch):
-        self.calls += 1
+        # steps of the trained model only: the Trainer's FLOP count runs one train_step on a copy first
+        step = getattr(model, "_orig_mod", model) is self.built
+        self.calls += step
         x = common.to_model_range(batch)
         y = model(x + 0.1 * torch.randn_like(x)).view(-1, 3, 16, 16)  # uses the global RNG, as models do
         loss = ((y - x) ** 2).mean()
-        if self.calls == self.config.nan_at_step:
+        if step and self.calls == self.config.nan_at_step:
             loss = loss * float("nan")
-        if self.calls == self.config.interrupt_at_step:
+        if step and self.calls == self.config.interrupt_at_step:
             os.kill(os.getpid(), signal.SIGINT)
         return {"loss": loss, "abs_err": (y - x).abs().mean()}
 
