@@ -22,7 +22,8 @@ subtly wrong when written three times:
                             clipping, checkpoints, resume, Ctrl-C, NaN guard
     training a model        train(): run folders claimed by one run at a time,
                             resuming with changed flags, the end-of-run files
-    speed                   the --amp decision and the busy-CPU hint
+    speed                   the --amp decision (CPU flags) and the busy-CPU hint
+                            (load average); bench lives in compare.py
     CLI                     `python X.py` trains; its `sample` and `bench` modes
                             are passed to compare.py, which holds them
 
@@ -220,10 +221,10 @@ class TrainConfig:
     # decay of the exponential moving average of the weights used for sampling
     # and validation (0 = no EMA)
     amp: bool = False
-    # bf16 autocast for forward passes (faster on CPUs with bf16 instructions and on GPUs). On a CPU
-    # without them a quick probe measures bf16 against fp32 and, if slower, says so and trains in fp32
+    # bf16 autocast for forward passes (faster on GPUs and on CPUs with bf16 instructions). On a CPU
+    # without them (no avx512_bf16/amx_bf16 flag) bf16 is emulated, ~10x slower: it says so and trains in fp32
     amp_force: bool = False
-    # with --amp: use bf16 autocast even where the probe measured it slower than fp32
+    # with --amp: use bf16 autocast even on a CPU without bf16 instructions
     compile: bool = False
     # torch.compile the model (slow first epoch, faster afterwards)
     seed: int = 0
@@ -1887,107 +1888,50 @@ def model_fields(config_cls) -> set[str]:
 
 
 # -----------------------------------------------------------------------------
-# Speed: matmul throughput, the --amp decision, the contention hint
+# Speed: the --amp decision and the busy-CPU hint (cheap checks, nothing timed)
 # -----------------------------------------------------------------------------
-# (training uses them for --amp and the hint; compare.py's `bench` reuses matmul_rate, best_time, native_bf16.)
 
 
-def matmul_rate(n: int, dtype: torch.dtype, device: torch.device, repeats: int,
-                run_seconds: float) -> tuple[float, float]:
-    """GFLOP/s of n x n products in `dtype` (best of `repeats` timed runs of
-    about `run_seconds` each) and the CPU share of that run (see best_time).
-    The matrices come from a generator of their own, so measuring never moves
-    the random stream a seeded training run draws from."""
-    gen = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
-    b = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
-    once, _ = best_time(lambda: a @ b, 1, device)
-    k = max(1, math.ceil(run_seconds / once))  # products per timed run
-    wall, share = best_time(lambda: [a @ b for _ in range(k)], repeats, device)
-    return 2 * n ** 3 * k / wall / 1e9, share
-
-
-def native_bf16(device: torch.device) -> tuple[bool, str]:
-    """Does this device have bf16 arithmetic in hardware? CPU: the avx512_bf16
-    or amx_bf16 flags in /proc/cpuinfo (elsewhere: unknown, so no); CUDA:
-    torch's own check. Returns (yes/no, what was found, in words)."""
+def native_bf16(device: torch.device) -> tuple[bool | None, str]:
+    """Does this device do bf16 arithmetic in hardware (None: cannot tell), and what was found, in
+    words. CPU: the avx512_bf16 or amx_bf16 flag (x86) or bf16 (Arm) in /proc/cpuinfo."""
     if device.type == "cuda":
         ok = torch.cuda.is_bf16_supported()
         return ok, f"{torch.cuda.get_device_name(device)}: bf16 {'supported' if ok else 'not supported'}"
     if device.type != "cpu":
         return True, f"{device.type}: bf16 not checked"
     try:
-        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith("flags")), [])
+        flags = set(" ".join(re.findall(r"^(?:flags|Features)\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.M)).split())
     except OSError:
-        flags = []
-    found = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+        return None, "no /proc/cpuinfo to read CPU flags from"
+    found = sorted(flags & {"avx512_bf16", "amx_bf16", "bf16"})
     return bool(found), (f"CPU flags {', '.join(found)}" if found else "no avx512_bf16 or amx_bf16 CPU flag")
 
 
-def bf16_probe(device: torch.device) -> float:
-    """How fast a bf16 matmul runs here as a multiple of fp32 (best of 3
-    products of 512x512; ~0.1 s on a CPU without bf16 instructions)."""
-    fp32, _ = matmul_rate(512, torch.float32, device, 3, run_seconds=0.0)  # one product per timed run
-    bf16, _ = matmul_rate(512, torch.bfloat16, device, 3, run_seconds=0.0)
-    return bf16 / fp32
-
-
 def amp_worth_it(device: torch.device, force: bool) -> bool:
-    """--amp's decision: bf16 autocast where the hardware has bf16, or where the
-    probe finds it no slower; otherwise one line saying why, and fp32 --
-    unless --amp-force. On a CPU without bf16 instructions PyTorch emulates
-    bf16 and, measured on this project's 2-core AVX2 machine, trains ~13x slower."""
+    """--amp's decision: bf16 autocast, except on a CPU known to lack bf16 instructions, where PyTorch
+    emulates bf16: docs/results/bench/log.txt (this project's 2-core AVX2 machine) measured a bf16 matmul
+    at 1.3 GFLOP/s against fp32's 134.1, and vae.py training at 269.5 sprites/s against 2667.7. There it
+    says so in one line and trains in fp32, unless --amp-force."""
     native, found = native_bf16(device)
-    if native or device.type != "cpu":
+    if native is not False or force:
         return True
-    ratio = bf16_probe(device)
-    if ratio >= 1.0 or force:
-        return True
-    print(f"--amp: this CPU has {found}; a bf16 matmul runs {ratio:.2f}x as fast as fp32 here, so training "
-          f"runs in fp32 (--amp-force to use bf16 anyway)")
+    print(f"--amp: this CPU has {found}, so bf16 would be emulated (about 10x slower than fp32 on such a CPU, "
+          f"docs/results/bench/log.txt); training runs in fp32 (--amp-force to use bf16 anyway)")
     return False
 
 
-def best_time(fn: Callable, repeats: int, device: torch.device) -> tuple[float, float]:
-    """Best wall time of `repeats` calls after one warm-up call. The best, not
-    the mean: on a shared machine the fastest run is the least disturbed one.
-    Also returns the CPU share of that run: this process's CPU time over wall
-    time x threads (near 1: the CPUs were ours; 0.3: other work had 70%)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        sync()
-        times.append((time.perf_counter() - t0, time.process_time() - c0))
-    wall, cpu = min(times)
-    return wall, cpu / wall / torch.get_num_threads()
-
-
-def cpu_probe(n: int = 256, seconds: float = 0.05, repeats: int = 3) -> tuple[float, float]:
-    """A quick look at this machine now (0.33 s on 2 cores shared with other jobs): the
-    GFLOP/s of fp32 n x n matrix products with all of torch's threads, and
-    the CPU share they got (see best_time: near 1 when the cores are ours)."""
-    return matmul_rate(n, torch.float32, torch.device("cpu"), repeats, run_seconds=seconds)
-
-
 def contention_hint(device: torch.device, resume_command: str, threshold: float = 0.6) -> str:
-    """After a run's first epoch on a CPU with several threads: when the quick
-    probe gets far less than the cores can give (other processes compete for
-    them, and PyTorch's threads then wait for each other), one line pointing to
-    OMP_NUM_THREADS=1; "" otherwise."""
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads < 2:
+    """After a run's first epoch on a CPU, with several threads: when the runnable threads (the 1-minute
+    load average, this run's included) are so many that each gets less than `threshold` of a core,
+    PyTorch's threads wait for each other, and one line points to OMP_NUM_THREADS=1; "" otherwise."""
+    if device.type != "cpu" or torch.get_num_threads() < 2 or not hasattr(os, "getloadavg"):
         return ""
-    gflops, share = cpu_probe()
-    if share >= threshold:
+    load, cpus = os.getloadavg()[0], os.cpu_count() or 1
+    if cpus >= threshold * load:
         return ""
-    return (f"hint: other processes share these CPU cores (a quick probe got {share:.0%} of {threads} threads' time, "
-            f"{gflops:.0f} GFLOP/s), so training is slower than on an idle machine; one thread is often much "
-            f"faster then: Ctrl-C, then {resume_command}")
+    return (f"hint: other processes share these CPU cores (load average {load:.1f} on {cpus} CPUs), so training "
+            f"is slower than on an idle machine; one thread is often much faster then: Ctrl-C, then {resume_command}")
 
 
 # -----------------------------------------------------------------------------
