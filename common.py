@@ -42,11 +42,13 @@ import re
 import shlex
 import signal
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
+from unittest import mock
 
 import numpy as np
 import torch
@@ -815,19 +817,10 @@ class Tracker:
         it: mlflow.end_run() drops it from the active runs, then tells the server once (no retry,
         a 1-second timeout: that server just failed)."""
         fast = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "1"}
-        saved = {k: os.environ.get(k) for k in fast}
-        os.environ.update(fast)
-        try:
-            with contextlib.suppress(Exception):
-                active = self.mlflow.active_run()
-                if active is not None and active.info.run_id == self.run_id:
-                    self.mlflow.end_run(status="FAILED")
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+        with mock.patch.dict(os.environ, fast), contextlib.suppress(Exception):  # restored afterwards
+            active = self.mlflow.active_run()
+            if active is not None and active.info.run_id == self.run_id:
+                self.mlflow.end_run(status="FAILED")
 
     def how_to_view(self) -> str:
         """The command that serves this store and this run's page in the "Model training" view
@@ -835,18 +828,14 @@ class Tracker:
         if self.run_id is None:
             return ""
         uri = self.mlflow.get_tracking_uri()
-        if uri.startswith(("http://", "https://")):
-            base, command = uri.rstrip("/"), ""
-        else:
-            base = "http://127.0.0.1:5000"
-            store = uri
-            if uri.startswith("sqlite:///") and Path(uri[len("sqlite:///"):]) == Path.cwd() / "mlflow.db":
-                store = "sqlite:///mlflow.db"  # MLflow's default store, in this folder
-            command = f"mlflow ui --backend-store-uri {store}"
-        page = f"{base}/#/experiments/{self.experiment_id}/runs/{self.run_id}?workflowType=machine_learning"
-        if command:
-            return f"MLflow: to look at this run, start `{command}` here, then open\n  {page}"
-        return f"MLflow: this run is at {page}"
+        remote = uri.startswith(("http://", "https://"))
+        page = (f"{uri.rstrip('/') if remote else 'http://127.0.0.1:5000'}/#/experiments/{self.experiment_id}"
+                f"/runs/{self.run_id}?workflowType=machine_learning")
+        if remote:
+            return f"MLflow: this run is at {page}"
+        here = uri.startswith("sqlite:///") and Path(uri[len("sqlite:///"):]) == Path.cwd() / "mlflow.db"
+        store = "sqlite:///mlflow.db" if here else uri  # MLflow's default store, in this folder
+        return f"MLflow: to look at this run, start `mlflow ui --backend-store-uri {store}` here, then open\n  {page}"
 
     def set_tags(self, tags: dict):
         self._call("set_tags", lambda: self.mlflow.set_tags({k: str(v)[:500] for k, v in tags.items()}))
@@ -920,9 +909,7 @@ def check_store(uri: str) -> None:
     for place in places:
         try:  # a real write: permissions alone say nothing of a read-only mount, nor to root
             if place.is_dir():
-                probe = place / f".mlflow-write-test-{os.getpid()}"
-                probe.touch()
-                probe.unlink()
+                tempfile.TemporaryFile(dir=place).close()
             else:
                 open(place, "ab").close()
         except OSError as e:
@@ -971,7 +958,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     """weights_only=True: a checkpoint is data, never code, so one from elsewhere cannot run anything."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"checkpoint {path} not found")
+        raise UserError(f"checkpoint {path} not found; give a run folder's checkpoints/last.pt")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
