@@ -411,11 +411,6 @@ def test_common_load_sprites_split_and_ranges(dataset):
         common.to_model_range(x * 2)
 
 
-def test_common_load_sprites_missing_custom_dataset_is_one_clear_error(tmp_path):
-    with pytest.raises(download.DataError, match="download.py"):
-        common.load_sprites(tmp_path / "nope.npz", torch.device("cpu"))
-
-
 def test_common_hflip_mirrors_about_half_and_is_seeded():
     x = torch.arange(64 * 3 * 16 * 16, dtype=torch.float32).view(64, 3, 16, 16)
     a = common.random_hflip(x, torch.Generator().manual_seed(0))
@@ -496,13 +491,6 @@ def test_common_parser_refuses_a_bad_flag_of_every_config(config_cls, flags, mes
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_common_help_lists_every_flag_with_its_meaning():
-    out = run_script("test_contracts.py", "--help").stdout
-    for f in dataclasses.fields(TinyConfig):
-        assert "--" + f.name.replace("_", "-") in out
-    assert "sprites per optimizer step (default: 64)" in re.sub(r"\s+", " ", out)
-
-
 # -----------------------------------------------------------------------------
 # The Trainer, driven end to end by the tiny strategy
 # -----------------------------------------------------------------------------
@@ -519,14 +507,6 @@ def test_common_trainer_reduces_the_loss_and_writes_outputs(dataset, tmp_path):
     for key in ("sample/palette_distance", "sample/precision", "sample/near_copy_rate", "val/loss"):
         assert key in metrics and np.isfinite(metrics[key])
     assert state["ema"] is not None and state["epoch"] == 6
-
-
-def test_common_same_seed_same_losses_and_samples(dataset, tmp_path):
-    a = common.train(TinyStrategy, tiny_config("tiny", dataset, tmp_path / "a"))
-    b = common.train(TinyStrategy, tiny_config("tiny", dataset, tmp_path / "b"))
-    ha, hb = (common.load_checkpoint(r / "checkpoints" / "last.pt")["history"] for r in (a, b))
-    assert [h["train/loss"] for h in ha] == [h["train/loss"] for h in hb]
-    assert Image.open(a / "samples" / "final.png").tobytes() == Image.open(b / "samples" / "final.png").tobytes()
 
 
 def test_common_resume_at_an_epoch_boundary_equals_an_uninterrupted_run(dataset, tmp_path):
@@ -588,27 +568,6 @@ def test_common_checkpoint_loads_with_weights_only_and_refuses_garbage(dataset, 
     assert "\x1b" not in capsys.readouterr().err
 
 
-def test_common_mlflow_run_can_be_read_back(dataset, tmp_path, monkeypatch):
-    db = tmp_path / "mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
-    monkeypatch.chdir(tmp_path)
-    import mlflow
-
-    mlflow.set_tracking_uri(f"sqlite:///{db}")
-    run_dir = common.train(TinyStrategy, tiny_config("tiny", dataset, tmp_path, epochs=2, sample_every=1, mlflow=True))
-    run_id = common.load_checkpoint(run_dir / "checkpoints" / "last.pt")["mlflow_run_id"]
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
-    run = client.get_run(run_id)
-    assert run.info.status == "FINISHED"
-    assert run.data.params["batch_size"] == "16" and run.data.params["hidden"] == "32"
-    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1, 2]
-    assert len(client.get_metric_history(run_id, "train_step/loss")) > 2
-    assert "sample/precision" in run.data.metrics
-    artifacts = [a.path for a in client.list_artifacts(run_id)]
-    assert "images" in artifacts and "last.pt" in artifacts
-    assert run.inputs.dataset_inputs, "dataset not logged"
-
-
 def test_common_unreachable_mlflow_server_fails_fast_in_one_line():
     t0 = time.time()
     with pytest.raises(common.UserError, match="unreachable.*--no-mlflow"):
@@ -616,26 +575,12 @@ def test_common_unreachable_mlflow_server_fails_fast_in_one_line():
     assert time.time() - t0 < 10
 
 
-def test_common_mlflow_failure_mid_run_only_warns(capsys, monkeypatch):
-    monkeypatch.setattr(common.Tracker, "lost", "")  # the failure below must not outlive this test
-    tracker = common.Tracker(False, "", "")
-    tracker.run_id = "fake"  # pretend a run is open, then make every call fail
-
-    def boom(*a, **k):
-        raise ConnectionError("server went away")
-    tracker.mlflow = type("M", (), {"log_metrics": boom})()
-    tracker.log_metrics({"train/loss": 1.0}, step=1)
-    tracker.log_metrics({"train/loss": 1.0}, step=2)
-    out = capsys.readouterr().out
-    assert out.count("warning: MLflow log_metrics failed") == 1
-
-
 # -----------------------------------------------------------------------------
 # The CLI as a user runs it (subprocesses)
 # -----------------------------------------------------------------------------
 
 
-def test_common_cli_train_sample_and_real_ctrl_c(dataset, tmp_path):
+def test_common_cli_real_ctrl_c_saves_and_resumes(dataset, tmp_path):
     out = tmp_path / "run"
     flags = ["--data", str(dataset), "--out", str(out), "--no-mlflow", "--batch-size", "8", "--device", "cpu"]
     # A real Ctrl-C: start a long run, wait for its first epoch line, send SIGINT.
@@ -654,16 +599,7 @@ def test_common_cli_train_sample_and_real_ctrl_c(dataset, tmp_path):
     r = run_script("test_contracts.py", "--resume", str(out / "checkpoints" / "last.pt"),
                  "--epochs", str(state["epoch"] + 1))
     assert r.returncode == 0, r.stderr
-    assert "resuming from" in r.stdout and "sprite quality" in r.stdout
-    # Sampling mode: a grid, and a folder of 16x16 PNGs.
-    ckpt = str(out / "checkpoints" / "last.pt")
-    r = run_script("test_contracts.py", "sample", "--checkpoint", ckpt, "--n", "10", "--out", str(tmp_path / "g.png"))
-    assert r.returncode == 0, r.stderr
-    assert Image.open(tmp_path / "g.png").size == ((8 * 17 + 1) * 4, (2 * 17 + 1) * 4)
-    r = run_script("test_contracts.py", "sample", "--checkpoint", ckpt, "--n", "3", "--out", str(tmp_path / "each"))
-    assert r.returncode == 0, r.stderr
-    pngs = sorted((tmp_path / "each").glob("*.png"))
-    assert len(pngs) == 3 and Image.open(pngs[0]).size == (16, 16)
+    assert "resuming from" in r.stdout and "sprite quality" in r.stdout  # sample mode: each model's script test
 
 
 def test_common_real_sigterm_saves_like_ctrl_c_and_exits_143(dataset, tmp_path):
@@ -676,16 +612,6 @@ def test_common_real_sigterm_saves_like_ctrl_c_and_exits_143(dataset, tmp_path):
     rest, err = proc.communicate(timeout=120)
     assert proc.returncode == 143 and "Resume with: --resume" in rest and "Traceback" not in err, err
     assert common.load_checkpoint(tmp_path / "r" / "checkpoints" / "last.pt")["epoch"] >= 1
-
-
-@pytest.mark.parametrize("args, message", [
-    (["sample", "--checkpoint", "missing.pt"], "checkpoint missing.pt not found"),
-    (["--data", "missing.npz", "--no-mlflow"], "dataset missing.npz not found"),
-    (["--epochs", "0"], "--epochs must be at least 1"),
-])
-def test_common_cli_bad_input_is_one_line(args, message):
-    r = run_script("test_contracts.py", *args)
-    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
 
 
 def test_common_sample_out_decides_by_suffix():
@@ -701,14 +627,12 @@ def test_common_sample_writes_by_suffix_into_the_run_folder_and_never_imports_ml
     ckpt = vae_run / "checkpoints" / "last.pt"
     # The default output goes next to the run; sampling loads neither MLflow (seconds of imports)
     # nor compare.py (a model file's mode stays in its layer: test_layers_no_file_imports_one_above_it).
-    probe = ("import runpy, sys; sys.argv = ['vae.py', 'sample', '--checkpoint', sys.argv[1], '--n', '4']; "
+    probe = ("import runpy, sys; sys.argv = ['vae.py', 'sample', '--checkpoint', sys.argv[1], '--n', '4', "
+             "'--temperature', '0.5']; "
              "runpy.run_path('vae.py', run_name='__main__'); print('loaded:', 'mlflow' in sys.modules, 'compare' in sys.modules)")
     r = run_script("-c", probe, str(ckpt))
     assert r.returncode == 0, r.stderr
     assert "loaded: False False" in r.stdout and (vae_run / "sample-seed0.png").exists()
-    r = run_script("vae.py", "sample", "--checkpoint", str(ckpt), "--n", "4", "--out", str(tmp_path / "out.jpg"))
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "cannot write .jpg files" in r.stderr
-    assert not (tmp_path / "out.jpg").exists()
     r = run_script("vae.py", "sample", "--checkpoint", str(ckpt), "--out", str(tmp_path / "a.gif"))
     assert r.returncode == 2 and "no sampling trajectory to animate" in r.stderr and "Traceback" not in r.stderr
 
@@ -765,37 +689,25 @@ def test_common_amp_decision(monkeypatch, capsys, native, force, expected):
 # -----------------------------------------------------------------------------
 
 
-def test_common_strategy_contract_shapes_dtype_range(model):
-    module, cls, config, palette, batch = model
-    strategy = cls(config, palette)
-    torch.manual_seed(0)
-    net = strategy.build_model(config)
-    out = strategy.train_step(net, batch)
-    assert out["loss"].shape == () and torch.isfinite(out["loss"]) and out["loss"].requires_grad
-    assert all(torch.as_tensor(v).numel() == 1 for v in out.values())
-    net.eval()
-    with torch.no_grad():
-        x = strategy.sample(net, 5, torch.Generator().manual_seed(0))
-        metrics = strategy.get_metrics(net, batch)
-    assert x.shape == (5, 3, 16, 16) and x.dtype == torch.float32
-    assert torch.isfinite(x).all() and x.min() >= 0 and x.max() <= 1
-    assert metrics and all(np.isfinite(float(v)) for v in metrics.values())
-
-
-def test_common_strategy_is_deterministic_under_a_seed(model):
+def test_common_strategy_contract_shapes_range_and_determinism(model):
     module, cls, config, palette, batch = model
     results = []
-    for _ in range(2):
+    for _ in range(2):  # twice from one seed: the same loss and the same sprites
         torch.manual_seed(3)
         strategy = cls(config, palette)
         net = strategy.build_model(config)
-        loss = float(strategy.train_step(net, batch)["loss"].detach())
+        out = strategy.train_step(net, batch)
         net.eval()
         with torch.no_grad():
-            x = strategy.sample(net, 4, torch.Generator().manual_seed(7))
-        results.append((loss, x))
-    assert results[0][0] == results[1][0]
-    assert torch.equal(results[0][1], results[1][1])
+            x = strategy.sample(net, 5, torch.Generator().manual_seed(7))
+            metrics = strategy.get_metrics(net, batch)
+        results.append((float(out["loss"].detach()), x))
+    assert out["loss"].shape == () and torch.isfinite(out["loss"]) and out["loss"].requires_grad
+    assert all(torch.as_tensor(v).numel() == 1 for v in out.values())
+    assert x.shape == (5, 3, 16, 16) and x.dtype == torch.float32
+    assert torch.isfinite(x).all() and x.min() >= 0 and x.max() <= 1
+    assert metrics and all(np.isfinite(float(v)) for v in metrics.values())
+    assert results[0][0] == results[1][0] and torch.equal(results[0][1], results[1][1])
 
 
 def test_common_strategy_train_steps_reduce_the_loss_on_a_fixed_batch(model):
@@ -845,10 +757,8 @@ def fault_inputs(dataset, tmp_path_factory) -> dict[str, str]:
     (d / "afile").write_text("a file, not a folder")
     with np.load(dataset) as z:
         arrays = {k: z[k] for k in z.files}
-    n = len(arrays["images"])
     for name, change in [("short_is_val", dict(is_val=arrays["is_val"][:-3])),
-                         ("empty", dict(images=arrays["images"][:0], is_val=arrays["is_val"][:0])),
-                         ("all_val", dict(is_val=np.ones(n, bool)))]:
+                         ("empty", dict(images=arrays["images"][:0], is_val=arrays["is_val"][:0]))]:
         np.savez_compressed(d / f"{name}.npz", **{**arrays, **change})
     big = b"\0" * (download.MAX_MEMBER_BYTES + 1)  # deflates to ~10 KB
     (d / "bomb.zip").write_bytes(make_zip({download.SHEET_NAME: big}))
@@ -873,12 +783,10 @@ SAMPLE = ["sample", "--checkpoint", "{tiny}"]
 T = "test_contracts.py"  # the tiny test model's CLI: common.main, as every model file uses it
 BAD_INPUT = [  # (script, arguments, one-line message fragment, paths that must not exist afterwards)
     # resuming another model's checkpoint, or with another architecture (issue case 5)
-    (T, ["--resume", "{vae}"], "is a vae checkpoint, not tiny", []),
     ("vae.py", ["--resume", "{tiny}"], "is a tiny checkpoint, not vae", []),
-    ("vqvae.py", ["--resume", "{vae}"], "is a vae checkpoint, not vqvae", []),
-    ("diffusion.py", ["--resume", "{vae}"], "is a vae checkpoint, not diffusion", []),
     ("vae.py", ["--resume", "{vae}", "--latent-dim", "4"], "does not fit the model built from --latent-dim 4", []),
     (T, ["--resume", "{dir}/garbage.pt"], "cannot load checkpoint", []),
+    (T, ["sample", "--checkpoint", "{dir}/missing.pt"], "missing.pt not found", []),
     # unwritable --out (case 6; a full and a read-only disk: test_common_full_and_read_only_disk)
     (T, [*TRAIN_FLAGS, "--out", "/proc/i12-run"], "cannot write or read /proc/i12-run", []),
     (T, [*TRAIN_FLAGS, "--out", "{dir}/afile/run"], "a file is in the way", []),
@@ -896,7 +804,7 @@ BAD_INPUT = [  # (script, arguments, one-line message fragment, paths that must 
     # degenerate and corrupt datasets (case 9; an empty validation split trains: test_common_empty_validation_split)
     (T, [*TRAIN_FLAGS, "--data", "{dir}/short_is_val.npz"], "but is_val of shape", []),
     (T, [*TRAIN_FLAGS, "--data", "{dir}/empty.npz"], "has no training sprites (0 sprites", []),
-    (T, [*TRAIN_FLAGS, "--data", "{dir}/all_val.npz"], "has no training sprites", []),
+    (T, [*TRAIN_FLAGS, "--data", "{dir}/missing.npz"], "missing.npz not found", []),
     (T, [*TRAIN_FLAGS, "--data", "{dir}/garbage.npz"], "cannot read dataset", []),
     # a zip member that inflates far past the real 6 KB sheet (case 4), and one whose headers lie about it
     ("download.py", ["--from", "{dir}/bomb.zip", "--out", "{dir}/d1"], "inflates to more than 10 MB", ["{dir}/d1"]),
@@ -1282,6 +1190,8 @@ def test_common_mlflow_run_has_a_step_0_grid_a_descriptive_name_and_no_plumbing_
     run_id = common.load_checkpoint(run_dir / "checkpoints" / "last.pt")["mlflow_run_id"]
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
     run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params["hidden"] == "32" and run.inputs.dataset_inputs
+    assert "sample/precision" in run.data.metrics and {"images", "last.pt"} <= {a.path for a in client.list_artifacts(run_id)}
     # The name: model, epochs, the flags that differ from the defaults, the date.
     assert re.fullmatch(r"tiny 2ep .*lr=0\.003.* \d{4}-\d{2}-\d{2} \d{2}:\d{2}", run.info.run_name), run.info.run_name
     # Hyperparameters only; where the run lives goes to tags.
@@ -1336,7 +1246,9 @@ def test_common_help_shows_the_modes_each_default_once_and_sample_only_sampling_
     with pytest.raises(SystemExit):
         vae.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
-    assert "sample --checkpoint PATH" in text and "python compare.py bench --models NAME" in text
+    assert all("--" + f.name.replace("_", "-") in text for f in dataclasses.fields(vae.Config))
+    assert "sprites per optimizer step (default: 64)" in text and "sample --checkpoint PATH" in text
+    assert "python compare.py bench --models NAME" in text
     assert text.count("(default: runs/<model>/<date-time>)") == 1 and "(default: )" not in text
     assert "--recon-loss {mse,bce,ce}" in text
     with pytest.raises(SystemExit):
@@ -1530,19 +1442,6 @@ def test_vae_ce_samples_are_exact_palette_colours_and_temperature_draws_from_the
     b = hot.decode(model, z, torch.Generator().manual_seed(1), temperature=1.0)
     c = hot.decode(model, z, torch.Generator().manual_seed(0), temperature=1.0)
     assert torch.equal(a, c) and not torch.equal(a, b)
-
-
-def test_vae_sample_mode_writes_pngs_of_the_right_size(dataset, tmp_path):
-    run = common.train(vae.VAEStrategy,
-                       tiny_config("vae", dataset, tmp_path, epochs=1, sample_every=0, recon_loss="ce"))
-    ckpt = run / "checkpoints" / "last.pt"
-    r = run_script("vae.py", "sample", "--checkpoint", ckpt, "--n", 10, "--out", tmp_path / "g.png", "--temperature", 0.5)
-    assert r.returncode == 0, r.stderr
-    assert Image.open(tmp_path / "g.png").size == ((8 * 17 + 1) * 4, (2 * 17 + 1) * 4)
-    r = run_script("vae.py", "sample", "--checkpoint", ckpt, "--n", 3, "--out", tmp_path / "each")
-    assert r.returncode == 0, r.stderr
-    pngs = sorted((tmp_path / "each").glob("*.png"))
-    assert len(pngs) == 3 and all(Image.open(p).size == (16, 16) for p in pngs)
 
 
 def test_vae_latent_stats_count_active_units_and_measure_the_aggregate_posterior():
@@ -1969,15 +1868,8 @@ def test_diffusion_sample_mode_writes_pngs_and_the_gif(tiny_run, tmp_path):
         assert gif.n_frames == 4 + 2 and gif.size == ((4 * 17 + 1) * 4, (3 * 17 + 1) * 4)  # 10 sprites, 4 per row
     r = run_script("diffusion.py", "sample", "--checkpoint", ckpt, "--n", 3, "--out", tmp_path / "each", "--sampler", "ddpm")
     assert r.returncode == 0, r.stderr
-    assert len(list((tmp_path / "each").glob("*.png"))) == 3
-    r = run_script("diffusion.py", "sample", "--checkpoint", ckpt, "--steps", 50)  # more steps than the 10 timesteps
-    assert r.returncode == 2 and "--steps must be between 2 and --timesteps (10)" in r.stderr
-    assert "Traceback" not in r.stderr
-
-
-def test_diffusion_cli_refuses_a_bad_sampler_in_one_line():
-    r = run_script("diffusion.py", "--sampler", "euler", "--no-mlflow")
-    assert r.returncode == 2 and "unknown --sampler 'euler'; use one of ddim, ddpm, dpm++" in r.stderr and "Traceback" not in r.stderr
+    pngs = list((tmp_path / "each").glob("*.png"))
+    assert len(pngs) == 3 and all(Image.open(p).size == (16, 16) for p in pngs)
 
 
 # -----------------------------------------------------------------------------
