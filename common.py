@@ -1182,7 +1182,8 @@ class Trainer:
         self.step += 1
         return scalars
 
-    def _fit_seconds(self) -> float:  # this fit()'s training wall time, scoring left out
+    def _fit_seconds(self) -> float:
+        """Training wall time of the current fit() so far, scoring for the curve left out."""
         return time.time() - self._fit_start - self._eval_pause if self._fit_start else 0.0
 
     def maybe_score_curve(self, epoch: float) -> None:
