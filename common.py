@@ -1,37 +1,29 @@
 """common.py -- the shared boilerplate behind vae.py, vqvae.py and diffusion.py.
 
-This file holds plumbing only. Everything a learner comes to study -- the
-architectures, the losses, the samplers, the model-specific metrics -- lives in
-the model files. What is here is what every model needs and what is easy to get
-subtly wrong when written three times:
+Plumbing only: the architectures, losses, samplers and model-specific metrics
+live in the model files. What is here is what every model needs and what is
+easy to get subtly wrong when written three times:
 
-    Config -> argparse      each model declares its hyperparameters once, as a
-                            dataclass with a comment under every field
-    device, seeding         cuda, then mps, then cpu; one --seed for everything
-    data                    the prepared sprites as tensors on the device
-                            (download.py reads and checks the .npz)
-    palette                 NumPy k-means++ over pixel colours, and snapping
-    labels                  a sprite's class for conditioning: its colour or
-                            its shape cluster (diffusion.py, vqvae.py)
-    pictures                sample grids and GIFs with PIL, nearest-neighbour only
-    sprite metrics          shared quality metrics for samples (and compare.py)
-    Strategy                the abstract base class a model file implements
-    MLflow                  lazy, fail-soft experiment tracking
-    checkpoints             atomic writes; loads that never run code
-    Trainer                 the one training loop: optimizer, EMA, AMP,
-                            clipping, checkpoints, resume, Ctrl-C, NaN guard
-    training a model        train(): run folders claimed by one run at a time,
-                            resuming with changed flags, the end-of-run files
-    speed                   the --amp decision and the busy-CPU hint
-    CLI                     `python X.py` trains; its `sample` and `bench` modes
-                            are passed to compare.py, which holds them
+    bounds          every size and sampling scale checked against a stated maximum
+    Config          each model declares its hyperparameters once, as a dataclass
+                    with a comment under every field: its flags and --help
+    device, data    cuda, then mps, then cpu; one --seed; the sprites as tensors
+    palette         NumPy k-means++ over pixel colours, and snapping
+    labels          a sprite's class for conditioning: its colour or shape cluster
+    pictures        sample grids and GIFs (PIL, nearest-neighbour)
+    metrics         sprite-quality metrics of samples (also compare.py's)
+    Strategy        the abstract base class a model file implements
+    MLflow          lazy, fail-soft experiment tracking
+    checkpoints     atomic writes; loads that never run code
+    Trainer         the one training loop: AdamW, EMA, AMP, clipping, checkpoints,
+                    resume, Ctrl-C, NaN guard; train(): the locked run folder
+    sampling        `python X.py sample` from a checkpoint of that model
+    speed           the --amp decision and the busy-CPU hint (bench: compare.py)
 
-Why each section is shared, and why they stay in this one file:
-docs/learn/00-strategy-pattern.md, "What is in common.py, and why".
-
-Adding a fourth model is one new file (a Config dataclass, a subclass of
-Strategy and a main() that calls `common.main(Strategy, Config)`) and one line
-in compare.py's registry (docs/learn/00-strategy-pattern.md walks through it).
+Why each section is shared, and stays in this one file: docs/learn/00-strategy-pattern.md,
+"What is in common.py, and why". A fourth model is one file (a Config, a Strategy
+subclass, a main() calling `common.main(Strategy, Config)`) and one line in
+compare.py's registry.
 """
 
 from __future__ import annotations
@@ -50,12 +42,14 @@ import re
 import shlex
 import signal
 import sys
+import tempfile
 import time
 import warnings
 from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
+from unittest import mock
 
 import numpy as np
 import torch
@@ -68,19 +62,19 @@ Tensor = torch.Tensor
 
 
 class UserError(Exception):
-    """A problem the user can fix (bad flag, missing file...). The CLI prints
-    it as one line, `error: ...`, and exits with status 2 -- no traceback."""
+    """A problem the user can fix: printed as one line, `error: ...`, exit status 2, no traceback."""
 
 
 # -----------------------------------------------------------------------------
 # Bounds on input: sizes, sampling scales, checkpoints, JSON files
 # -----------------------------------------------------------------------------
-# Every value that sizes an allocation or scales a sampler is checked here,
-# once, against a stated maximum, before anything is allocated: past these a
-# run fails in the allocator or samples NaN instead of refusing in one line.
+# Every value that sizes an allocation or scales a sampler is checked once,
+# before anything is allocated: past these a run would fail in the allocator
+# or sample NaN instead of refusing in one line.
 
 SPRITES_MAX = 4096          # sprites one grid, score or `sample` draws: 4096 x 3 x 16 x 16 float32 = 12 MB
 PARAMS_MAX = 100_000_000    # parameters of a model: 0.4 GB fp32, 1.6 GB with AdamW's two moments and an EMA
+SEED_MAX = 2**32 - 1        # NumPy's seeds are 32-bit
 BOUNDS = {  # Config field -> (least, most) allowed; a field a model does not have is skipped
     "n_samples": (1, SPRITES_MAX), "n_eval": (1, SPRITES_MAX),
     "timesteps": (2, 100_000),  # T: the schedule holds T float64s per coefficient
@@ -90,6 +84,8 @@ BOUNDS = {  # Config field -> (least, most) allowed; a field a model does not ha
     # (a negative value gets the model's own message, from its Config)
     "temperature": (1e-3, 1e3), "eta": (None, 1.0), "guidance": (None, 100.0), "autoguidance": (0.0, 100.0),
 }
+NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")  # a model's name: a registry key, its file's stem
+DEVICES = r"auto|cpu|mps|cuda(:\d+)?"       # what --device accepts
 
 
 def check_range(flag: str, value, least=None, most=None) -> None:
@@ -101,20 +97,9 @@ def check_range(flag: str, value, least=None, most=None) -> None:
         raise UserError(f"{flag} must be {span}, got {value}; use a value in that range (common.BOUNDS says why)")
 
 
-def check_bounds(config) -> None:
-    """BOUNDS on a Config's fields (TrainConfig.__post_init__); a temperature of 0 means argmax (vae.py)."""
-    for name, (least, most) in BOUNDS.items():
-        value = getattr(config, name, None)
-        if value is not None and not (name == "temperature" and value <= 0):
-            try:
-                check_range(f"--{name.replace('_', '-')}", value, least, most)
-            except UserError as e:
-                raise ValueError(str(e)) from None
-
-
 def check_model_size(strategy, config) -> None:
-    """Build the model on PyTorch's meta device (shapes, no memory) and count its
-    parameters, so that e.g. --latent-dim 400000000 is refused before anything is allocated."""
+    """Count the parameters on PyTorch's meta device (shapes, no memory), so that
+    e.g. --latent-dim 400000000 is refused before anything is allocated."""
     try:
         with torch.device("meta"):
             n = sum(p.numel() for p in strategy.build_model(config).parameters())
@@ -131,12 +116,9 @@ def check_suffix(flag: str, path, suffixes: tuple[str, ...]) -> None:
         raise UserError(f"{flag} {path}: this writes {' or '.join(suffixes)} files; give a name ending in one")
 
 
-NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")  # a model's name: a registry key, its file's stem
-
-
 def check_checkpoint(state, path) -> None:
-    """A checkpoint's structure and types, checked once (load_checkpoint), so that a
-    damaged or hand-made file is refused naming what is wrong, not by a KeyError later."""
+    """A checkpoint's structure and types, checked once on loading, so that a damaged
+    or hand-made file is refused naming what is wrong, not by a KeyError later."""
     bad = lambda what: UserError(f"{path} is not a usable checkpoint: {what}; use a checkpoints/last.pt "
                                  f"written by this project's training")
     if not isinstance(state, dict):
@@ -184,8 +166,14 @@ def check_saved_config(config_cls, saved: dict) -> None:
 
 
 def printable(text: str) -> str:
-    """Text read from a file, with control characters (ANSI/OSC escapes, newlines...) removed before printing."""
+    """Text read from a file without its control characters (ANSI/OSC escapes, newlines...)."""
     return re.sub(r"[\x00-\x1f\x7f-\x9f]", "", str(text))
+
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (MLflow's can run to pages)."""
+    return (str(e).strip().splitlines() or [""])[0][:300]
 
 
 def read_json(path, what: str = "a JSON file", kind: type | None = None):
@@ -206,8 +194,7 @@ def read_json(path, what: str = "a JSON file", kind: type | None = None):
 # Config -> argparse
 # -----------------------------------------------------------------------------
 # Each model file subclasses TrainConfig. The comment under each field is its
-# --help text, so a hyperparameter is documented exactly once, where it is
-# declared (read by `field_help` below).
+# --help text (field_help), so a hyperparameter is documented once, where declared.
 
 
 @dataclass
@@ -226,10 +213,10 @@ class TrainConfig:
     # decay of the exponential moving average of the weights used for sampling
     # and validation (0 = no EMA)
     amp: bool = False
-    # bf16 autocast for forward passes (faster on CPUs with bf16 instructions and on GPUs). On a CPU
-    # without them a quick probe measures bf16 against fp32 and, if slower, says so and trains in fp32
+    # bf16 autocast for forward passes (faster on GPUs and on CPUs with bf16 instructions). On a CPU
+    # without them (no avx512_bf16/amx_bf16 flag) bf16 is emulated, ~10x slower: it says so and trains in fp32
     amp_force: bool = False
-    # with --amp: use bf16 autocast even where the probe measured it slower than fp32
+    # with --amp: use bf16 autocast even on a CPU without bf16 instructions
     compile: bool = False
     # torch.compile the model (slow first epoch, faster afterwards)
     seed: int = 0
@@ -258,9 +245,7 @@ class TrainConfig:
     mlflow: bool = True
     # track the run with MLflow (--no-mlflow to skip)
 
-    def __post_init__(self):
-        # Checked here so that the parser, the tests and compare.py all refuse
-        # the same values with the same message.
+    def __post_init__(self):  # here, so that the parser, the tests and compare.py refuse alike
         for name in ("epochs", "batch_size", "palette_size", "n_samples", "n_eval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -274,23 +259,21 @@ class TrainConfig:
             raise ValueError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         if not re.fullmatch(DEVICES, self.device):
             raise ValueError(f"unknown --device {self.device!r}; use auto, cpu, cuda, cuda:N or mps")
-        # Every float field (the model's own too) must be a number: `--lr nan` would train
-        # on silently, and `nan <= 0` is False, so the range checks above let NaN through.
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
+        for f in dataclasses.fields(self):  # the model's own fields too
+            value, choices, flag = getattr(self, f.name), f.metadata.get("choices"), "--" + f.name.replace("_", "-")
+            # `--lr nan` would train on silently: `nan <= 0` is False, so range checks let NaN through
             if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
+                raise ValueError(f"{flag} must be a finite number, got {value}")
+            if choices and value not in choices:  # e.g. vae.py's --recon-loss
+                raise ValueError(f"unknown {flag} {value!r}; use one of {', '.join(choices)}")
+            if f.name in BOUNDS and value is not None and not (f.name == "temperature" and value <= 0):  # <= 0: argmax
+                try:
+                    check_range(flag, value, *BOUNDS[f.name])
+                except UserError as e:
+                    raise ValueError(str(e)) from None
         if not 0 <= self.seed <= SEED_MAX:  # it must fit every RNG it seeds
             raise ValueError(f"--seed must be between 0 and {SEED_MAX}, got {self.seed}")
-        for f in dataclasses.fields(self):  # a model's fields with listed choices, e.g. vae.py's --recon-loss
-            choices, value = f.metadata.get("choices"), getattr(self, f.name)
-            if choices and value not in choices:
-                raise ValueError(f"unknown --{f.name.replace('_', '-')} {value!r}; use one of {', '.join(choices)}")
-        check_bounds(self)  # sizes and sampling scales against their stated maxima (BOUNDS)
 
-
-SEED_MAX = 2**32 - 1  # NumPy's seeds are 32-bit
-DEVICES = r"auto|cpu|mps|cuda(:\d+)?"  # what --device accepts: auto, cpu, cuda, cuda:N or mps
 
 
 def field_help(config_cls) -> dict[str, str]:
@@ -322,19 +305,15 @@ def add_config_flags(parser, config_cls, suppress_defaults=False, only: set[str]
         flag = "--" + f.name.replace("_", "-")
         default = argparse.SUPPRESS if suppress_defaults else f.default
         help_text = (helps.get(f.name) or "(undocumented)").replace("%", "%%")  # argparse reads % as a format
-        # "(default: ...)" once: not when the help already explains it, nor for an empty default.
-        show_default = not suppress_defaults and f.default != "" and "(default" not in help_text
+        if not suppress_defaults and f.default != "" and "(default" not in help_text:
+            help_text += " (default: %(default)s)"
         if f.type in (bool, "bool"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
-                                help=help_text + (" (default: %(default)s)" if show_default else ""))
-        else:
-            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            # A field with metadata {"choices": (...)} shows them, e.g. --recon-loss {mse,bce,ce};
-            # the Config still checks the value, so every path refuses it with the same message.
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        else:  # listed choices are shown (--recon-loss {mse,bce,ce}); the Config checks them, for every path
             choices = f.metadata.get("choices")
-            metavar = "{" + ",".join(choices) + "}" if choices else f.name.upper()
-            parser.add_argument(flag, type=kind, default=default, metavar=metavar,
-                                help=help_text + (" (default: %(default)s)" if show_default else ""))
+            parser.add_argument(flag, type={"int": int, "float": float, "str": str}.get(f.type, f.type),
+                                default=default, help=help_text,
+                                metavar="{" + ",".join(choices) + "}" if choices else f.name.upper())
 
 
 def make_config(config_cls, parser: argparse.ArgumentParser, values: dict):
@@ -365,9 +344,7 @@ def select_device(name: str = "auto") -> torch.device:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed torch (CPU and all GPUs). Training code uses torch's RNG only, so
-    this one call, plus the generators saved in checkpoints, makes a CPU run
-    repeat exactly."""
+    """Seed torch (CPU and all GPUs) and NumPy: with the generators saved in checkpoints, a CPU run repeats exactly."""
     torch.manual_seed(seed)
     np.random.seed(seed)
 
@@ -375,9 +352,8 @@ def seed_everything(seed: int) -> None:
 # -----------------------------------------------------------------------------
 # Data
 # -----------------------------------------------------------------------------
-# The whole dataset is ~900 sprites of 16x16x3 bytes (0.7 MB): it lives on the
-# training device as one tensor, and a batch is an index into it. No
-# DataLoader, no workers.
+# ~900 sprites of 16x16x3 bytes (0.7 MB) live on the device as one tensor; a batch
+# is an index into it: no DataLoader, no workers.
 
 
 @dataclass
@@ -389,8 +365,7 @@ class Sprites:
 
 
 def load_sprites(path: str | os.PathLike, device: torch.device, palette_size: int = 8, seed: int = 0) -> Sprites:
-    """download.py's .npz (read and checked by download.load_dataset, which
-    prepares the default dataset if missing) as tensors, with its palette."""
+    """download.py's .npz (download.load_dataset reads and checks it) as tensors, with its palette."""
     images, is_val = download.load_dataset(path)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255)  # (N, 16, 16, 3) -> (N, 3, 16, 16)
     palette = kmeans_palette(images[~is_val].reshape(-1, 3), k=palette_size, seed=seed)  # (N_train*256, 3) pixels
@@ -411,10 +386,9 @@ def from_model_range(y: Tensor) -> Tensor:
 
 
 def random_hflip(x: Tensor, generator: torch.Generator) -> Tensor:
-    """Mirror each sprite left-right with probability 1/2. Sprites are mostly
-    symmetric in meaning (a sword pointing left is still a sword), so this
-    doubles the data for free. The coin flips come from `generator` (on the
-    CPU) so the same seed gives the same flips on every device."""
+    """Mirror each sprite left-right with probability 1/2: a sword pointing left is still a
+    sword, so this doubles the data. The flips come from `generator` (on the CPU), so the same
+    seed flips the same sprites on every device."""
     flip = torch.rand(x.shape[0], generator=generator) < 0.5  # (B,)
     return torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
 
@@ -426,30 +400,22 @@ def random_hflip(x: Tensor, generator: torch.Generator) -> Tensor:
 
 def kmeans_palette(pixels: np.ndarray, k: int = 8, seed: int = 0, iters: int = 50,
                    init: str = "k-means++") -> np.ndarray:
-    """Cluster RGB pixels (M, 3) into k colours, (k, 3) uint8, sorted by how
-    many pixels they hold.
+    """Cluster RGB pixels (M, 3) into k colours, (k, 3) uint8, the most pixels first.
 
-    Pixel art has a handful of exact colours repeated thousands of times, so
-    we cluster the *distinct* colours, each weighted by its pixel count
-    (kmeans below). Initialisation is k-means++ (Arthur & Vassilvitskii 2007):
-    each new centre is drawn with probability proportional to its squared
-    distance to the nearest centre chosen so far. With plain random
-    initialisation most centres start on the black background (70% of all
-    pixels) and several of the sprite colours are never found; k-means++
-    almost never picks a colour that is already covered. `init="random"`
-    (k random pixels) is kept to show that failure (docs/learn/01-data-pipeline.md)."""
+    k-means++ (Arthur & Vassilvitskii 2007) draws each new centre with probability
+    proportional to its squared distance to the nearest centre so far. A random start
+    puts most centres on the black background (70% of all pixels) and misses sprite
+    colours; `init="random"` is kept to show that (docs/learn/01-data-pipeline.md)."""
     centres, _ = kmeans(np.asarray(pixels).reshape(-1, 3), k, seed, iters, init)
     return np.clip(np.rint(centres), 0, 255).astype(np.uint8)
 
 
 def kmeans(points: np.ndarray, k: int, seed: int = 0, iters: int = 50,
            init: str = "k-means++") -> tuple[np.ndarray, np.ndarray]:
-    """Weighted k-means (Lloyd's iterations, k-means++ or random initialisation)
-    on the *distinct* rows of points (M, D), each weighted by how often it
-    occurs: the palette's RGB pixels (D = 3) and the shape clusters'
-    foreground masks (D = 256, sprite_labels) both repeat rows many times.
-    Returns the centres (k, D) float64 sorted by the weight they hold (largest
-    first) and their weights (k,); k is lowered to the number of distinct rows."""
+    """Lloyd's k-means on the *distinct* rows of points (M, D), each weighted by its count:
+    pixel art repeats a few exact colours (D = 3) and masks (D = 256) thousands of times.
+    Returns the centres (k, D) float64, heaviest first, and their weights (k,); k is at
+    most the number of distinct rows."""
     assert init in ("k-means++", "random"), f"unknown init {init!r}"
     points = np.asarray(points, dtype=np.float64)
     assert points.ndim == 2, f"expected points (M, D), got shape {points.shape}"
@@ -493,17 +459,13 @@ def snap_to_palette(images: Tensor, palette: Tensor) -> Tensor:
 # -----------------------------------------------------------------------------
 # Class labels for conditioning: a sprite's colour, or its shape cluster
 # -----------------------------------------------------------------------------
-# A conditional model (diffusion.py --condition) learns p(x | y) for a class y.
-# Both kinds of label are functions of the sprite itself, so they need no
-# bookkeeping next to the data: the model computes y from each batch as it
-# sees it (a mirrored sprite keeps its colour and gets the cluster of its
-# mirrored mask), and the class accuracy of samples uses the same functions.
-# The split, the seed and the batches are exactly those of an unconditional run.
-#   colour   the index of the sprite's one non-black palette colour: 7 classes on
-#            the Kenney sprites. It fixes every pixel's colour: H(X|Y) keeps only shape.
-#   cluster  the nearest of k centres of k-means (the palette's kmeans above) on
-#            the training sprites' foreground masks (256 values of 0 or 1): a
-#            rough shape. It narrows the shape and says nothing about the colour.
+# A conditional model (--condition) learns p(x | y). y is a function of the sprite
+# itself, computed from each batch (a mirrored sprite gets the cluster of its mirrored
+# mask), so the data, split and batches are those of an unconditional run.
+#   colour   the sprite's one non-black palette colour (7 classes on the Kenney
+#            sprites): it fixes every pixel's colour, H(X|Y) keeps only shape.
+#   cluster  the nearest of k k-means centres of the training sprites' foreground
+#            masks (256 values of 0 or 1): a rough shape, nothing of the colour.
 
 LABEL_KINDS = ("none", "colour", "cluster")
 
@@ -514,7 +476,7 @@ COLOUR_NAMES = {"black": (0, 0, 0), "white": (240, 240, 240), "grey": (128, 128,
 
 
 def background_index(palette: Tensor) -> int:
-    """The background is the darkest palette colour (black), as in sprite_metrics."""
+    """The background: the darkest palette colour (black)."""
     return int(palette.sum(1).argmin())
 
 
@@ -524,9 +486,8 @@ def foreground_masks(images: Tensor, palette: Tensor) -> Tensor:
 
 
 class Labeller:
-    """The class y of a sprite, its name, and the inverse: a name or index -> y.
-    kind "colour": classes are the non-black palette colours in palette order;
-    kind "cluster": classes are the rows of `centres` (k, 256), see fit_shape_clusters."""
+    """A sprite's class y and its name, and a name or index -> y. Classes: the non-black
+    palette colours in palette order ("colour"), or the rows of `centres` (k, 256) ("cluster")."""
 
     def __init__(self, kind: str, palette: Tensor, centres: Tensor | None = None):
         assert kind in ("colour", "cluster"), f"a Labeller needs kind colour or cluster, got {kind!r}"
@@ -571,18 +532,16 @@ class Labeller:
 
 
 def fit_shape_clusters(images: Tensor, palette: Tensor, k: int, seed: int) -> Tensor:
-    """k-means (kmeans above, k-means++ seeded) on the foreground masks of
-    `images` (N, 3, 16, 16): the centres (k, 256) float32, largest cluster first.
-    Each centre is the fraction of its sprites that cover each pixel."""
+    """k-means on the foreground masks of `images` (N, 3, 16, 16): centres (k, 256) float32,
+    largest cluster first, each the fraction of its sprites that cover each pixel."""
     masks = foreground_masks(images, palette).cpu().numpy()  # (N, 256)
     centres, _ = kmeans(masks, k, seed)
     return torch.from_numpy(centres).float().to(palette.device)
 
 
 def make_labeller(kind: str, palette: Tensor, data: str, clusters: int, seed: int) -> Labeller | None:
-    """The labeller of a run: None for kind "none"; shape clusters are fitted
-    on the training split of `data` (deterministic: same data and seed, same
-    centres), so a checkpoint's clusters are rebuilt the same way when it is sampled."""
+    """A run's labeller (None for "none"). Clusters are fitted on the training split of `data`:
+    same data and seed, same centres, so sampling a checkpoint rebuilds its clusters."""
     if kind == "none":
         return None
     if kind == "colour":
@@ -592,9 +551,8 @@ def make_labeller(kind: str, palette: Tensor, data: str, clusters: int, seed: in
 
 
 def requested_classes(n_classes: int, sample_class: int | None, n: int, device: torch.device) -> Tensor:
-    """The classes (n,) a conditional model draws: `sample --class` for all, or else one
-    class per row of 8 of a sample grid (rows cycle through the classes), so a default grid
-    shows every class."""
+    """The classes (n,) a conditional model draws: `sample --class` for all, else one class per
+    row of 8 (rows cycle through the classes), so a default grid shows every class."""
     if sample_class is not None:
         return torch.full((n,), sample_class, dtype=torch.long, device=device)
     return (torch.arange(n, device=device) // 8) % n_classes
@@ -606,8 +564,7 @@ def requested_classes(n_classes: int, sample_class: int | None, n: int, device: 
 
 
 def make_grid(images: Tensor, nrow: int = 8, scale: int = 4, palette: Tensor | None = None) -> Image.Image:
-    """Sprites (N, 3, 16, 16) in [0, 1] -> one PIL image, snapped to the
-    palette if one is given, upscaled with nearest-neighbour, 1-pixel gutters."""
+    """Sprites (N, 3, 16, 16) in [0, 1] -> one PIL image (snapped to `palette` if given)."""
     if palette is not None:
         images = snap_to_palette(images, palette)
     x = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
@@ -615,10 +572,8 @@ def make_grid(images: Tensor, nrow: int = 8, scale: int = 4, palette: Tensor | N
 
 
 def reconstruction_strip(val: Tensor, order: Tensor, reconstruct: Callable[[Tensor], Tensor]) -> tuple[Tensor, int]:
-    """The reconstructions picture of the autoencoders: up to 4 rows of up to 8
-    validation sprites (taken in `order`, a permutation of val), each row
-    followed by the same sprites through `reconstruct`. Returns (sprites,
-    sprites per row) as Strategy.images does."""
+    """The autoencoders' picture: up to 4 rows of up to 8 validation sprites (in `order`), each
+    row followed by its reconstructions; (sprites, sprites per row) as Strategy.images returns."""
     per_row = min(8, val.shape[0])
     rows = max(1, min(4, val.shape[0] // per_row))
     real = val[order[:rows * per_row]]
@@ -628,8 +583,7 @@ def reconstruction_strip(val: Tensor, order: Tensor, reconstruct: Callable[[Tens
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary file next to `path`, then rename: readers see the
-    old file or the new one, never half of one."""
+    """Temporary file, then rename: readers see the old file or the new one, never half."""
     download.write_atomic(Path(path), lambda f: f.write(data))
 
 
@@ -640,8 +594,7 @@ def save_png(img: Image.Image, path: str | os.PathLike) -> Path:
 
 def save_gif(frames: Tensor, path: str | os.PathLike, nrow: int = 8, scale: int = 4,
              frame_ms: int = 80, hold_ms: int = 2000) -> Path:
-    """Frames (F, N, 3, 16, 16) in [0, 1] -> an animated GIF (PIL), one sprite
-    grid per frame, shown as given (not snapped), looping, the last frame held."""
+    """Frames (F, N, 3, 16, 16) in [0, 1] -> a looping GIF of grids (not snapped), the last frame held."""
     grids = [make_grid(f, nrow=nrow, scale=scale) for f in frames]
     download.write_atomic(Path(path), lambda f: grids[0].save(f, format="GIF", save_all=True, append_images=grids[1:],
                                                               loop=0, duration=[frame_ms] * (len(grids) - 1) + [hold_ms]))
@@ -652,32 +605,21 @@ def save_gif(frames: Tensor, path: str | os.PathLike, nrow: int = 8, scale: int 
 # Sprite-quality metrics (shared by every model and by compare.py)
 # -----------------------------------------------------------------------------
 
+
 @torch.no_grad()
 def sprite_metrics(samples: Tensor, reference: Tensor, palette: Tensor, k: int = 3, seed: int = 0) -> dict[str, float]:
-    """Score generated sprites against real ones. All inputs in [0, 1]:
-    samples (N, 3, 16, 16) as the model produced them (not snapped),
-    reference (M, 3, 16, 16) the training sprites, palette (K, 3) with black
-    as the background colour.
+    """Score raw samples (N, 3, 16, 16) against the training sprites `reference` (M, 3, 16, 16),
+    all in [0, 1], with `palette` (K, 3), black the background.
 
-    palette_distance  mean Euclidean RGB distance (0-255 scale) of each raw
-                      sample pixel to its nearest palette colour: how far the
-                      model is from producing exact palette colours (0 = exact).
-    one_colour_rate   fraction of snapped samples with exactly one non-black
-                      colour, as every Kenney sprite has.
-    density_in_range  fraction of snapped samples whose foreground (non-black)
-                      covers 15% to 50% of the pixels, like the training set.
-    precision         fraction of samples inside the real-data manifold;
-    recall            fraction of real sprites inside the sample manifold.
-                      Kynkaenniemi et al. 2019 (arXiv:1904.06991): a set's
-                      manifold is the union of balls around its points, each
-                      with the radius to the point's k-th nearest neighbour
-                      (k=3), here in raw pixel space of snapped sprites (768-D).
-                      The real set is subsampled to the size of the sample set
-                      (seeded) as in the paper. Blind spot: copying the
-                      training set scores perfect precision.
-    near_copy_rate    fraction of snapped samples whose nearest training
-                      sprite differs in at most 3 of 256 pixels: memorisation.
-    unique_rate       distinct snapped samples / samples (1 = no duplicates).
+    palette_distance  mean RGB distance (0-255) of a raw pixel to its nearest palette colour
+    one_colour_rate   snapped samples with exactly one non-black colour, as every Kenney sprite
+    density_in_range  snapped samples whose foreground covers 15% to 50%, like the training set
+    precision/recall  samples inside the real manifold / real sprites inside the samples' one
+                      (Kynkaenniemi et al. 2019, arXiv:1904.06991: the union of balls reaching
+                      each point's k-th neighbour, k=3, in the 768-D pixels of snapped sprites;
+                      the real set subsampled to N, seeded). Copying the data scores precision 1.
+    near_copy_rate    snapped samples within 3 of 256 pixels of a training sprite: memorisation
+    unique_rate       distinct snapped samples / samples
     """
     n = samples.shape[0]
     palette = palette.to(samples.device)
@@ -833,27 +775,22 @@ class Strategy(abc.ABC):
 
 
 class Tracker:
-    """Thin wrapper over MLflow. Without MLFLOW_TRACKING_URI, MLflow's own
-    default store is used (sqlite:///mlflow.db in the working directory; view
-    it with `mlflow ui`). A remote server is checked once at start; after
-    that, a failed call prints one warning and training goes on untracked."""
+    """Thin wrapper over MLflow (default store: sqlite:///mlflow.db here). A server is checked
+    once at start; after that a failed call prints one warning and training goes on untracked."""
 
-    # Process-wide: once a call failed, no tracker of this process calls
-    # MLflow again (compare.py trains three models under one parent run).
-    lost = ""
+    lost = ""  # process-wide: after a failed call no tracker calls MLflow (compare.py's runs share a parent)
 
     def __init__(self, enabled: bool, experiment: str, run_name: str, run_id: str | None = None):
         self.run_id = self.experiment_id = None
         self.experiment = experiment
-        self.epoch = 0        # the Trainer's current epoch, for the note below
-        self.stopped = ""     # set when a call failed: "tracking stopped at epoch N (...)"
+        self.epoch = 0        # the Trainer's current epoch, for `stopped`
+        self.stopped = ""     # after a failed call: "tracking stopped at epoch N (...)"
         if not enabled:
             return
         if Tracker.lost:
             self.stopped = f"not tracked: MLflow failed earlier in this process ({Tracker.lost})"
             return
-        # Fail fast, not after minutes: one retry, short waits. A lost server
-        # then costs a few seconds once, and no call is made after that.
+        # one retry, short waits: a lost server costs a few seconds once, not minutes
         for key, value in (("MAX_RETRIES", "1"), ("BACKOFF_FACTOR", "1"), ("BACKOFF_JITTER", "0.5"),
                            ("TIMEOUT", "5")):
             os.environ.setdefault(f"MLFLOW_HTTP_REQUEST_{key}", value)
@@ -867,9 +804,7 @@ class Tracker:
 
         self.mlflow = mlflow
         try:
-            # Inside an open run (compare.py's parent run) this run becomes its
-            # nested child, in the parent's experiment.
-            nested = mlflow.active_run() is not None
+            nested = mlflow.active_run() is not None  # compare.py's parent run: a child in its experiment
             if not nested:
                 found = mlflow.get_experiment_by_name(experiment)  # created here, silently, when new
                 mlflow.set_experiment(experiment_id=found.experiment_id if found
@@ -894,8 +829,7 @@ class Tracker:
         try:
             fn(*args, **kwargs)
         except Exception as e:
-            # One warning, then no more calls for the rest of the run: a lost
-            # server would otherwise cost its retries on every call.
+            # one warning, then no more calls: a lost server would cost its retries on every call
             self.stopped = f"tracking stopped at epoch {self.epoch} ({what} failed: {type(e).__name__})"
             Tracker.lost = self.stopped
             print(f"warning: MLflow {what} failed ({type(e).__name__}: {first_line(e)}); training continues "
@@ -903,45 +837,29 @@ class Tracker:
             self._forget_run()
 
     def _forget_run(self):
-        """End the run in MLflow's public API after a failed call, so that
-        neither end() nor MLflow's own exit hook retries it: mlflow.end_run()
-        drops the run from the active runs first, then tells the server once --
-        here with no retry and a 1-second timeout, as that server just failed."""
+        """End the run after a failed call, so that neither end() nor MLflow's exit hook retries
+        it: mlflow.end_run() drops it from the active runs, then tells the server once (no retry,
+        a 1-second timeout: that server just failed)."""
         fast = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "1"}
-        saved = {k: os.environ.get(k) for k in fast}
-        os.environ.update(fast)
-        try:
-            with contextlib.suppress(Exception):
-                active = self.mlflow.active_run()
-                if active is not None and active.info.run_id == self.run_id:
-                    self.mlflow.end_run(status="FAILED")
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+        with mock.patch.dict(os.environ, fast), contextlib.suppress(Exception):  # restored afterwards
+            active = self.mlflow.active_run()
+            if active is not None and active.info.run_id == self.run_id:
+                self.mlflow.end_run(status="FAILED")
 
     def how_to_view(self) -> str:
-        """Two lines for the end of a run: the command that serves this store,
-        and this run's page in the UI's "Model training" view (MLflow 3 opens
-        an experiment on its GenAI "Traces" page, where training runs do not
-        show)."""
+        """The command that serves this store and this run's page in the "Model training" view
+        (MLflow 3 opens an experiment on its GenAI "Traces" page, where training runs do not show)."""
         if self.run_id is None:
             return ""
         uri = self.mlflow.get_tracking_uri()
-        if uri.startswith(("http://", "https://")):
-            base, command = uri.rstrip("/"), ""
-        else:
-            base = "http://127.0.0.1:5000"
-            store = uri
-            if uri.startswith("sqlite:///") and Path(uri[len("sqlite:///"):]) == Path.cwd() / "mlflow.db":
-                store = "sqlite:///mlflow.db"  # MLflow's default store, in this folder
-            command = f"mlflow ui --backend-store-uri {store}"
-        page = f"{base}/#/experiments/{self.experiment_id}/runs/{self.run_id}?workflowType=machine_learning"
-        if command:
-            return f"MLflow: to look at this run, start `{command}` here, then open\n  {page}"
-        return f"MLflow: this run is at {page}"
+        remote = uri.startswith(("http://", "https://"))
+        page = (f"{uri.rstrip('/') if remote else 'http://127.0.0.1:5000'}/#/experiments/{self.experiment_id}"
+                f"/runs/{self.run_id}?workflowType=machine_learning")
+        if remote:
+            return f"MLflow: this run is at {page}"
+        here = uri.startswith("sqlite:///") and Path(uri[len("sqlite:///"):]) == Path.cwd() / "mlflow.db"
+        store = "sqlite:///mlflow.db" if here else uri  # MLflow's default store, in this folder
+        return f"MLflow: to look at this run, start `mlflow ui --backend-store-uri {store}` here, then open\n  {page}"
 
     def set_tags(self, tags: dict):
         self._call("set_tags", lambda: self.mlflow.set_tags({k: str(v)[:500] for k, v in tags.items()}))
@@ -954,6 +872,7 @@ class Tracker:
 
     def log_metric_history(self, history: list[tuple[str, float, int]]):
         """Many (key, value, step) at once: one round trip per epoch, not per step."""
+
         def send():
             from mlflow.entities import Metric
             now = int(time.time() * 1000)
@@ -990,23 +909,16 @@ class Tracker:
         self._call("end_run", lambda: self.mlflow.end_run(status=status))
 
 
-def first_line(e: BaseException) -> str:
-    """The first line of an exception's message (MLflow's can run to pages)."""
-    return (str(e).strip().splitlines() or [""])[0][:300]
-
-
 def check_tracking_uri(uri: str) -> None:
-    """A URL missing its '://' (e.g. `http//host:5000`) is refused in one line;
-    MLflow would take it as a folder name. Other mistakes MLflow reports itself."""
+    """A URL missing its '://' (`http//host:5000`), which MLflow would take as a folder name."""
     if uri and "://" not in uri and re.match(r"(https?|file|sqlite|postgresql|mysql|mssql|databricks)\b", uri):
         raise UserError(f"MLFLOW_TRACKING_URI={uri!r} is not a valid URI (no '://'); "
                         f"use e.g. http://127.0.0.1:5000 or sqlite:///mlflow.db, or pass --no-mlflow")
 
 
 def check_store(uri: str) -> None:
-    """A local store (sqlite or a folder; none: MLflow's sqlite:///mlflow.db here, with
-    artifacts in ./mlruns) that cannot be written fails at start, in one line: MLflow would
-    print pages of SQLAlchemy tracebacks, or retry for minutes, before failing."""
+    """A local store (sqlite or a folder; none: ./mlflow.db, artifacts in ./mlruns) that cannot be
+    written fails at start in one line, not after pages of SQLAlchemy tracebacks or minutes of retries."""
     if uri and not uri.startswith(("sqlite:", "file:")) and "://" in uri:
         return  # a server or a database MLflow reaches itself
     if not uri or uri.startswith("sqlite:"):
@@ -1021,9 +933,7 @@ def check_store(uri: str) -> None:
     for place in places:
         try:  # a real write: permissions alone say nothing of a read-only mount, nor to root
             if place.is_dir():
-                probe = place / f".mlflow-write-test-{os.getpid()}"
-                probe.touch()
-                probe.unlink()
+                tempfile.TemporaryFile(dir=place).close()
             else:
                 open(place, "ab").close()
         except OSError as e:
@@ -1033,9 +943,7 @@ def check_store(uri: str) -> None:
 
 
 def quiet_mlflow_logs() -> None:
-    """MLflow's start-up chatter ("Creating initial MLflow database tables...",
-    alembic's migration lines) is INFO logging: raise those loggers to WARNING,
-    so real warnings and errors still show."""
+    """MLflow's start-up INFO chatter (database tables, alembic migrations) off; warnings still show."""
     import logging
 
     for name in ("mlflow.store.db.utils", "mlflow.store.db_migrations", "alembic"):
@@ -1064,25 +972,23 @@ def check_server(uri: str, tries: int = 2, timeout: float = 3.0) -> None:
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
-    """torch.save to memory, then an atomic rename: a crash mid-write never
-    destroys the previous checkpoint."""
+    """Atomic: a crash mid-write never destroys the previous checkpoint."""
     buf = io.BytesIO()
     torch.save(state, buf)
     atomic_write_bytes(path, buf.getvalue())
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    """weights_only=True: a checkpoint is data (tensors, numbers, strings),
-    never code to run, so a checkpoint from elsewhere cannot execute anything."""
+    """weights_only=True: a checkpoint is data, never code, so one from elsewhere cannot run anything."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"checkpoint {path} not found")
+        raise UserError(f"checkpoint {path} not found; give a run folder's checkpoints/last.pt")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"cannot load checkpoint {path} ({type(e).__name__}); is it a checkpoint of this project?")
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise UserError(f"{path} is not a checkpoint of this project")
+        raise UserError(f"{path} is not a checkpoint of this project")  # e.g. a weights file
     check_checkpoint(state, path)
     return state
 
@@ -1097,13 +1003,9 @@ class NonFiniteLoss(Exception):
 
 
 class Trainer:
-    """The one training loop, shared by every model.
-
-    Per epoch: shuffle, flip, train_step -> backward -> clip -> AdamW -> EMA;
-    then validation metrics, a progress line, a checkpoint, and every
-    `sample_every` epochs a sample grid. Ctrl-C finishes the current step,
-    saves a checkpoint that resumes exactly there, and exits.
-    """
+    """The one training loop. Per epoch: shuffle, flip, train_step -> backward -> clip -> AdamW ->
+    EMA; validation, a progress line, a checkpoint, every `sample_every` epochs a sample grid.
+    Ctrl-C finishes the step and saves a checkpoint that resumes exactly there."""
 
     def __init__(self, strategy: Strategy, config: TrainConfig, train: Tensor, val: Tensor,
                  palette: Tensor, run_dir: Path, tracker: Tracker | None = None,
@@ -1114,23 +1016,16 @@ class Trainer:
         self.augment = augment if config.flip else None
         self.device = train.device
         self.ckpt_path = self.run_dir / "checkpoints" / "last.pt"
-        # All epochs of the run: config.epochs, unless the strategy trains in stages.
-        self.epochs = strategy.total_epochs(config)
-
+        self.epochs = strategy.total_epochs(config)  # config.epochs, unless the strategy trains in stages
         check_model_size(strategy, config)
         self.model = strategy.build_model(config).to(self.device)
-        # torch.compile wraps the model; checkpoints always hold the original.
-        self.step_model = torch.compile(self.model) if config.compile else self.model
+        self.step_model = torch.compile(self.model) if config.compile else self.model  # checkpoints hold the original
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        # EMA of weights (and of buffers such as normalisation statistics):
-        # theta_ema <- decay * theta_ema + (1 - decay) * theta after every step.
-        self.ema = None
-        if config.ema_decay > 0:
-            self.ema = torch.optim.swa_utils.AveragedModel(
-                self.model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.ema_decay),
-                use_buffers=True)
-        # Shuffling and flips draw from their own CPU generator, so they are
-        # identical on every device and independent of the model's noise.
+        # EMA of weights and buffers (normalisation statistics): theta_ema <- d theta_ema + (1 - d) theta
+        self.ema = torch.optim.swa_utils.AveragedModel(
+            self.model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.ema_decay),
+            use_buffers=True) if config.ema_decay > 0 else None
+        # shuffles and flips: a CPU generator of their own, the same on every device
         self.data_gen = torch.Generator().manual_seed(config.seed)
         self.epoch = 0          # last completed epoch
         self.step = 0           # optimizer steps so far
@@ -1238,9 +1133,8 @@ class Trainer:
         return self.history
 
     def train_epoch(self, epoch: int) -> list[tuple[str, float, int]] | None:
-        """One pass over the training sprites: shuffle, flip, optimizer_step per
-        batch. Returns the per-step log (train_step/<name>, value, step), or None
-        when Ctrl-C stopped the epoch midway (a checkpoint then holds the step)."""
+        """One pass: the per-step log (train_step/<name>, value, step), or None when Ctrl-C stopped
+        it midway (a checkpoint then holds the step)."""
         cfg, n = self.config, self.train.shape[0]
         n_batches = math.ceil(n / cfg.batch_size)
         self.tracker.epoch = epoch
@@ -1284,12 +1178,10 @@ class Trainer:
         return step_log
 
     def end_epoch(self, epoch: int, train_time: float, step_log: list, epochs_timed: int) -> None:
-        """After an epoch: validation, the checkpoint, MLflow, the progress line
-        and, every --sample-every epochs, pictures and sprite-quality metrics."""
+        """Validation, the checkpoint, MLflow, the progress line; every --sample-every epochs, pictures and scores."""
         cfg, n = self.config, self.train.shape[0]
         metrics = {f"train/{k}": v / n for k, v in self.epoch_sums.items()}
-        # Throughput measures the machine (other processes slow it), not the model: system/.
-        metrics["system/images_per_sec"] = n / max(train_time, 1e-9)
+        metrics["system/images_per_sec"] = n / max(train_time, 1e-9)  # the machine's speed, not the model's
         metrics.update(self.validate(epoch))
         self.history.append({"epoch": epoch, **metrics})
         self.save()  # every epoch: the last good state is always on disk
@@ -1298,8 +1190,7 @@ class Trainer:
         elapsed = time.time() - self._fit_start
         eta = elapsed / epochs_timed * (self.epochs - epoch)
         print(self.progress_line(epoch, metrics, elapsed, eta), flush=True)
-        if epochs_timed == 1:
-            # every model's script is named after it (check_model_type's hint relies on that too)
+        if epochs_timed == 1:  # every model's script is named after it
             hint = contention_hint(self.device, f"OMP_NUM_THREADS=1 python {self.strategy.name}.py "
                                                 f"--resume {self.ckpt_path}")
             if hint:
@@ -1375,12 +1266,9 @@ class Trainer:
 
     @contextlib.contextmanager
     def evaluating(self, seed: int | None = None):
-        """`with trainer.evaluating() as model:` the eval model (the EMA if kept)
-        in eval mode, without gradients, under a fork of torch's RNG (reseeded
-        with `seed` if given): what is drawn inside never moves training's
-        random stream, so validation, pictures and scores leave the losses of a
-        seeded run as they are, and resume stays exact. The trained model is
-        back in train mode afterwards."""
+        """The eval model in eval mode, no gradients, under a fork of torch's RNG (reseeded with
+        `seed` if given): validation, pictures and scores never move training's random stream,
+        so a seeded run's losses and resume stay exact."""
         model = self.eval_model
         model.eval()
         try:
@@ -1392,9 +1280,7 @@ class Trainer:
             self.model.train()
 
     def validate(self, epoch: int) -> dict[str, float]:
-        """Average get_metrics over the validation split, with the EMA weights
-        if kept, reseeded so validation noise is the same every epoch
-        (comparable numbers)."""
+        """get_metrics averaged over the validation split, the same noise every epoch (comparable)."""
         sums: dict[str, float] = {}
         with self.evaluating(seed=self.config.seed + 1) as model:
             for i in range(0, self.val.shape[0], self.config.batch_size):
@@ -1403,9 +1289,8 @@ class Trainer:
                     m = self.strategy.get_metrics(model, batch)
                 for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + float(v) * batch.shape[0]
-        # No validation sprites: the hook still runs (it may act on training,
-        # e.g. codebook restarts), on the training sprites, and its val/
-        # metrics are dropped rather than measured on the wrong split.
+        # no validation sprites: the hook still runs on the training ones (codebook restarts),
+        # and its val/ metrics are dropped rather than measured on the wrong split
         with torch.no_grad():
             extra = self.strategy.on_epoch_end(self.model, epoch,
                                                self.val if len(self.val) else self.train)
@@ -1415,14 +1300,13 @@ class Trainer:
         return out
 
     def generate(self, n: int, seed: int) -> Tensor:
-        """n raw samples from the eval model, in chunks of 256, reproducible."""
+        """n raw samples from the eval model, reproducible."""
         with self.evaluating() as model:
             return draw_samples(self.strategy, model, n, seed, self.device, self.config.amp)
 
     def write_pictures(self, epoch: int, final: bool = False) -> dict[str, Path]:
-        """A sample grid (same seed every time, so the grids show one set of
-        noise turning into sprites over training) plus the strategy's extra
-        pictures; to the run folder and to MLflow."""
+        """The sample grid (one seed, so the grids show the same noise turning into sprites) and the
+        strategy's pictures, to the run folder and MLflow."""
         name = "final" if final else f"epoch_{epoch:04d}"
         pictures = {"samples": (self.generate(self.config.n_samples, self.config.seed), 8)}
         if len(self.val) >= 2:  # the extra pictures show validation sprites (a VAE interpolation: pairs)
@@ -1448,9 +1332,7 @@ class Trainer:
         return quality
 
     def write_animation(self, n: int = 16) -> Path | None:
-        """If the strategy has a `trajectory` (frames of one sampling run, e.g. a
-        diffusion model's denoising steps): an animated GIF of n sprites,
-        run_dir/trajectory.gif, logged to MLflow."""
+        """The strategy's `trajectory` of n sprites as run_dir/trajectory.gif, if it has one."""
         if not self.strategy.animates():
             return None
         gen = torch.Generator(self.device).manual_seed(self.config.seed)
@@ -1461,8 +1343,7 @@ class Trainer:
         return path
 
     def progress_line(self, epoch: int, metrics: dict, elapsed: float, eta: float, width: int = 110) -> str:
-        """One line of at most `width` characters: the losses first, then as
-        many other metrics as fit (all of them are in MLflow and metrics.json),
+        """At most `width` characters: the losses, then as many metrics as fit (MLflow has them all),
         e.g. "epoch  12/200 | train loss 2.04 | val loss 2 pixel_acc 0.7 | 40 img/s | 0:00:20, ETA 0:01:00"."""
         head = f"epoch {epoch:>{len(str(self.epochs))}}/{self.epochs}"
         tail = f"{metrics['system/images_per_sec']:.0f} img/s | {fmt_time(elapsed)}, ETA {fmt_time(eta)}"
@@ -1503,8 +1384,7 @@ def count_step_flops(strategy, model: nn.Module, batch: Tensor, autocast: Callab
 
 @torch.no_grad()
 def draw_samples(strategy, model: nn.Module, n: int, seed: int, device: torch.device, amp: bool = False) -> Tensor:
-    """n raw samples (n, 3, 16, 16) in [0, 1], in chunks of 256 so memory stays
-    bounded, from a generator seeded with `seed`: same seed, same sprites."""
+    """n raw samples (n, 3, 16, 16) in [0, 1], in chunks of 256 (bounded memory): same seed, same sprites."""
     gen = torch.Generator(device).manual_seed(seed)
     chunks = []
     for start in range(0, n, 256):
@@ -1522,7 +1402,7 @@ def check_samples(x: Tensor, n: int) -> None:
 
 
 def fmt_time(seconds: float) -> str:
-    """H:MM:SS, e.g. 0:16:05 (datetime.timedelta's str, whole seconds)."""
+    """H:MM:SS, e.g. 0:16:05."""
     return str(datetime.timedelta(seconds=round(seconds)))
 
 
@@ -1532,16 +1412,10 @@ def fmt_time(seconds: float) -> str:
 
 
 class RunFolder:
-    """A run folder, claimed by one run at a time (`with RunFolder(path):`).
-
-    Entering creates the folder and claims it: a lock file, run.lock, holding
-    the owner's PID. A second run or resume into a claimed folder is refused
-    in one line. On POSIX the claim is an flock(2) on that file, which the
-    kernel drops when its process dies, however it dies: a lock file left by a
-    killed run is stale, named with its PID and taken over. Then temporary
-    files of interrupted atomic writes (*.tmp) are swept. Leaving removes the
-    lock, and removes again the folders entering created if nothing was
-    written into them: a failed start leaves no empty run folder behind."""
+    """`with RunFolder(path):` a run folder, claimed by one run at a time through run.lock (the
+    owner's PID). On POSIX the claim is an flock(2), which the kernel drops when its process
+    dies however it dies, so a killed run's lock is taken over. Entering sweeps the *.tmp of
+    interrupted writes; leaving removes the lock and the folders it created, if still empty."""
 
     LOCK = "run.lock"
 
@@ -1602,8 +1476,7 @@ class RunFolder:
         self.fd = fd
 
     def _sweep(self) -> None:
-        """Temporary files of atomic writes (download.write_atomic) that a kill
-        left behind; safe to delete, as this run now owns the folder."""
+        """Temporary files of atomic writes a kill left: this run owns the folder now."""
         orphans = [p for p in self.path.rglob("*.tmp") if p.is_file()]
         for p in orphans:
             p.unlink()
@@ -1619,10 +1492,8 @@ class RunFolder:
 
 
 def train(strategy_cls, config: TrainConfig) -> Path:
-    """Train one model end to end; returns the run folder. Used by every
-    model file's main() and by compare.py. Every input is checked before the
-    run folder is created and claimed (RunFolder); a Ctrl-C saves a checkpoint
-    and raises Interrupted."""
+    """Train one model end to end (every model file's main() and compare.py); returns the run
+    folder. Every input is checked before the folder is claimed; Ctrl-C raises Interrupted."""
     resume_state = load_checkpoint(config.resume) if config.resume else None
     name = strategy_cls.name
     if resume_state:
@@ -1697,9 +1568,7 @@ def train(strategy_cls, config: TrainConfig) -> Path:
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM stopped training after a checkpoint was saved; the message
-    says how to resume. The command line exits with status 128 + the signal:
-    130 for Ctrl-C (SIGINT), 143 for SIGTERM."""
+    """Ctrl-C or SIGTERM stopped training after a checkpoint; exit status 128 + the signal (130, 143)."""
 
     def __init__(self, message: str, status: int = 130):
         super().__init__(message)
@@ -1707,12 +1576,9 @@ class Interrupted(KeyboardInterrupt):
 
 
 def check_model_type(state: dict, name: str, path) -> None:
-    """A checkpoint of another model is refused by its type, before its
-    config or weights can cause a confusing error."""
+    """Another model's checkpoint is refused by its type, before its config or weights confuse."""
     kind = state.get("strategy")
-    if kind != name:
-        # only a plain name of a model file beside this one becomes a command to copy
-        # (compare.py holds the registry, and common.py imports nothing above it)
+    if kind != name:  # only a model file beside this one becomes a command to copy
         known = isinstance(kind, str) and NAME.fullmatch(kind) is not None \
             and kind not in ("common", "compare", "download") and Path(__file__).with_name(f"{kind}.py").is_file()
         advice = f"`python {kind}.py --resume {shlex.quote(str(path))}`" if known else "the script that trained it"
@@ -1720,8 +1586,8 @@ def check_model_type(state: dict, name: str, path) -> None:
 
 
 def check_mid_epoch(state: dict, config: TrainConfig) -> None:
-    """A checkpoint saved inside an epoch counts the batches done in its own batch size:
-    resuming it with another --batch-size would skip the wrong sprites, so it is refused."""
+    """A checkpoint saved inside an epoch counts batches of its own size: another --batch-size
+    would skip the wrong sprites."""
     old = state["config"].get("batch_size")
     if state.get("resume_batch") and old != config.batch_size:
         raise UserError(f"{config.resume} stopped in the middle of epoch {state.get('epoch', 0) + 1} at --batch-size "
@@ -1730,11 +1596,8 @@ def check_mid_epoch(state: dict, config: TrainConfig) -> None:
 
 
 def resume(trainer: Trainer, state: dict, config: TrainConfig) -> None:
-    """Restore a checkpoint into the trainer. Flags given with --resume that
-    differ from the checkpoint's config take effect and are printed (and
-    logged to MLflow): --lr and --weight-decay are written into the restored
-    optimizer, which would otherwise keep the checkpoint's values. Flags that
-    change the model's shape cannot: refused in one line."""
+    """Restore a checkpoint into the trainer. Changed flags take effect, printed and logged (--lr
+    and --weight-decay written into the restored optimizer); a changed shape is refused."""
     saved = state["config"]
     changed = {k: (saved[k], v) for k, v in dataclasses.asdict(config).items()
                if k in saved and saved[k] != v and k not in ("resume", "out")}
@@ -1755,17 +1618,13 @@ def resume(trainer: Trainer, state: dict, config: TrainConfig) -> None:
         trainer.tracker.log_params({f"resumed_at_epoch_{trainer.epoch}/{k}": new for k, (_, new) in changed.items()})
 
 
-# Settings that say where and how a run is kept, not what is trained: MLflow
-# gets them as tags (run_folder, device, data...) or not at all, so the params
-# list holds the hyperparameters only.
+# where and how a run is kept, not what is trained: MLflow tags or nothing, not params
 PLUMBING = ("mlflow", "out", "resume", "device", "data", "sample_every", "n_samples")
 
 
 def run_name(model: str, config: TrainConfig, when: time.struct_time) -> str:
-    """A run's name in MLflow: the model, the values of the fields its Config
-    names in `run_name_flags` (e.g. vae's recon loss), the epochs, the flags
-    that differ from the defaults, and the start time, e.g.
-    "vae ce 200ep lr=0.003 2026-11-30 04:10"."""
+    """The model, its Config's `run_name_flags` values, the epochs, changed flags and the start,
+    e.g. "vae ce 200ep lr=0.003 2026-11-30 04:10"."""
     picked, changed = [], []
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
@@ -1809,10 +1668,8 @@ def finish(trainer: Trainer, data: Sprites) -> dict[str, Path]:
 
 
 def saved_config(config_cls, saved: dict) -> dict:
-    """A checkpoint's config as keyword arguments for config_cls: fields it
-    does not know are dropped, and fields added after the checkpoint was
-    written take config_cls.LEGACY's values (those that rebuild the model it
-    was trained as), not today's defaults."""
+    """A checkpoint's config as config_cls's arguments: unknown fields dropped; fields newer than
+    the checkpoint take config_cls.LEGACY's values (which rebuild its model), not today's defaults."""
     check_saved_config(config_cls, saved)
     known = {f.name for f in dataclasses.fields(config_cls)}
     legacy = {k: v for k, v in getattr(config_cls, "LEGACY", {}).items() if k not in saved}
@@ -1826,18 +1683,16 @@ def saved_config(config_cls, saved: dict) -> dict:
 
 class Trained(NamedTuple):
     strategy: Strategy
-    model: nn.Module            # the eval model (the EMA weights, if the run kept them), in eval mode, on the device
-    palette: torch.Tensor       # (K, 3) the run's palette, on the device
-    config: TrainConfig  # the run's Config, with the overrides
-    state: dict                 # the whole checkpoint (epoch, train_seconds, ...)
+    model: nn.Module       # the eval model (the EMA weights, if kept), in eval mode, on the device
+    palette: torch.Tensor  # (K, 3) the run's palette, on the device
+    config: TrainConfig    # the run's Config, with the overrides
+    state: dict            # the whole checkpoint (epoch, train_seconds, ...)
 
 
 def load_for_sampling(checkpoint: str | os.PathLike, device: torch.device, strategy_cls, config_cls,
                       overrides: dict | None = None, state: dict | None = None) -> Trained:
-    """Rebuild a trained model of strategy_cls from a checkpoint (compare.py's
-    load_any finds the model of any checkpoint). `overrides`: Config values that
-    replace the checkpoint's (e.g. a sampling temperature). `state`: the checkpoint
-    already read by load_checkpoint (load_any), so that the file is read and checked once."""
+    """Rebuild a trained strategy_cls model; `overrides` replace config values (a temperature);
+    `state`: the checkpoint already loaded (compare.py's load_any), so it is read once."""
     state = load_checkpoint(checkpoint) if state is None else state
     name = state.get("strategy")
     if name != strategy_cls.name:
@@ -1856,7 +1711,7 @@ def load_for_sampling(checkpoint: str | os.PathLike, device: torch.device, strat
     except RuntimeError as e:
         first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
         raise UserError(f"{checkpoint} does not fit the model these flags build ({first}); "
-                               f"drop the architecture flags") from None
+                        f"drop the architecture flags") from None
     if state.get("ema") is not None:  # sample with the EMA weights, as training did
         ema = torch.optim.swa_utils.AveragedModel(model, use_buffers=True)
         ema.load_state_dict(state["ema"])
@@ -1883,21 +1738,14 @@ def sample_command(strategy_cls, config_cls, argv: list[str]) -> None:
     parser.add_argument("--class", dest="sample_class", metavar="NAME|INDEX",
                         help="checkpoints trained with --condition: draw only this class (e.g. red, cluster3 or 2); "
                              "default: one class per row of 8")
-    # The model's own fields (not the shared training ones) can be overridden,
-    # e.g. a sampling temperature or a number of denoising steps. A Config that
-    # names its sampling fields (`sample_flags`) offers only those, not
-    # training-only ones such as vae.py's KL weight.
-    own = model_fields(config_cls)
-    own &= set(getattr(config_cls, "sample_flags", own))
+    # the model's own fields, or only its `sample_flags` (not e.g. vae.py's KL weight)
+    own = model_fields(config_cls) & set(getattr(config_cls, "sample_flags", model_fields(config_cls)))
     if own:
         add_config_flags(parser.add_argument_group("model flags (override the checkpoint's config)"),
-                                config_cls, suppress_defaults=True, only=own)
+                         config_cls, suppress_defaults=True, only=own)
     args = parser.parse_args(argv)
-    if args.n < 1:
-        parser.error("--n must be at least 1")
-    if not 0 <= args.seed <= SEED_MAX:
-        parser.error(f"--seed must be between 0 and {SEED_MAX}")
     check_range("--n", args.n, 1, SPRITES_MAX)
+    check_range("--seed", args.seed, 0, SEED_MAX)
     if args.gif:
         check_suffix("--gif", args.gif, (".gif",))
     out = sample_out(args.out, args.checkpoint, args.seed)
@@ -1908,7 +1756,7 @@ def sample_command(strategy_cls, config_cls, argv: list[str]) -> None:
         labeller = getattr(strategy, "labeller", None)
         if labeller is None:
             raise UserError(f"{args.checkpoint} was trained without classes; --class needs a checkpoint "
-                                   f"trained with --condition colour or --condition cluster")
+                            f"trained with --condition colour or --condition cluster")
         strategy.sample_class = labeller.parse(args.sample_class)
     if (args.gif or out.suffix.lower() == ".gif") and not strategy.animates():
         raise UserError(f"{strategy_cls.name} has no sampling trajectory to animate; write a .png or a folder")
@@ -1934,10 +1782,8 @@ def sample_command(strategy_cls, config_cls, argv: list[str]) -> None:
 
 
 def sample_out(out: str, checkpoint: str, seed: int) -> Path:
-    """Where `sample` writes, decided by the suffix of --out: .png a grid,
-    .gif an animation, no suffix (or an existing folder) a folder of PNGs;
-    any other suffix is refused. Default: a grid in the checkpoint's run
-    folder (runs/<model>/<date-time>/sample-seed0.png), not the working one."""
+    """By --out's suffix: .png a grid, .gif an animation, none (or a folder) one PNG per sprite;
+    default: sample-seed<SEED>.png in the checkpoint's run folder."""
     if not out:
         ckpt = Path(checkpoint)
         run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
@@ -1945,118 +1791,60 @@ def sample_out(out: str, checkpoint: str, seed: int) -> Path:
     path = Path(out)
     if path.suffix.lower() not in ("", ".png", ".gif") and not path.is_dir():
         raise UserError(f"--out {out}: cannot write {path.suffix} files; use a .png (a grid), a folder name "
-                               f"without a suffix (one PNG per sprite) or a .gif (an animation, diffusion.py)")
+                        f"without a suffix (one PNG per sprite) or a .gif (an animation, diffusion.py)")
     return path
 
 
 def model_fields(config_cls) -> set[str]:
-    """A model's own Config fields, not the shared training ones: what `sample`
-    (and compare.py's bench) let a user override."""
+    """A model's own Config fields, not TrainConfig's: what `sample` and bench let a user override."""
     return {f.name for f in dataclasses.fields(config_cls)} - {f.name for f in dataclasses.fields(TrainConfig)}
 
 
 # -----------------------------------------------------------------------------
-# Speed: matmul throughput, the --amp decision, the contention hint
+# Speed: the --amp decision and the busy-CPU hint (cheap checks, nothing timed)
 # -----------------------------------------------------------------------------
-# (training uses them for --amp and the hint; compare.py's `bench` reuses matmul_rate, best_time, native_bf16.)
 
 
-def matmul_rate(n: int, dtype: torch.dtype, device: torch.device, repeats: int,
-                run_seconds: float) -> tuple[float, float]:
-    """GFLOP/s of n x n products in `dtype` (best of `repeats` timed runs of
-    about `run_seconds` each) and the CPU share of that run (see best_time).
-    The matrices come from a generator of their own, so measuring never moves
-    the random stream a seeded training run draws from."""
-    gen = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
-    b = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
-    once, _ = best_time(lambda: a @ b, 1, device)
-    k = max(1, math.ceil(run_seconds / once))  # products per timed run
-    wall, share = best_time(lambda: [a @ b for _ in range(k)], repeats, device)
-    return 2 * n ** 3 * k / wall / 1e9, share
-
-
-def native_bf16(device: torch.device) -> tuple[bool, str]:
-    """Does this device have bf16 arithmetic in hardware? CPU: the avx512_bf16
-    or amx_bf16 flags in /proc/cpuinfo (elsewhere: unknown, so no); CUDA:
-    torch's own check. Returns (yes/no, what was found, in words)."""
+def native_bf16(device: torch.device) -> tuple[bool | None, str]:
+    """Does this device do bf16 arithmetic in hardware (None: cannot tell), and what was found, in
+    words. CPU: the avx512_bf16 or amx_bf16 flag (x86) or bf16 (Arm) in /proc/cpuinfo."""
     if device.type == "cuda":
         ok = torch.cuda.is_bf16_supported()
         return ok, f"{torch.cuda.get_device_name(device)}: bf16 {'supported' if ok else 'not supported'}"
     if device.type != "cpu":
         return True, f"{device.type}: bf16 not checked"
     try:
-        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith("flags")), [])
+        flags = set(" ".join(re.findall(r"^(?:flags|Features)\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.M)).split())
     except OSError:
-        flags = []
-    found = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+        return None, "no /proc/cpuinfo to read CPU flags from"
+    found = sorted(flags & {"avx512_bf16", "amx_bf16", "bf16"})
     return bool(found), (f"CPU flags {', '.join(found)}" if found else "no avx512_bf16 or amx_bf16 CPU flag")
 
 
-def bf16_probe(device: torch.device) -> float:
-    """How fast a bf16 matmul runs here as a multiple of fp32 (best of 3
-    products of 512x512; ~0.1 s on a CPU without bf16 instructions)."""
-    fp32, _ = matmul_rate(512, torch.float32, device, 3, run_seconds=0.0)  # one product per timed run
-    bf16, _ = matmul_rate(512, torch.bfloat16, device, 3, run_seconds=0.0)
-    return bf16 / fp32
-
-
 def amp_worth_it(device: torch.device, force: bool) -> bool:
-    """--amp's decision: bf16 autocast where the hardware has bf16, or where the
-    probe finds it no slower; otherwise one line saying why, and fp32 --
-    unless --amp-force. On a CPU without bf16 instructions PyTorch emulates
-    bf16 and, measured on this project's 2-core AVX2 machine, trains ~13x slower."""
+    """--amp's decision: bf16 autocast, except on a CPU known to lack bf16 instructions, where PyTorch
+    emulates bf16: docs/results/bench/log.txt (this project's 2-core AVX2 machine) measured a bf16 matmul
+    at 1.3 GFLOP/s against fp32's 134.1, and vae.py training at 269.5 sprites/s against 2667.7. There it
+    says so in one line and trains in fp32, unless --amp-force."""
     native, found = native_bf16(device)
-    if native or device.type != "cpu":
+    if native is not False or force:
         return True
-    ratio = bf16_probe(device)
-    if ratio >= 1.0 or force:
-        return True
-    print(f"--amp: this CPU has {found}; a bf16 matmul runs {ratio:.2f}x as fast as fp32 here, so training "
-          f"runs in fp32 (--amp-force to use bf16 anyway)")
+    print(f"--amp: this CPU has {found}, so bf16 would be emulated (about 10x slower than fp32 on such a CPU, "
+          f"docs/results/bench/log.txt); training runs in fp32 (--amp-force to use bf16 anyway)")
     return False
 
 
-def best_time(fn: Callable, repeats: int, device: torch.device) -> tuple[float, float]:
-    """Best wall time of `repeats` calls after one warm-up call. The best, not
-    the mean: on a shared machine the fastest run is the least disturbed one.
-    Also returns the CPU share of that run: this process's CPU time over wall
-    time x threads (near 1: the CPUs were ours; 0.3: other work had 70%)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        sync()
-        times.append((time.perf_counter() - t0, time.process_time() - c0))
-    wall, cpu = min(times)
-    return wall, cpu / wall / torch.get_num_threads()
-
-
-def cpu_probe(n: int = 256, seconds: float = 0.05, repeats: int = 3) -> tuple[float, float]:
-    """A quick look at this machine now (0.33 s on 2 cores shared with other jobs): the
-    GFLOP/s of fp32 n x n matrix products with all of torch's threads, and
-    the CPU share they got (see best_time: near 1 when the cores are ours)."""
-    return matmul_rate(n, torch.float32, torch.device("cpu"), repeats, run_seconds=seconds)
-
-
 def contention_hint(device: torch.device, resume_command: str, threshold: float = 0.6) -> str:
-    """After a run's first epoch on a CPU with several threads: when the quick
-    probe gets far less than the cores can give (other processes compete for
-    them, and PyTorch's threads then wait for each other), one line pointing to
-    OMP_NUM_THREADS=1; "" otherwise."""
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads < 2:
+    """After a run's first epoch on a CPU, with several threads: when the runnable threads (the 1-minute
+    load average, this run's included) are so many that each gets less than `threshold` of a core,
+    PyTorch's threads wait for each other, and one line points to OMP_NUM_THREADS=1; "" otherwise."""
+    if device.type != "cpu" or torch.get_num_threads() < 2 or not hasattr(os, "getloadavg"):
         return ""
-    gflops, share = cpu_probe()
-    if share >= threshold:
+    load, cpus = os.getloadavg()[0], os.cpu_count() or 1
+    if cpus >= threshold * load:
         return ""
-    return (f"hint: other processes share these CPU cores (a quick probe got {share:.0%} of {threads} threads' time, "
-            f"{gflops:.0f} GFLOP/s), so training is slower than on an idle machine; one thread is often much "
-            f"faster then: Ctrl-C, then {resume_command}")
+    return (f"hint: other processes share these CPU cores (load average {load:.1f} on {cpus} CPUs), so training "
+            f"is slower than on an idle machine; one thread is often much faster then: Ctrl-C, then {resume_command}")
 
 
 # -----------------------------------------------------------------------------
@@ -2075,24 +1863,21 @@ def parse_train_args(config_cls, argv: list[str], strategy_name: str = "") -> Tr
     args = parser.parse_args(argv)
     values = vars(args)
     if values.get("resume"):
-        # Resuming: the checkpoint's config, overridden by the flags given now.
+        # the checkpoint's config, overridden by the flags given now
         only_given = argparse.ArgumentParser(add_help=False)
         add_config_flags(only_given, config_cls, suppress_defaults=True)
         given = vars(only_given.parse_args(argv))
         state = load_checkpoint(values["resume"])
-        if strategy_name:  # another model's config would fail in confusing ways below
+        if strategy_name:
             check_model_type(state, strategy_name, values["resume"])
         values = {**saved_config(config_cls, state["config"]), **given, "resume": values["resume"]}
     return make_config(config_cls, parser, values)
 
 
 def main(strategy_cls, config_cls, argv: list[str] | None = None, moved: dict[str, str] | None = None) -> None:
-    """The command line of every model file:
-        python X.py [--flag value ...]        train (and --resume)
-        python X.py sample --checkpoint PATH  draw sprites from a checkpoint
-    `moved`: modes that now live in compare.py, {old mode: new command}; the
-    old spelling (and `bench`, now `python compare.py bench --models X`) is
-    refused in one line naming the new command."""
+    """Every model file's command line: `python X.py [flags]` trains, `python X.py sample` draws.
+    `moved`: {old mode: its compare.py command}; the old spelling (and `bench`) is refused in
+    one line naming the new one."""
     argv = sys.argv[1:] if argv is None else argv
     moved = {"bench": f"python compare.py bench --models {strategy_cls.name}", **(moved or {})}
 
@@ -2103,6 +1888,5 @@ def main(strategy_cls, config_cls, argv: list[str] | None = None, moved: dict[st
             raise UserError(f"`python {strategy_cls.name}.py {argv[0]}` has moved; run `{moved[argv[0]]}` instead")
         else:
             train(strategy_cls, parse_train_args(config_cls, argv, strategy_cls.name))
-    # A UserError, download.py's DataError or an OSError (full disk...) is one
-    # line and exit status 2; Ctrl-C exits with 130; a bug keeps its traceback.
+    # a UserError, DataError or OSError (full disk): one line, status 2; Ctrl-C 130; a bug: its traceback
     download.guarded(run, user_errors=(UserError,))

@@ -34,6 +34,7 @@ import argparse
 import dataclasses
 import io
 import json
+import math
 import os
 import re
 import signal
@@ -314,6 +315,39 @@ def budget_table(curves: dict[str, list[dict]], scoring_seconds: float) -> str:
 # profiler, which training never does, so common.py (what training needs) keeps none of it.
 
 
+def best_time(fn: Callable, repeats: int, device: torch.device) -> tuple[float, float]:
+    """Best wall time of `repeats` calls after one warm-up call. The best, not
+    the mean: on a shared machine the fastest run is the least disturbed one.
+    Also returns the CPU share of that run: this process's CPU time over wall
+    time x threads (near 1: the CPUs were ours; 0.3: other work had 70%)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t0, time.process_time() - c0))
+    wall, cpu = min(times)
+    return wall, cpu / wall / torch.get_num_threads()
+
+
+def matmul_rate(n: int, dtype: torch.dtype, device: torch.device, repeats: int,
+                run_seconds: float) -> tuple[float, float]:
+    """GFLOP/s of n x n products in `dtype` (best of `repeats` timed runs of
+    about `run_seconds` each) and the CPU share of that run (see best_time).
+    The matrices come from a generator of their own, so measuring never moves
+    the random stream a seeded run draws from."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+    b = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+    once, _ = best_time(lambda: a @ b, 1, device)
+    k = max(1, math.ceil(run_seconds / once))  # products per timed run
+    wall, share = best_time(lambda: [a @ b for _ in range(k)], repeats, device)
+    return 2 * n ** 3 * k / wall / 1e9, share
+
+
 def matmul_peak(dtype: torch.dtype, device: torch.device, repeats: int,
                 budget_s: float = 2.0) -> tuple[float, int, float]:
     """This machine's matrix-multiply throughput in GFLOP/s for `dtype`: the
@@ -322,7 +356,7 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, repeats: int,
     it, the CPU share of that run; see best_time)."""
     best, best_n, best_share = 0.0, 0, 0.0
     for n in (256, 512, 1024, 2048):
-        gflops, share = common.matmul_rate(n, dtype, device, repeats, run_seconds=0.1)  # >= 0.1 s: reliable CPU time
+        gflops, share = matmul_rate(n, dtype, device, repeats, run_seconds=0.1)  # >= 0.1 s: reliable CPU time
         if gflops > best:
             best, best_n, best_share = gflops, n, share
         if 8 * 2 * n ** 3 / gflops / 1e9 > budget_s:  # the next size costs 8x as much
@@ -415,8 +449,8 @@ def bench_command(strategy_cls, config_cls, argv: list[str], parents: tuple = ()
         print(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs (other work on the machine "
               f"slows every figure below)")
     native, found = common.native_bf16(device)
-    print(f"bf16 in hardware: {'yes' if native else 'no'} ({found})"
-          + ("" if native else "; --amp measures bf16 first and trains in fp32 if it is slower"))
+    print(f"bf16 in hardware: {({True: 'yes', False: 'no', None: 'unknown'})[native]} ({found})"
+          + ("; --amp trains in fp32 here, --amp-force in bf16" if native is False else ""))
     precisions = ["fp32"] + (["bf16"] if args.bf16 else [])
     peak = {}
     for p in precisions:
@@ -454,9 +488,9 @@ def bench_command(strategy_cls, config_cls, argv: list[str], parents: tuple = ()
     rows = {}
     for p, trainer in trainers.items():
         step = iter(range(10 ** 9))
-        train_s, train_share = common.best_time(lambda: trainer.optimizer_step(batch, 1, next(step)), args.repeats, device)
+        train_s, train_share = best_time(lambda: trainer.optimizer_step(batch, 1, next(step)), args.repeats, device)
         trainer.eval_model.eval()
-        sample_s, sample_share = common.best_time(lambda: common.draw_samples(trainer.strategy, trainer.eval_model, args.n, 0,
+        sample_s, sample_share = best_time(lambda: common.draw_samples(trainer.strategy, trainer.eval_model, args.n, 0,
                                                                  device, amp=(p == "bf16")), args.repeats, device)
         rows[p] = (train_s, sample_s, train_share, sample_share)
 

@@ -414,11 +414,6 @@ def test_common_load_sprites_split_and_ranges(dataset):
         common.to_model_range(x * 2)
 
 
-def test_common_load_sprites_missing_custom_dataset_is_one_clear_error(tmp_path):
-    with pytest.raises(download.DataError, match="download.py"):
-        common.load_sprites(tmp_path / "nope.npz", torch.device("cpu"))
-
-
 def test_common_hflip_mirrors_about_half_and_is_seeded():
     x = torch.arange(64 * 3 * 16 * 16, dtype=torch.float32).view(64, 3, 16, 16)
     a = common.random_hflip(x, torch.Generator().manual_seed(0))
@@ -502,13 +497,6 @@ def test_common_parser_refuses_a_bad_flag_of_every_config(config_cls, flags, mes
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_common_help_lists_every_flag_with_its_meaning():
-    out = run_script("test_contracts.py", "--help").stdout
-    for f in dataclasses.fields(TinyConfig):
-        assert "--" + f.name.replace("_", "-") in out
-    assert "sprites per optimizer step (default: 64)" in re.sub(r"\s+", " ", out)
-
-
 # -----------------------------------------------------------------------------
 # The Trainer, driven end to end by the tiny strategy
 # -----------------------------------------------------------------------------
@@ -525,14 +513,6 @@ def test_common_trainer_reduces_the_loss_and_writes_outputs(dataset, tmp_path):
     for key in ("sample/palette_distance", "sample/precision", "sample/near_copy_rate", "val/loss"):
         assert key in metrics and np.isfinite(metrics[key])
     assert state["ema"] is not None and state["epoch"] == 6
-
-
-def test_common_same_seed_same_losses_and_samples(dataset, tmp_path):
-    a = common.train(TinyStrategy, tiny_config("tiny", dataset, tmp_path / "a"))
-    b = common.train(TinyStrategy, tiny_config("tiny", dataset, tmp_path / "b"))
-    ha, hb = (common.load_checkpoint(r / "checkpoints" / "last.pt")["history"] for r in (a, b))
-    assert [h["train/loss"] for h in ha] == [h["train/loss"] for h in hb]
-    assert Image.open(a / "samples" / "final.png").tobytes() == Image.open(b / "samples" / "final.png").tobytes()
 
 
 def test_common_resume_at_an_epoch_boundary_equals_an_uninterrupted_run(dataset, tmp_path):
@@ -594,27 +574,6 @@ def test_common_checkpoint_loads_with_weights_only_and_refuses_garbage(dataset, 
     assert "\x1b" not in capsys.readouterr().err
 
 
-def test_common_mlflow_run_can_be_read_back(dataset, tmp_path, monkeypatch):
-    db = tmp_path / "mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
-    monkeypatch.chdir(tmp_path)
-    import mlflow
-
-    mlflow.set_tracking_uri(f"sqlite:///{db}")
-    run_dir = common.train(TinyStrategy, tiny_config("tiny", dataset, tmp_path, epochs=2, sample_every=1, mlflow=True))
-    run_id = common.load_checkpoint(run_dir / "checkpoints" / "last.pt")["mlflow_run_id"]
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
-    run = client.get_run(run_id)
-    assert run.info.status == "FINISHED"
-    assert run.data.params["batch_size"] == "16" and run.data.params["hidden"] == "32"
-    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1, 2]
-    assert len(client.get_metric_history(run_id, "train_step/loss")) > 2
-    assert "sample/precision" in run.data.metrics
-    artifacts = [a.path for a in client.list_artifacts(run_id)]
-    assert "images" in artifacts and "last.pt" in artifacts
-    assert run.inputs.dataset_inputs, "dataset not logged"
-
-
 def test_common_unreachable_mlflow_server_fails_fast_in_one_line():
     t0 = time.time()
     with pytest.raises(common.UserError, match="unreachable.*--no-mlflow"):
@@ -622,26 +581,12 @@ def test_common_unreachable_mlflow_server_fails_fast_in_one_line():
     assert time.time() - t0 < 10
 
 
-def test_common_mlflow_failure_mid_run_only_warns(capsys, monkeypatch):
-    monkeypatch.setattr(common.Tracker, "lost", "")  # the failure below must not outlive this test
-    tracker = common.Tracker(False, "", "")
-    tracker.run_id = "fake"  # pretend a run is open, then make every call fail
-
-    def boom(*a, **k):
-        raise ConnectionError("server went away")
-    tracker.mlflow = type("M", (), {"log_metrics": boom})()
-    tracker.log_metrics({"train/loss": 1.0}, step=1)
-    tracker.log_metrics({"train/loss": 1.0}, step=2)
-    out = capsys.readouterr().out
-    assert out.count("warning: MLflow log_metrics failed") == 1
-
-
 # -----------------------------------------------------------------------------
 # The CLI as a user runs it (subprocesses)
 # -----------------------------------------------------------------------------
 
 
-def test_common_cli_train_sample_and_real_ctrl_c(dataset, tmp_path):
+def test_common_cli_real_ctrl_c_saves_and_resumes(dataset, tmp_path):
     out = tmp_path / "run"
     flags = ["--data", str(dataset), "--out", str(out), "--no-mlflow", "--batch-size", "8", "--device", "cpu"]
     # A real Ctrl-C: start a long run, wait for its first epoch line, send SIGINT.
@@ -660,16 +605,7 @@ def test_common_cli_train_sample_and_real_ctrl_c(dataset, tmp_path):
     r = run_script("test_contracts.py", "--resume", str(out / "checkpoints" / "last.pt"),
                  "--epochs", str(state["epoch"] + 1))
     assert r.returncode == 0, r.stderr
-    assert "resuming from" in r.stdout and "sprite quality" in r.stdout
-    # Sampling mode: a grid, and a folder of 16x16 PNGs.
-    ckpt = str(out / "checkpoints" / "last.pt")
-    r = run_script("test_contracts.py", "sample", "--checkpoint", ckpt, "--n", "10", "--out", str(tmp_path / "g.png"))
-    assert r.returncode == 0, r.stderr
-    assert Image.open(tmp_path / "g.png").size == ((8 * 17 + 1) * 4, (2 * 17 + 1) * 4)
-    r = run_script("test_contracts.py", "sample", "--checkpoint", ckpt, "--n", "3", "--out", str(tmp_path / "each"))
-    assert r.returncode == 0, r.stderr
-    pngs = sorted((tmp_path / "each").glob("*.png"))
-    assert len(pngs) == 3 and Image.open(pngs[0]).size == (16, 16)
+    assert "resuming from" in r.stdout and "sprite quality" in r.stdout  # sample mode: each model's script test
 
 
 def test_common_real_sigterm_saves_like_ctrl_c_and_exits_143(dataset, tmp_path):
@@ -682,16 +618,6 @@ def test_common_real_sigterm_saves_like_ctrl_c_and_exits_143(dataset, tmp_path):
     rest, err = proc.communicate(timeout=120)
     assert proc.returncode == 143 and "Resume with: --resume" in rest and "Traceback" not in err, err
     assert common.load_checkpoint(tmp_path / "r" / "checkpoints" / "last.pt")["epoch"] >= 1
-
-
-@pytest.mark.parametrize("args, message", [
-    (["sample", "--checkpoint", "missing.pt"], "checkpoint missing.pt not found"),
-    (["--data", "missing.npz", "--no-mlflow"], "dataset missing.npz not found"),
-    (["--epochs", "0"], "--epochs must be at least 1"),
-])
-def test_common_cli_bad_input_is_one_line(args, message):
-    r = run_script("test_contracts.py", *args)
-    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
 
 
 def test_common_sample_out_decides_by_suffix():
@@ -707,14 +633,12 @@ def test_common_sample_writes_by_suffix_into_the_run_folder_and_never_imports_ml
     ckpt = vae_run / "checkpoints" / "last.pt"
     # The default output goes next to the run; sampling loads neither MLflow (seconds of imports)
     # nor compare.py (a model file's mode stays in its layer: test_layers_no_file_imports_one_above_it).
-    probe = ("import runpy, sys; sys.argv = ['vae.py', 'sample', '--checkpoint', sys.argv[1], '--n', '4']; "
+    probe = ("import runpy, sys; sys.argv = ['vae.py', 'sample', '--checkpoint', sys.argv[1], '--n', '4', "
+             "'--temperature', '0.5']; "
              "runpy.run_path('vae.py', run_name='__main__'); print('loaded:', 'mlflow' in sys.modules, 'compare' in sys.modules)")
     r = run_script("-c", probe, str(ckpt))
     assert r.returncode == 0, r.stderr
     assert "loaded: False False" in r.stdout and (vae_run / "sample-seed0.png").exists()
-    r = run_script("vae.py", "sample", "--checkpoint", str(ckpt), "--n", "4", "--out", str(tmp_path / "out.jpg"))
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "cannot write .jpg files" in r.stderr
-    assert not (tmp_path / "out.jpg").exists()
     r = run_script("vae.py", "sample", "--checkpoint", str(ckpt), "--out", str(tmp_path / "a.gif"))
     assert r.returncode == 2 and "no sampling trajectory to animate" in r.stderr and "Traceback" not in r.stderr
 
@@ -782,27 +706,23 @@ def test_common_step_flops_match_a_hand_count_of_one_conv_and_one_linear_layer()
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
-@pytest.mark.parametrize("native, ratio, force, expected", [
-    (False, 0.08, False, False),  # AVX2-only CPU: bf16 emulated, 13x slower -> fp32, with one line
-    (False, 0.08, True, True),    # --amp-force: the user insists
-    (False, 1.3, False, True),    # no flag found but measured faster: keep bf16
-    (True, 0.5, False, True),     # native bf16 (avx512_bf16 / AMX): trust the hardware
+@pytest.mark.parametrize("native, force, expected", [
+    (False, False, False),  # AVX2-only CPU: bf16 emulated, ~10x slower -> fp32, with one line
+    (False, True, True),    # --amp-force: the user insists
+    (None, False, True),    # no CPU flags to read: --amp as asked
+    (True, False, True),    # native bf16 (avx512_bf16 / AMX): trust the hardware
 ])
-def test_common_amp_probe_decision(monkeypatch, capsys, native, ratio, force, expected):
+def test_common_amp_decision(monkeypatch, capsys, native, force, expected):
     monkeypatch.setattr(common, "native_bf16", lambda device: (native, "mocked CPU flags"))
-    monkeypatch.setattr(common, "bf16_probe", lambda device: ratio)
     assert common.amp_worth_it(torch.device("cpu"), force) is expected
     printed = capsys.readouterr().out
     if expected:
         assert printed == ""
     else:
-        assert printed.count("\n") == 1 and "0.08x as fast as fp32" in printed and "--amp-force" in printed
-
-
-def test_common_amp_probe_really_measures_this_machine():
-    native, found = common.native_bf16(torch.device("cpu"))
-    assert isinstance(native, bool) and found
-    assert common.bf16_probe(torch.device("cpu")) > 0
+        assert printed.count("\n") == 1 and "mocked CPU flags, so bf16 would be emulated" in printed \
+            and "--amp-force" in printed
+    native, found = common.native_bf16(torch.device("cpu"))  # this machine's real flags
+    assert native in (True, False, None) and found
 
 
 # -----------------------------------------------------------------------------
@@ -810,37 +730,25 @@ def test_common_amp_probe_really_measures_this_machine():
 # -----------------------------------------------------------------------------
 
 
-def test_common_strategy_contract_shapes_dtype_range(model):
-    module, cls, config, palette, batch = model
-    strategy = cls(config, palette)
-    torch.manual_seed(0)
-    net = strategy.build_model(config)
-    out = strategy.train_step(net, batch)
-    assert out["loss"].shape == () and torch.isfinite(out["loss"]) and out["loss"].requires_grad
-    assert all(torch.as_tensor(v).numel() == 1 for v in out.values())
-    net.eval()
-    with torch.no_grad():
-        x = strategy.sample(net, 5, torch.Generator().manual_seed(0))
-        metrics = strategy.get_metrics(net, batch)
-    assert x.shape == (5, 3, 16, 16) and x.dtype == torch.float32
-    assert torch.isfinite(x).all() and x.min() >= 0 and x.max() <= 1
-    assert metrics and all(np.isfinite(float(v)) for v in metrics.values())
-
-
-def test_common_strategy_is_deterministic_under_a_seed(model):
+def test_common_strategy_contract_shapes_range_and_determinism(model):
     module, cls, config, palette, batch = model
     results = []
-    for _ in range(2):
+    for _ in range(2):  # twice from one seed: the same loss and the same sprites
         torch.manual_seed(3)
         strategy = cls(config, palette)
         net = strategy.build_model(config)
-        loss = float(strategy.train_step(net, batch)["loss"].detach())
+        out = strategy.train_step(net, batch)
         net.eval()
         with torch.no_grad():
-            x = strategy.sample(net, 4, torch.Generator().manual_seed(7))
-        results.append((loss, x))
-    assert results[0][0] == results[1][0]
-    assert torch.equal(results[0][1], results[1][1])
+            x = strategy.sample(net, 5, torch.Generator().manual_seed(7))
+            metrics = strategy.get_metrics(net, batch)
+        results.append((float(out["loss"].detach()), x))
+    assert out["loss"].shape == () and torch.isfinite(out["loss"]) and out["loss"].requires_grad
+    assert all(torch.as_tensor(v).numel() == 1 for v in out.values())
+    assert x.shape == (5, 3, 16, 16) and x.dtype == torch.float32
+    assert torch.isfinite(x).all() and x.min() >= 0 and x.max() <= 1
+    assert metrics and all(np.isfinite(float(v)) for v in metrics.values())
+    assert results[0][0] == results[1][0] and torch.equal(results[0][1], results[1][1])
 
 
 def test_common_strategy_train_steps_reduce_the_loss_on_a_fixed_batch(model):
@@ -890,10 +798,8 @@ def fault_inputs(dataset, tmp_path_factory) -> dict[str, str]:
     (d / "afile").write_text("a file, not a folder")
     with np.load(dataset) as z:
         arrays = {k: z[k] for k in z.files}
-    n = len(arrays["images"])
     for name, change in [("short_is_val", dict(is_val=arrays["is_val"][:-3])),
-                         ("empty", dict(images=arrays["images"][:0], is_val=arrays["is_val"][:0])),
-                         ("all_val", dict(is_val=np.ones(n, bool)))]:
+                         ("empty", dict(images=arrays["images"][:0], is_val=arrays["is_val"][:0]))]:
         np.savez_compressed(d / f"{name}.npz", **{**arrays, **change})
     big = b"\0" * (download.MAX_MEMBER_BYTES + 1)  # deflates to ~10 KB
     (d / "bomb.zip").write_bytes(make_zip({download.SHEET_NAME: big}))
@@ -918,12 +824,10 @@ SAMPLE = ["sample", "--checkpoint", "{tiny}"]
 T = "test_contracts.py"  # the tiny test model's CLI: common.main, as every model file uses it
 BAD_INPUT = [  # (script, arguments, one-line message fragment, paths that must not exist afterwards)
     # resuming another model's checkpoint, or with another architecture (issue case 5)
-    (T, ["--resume", "{vae}"], "is a vae checkpoint, not tiny", []),
     ("vae.py", ["--resume", "{tiny}"], "is a tiny checkpoint, not vae", []),
-    ("vqvae.py", ["--resume", "{vae}"], "is a vae checkpoint, not vqvae", []),
-    ("diffusion.py", ["--resume", "{vae}"], "is a vae checkpoint, not diffusion", []),
     ("vae.py", ["--resume", "{vae}", "--latent-dim", "4"], "does not fit the model built from --latent-dim 4", []),
     (T, ["--resume", "{dir}/garbage.pt"], "cannot load checkpoint", []),
+    (T, ["sample", "--checkpoint", "{dir}/missing.pt"], "missing.pt not found", []),
     # unwritable --out (case 6; a full and a read-only disk: test_common_full_and_read_only_disk)
     (T, [*TRAIN_FLAGS, "--out", "/proc/i12-run"], "cannot write or read /proc/i12-run", []),
     (T, [*TRAIN_FLAGS, "--out", "{dir}/afile/run"], "a file is in the way", []),
@@ -943,7 +847,7 @@ BAD_INPUT = [  # (script, arguments, one-line message fragment, paths that must 
     # degenerate and corrupt datasets (case 9; an empty validation split trains: test_common_empty_validation_split)
     (T, [*TRAIN_FLAGS, "--data", "{dir}/short_is_val.npz"], "but is_val of shape", []),
     (T, [*TRAIN_FLAGS, "--data", "{dir}/empty.npz"], "has no training sprites (0 sprites", []),
-    (T, [*TRAIN_FLAGS, "--data", "{dir}/all_val.npz"], "has no training sprites", []),
+    (T, [*TRAIN_FLAGS, "--data", "{dir}/missing.npz"], "missing.npz not found", []),
     (T, [*TRAIN_FLAGS, "--data", "{dir}/garbage.npz"], "cannot read dataset", []),
     # a zip member that inflates far past the real 6 KB sheet (case 4), and one whose headers lie about it
     ("download.py", ["--from", "{dir}/bomb.zip", "--out", "{dir}/d1"], "inflates to more than 10 MB", ["{dir}/d1"]),
@@ -1329,6 +1233,8 @@ def test_common_mlflow_run_has_a_step_0_grid_a_descriptive_name_and_no_plumbing_
     run_id = common.load_checkpoint(run_dir / "checkpoints" / "last.pt")["mlflow_run_id"]
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
     run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params["hidden"] == "32" and run.inputs.dataset_inputs
+    assert "sample/precision" in run.data.metrics and {"images", "last.pt"} <= {a.path for a in client.list_artifacts(run_id)}
     # The name: model, epochs, the flags that differ from the defaults, the date.
     assert re.fullmatch(r"tiny 2ep .*lr=0\.003.* \d{4}-\d{2}-\d{2} \d{2}:\d{2}", run.info.run_name), run.info.run_name
     # Hyperparameters only; where the run lives goes to tags.
@@ -1383,7 +1289,9 @@ def test_common_help_shows_the_modes_each_default_once_and_sample_only_sampling_
     with pytest.raises(SystemExit):
         vae.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
-    assert "sample --checkpoint PATH" in text and "python compare.py bench --models NAME" in text
+    assert all("--" + f.name.replace("_", "-") in text for f in dataclasses.fields(vae.Config))
+    assert "sprites per optimizer step (default: 64)" in text and "sample --checkpoint PATH" in text
+    assert "python compare.py bench --models NAME" in text
     assert text.count("(default: runs/<model>/<date-time>)") == 1 and "(default: )" not in text
     assert "--recon-loss {mse,bce,ce}" in text
     with pytest.raises(SystemExit):
@@ -1392,12 +1300,13 @@ def test_common_help_shows_the_modes_each_default_once_and_sample_only_sampling_
     assert "--temperature" in text and "--kl-weight" not in text and "--kl-warmup-epochs" not in text
 
 
-def test_common_slow_throughput_hint_with_the_probe_mocked(dataset, tmp_path, monkeypatch, capsys):
+def test_common_busy_cpu_hint_from_the_load_average(dataset, tmp_path, monkeypatch, capsys):
     cpu = torch.device("cpu")
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    monkeypatch.setattr(common, "cpu_probe", lambda: (12.0, 0.3))  # other processes took 70% of the cores
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (5.0, 1.0, 1.0))  # 5 runnable threads on 2 cores: 40% each
     hint = common.contention_hint(cpu, "OMP_NUM_THREADS=1 python vae.py --resume X")
-    assert hint.startswith("hint: other processes share these CPU cores (a quick probe got 30% of 2 threads'")
+    assert hint.startswith("hint: other processes share these CPU cores (load average 5.0 on 2 CPUs)")
     assert hint.endswith("Ctrl-C, then OMP_NUM_THREADS=1 python vae.py --resume X") and "\n" not in hint
     assert common.contention_hint(torch.device("cuda"), "X") == ""
     # In a run: printed once, after the first epoch, with this run's checkpoint.
@@ -1405,19 +1314,12 @@ def test_common_slow_throughput_hint_with_the_probe_mocked(dataset, tmp_path, mo
     out = capsys.readouterr().out
     assert out.count("hint: ") == 1 and f"--resume {tmp_path / 'run' / 'checkpoints' / 'last.pt'}" in out
     assert out.index("hint: ") > out.index("epoch 1/2") and out.index("hint: ") < out.index("epoch 2/2")
-    # Cores to ourselves, or one thread: no hint.
-    monkeypatch.setattr(common, "cpu_probe", lambda: (100.0, 0.95))
+    # Cores nearly to ourselves (load 3 on 2: 67% each), or one thread: no hint.
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.0, 1.0, 1.0))
     assert common.contention_hint(cpu, "X") == ""
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    monkeypatch.setattr(common, "cpu_probe", lambda: (12.0, 0.3))
+    monkeypatch.setattr(os, "getloadavg", lambda: (5.0, 1.0, 1.0))
     assert common.contention_hint(cpu, "X") == ""
-
-
-def test_common_the_real_probe_is_cheap():
-    t0 = time.perf_counter()
-    gflops, share = common.cpu_probe()
-    assert gflops > 0 and 0 < share <= 1.5
-    assert time.perf_counter() - t0 < 3.0  # 0.33 s measured on 2 loaded cores; generous
 
 
 def one_colour_sprites(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1583,19 +1485,6 @@ def test_vae_ce_samples_are_exact_palette_colours_and_temperature_draws_from_the
     b = hot.decode(model, z, torch.Generator().manual_seed(1), temperature=1.0)
     c = hot.decode(model, z, torch.Generator().manual_seed(0), temperature=1.0)
     assert torch.equal(a, c) and not torch.equal(a, b)
-
-
-def test_vae_sample_mode_writes_pngs_of_the_right_size(dataset, tmp_path):
-    run = common.train(vae.VAEStrategy,
-                       tiny_config("vae", dataset, tmp_path, epochs=1, sample_every=0, recon_loss="ce"))
-    ckpt = run / "checkpoints" / "last.pt"
-    r = run_script("vae.py", "sample", "--checkpoint", ckpt, "--n", 10, "--out", tmp_path / "g.png", "--temperature", 0.5)
-    assert r.returncode == 0, r.stderr
-    assert Image.open(tmp_path / "g.png").size == ((8 * 17 + 1) * 4, (2 * 17 + 1) * 4)
-    r = run_script("vae.py", "sample", "--checkpoint", ckpt, "--n", 3, "--out", tmp_path / "each")
-    assert r.returncode == 0, r.stderr
-    pngs = sorted((tmp_path / "each").glob("*.png"))
-    assert len(pngs) == 3 and all(Image.open(p).size == (16, 16) for p in pngs)
 
 
 def test_vae_latent_stats_count_active_units_and_measure_the_aggregate_posterior():
@@ -2022,15 +1911,8 @@ def test_diffusion_sample_mode_writes_pngs_and_the_gif(tiny_run, tmp_path):
         assert gif.n_frames == 4 + 2 and gif.size == ((4 * 17 + 1) * 4, (3 * 17 + 1) * 4)  # 10 sprites, 4 per row
     r = run_script("diffusion.py", "sample", "--checkpoint", ckpt, "--n", 3, "--out", tmp_path / "each", "--sampler", "ddpm")
     assert r.returncode == 0, r.stderr
-    assert len(list((tmp_path / "each").glob("*.png"))) == 3
-    r = run_script("diffusion.py", "sample", "--checkpoint", ckpt, "--steps", 50)  # more steps than the 10 timesteps
-    assert r.returncode == 2 and "--steps must be between 2 and --timesteps (10)" in r.stderr
-    assert "Traceback" not in r.stderr
-
-
-def test_diffusion_cli_refuses_a_bad_sampler_in_one_line():
-    r = run_script("diffusion.py", "--sampler", "euler", "--no-mlflow")
-    assert r.returncode == 2 and "unknown --sampler 'euler'; use one of ddim, ddpm, dpm++" in r.stderr and "Traceback" not in r.stderr
+    pngs = list((tmp_path / "each").glob("*.png"))
+    assert len(pngs) == 3 and all(Image.open(p).size == (16, 16) for p in pngs)
 
 
 # -----------------------------------------------------------------------------
@@ -2479,14 +2361,13 @@ def test_compare_bench_tabulates_what_each_bench_run_returns(capsys):
     assert lines[3].startswith("| again |") and "sampling: 2 sprites" in md
 
 
-def test_compare_amp_samples_in_fp32_where_the_probe_says_bf16_is_slower(monkeypatch, capsys):
+def test_compare_amp_samples_in_fp32_on_a_cpu_without_bf16(monkeypatch, capsys):
     import compare
     monkeypatch.setattr(common, "native_bf16", lambda device: (False, "mocked CPU flags"))
-    monkeypatch.setattr(common, "bf16_probe", lambda device: 0.08)
     seen = {}
     monkeypatch.setattr(compare, "compare", lambda configs, *args, **kw: seen.update(amp=args[6]))
     compare.main(["--amp", "--quick", "--no-mlflow", "--device", "cpu"])
-    assert seen == {"amp": False} and "0.08x as fast as fp32" in capsys.readouterr().out
+    assert seen == {"amp": False} and "mocked CPU flags, so bf16 would be emulated" in capsys.readouterr().out
 
 
 def test_compare_plot_draws_time_to_quality_curves_and_the_schedules(tmp_path):
