@@ -1,7 +1,8 @@
 """Autoguidance sweep (issue 23, lever 1) on one default diffusion checkpoint: at each w, the same
 256 samples (seed 1) and 32-sprite grid (seed 0) that compare.py's table and figure draw, scored
 by common.sprite_metrics, with the time for 64 sprites. Run from the repository root:
-    python docs/results/diffusion/autoguidance/sweep.py runs/ag/checkpoints/last.pt 1,1.5,2,2.5,3"""
+    python docs/results/diffusion/autoguidance/sweep.py runs/ag/checkpoints/last.pt 1,1.5,2,2.5,3 [OUT]
+(OUT: the folder for the w*.json and grids, default this script's folder)"""
 import json
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import common  # noqa: E402
 import compare  # noqa: E402
 
 ckpt, ws = Path(sys.argv[1]), [float(w) for w in sys.argv[2].split(",")]
-here = Path(__file__).parent
+here = Path(sys.argv[3]) if len(sys.argv) > 3 else Path(__file__).parent
 device = torch.device("cpu")
 torch.use_deterministic_algorithms(True, warn_only=True)
 data = common.load_sprites(common.TrainConfig.data, device)
