@@ -140,9 +140,9 @@ class Config(common.TrainConfig):
     guidance: float = 2.0
     # classifier-free guidance w: eps = eps_uncond + w (eps_cond - eps_uncond); 0 = unconditional,
     # 1 = plain conditional, > 1 extrapolates away from p(x) (conditional checkpoints only)
-    guide_at: float = 1 / 16
+    guide_at: float = 0.25
     # autoguidance's guide (Karras et al. 2024, "Guiding a diffusion model with a bad version of itself"): the EMA
-    # weights after this fraction of the steps, kept in the checkpoint (the paper's guide: 1/16 of the training)
+    # weights after this fraction of the steps, kept in the checkpoint (the paper: 1/16; 1/4 guides better here)
     autoguidance: float = 1.0
     # autoguidance w (same paper): D = D_guide + w (D_main - D_guide) at each sampler step, 2 U-Net calls; 1 = off
     # (exactly the main model), > 1 steps away from the guide's errors (the paper: w ~ 2-3)

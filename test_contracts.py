@@ -2300,7 +2300,7 @@ def test_diffusion_guide_snapshot_is_the_ema_at_guide_at_kept_in_the_checkpoint_
 def test_diffusion_checkpoint_without_a_guide_samples_at_w_one_and_refuses_other_w_in_one_line(tiny_run, tmp_path):
     ckpt = tiny_run / "checkpoints" / "last.pt"
     state = common.load_checkpoint(ckpt)
-    assert "guide" in state["extra"]  # every default run keeps one (--guide-at 1/16)
+    assert "guide" in state["extra"]  # every default run keeps one (--guide-at 0.25)
     guide = state["extra"]["guide"]
     for name, bad, message in [("partial", dict(list(guide.items())[1:]), "does not hold snapshots of the weights"),
                                ("reshaped", {k: v.reshape(-1) for k, v in guide.items()}, "weights of other shapes")]:
