@@ -234,6 +234,15 @@ CLOCKS = {"minutes": "training minutes (wall clock, this machine)",
 BUDGET_MINUTES = (2, 5, 10, 15, 30)  # the equal-budget table's rows, besides each run's end
 
 
+def figure_image(fig: Figure) -> Image.Image:
+    """A matplotlib Figure as a PIL image, so charts are saved like every other picture
+    (atomically, by common.save_png)."""
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return Image.open(buf).convert("RGB")
+
+
 def quality_curve(ckpt: Path) -> list[dict]:
     """The time-to-quality points of the run that wrote `ckpt` (its folder's
     time_to_quality.json; [] if it was trained without --eval-every-minutes)."""
@@ -267,10 +276,7 @@ def quality_chart(curves: dict[str, list[dict]], real: dict, x: str, title: str)
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{title}\nsample quality during training, against "
                  f"{'wall-clock minutes' if x == 'minutes' else 'training compute'}", fontsize=10)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return Image.open(buf).convert("RGB")
+    return figure_image(fig)
 
 
 def nearest_point(points: list[dict], minutes: float) -> dict | None:
@@ -814,10 +820,7 @@ def line_chart(series: dict[str, list[tuple[float, float]]], title: str, xlabel:
     ax.grid(True, alpha=0.3)
     if series:
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return Image.open(buf).convert("RGB")
+    return figure_image(fig)
 
 
 def plot_command(argv: list[str]) -> None:
