@@ -146,14 +146,18 @@ class Config(common.TrainConfig):
     autoguidance: float = 1.0
     # autoguidance w (same paper): D = D_guide + w (D_main - D_guide) at each sampler step, 2 U-Net calls; 1 = off
     # (exactly the main model), > 1 steps away from the guide's errors (the paper: w ~ 2-3)
+    guide_interval: str = "0,1"
+    # lo,hi: autoguidance only at the sampler steps whose noise level t / (T - 1) is in [lo, hi], one U-Net call
+    # elsewhere (Kynkaanniemi et al. 2024, "Applying guidance in a limited interval"); 0,1 = every step
 
     # what `diffusion.py sample` may override: the sampler, not what the U-Net learnt (a U-Net trained on T
     # levels would be sampled on another schedule without a word)
-    sample_flags = ("sampler", "steps", "eta", "guidance", "autoguidance")
+    sample_flags = ("sampler", "steps", "eta", "guidance", "autoguidance", "guide_interval")
 
     # Checkpoints written before a field existed were trained with these values (common.saved_config).
     LEGACY = dict(channel_mult="1,2,4", res_blocks=2, schedule="linear", prediction="eps", loss_weight="none",
-                  warmup_steps=0, lr_decay="none", condition="none", guide_at=0.0, autoguidance=1.0)
+                  warmup_steps=0, lr_decay="none", condition="none", guide_at=0.0, autoguidance=1.0,
+                  guide_interval="0,1")
 
     def __post_init__(self):
         super().__post_init__()  # also refuses a value not among a field's choices (--sampler, --schedule, ...)
@@ -182,6 +186,13 @@ class Config(common.TrainConfig):
             raise ValueError(f"--p-uncond must be in [0, 1), got {self.p_uncond}")
         if not 0 <= self.guide_at < 1:
             raise ValueError(f"--guide-at must be in [0, 1), got {self.guide_at}")
+        try:
+            lo, hi = (float(v) for v in self.guide_interval.split(","))
+        except ValueError:  # not two numbers
+            lo = hi = -1.0
+        if not 0 <= lo <= hi <= 1:
+            raise ValueError(f"--guide-interval must be two numbers lo,hi with 0 <= lo <= hi <= 1, like 0.2,0.8, "
+                             f"got {self.guide_interval!r}")
         if self.autoguidance != 1 and not self.guide_at:  # also a checkpoint from before autoguidance (LEGACY)
             raise ValueError("--autoguidance needs a guide; this run keeps none (--guide-at 0, or trained before "
                              "autoguidance): use --autoguidance 1")
@@ -556,14 +567,17 @@ class DiffusionStrategy(common.Strategy):
         D = w D_main + (1 - w) D_guide) on eps or v: at a fixed x_t both are affine in D = x0_pred, alike for both
         networks, and w + (1 - w) = 1, so it is the paper's D. w = 1 or no guide yet: the main model alone."""
         out, w = self.cfg_output(model, x_t, t), self.config.autoguidance
-        if w == 1 or self.guide is None:
+        lo, hi = (float(v) for v in self.config.guide_interval.split(","))
+        inside = (t >= lo * (self.T - 1)) & (t <= hi * (self.T - 1))  # (B,) --guide-interval, on the level index
+        if w == 1 or self.guide is None or not inside.any():
             return out
         if self._guide_net is None:  # built on the meta device (no RNG draw), given the snapshot's tensors
             with torch.inference_mode(False), torch.device("meta"):  # (not inference tensors: no_grad calls too)
                 self._guide_net = self.build_model(self.config)
                 self._guide_net.load_state_dict(self.guide, assign=True)
         guide = self.cfg_output(self._guide_net.to(x_t.device).eval(), x_t, t)
-        return guide + w * (out - guide)  # Karras et al. 2024, arXiv 2406.02507: D_guide + w (D_main - D_guide)
+        guided = guide + w * (out - guide)  # Karras et al. 2024, arXiv 2406.02507: D_guide + w (D_main - D_guide)
+        return torch.where(inside[:, None, None, None], guided, out)  # the samplers' steps: all in or all out
 
     def after_step(self, model: nn.Module, step: int, total_steps: int) -> None:
         """At step round(--guide-at x total_steps) the EMA weights, copied, become the guide (no RNG draw)."""

@@ -486,6 +486,7 @@ BAD_FLAGS = [  # (Config, flags, message): one row per check: the shared TrainCo
     (diffusion.Config, ["--guide-at", "1"], "--guide-at must be in [0, 1)"),
     (diffusion.Config, ["--autoguidance", "-1"], "--autoguidance must be between 0.0 and 100.0"),
     (diffusion.Config, ["--autoguidance", "2", "--guide-at", "0"], "--autoguidance needs a guide"),
+    (diffusion.Config, ["--guide-interval", "0.8,0.2"], "--guide-interval must be two numbers lo,hi"),
 ]
 
 
@@ -2257,6 +2258,35 @@ def test_diffusion_autoguidance_w_one_is_exactly_the_main_model_and_w_combines_m
     counting, strategy._guide_net = CountingUNet(model), CountingUNet(strategy._guide_net)
     assert not torch.equal(strategy.sample(counting, 4, torch.Generator().manual_seed(7)), plain)
     assert counting.batches == strategy._guide_net.batches == [4] * strategy.config.steps  # both nets, once a step
+
+
+class TimedUNet(CountingUNet):
+    """Also records the level t of each call (the samplers pass one t for the whole batch)."""
+
+    def forward(self, x, t, y=None):
+        self.levels = getattr(self, "levels", []) + [int(t[0])]
+        return super().forward(x, t, y)
+
+
+def test_diffusion_guide_interval_calls_the_guide_only_at_the_levels_inside_it(sprites, dataset):
+    strategy, model = tiny_model("diffusion", sprites.palette, dataset)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g), alpha=0.05)
+    model.eval()
+    strategy.load_extra_state({"guide": {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in model.state_dict().items()}})
+    plain = strategy.sample(model, 4, torch.Generator().manual_seed(7))  # w = 1
+    strategy.config.autoguidance = 2.0
+    tau = diffusion.ddim_timesteps(strategy.T, strategy.config.steps).tolist()  # T = 10: 9, 7, 4, 2, 0
+    for interval, inside in (("0,1", tau), ("0.3,0.8", [7, 4]), ("0.5,0.5", [])):  # 0.3 x 9 = 2.7 ... 7.2
+        strategy.config.guide_interval = interval
+        strategy.sample(model, 1, torch.Generator())  # builds the guide's U-Net
+        main, strategy._guide_net = TimedUNet(model), TimedUNet(strategy._guide_net)
+        x = strategy.sample(main, 4, torch.Generator().manual_seed(7))
+        assert main.levels == tau and getattr(strategy._guide_net, "levels", []) == inside, interval
+        assert torch.equal(x, plain) == (not inside)  # no guided step: exactly the main model
+        strategy._guide_net = strategy._guide_net.model
 
 
 class CutDiffusion(diffusion.DiffusionStrategy):
