@@ -66,7 +66,7 @@ class UserError(Exception):
 
 
 # -----------------------------------------------------------------------------
-# Bounds on input: sizes, sampling scales, checkpoints, JSON files
+# Bounds on input: sizes, sampling scales, checkpoints
 # -----------------------------------------------------------------------------
 # Every value that sizes an allocation or scales a sampler is checked once,
 # before anything is allocated: past these a run would fail in the allocator
@@ -174,20 +174,6 @@ def printable(text: str) -> str:
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message (MLflow's can run to pages)."""
     return (str(e).strip().splitlines() or [""])[0][:300]
-
-
-def read_json(path, what: str = "a JSON file", kind: type | None = None):
-    """A JSON file as one value (of `kind`, if given); a missing, binary or malformed file is one line."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{path} not found; it should be {what}") from None
-    except (UnicodeDecodeError, ValueError) as e:
-        raise UserError(f"{path} is not valid JSON ({printable(first_line(e))}); it should be {what}") from None
-    if kind is not None and not isinstance(data, kind):
-        raise UserError(f"{path} holds a JSON {type(data).__name__}, not a {kind.__name__}; it should be {what}")
-    return data
 
 
 # -----------------------------------------------------------------------------
