@@ -544,12 +544,11 @@ def save_png(img: Image.Image, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-def save_gif(frames: Tensor, path: str | os.PathLike, nrow: int = 8, scale: int = 4,
-             frame_ms: int = 80, hold_ms: int = 2000) -> Path:
-    """Frames (F, N, 3, 16, 16) in [0, 1] -> a looping GIF of grids (not snapped), the last frame held."""
-    grids = [make_grid(f, nrow=nrow, scale=scale) for f in frames]
+def save_gif(frames: Tensor, path: str | os.PathLike, nrow: int = 8) -> Path:
+    """Frames (F, N, 3, 16, 16) in [0, 1] -> a looping GIF of grids (not snapped): 80 ms a frame, the last held 2 s."""
+    grids = [make_grid(f, nrow=nrow, scale=4) for f in frames]
     download.write_atomic(Path(path), lambda f: grids[0].save(f, format="GIF", save_all=True, append_images=grids[1:],
-                                                              loop=0, duration=[frame_ms] * (len(grids) - 1) + [hold_ms]))
+                                                              loop=0, duration=[80] * (len(grids) - 1) + [2000]))
     return Path(path)
 
 
