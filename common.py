@@ -1,29 +1,13 @@
 """common.py -- the shared boilerplate behind vae.py, vqvae.py and diffusion.py.
 
-Plumbing only: the architectures, losses, samplers and model-specific metrics
-live in the model files. What is here is what every model needs and what is
-easy to get subtly wrong when written three times:
-
-    bounds          every size and sampling scale checked against a stated maximum
-    Config          each model declares its hyperparameters once, as a dataclass
-                    with a comment under every field: its flags and --help
-    device, data    cuda, then mps, then cpu; one --seed; the sprites as tensors
-    palette         NumPy k-means++ over pixel colours, and snapping
-    labels          a sprite's class for conditioning: its colour or shape cluster
-    pictures        sample grids and GIFs (PIL, nearest-neighbour)
-    metrics         sprite-quality metrics of samples (also compare.py's)
-    Strategy        the abstract base class a model file implements
-    MLflow          lazy, fail-soft experiment tracking
-    checkpoints     atomic writes; loads that never run code
-    Trainer         the one training loop: AdamW, EMA, AMP, clipping, checkpoints,
-                    resume, Ctrl-C, NaN guard; train(): the locked run folder
-    sampling        `python X.py sample` from a checkpoint of that model
-    speed           the --amp decision and the busy-CPU hint (bench: compare.py)
-
-Why each section is shared, and stays in this one file: docs/learn/00-strategy-pattern.md,
-"What is in common.py, and why". A fourth model is one file (a Config, a Strategy
-subclass, a main() calling `common.main(Strategy, Config)`) and one line in
-compare.py's registry.
+Plumbing only: the architectures, losses, samplers and model-specific metrics live in
+the model files. Here is what every model needs and what is easy to get subtly wrong
+when written three times: bounds on input, Config dataclasses as flags, device, data
+and the k-means palette, class labels, pictures, sprite-quality metrics, the Strategy
+a model file implements, fail-soft MLflow, atomic checkpoints, the one training loop
+(AdamW, EMA, AMP, clipping, resume, Ctrl-C, NaN guard) with its locked run folder,
+`python X.py sample`, and the --amp decision. Why each section is shared and stays in
+this one file: docs/learn/00-strategy-pattern.md, "What is in common.py, and why".
 """
 
 from __future__ import annotations
@@ -36,6 +20,7 @@ import datetime
 import inspect
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -66,11 +51,10 @@ class UserError(Exception):
 
 
 # -----------------------------------------------------------------------------
-# Bounds on input: sizes, sampling scales, checkpoints, JSON files
+# Bounds on input: sizes, sampling scales, checkpoints
 # -----------------------------------------------------------------------------
-# Every value that sizes an allocation or scales a sampler is checked once,
-# before anything is allocated: past these a run would fail in the allocator
-# or sample NaN instead of refusing in one line.
+# Every value that sizes an allocation or scales a sampler is checked once, before anything
+# is allocated: past these a run would fail in the allocator or sample NaN, not refuse in one line.
 
 SPRITES_MAX = 4096          # sprites one grid, score or `sample` draws: 4096 x 3 x 16 x 16 float32 = 12 MB
 PARAMS_MAX = 100_000_000    # parameters of a model: 0.4 GB fp32, 1.6 GB with AdamW's two moments and an EMA
@@ -98,8 +82,7 @@ def check_range(flag: str, value, least=None, most=None) -> None:
 
 
 def check_model_size(strategy, config) -> None:
-    """Count the parameters on PyTorch's meta device (shapes, no memory), so that
-    e.g. --latent-dim 400000000 is refused before anything is allocated."""
+    """Count the parameters on the meta device (shapes, no memory): --latent-dim 400000000 allocates nothing."""
     try:
         with torch.device("meta"):
             n = sum(p.numel() for p in strategy.build_model(config).parameters())
@@ -117,8 +100,7 @@ def check_suffix(flag: str, path, suffixes: tuple[str, ...]) -> None:
 
 
 def check_checkpoint(state, path) -> None:
-    """A checkpoint's structure and types, checked once on loading, so that a damaged
-    or hand-made file is refused naming what is wrong, not by a KeyError later."""
+    """A damaged or hand-made checkpoint is refused on loading, naming what is wrong, not by a KeyError later."""
     bad = lambda what: UserError(f"{path} is not a usable checkpoint: {what}; use a checkpoints/last.pt "
                                  f"written by this project's training")
     if not isinstance(state, dict):
@@ -153,8 +135,7 @@ def check_checkpoint(state, path) -> None:
 
 
 def check_saved_config(config_cls, saved: dict) -> None:
-    """A checkpoint's config values have the types of config_cls's fields (an int for a
-    float is fine); a string is printable (it may be printed, e.g. --data)."""
+    """A checkpoint's config values have their fields' types (an int for a float is fine); strings are printable."""
     kinds = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
     for f in dataclasses.fields(config_cls):
         value = saved.get(f.name)
@@ -170,24 +151,9 @@ def printable(text: str) -> str:
     return re.sub(r"[\x00-\x1f\x7f-\x9f]", "", str(text))
 
 
-
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message (MLflow's can run to pages)."""
     return (str(e).strip().splitlines() or [""])[0][:300]
-
-
-def read_json(path, what: str = "a JSON file", kind: type | None = None):
-    """A JSON file as one value (of `kind`, if given); a missing, binary or malformed file is one line."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{path} not found; it should be {what}") from None
-    except (UnicodeDecodeError, ValueError) as e:
-        raise UserError(f"{path} is not valid JSON ({printable(first_line(e))}); it should be {what}") from None
-    if kind is not None and not isinstance(data, kind):
-        raise UserError(f"{path} holds a JSON {type(data).__name__}, not a {kind.__name__}; it should be {what}")
-    return data
 
 
 # -----------------------------------------------------------------------------
@@ -275,22 +241,17 @@ class TrainConfig:
             raise ValueError(f"--seed must be between 0 and {SEED_MAX}, got {self.seed}")
 
 
-
 def field_help(config_cls) -> dict[str, str]:
-    """Read the comment lines under each dataclass field as its help text."""
+    """The comment lines under each dataclass field, as its help text."""
     helps: dict[str, str] = {}
-    for klass in reversed(config_cls.__mro__):
-        if not dataclasses.is_dataclass(klass):
-            continue
+    for klass in filter(dataclasses.is_dataclass, reversed(config_cls.__mro__)):
         name = None
         for line in inspect.getsource(klass).splitlines():
-            field_match = re.match(r"\s+(\w+)\s*:\s*[^=]+=", line)
-            comment_match = re.match(r"\s+#\s?(.*)", line)
-            if field_match:
-                name = field_match.group(1)
+            if field := re.match(r"\s+(\w+)\s*:\s*[^=]+=", line):
+                name = field.group(1)
                 helps[name] = ""
-            elif comment_match and name:
-                helps[name] = (helps[name] + " " + comment_match.group(1)).strip()
+            elif (comment := re.match(r"\s+#\s?(.*)", line)) and name:
+                helps[name] = (helps[name] + " " + comment.group(1)).strip()
             else:
                 name = None
     return helps
@@ -325,8 +286,10 @@ def make_config(config_cls, parser: argparse.ArgumentParser, values: dict):
 
 
 # -----------------------------------------------------------------------------
-# Device and seeding
+# Device, seeding and data
 # -----------------------------------------------------------------------------
+# ~900 sprites of 16x16x3 bytes (0.7 MB) live on the device as one tensor; a batch
+# is an index into it: no DataLoader, no workers.
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -347,13 +310,6 @@ def seed_everything(seed: int) -> None:
     """Seed torch (CPU and all GPUs) and NumPy: with the generators saved in checkpoints, a CPU run repeats exactly."""
     torch.manual_seed(seed)
     np.random.seed(seed)
-
-
-# -----------------------------------------------------------------------------
-# Data
-# -----------------------------------------------------------------------------
-# ~900 sprites of 16x16x3 bytes (0.7 MB) live on the device as one tensor; a batch
-# is an index into it: no DataLoader, no workers.
 
 
 @dataclass
@@ -386,9 +342,8 @@ def from_model_range(y: Tensor) -> Tensor:
 
 
 def random_hflip(x: Tensor, generator: torch.Generator) -> Tensor:
-    """Mirror each sprite left-right with probability 1/2: a sword pointing left is still a
-    sword, so this doubles the data. The flips come from `generator` (on the CPU), so the same
-    seed flips the same sprites on every device."""
+    """Mirror each sprite left-right with probability 1/2 (a sword pointing left is still a sword); the
+    flips come from `generator`, on the CPU, so a seed flips the same sprites on every device."""
     flip = torch.rand(x.shape[0], generator=generator) < 0.5  # (B,)
     return torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
 
@@ -400,22 +355,19 @@ def random_hflip(x: Tensor, generator: torch.Generator) -> Tensor:
 
 def kmeans_palette(pixels: np.ndarray, k: int = 8, seed: int = 0, iters: int = 50,
                    init: str = "k-means++") -> np.ndarray:
-    """Cluster RGB pixels (M, 3) into k colours, (k, 3) uint8, the most pixels first.
-
-    k-means++ (Arthur & Vassilvitskii 2007) draws each new centre with probability
-    proportional to its squared distance to the nearest centre so far. A random start
-    puts most centres on the black background (70% of all pixels) and misses sprite
-    colours; `init="random"` is kept to show that (docs/learn/01-data-pipeline.md)."""
+    """Cluster RGB pixels (M, 3) into k colours, (k, 3) uint8, the most pixels first. k-means++ (Arthur &
+    Vassilvitskii 2007) draws each new centre with probability proportional to its squared distance to the
+    nearest centre so far; a random start puts most centres on the black background (70% of all pixels) and
+    misses sprite colours: `init="random"` is kept to show that (docs/learn/01-data-pipeline.md)."""
     centres, _ = kmeans(np.asarray(pixels).reshape(-1, 3), k, seed, iters, init)
     return np.clip(np.rint(centres), 0, 255).astype(np.uint8)
 
 
 def kmeans(points: np.ndarray, k: int, seed: int = 0, iters: int = 50,
            init: str = "k-means++") -> tuple[np.ndarray, np.ndarray]:
-    """Lloyd's k-means on the *distinct* rows of points (M, D), each weighted by its count:
-    pixel art repeats a few exact colours (D = 3) and masks (D = 256) thousands of times.
-    Returns the centres (k, D) float64, heaviest first, and their weights (k,); k is at
-    most the number of distinct rows."""
+    """Lloyd's k-means on the *distinct* rows of points (M, D), each weighted by its count: pixel art repeats
+    a few exact colours (D = 3) and masks (D = 256) thousands of times. Returns the centres (k, D) float64,
+    heaviest first, and their weights (k,); k is at most the number of distinct rows."""
     assert init in ("k-means++", "random"), f"unknown init {init!r}"
     points = np.asarray(points, dtype=np.float64)
     assert points.ndim == 2, f"expected points (M, D), got shape {points.shape}"
@@ -459,13 +411,13 @@ def snap_to_palette(images: Tensor, palette: Tensor) -> Tensor:
 # -----------------------------------------------------------------------------
 # Class labels for conditioning: a sprite's colour, or its shape cluster
 # -----------------------------------------------------------------------------
-# A conditional model (--condition) learns p(x | y). y is a function of the sprite
-# itself, computed from each batch (a mirrored sprite gets the cluster of its mirrored
-# mask), so the data, split and batches are those of an unconditional run.
-#   colour   the sprite's one non-black palette colour (7 classes on the Kenney
-#            sprites): it fixes every pixel's colour, H(X|Y) keeps only shape.
-#   cluster  the nearest of k k-means centres of the training sprites' foreground
-#            masks (256 values of 0 or 1): a rough shape, nothing of the colour.
+# A conditional model (--condition) learns p(x | y). y is a function of the sprite itself, computed from
+# each batch (a mirrored sprite gets the cluster of its mirrored mask), so the data, split and batches are
+# those of an unconditional run.
+#   colour   the sprite's one non-black palette colour (7 classes on the Kenney sprites): it fixes every
+#            pixel's colour, H(X|Y) keeps only shape.
+#   cluster  the nearest of k k-means centres of the training sprites' foreground masks (256 values of
+#            0 or 1): a rough shape, nothing of the colour.
 
 LABEL_KINDS = ("none", "colour", "cluster")
 
@@ -592,12 +544,11 @@ def save_png(img: Image.Image, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-def save_gif(frames: Tensor, path: str | os.PathLike, nrow: int = 8, scale: int = 4,
-             frame_ms: int = 80, hold_ms: int = 2000) -> Path:
-    """Frames (F, N, 3, 16, 16) in [0, 1] -> a looping GIF of grids (not snapped), the last frame held."""
-    grids = [make_grid(f, nrow=nrow, scale=scale) for f in frames]
+def save_gif(frames: Tensor, path: str | os.PathLike, nrow: int = 8) -> Path:
+    """Frames (F, N, 3, 16, 16) in [0, 1] -> a looping GIF of grids (not snapped): 80 ms a frame, the last held 2 s."""
+    grids = [make_grid(f, nrow=nrow, scale=4) for f in frames]
     download.write_atomic(Path(path), lambda f: grids[0].save(f, format="GIF", save_all=True, append_images=grids[1:],
-                                                              loop=0, duration=[frame_ms] * (len(grids) - 1) + [hold_ms]))
+                                                              loop=0, duration=[80] * (len(grids) - 1) + [2000]))
     return Path(path)
 
 
@@ -667,18 +618,11 @@ def _knn_precision_recall(real: Tensor, fake: Tensor, k: int) -> tuple[float, fl
 
 
 class Strategy(abc.ABC):
-    """What a model file implements: subclass it, set `name`, write the four
-    abstract methods, and override whichever optional hook below the model
-    needs (each does nothing by default). A strategy is built as
-    `Cls(config, palette)`; the Trainer calls these methods and nothing else.
-
-    The strategy says *what* to compute (the model, the loss, how to sample);
-    the Trainer owns *how* it is optimised: backward, the optimizer, gradient
-    clipping, mixed precision, EMA, checkpoints. Those are easy to get subtly
-    wrong (EMA of buffers, autocast scope, resuming the optimizer state), so
-    they are written once, here, for every model -- and a fourth model cannot
-    forget one of them.
-    """
+    """What a model file implements: set `name`, write the four abstract methods, override the optional
+    hooks it needs (each does nothing by default). Built as `Cls(config, palette)`; the Trainer calls these
+    methods and nothing else. The strategy says *what* to compute (model, loss, sampler); the Trainer owns
+    *how* it is optimised (backward, AdamW, clipping, autocast, EMA, checkpoints): written once, for every
+    model, because they are easy to get subtly wrong (EMA of buffers, autocast scope, optimizer state)."""
 
     name: str = ""  # "vae", "vqvae", ...: names the run folder and MLflow experiment
 
@@ -686,19 +630,16 @@ class Strategy(abc.ABC):
 
     @abc.abstractmethod
     def build_model(self, config) -> nn.Module:
-        """The network, freshly initialised from torch's global RNG (seeded by
-        the Trainer). Prints nothing: `describe` says what was built."""
+        """The network, freshly initialised from torch's global RNG (seeded by the Trainer); prints nothing."""
 
     @abc.abstractmethod
     def train_step(self, model: nn.Module, batch: Tensor) -> dict[str, Tensor]:
-        """batch (B, 3, 16, 16) in [0, 1] -> {"loss": scalar to minimise,
-        other named scalars to log}. Random numbers come from torch's global
-        RNG (the Trainer seeds and checkpoints it)."""
+        """batch (B, 3, 16, 16) in [0, 1] -> {"loss": scalar to minimise, other scalars to log}; random
+        numbers from torch's global RNG (the Trainer seeds and checkpoints it)."""
 
     @abc.abstractmethod
     def sample(self, model: nn.Module, n: int, generator: torch.Generator) -> Tensor:
-        """n new sprites (n, 3, 16, 16) in [0, 1], not snapped; every random
-        number comes from `generator` (same seed, same sprites)."""
+        """n new sprites (n, 3, 16, 16) in [0, 1], not snapped; every random number from `generator`."""
 
     @abc.abstractmethod
     def get_metrics(self, model: nn.Module, batch: Tensor) -> dict[str, float]:
@@ -707,65 +648,54 @@ class Strategy(abc.ABC):
     # -- optional hooks: the defaults do nothing ----------------------------------
 
     def describe(self, model: nn.Module) -> str:
-        """One line on what build_model built (e.g. parameters per part),
-        printed by the Trainer at the start of a run; "" prints nothing."""
+        """One line on what build_model built, printed at the start of a run ("" prints nothing)."""
         return ""
 
     def total_epochs(self, config) -> int:
-        """Epochs the Trainer runs in all, for a strategy that trains in stages
-        (vqvae.py: the VQ-VAE, then its prior)."""
+        """Epochs in all, for a strategy that trains in stages (vqvae.py: the VQ-VAE, then its prior)."""
         return config.epochs
 
     def stage_of(self, epoch: int) -> int:
-        """The training stage of epoch `epoch` (1-based), for a strategy that trains in
-        stages (vqvae.py: 1 the VQ-VAE, 2 its prior). A step's FLOPs are counted once
-        per stage, and time-to-quality points are scored in the last stage only: the
-        model that samples (the prior) is trained there."""
+        """The stage of epoch `epoch` (1-based): a step's FLOPs are counted once per stage, and
+        time-to-quality points are scored in the last one, where the model that samples trains."""
         return 1
 
     def on_epoch_start(self, model: nn.Module, epoch: int) -> None:
         """Before each training epoch (1-based), e.g. a KL warm-up schedule."""
 
     def on_epoch_end(self, model: nn.Module, epoch: int, val: Tensor) -> dict[str, float]:
-        """After each epoch's validation, e.g. codebook restarts; returns extra
-        val/ metrics (names without the prefix). `val` is the validation split,
-        or the training one when there is none (its metrics are then dropped)."""
+        """After each epoch's validation, e.g. codebook restarts: extra val/ metrics (names without the
+        prefix). `val` is the training split when there is no validation one (its metrics are dropped)."""
         return {}
 
     def lr_factor(self, step: int, total_steps: int) -> float:
-        """The learning rate at optimizer step `step` of `total_steps`, as a
-        multiple of --lr (warm-up, decay)."""
+        """The learning rate at optimizer step `step` of `total_steps`, as a multiple of --lr."""
         return 1.0
 
     def images(self, model: nn.Module, val: Tensor, generator: torch.Generator) -> dict[str, tuple[Tensor, int]]:
-        """Extra pictures with each sample grid: name -> (sprites (N, 3, 16, 16)
-        in [0, 1], sprites per row), drawn from validation sprites `val`."""
+        """Extra pictures with each sample grid, from validation sprites: name -> (sprites, sprites per row)."""
         return {}
 
     def trajectory(self, model: nn.Module, n: int, generator: torch.Generator) -> Tensor | None:
-        """Frames of one sampling run, (F, n, 3, 16, 16) in [0, 1], written as
-        an animated GIF at the end of training and by `sample --gif`; None: the
-        model has no trajectory to show (see `animates`)."""
+        """Frames of one sampling run, (F, n, 3, 16, 16) in [0, 1], for trajectory.gif and `sample --gif`."""
         return None
 
     def on_train_end(self, model: nn.Module, train: Tensor) -> dict[str, float]:
-        """Extra end-of-run metrics with full names (e.g. sample_random/precision):
-        printed, logged and written to metrics.json."""
+        """Extra end-of-run metrics with full names (e.g. sample_random/precision), into metrics.json."""
         return {}
 
     def after_step(self, model: nn.Module, step: int, total_steps: int) -> None:
-        """After optimizer step `step` (1-based) of `total_steps`, with the eval model (the EMA if kept),
-        e.g. to keep an early snapshot of it (diffusion.py's autoguidance). It must not draw random numbers."""
+        """After optimizer step `step` (1-based), with the eval model, e.g. to keep an early snapshot of it
+        (diffusion.py's autoguidance). It must not draw random numbers."""
 
     def extra_state(self) -> dict[str, dict[str, Tensor]]:
-        """Named snapshots of the model's weights (state dicts) to keep in the checkpoint, as "extra"."""
+        """Named snapshots of the model's weights (state dicts) for the checkpoint's "extra"."""
         return {}
 
     def load_extra_state(self, extra: dict[str, dict[str, Tensor]]) -> None:
-        """extra_state's snapshots, back from a checkpoint: on --resume and when sampling it."""
+        """extra_state's snapshots, back from a checkpoint (on --resume and when sampling)."""
 
     def animates(self) -> bool:
-        """Whether this strategy overrides `trajectory`."""
         return type(self).trajectory is not Strategy.trajectory
 
 
@@ -775,8 +705,8 @@ class Strategy(abc.ABC):
 
 
 class Tracker:
-    """Thin wrapper over MLflow (default store: sqlite:///mlflow.db here). A server is checked
-    once at start; after that a failed call prints one warning and training goes on untracked."""
+    """Fail-soft MLflow (default store: sqlite:///mlflow.db here): checked once at start; after that a
+    failed call prints one warning and training goes on untracked."""
 
     lost = ""  # process-wide: after a failed call no tracker calls MLflow (compare.py's runs share a parent)
 
@@ -799,7 +729,8 @@ class Tracker:
         check_store(uri)
         if uri.startswith(("http://", "https://")):
             check_server(uri)
-        quiet_mlflow_logs()
+        for name in ("mlflow.store.db.utils", "mlflow.store.db_migrations", "alembic"):  # start-up INFO chatter
+            logging.getLogger(name).setLevel(logging.WARNING)
         import mlflow
 
         self.mlflow = mlflow
@@ -837,9 +768,8 @@ class Tracker:
             self._forget_run()
 
     def _forget_run(self):
-        """End the run after a failed call, so that neither end() nor MLflow's exit hook retries
-        it: mlflow.end_run() drops it from the active runs, then tells the server once (no retry,
-        a 1-second timeout: that server just failed)."""
+        """End the run after a failed call, so that neither end() nor MLflow's exit hook retries it: told
+        to the server once, with no retry and a 1-second timeout (that server just failed)."""
         fast = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "1"}
         with mock.patch.dict(os.environ, fast), contextlib.suppress(Exception):  # restored afterwards
             active = self.mlflow.active_run()
@@ -942,14 +872,6 @@ def check_store(uri: str) -> None:
                             f"MLFLOW_TRACKING_URI to a writable one (e.g. sqlite:////tmp/mlflow.db)")
 
 
-def quiet_mlflow_logs() -> None:
-    """MLflow's start-up INFO chatter (database tables, alembic migrations) off; warnings still show."""
-    import logging
-
-    for name in ("mlflow.store.db.utils", "mlflow.store.db_migrations", "alembic"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
 def check_server(uri: str, tries: int = 2, timeout: float = 3.0) -> None:
     """An unreachable tracking server fails the run at start, in one line."""
     import urllib.request
@@ -1003,9 +925,9 @@ class NonFiniteLoss(Exception):
 
 
 class Trainer:
-    """The one training loop. Per epoch: shuffle, flip, train_step -> backward -> clip -> AdamW ->
-    EMA; validation, a progress line, a checkpoint, every `sample_every` epochs a sample grid.
-    Ctrl-C finishes the step and saves a checkpoint that resumes exactly there."""
+    """The one training loop. Per epoch: shuffle, flip, train_step -> backward -> clip -> AdamW -> EMA;
+    validation, a progress line, a checkpoint, every `sample_every` epochs a sample grid. Ctrl-C finishes
+    the step and saves a checkpoint that resumes exactly there."""
 
     def __init__(self, strategy: Strategy, config: TrainConfig, train: Tensor, val: Tensor,
                  palette: Tensor, run_dir: Path, tracker: Tracker | None = None,
@@ -1038,8 +960,7 @@ class Trainer:
         self.quality_curve: list[dict] = []  # time-to-quality points (--eval-every-minutes)
         self._eval_pause = 0.0  # seconds of this fit() spent scoring those points: off the training clock
         self.scoring_seconds = 0.0  # all of those seconds, summed over resumes: the curve's cost
-        # Training compute, the machine-independent clock: forward + backward FLOPs of one step,
-        # counted once per stage (count_step_flops) as FLOPs per sprite, times the sprites of every step.
+        # training compute, the machine-independent clock: FLOPs per sprite of one step, counted once per stage
         self.flops_per_sprite: dict[int, float] = {}  # stage -> FLOPs per sprite of one training step
         self.train_flops = 0.0
         self.last_stage = strategy.stage_of(self.epochs)
@@ -1103,16 +1024,13 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.amp)
 
     def fit(self) -> list[dict]:
-        """Train from the epoch after the last completed one to the end; returns
-        the history (one dict of metrics per epoch)."""
+        """Train from the epoch after the last completed one to the end; returns the history."""
         previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
         previous_term = signal.signal(signal.SIGTERM, self._on_sigint)  # kill, a scheduler, a container stop
         self._fit_start, self._eval_pause = time.time(), 0.0
         epochs_timed = 0
         if self.config.sample_every and self.epoch == 0 and self.resume_batch == 0:
-            # The untrained model's grid at step 0: MLflow's image slider starts there, and it shows
-            # where training begins. (Forked RNGs: training's random stream is untouched.)
-            self.write_pictures(0)
+            self.write_pictures(0)  # the untrained model, where MLflow's image slider starts (forked RNGs)
         try:
             for epoch in range(self.epoch + 1, self.epochs + 1):
                 t0, pause_at_start = time.time(), self._eval_pause
@@ -1133,8 +1051,7 @@ class Trainer:
         return self.history
 
     def train_epoch(self, epoch: int) -> list[tuple[str, float, int]] | None:
-        """One pass: the per-step log (train_step/<name>, value, step), or None when Ctrl-C stopped
-        it midway (a checkpoint then holds the step)."""
+        """One pass: the per-step log [(train_step/<name>, value, step)], or None if Ctrl-C stopped it midway."""
         cfg, n = self.config, self.train.shape[0]
         n_batches = math.ceil(n / cfg.batch_size)
         self.tracker.epoch = epoch
@@ -1202,9 +1119,7 @@ class Trainer:
             self.tracker.log_metrics(quality, step=epoch)
 
     def optimizer_step(self, batch: Tensor, epoch: int, i: int) -> dict[str, float]:
-        """One step on one batch: the strategy's loss (autocast), the NaN guard,
-        backward, clipping, the learning rate, AdamW, the EMA. Returns the
-        step's scalars as floats."""
+        """One step: the loss (autocast), the NaN guard, backward, clipping, the learning rate, AdamW, EMA."""
         with self.autocast():
             out = self.strategy.train_step(self.step_model, batch)
         loss = out["loss"]
@@ -1216,9 +1131,8 @@ class Trainer:
         loss.backward()
         if self.config.grad_clip > 0:
             scalars["grad_norm"] = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip))
-        # The strategy's warm-up / decay, by step. Not a torch LambdaLR: its state (last_epoch, base_lrs)
-        # would be a second copy of self.step and --lr to save, restore and rewrite when --resume changes
-        # --lr; derived from the saved step, the rate after a resume is the uninterrupted run's by construction.
+        # The strategy's warm-up / decay, from the saved step: a LambdaLR's state (last_epoch, base_lrs) would be
+        # a second copy of step and --lr to save, restore and rewrite when --resume changes --lr.
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.lr * self.strategy.lr_factor(self.step, self.total_steps)
         self.optimizer.step()
@@ -1233,11 +1147,8 @@ class Trainer:
         return time.time() - self._fit_start - self._eval_pause if self._fit_start else 0.0
 
     def maybe_score_curve(self, epoch: float) -> None:
-        """Time-to-quality (--eval-every-minutes M): once the training clock passes
-        the next multiple of M minutes, score the EMA model (score_samples) and
-        add a point {minutes, epoch, step, sample/...} to time_to_quality.json.
-        Its own time is kept off the clock; its RNG is forked, so training's
-        stream and losses are the same with or without it."""
+        """--eval-every-minutes M: past each multiple of M training minutes, score the eval model into a
+        curve point. Its time is kept off the clock and its RNG forked: training is the same without it."""
         every = self.config.eval_every_minutes
         minutes = (self.train_seconds + self._fit_seconds()) / 60
         last = max((p["minutes"] for p in self.quality_curve if not p.get("final")), default=0.0)
@@ -1249,8 +1160,7 @@ class Trainer:
         self.scoring_seconds += time.time() - t0
 
     def add_curve_point(self, quality: dict, minutes: float, epoch: float, final: bool = False) -> None:
-        """A point {minutes, tflop, epoch, step, sample/...} on both clocks: training wall
-        time and training compute (TFLOP, forward + backward); to time_to_quality.json and MLflow."""
+        """A point {minutes, tflop, epoch, step, sample/...} on both clocks, to time_to_quality.json and MLflow."""
         tflop = self.train_flops / 1e12
         self.quality_curve.append({"minutes": minutes, "tflop": tflop, "epoch": epoch, "step": self.step,
                                    **quality, **({"final": True} if final else {})})
@@ -1266,9 +1176,8 @@ class Trainer:
 
     @contextlib.contextmanager
     def evaluating(self, seed: int | None = None):
-        """The eval model in eval mode, no gradients, under a fork of torch's RNG (reseeded with
-        `seed` if given): validation, pictures and scores never move training's random stream,
-        so a seeded run's losses and resume stay exact."""
+        """The eval model in eval mode, no gradients, under a fork of torch's RNG (reseeded with `seed`):
+        validation, pictures and scores never move training's random stream."""
         model = self.eval_model
         model.eval()
         try:
@@ -1289,11 +1198,8 @@ class Trainer:
                     m = self.strategy.get_metrics(model, batch)
                 for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + float(v) * batch.shape[0]
-        # no validation sprites: the hook still runs on the training ones (codebook restarts),
-        # and its val/ metrics are dropped rather than measured on the wrong split
-        with torch.no_grad():
-            extra = self.strategy.on_epoch_end(self.model, epoch,
-                                               self.val if len(self.val) else self.train)
+        with torch.no_grad():  # no validation sprites: the hook runs on the training ones, its metrics dropped
+            extra = self.strategy.on_epoch_end(self.model, epoch, self.val if len(self.val) else self.train)
         extra = extra if len(self.val) else {}
         out = {f"val/{k}": v / self.val.shape[0] for k, v in sums.items()}
         out.update({f"val/{k}": float(v) for k, v in extra.items()})
@@ -1322,9 +1228,7 @@ class Trainer:
         return paths
 
     def score_samples(self, epoch: int) -> dict[str, float]:
-        """Sprite-quality metrics on n_eval samples drawn with seed + 2, printed
-        and returned as sample/<metric>: at the end of training, and at every
-        sample grid so the learner can follow quality as training goes on."""
+        """Sprite-quality metrics of n_eval samples (seed + 2) as sample/<metric>, printed: every grid, and the end."""
         samples = self.generate(self.config.n_eval, self.config.seed + 2)
         quality = {f"sample/{k}": v for k, v in sprite_metrics(samples, self.train, self.palette).items()}
         print(f"sprite quality on {self.config.n_eval} samples (epoch {epoch}):",
@@ -1367,10 +1271,8 @@ class Trainer:
 
 
 def count_step_flops(strategy, model: nn.Module, batch: Tensor, autocast: Callable = contextlib.nullcontext) -> float:
-    """FLOPs of one training step on `batch`: the strategy's loss forward and its
-    backward, counted by torch.utils.flop_counter (matrix products and
-    convolutions; the optimizer's element-wise update is not counted). Run on a
-    copy of the model under a fork of the RNG, so training is untouched."""
+    """FLOPs of the loss's forward and backward on `batch` (torch's FlopCounterMode counts matrix products and
+    convolutions, not the optimizer's update), on a copy of the model under a forked RNG: training is untouched."""
     from torch.utils.flop_counter import FlopCounterMode
 
     copy = deepcopy(model)
@@ -1412,10 +1314,10 @@ def fmt_time(seconds: float) -> str:
 
 
 class RunFolder:
-    """`with RunFolder(path):` a run folder, claimed by one run at a time through run.lock (the
-    owner's PID). On POSIX the claim is an flock(2), which the kernel drops when its process
-    dies however it dies, so a killed run's lock is taken over. Entering sweeps the *.tmp of
-    interrupted writes; leaving removes the lock and the folders it created, if still empty."""
+    """`with RunFolder(path):` a run folder claimed by one run at a time through run.lock (the owner's PID).
+    On POSIX the claim is an flock(2), which the kernel drops when its process dies however it dies, so a
+    killed run's lock is taken over. Entering sweeps the *.tmp of interrupted writes; leaving removes the
+    lock and the folders it created, if still empty."""
 
     LOCK = "run.lock"
 
@@ -1498,7 +1400,11 @@ def train(strategy_cls, config: TrainConfig) -> Path:
     name = strategy_cls.name
     if resume_state:
         check_model_type(resume_state, name, config.resume)
-        check_mid_epoch(resume_state, config)
+        old = resume_state["config"].get("batch_size")  # a mid-epoch checkpoint counts batches of its own size
+        if resume_state.get("resume_batch") and old != config.batch_size:
+            raise UserError(f"{config.resume} stopped in the middle of epoch {resume_state.get('epoch', 0) + 1} at "
+                            f"--batch-size {old}; resume with that --batch-size and change it at an epoch boundary, "
+                            f"so that every sprite of the epoch is trained exactly once")
     device = select_device(config.device)
     seed_everything(config.seed)
     if device.type == "cpu":
@@ -1585,16 +1491,6 @@ def check_model_type(state: dict, name: str, path) -> None:
         raise UserError(f"{path} is a {kind} checkpoint, not {name}; resume it with {advice}")
 
 
-def check_mid_epoch(state: dict, config: TrainConfig) -> None:
-    """A checkpoint saved inside an epoch counts batches of its own size: another --batch-size
-    would skip the wrong sprites."""
-    old = state["config"].get("batch_size")
-    if state.get("resume_batch") and old != config.batch_size:
-        raise UserError(f"{config.resume} stopped in the middle of epoch {state.get('epoch', 0) + 1} at --batch-size "
-                        f"{old}; resume with that --batch-size and change it at an epoch boundary, so that every "
-                        f"sprite of the epoch is trained exactly once")
-
-
 def resume(trainer: Trainer, state: dict, config: TrainConfig) -> None:
     """Restore a checkpoint into the trainer. Changed flags take effect, printed and logged (--lr
     and --weight-decay written into the restored optimizer); a changed shape is refused."""
@@ -1639,8 +1535,7 @@ def run_name(model: str, config: TrainConfig, when: time.struct_time) -> str:
 
 
 def finish(trainer: Trainer, data: Sprites) -> dict[str, Path]:
-    """End of training: final pictures, sprite-quality metrics on n_eval
-    samples, metrics.json, and the checkpoint as an MLflow artifact."""
+    """End of training: final pictures, scores of n_eval samples, metrics.json, the checkpoint to MLflow."""
     cfg = trainer.config
     paths = trainer.write_pictures(trainer.epoch, final=True)
     trainer.write_animation()
@@ -1691,8 +1586,8 @@ class Trained(NamedTuple):
 
 def load_for_sampling(checkpoint: str | os.PathLike, device: torch.device, strategy_cls, config_cls,
                       overrides: dict | None = None, state: dict | None = None) -> Trained:
-    """Rebuild a trained strategy_cls model; `overrides` replace config values (a temperature);
-    `state`: the checkpoint already loaded (compare.py's load_any), so it is read once."""
+    """Rebuild a trained strategy_cls model; `overrides` replace config values (a temperature); `state`:
+    the checkpoint already loaded (compare.py's load_any)."""
     state = load_checkpoint(checkpoint) if state is None else state
     name = state.get("strategy")
     if name != strategy_cls.name:
@@ -1806,8 +1701,8 @@ def model_fields(config_cls) -> set[str]:
 
 
 def native_bf16(device: torch.device) -> tuple[bool | None, str]:
-    """Does this device do bf16 arithmetic in hardware (None: cannot tell), and what was found, in
-    words. CPU: the avx512_bf16 or amx_bf16 flag (x86) or bf16 (Arm) in /proc/cpuinfo."""
+    """Does this device do bf16 in hardware (None: cannot tell), and what was found, in words. CPU: the
+    avx512_bf16 or amx_bf16 flag (x86) or bf16 (Arm) in /proc/cpuinfo."""
     if device.type == "cuda":
         ok = torch.cuda.is_bf16_supported()
         return ok, f"{torch.cuda.get_device_name(device)}: bf16 {'supported' if ok else 'not supported'}"
@@ -1822,10 +1717,8 @@ def native_bf16(device: torch.device) -> tuple[bool | None, str]:
 
 
 def amp_worth_it(device: torch.device, force: bool) -> bool:
-    """--amp's decision: bf16 autocast, except on a CPU known to lack bf16 instructions, where PyTorch
-    emulates bf16: docs/results/bench/log.txt (this project's 2-core AVX2 machine) measured a bf16 matmul
-    at 1.3 GFLOP/s against fp32's 134.1, and vae.py training at 269.5 sprites/s against 2667.7. There it
-    says so in one line and trains in fp32, unless --amp-force."""
+    """--amp's decision: bf16 autocast, except on a CPU known to lack bf16 instructions (PyTorch emulates
+    bf16 there, ~10x slower, docs/results/bench/log.txt): it says so and trains in fp32, unless --amp-force."""
     native, found = native_bf16(device)
     if native is not False or force:
         return True
@@ -1835,9 +1728,8 @@ def amp_worth_it(device: torch.device, force: bool) -> bool:
 
 
 def contention_hint(device: torch.device, resume_command: str, threshold: float = 0.6) -> str:
-    """After a run's first epoch on a CPU, with several threads: when the runnable threads (the 1-minute
-    load average, this run's included) are so many that each gets less than `threshold` of a core,
-    PyTorch's threads wait for each other, and one line points to OMP_NUM_THREADS=1; "" otherwise."""
+    """On a CPU with several threads: when the 1-minute load average (this run included) leaves each less
+    than `threshold` of a core, PyTorch's threads wait for each other; one line points to OMP_NUM_THREADS=1."""
     if device.type != "cpu" or torch.get_num_threads() < 2 or not hasattr(os, "getloadavg"):
         return ""
     load, cpus = os.getloadavg()[0], os.cpu_count() or 1
@@ -1875,9 +1767,8 @@ def parse_train_args(config_cls, argv: list[str], strategy_name: str = "") -> Tr
 
 
 def main(strategy_cls, config_cls, argv: list[str] | None = None, moved: dict[str, str] | None = None) -> None:
-    """Every model file's command line: `python X.py [flags]` trains, `python X.py sample` draws.
-    `moved`: {old mode: its compare.py command}; the old spelling (and `bench`) is refused in
-    one line naming the new one."""
+    """Every model file's command line: `python X.py [flags]` trains, `python X.py sample` draws. `moved`:
+    {old mode: its compare.py command}; the old spelling (and `bench`) is refused naming the new one."""
     argv = sys.argv[1:] if argv is None else argv
     moved = {"bench": f"python compare.py bench --models {strategy_cls.name}", **(moved or {})}
 

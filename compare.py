@@ -124,6 +124,22 @@ def load_any(checkpoint: str | Path, device: torch.device, overrides: dict | Non
     return common.load_for_sampling(checkpoint, device, *MODELS[name], overrides, state)
 
 
+def read_json(path, what: str = "a JSON file", kind: type | None = None):
+    """A JSON file as one value (of `kind`, if given); a missing, binary or malformed file is one line."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise common.UserError(f"{path} not found; it should be {what}") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise common.UserError(f"{path} is not valid JSON ({common.printable(common.first_line(e))}); "
+                               f"it should be {what}") from None
+    if kind is not None and not isinstance(data, kind):
+        raise common.UserError(f"{path} holds a JSON {type(data).__name__}, not a {kind.__name__}; "
+                               f"it should be {what}")
+    return data
+
+
 # -----------------------------------------------------------------------------
 # Train or load
 # -----------------------------------------------------------------------------
@@ -249,7 +265,7 @@ def quality_curve(ckpt: Path) -> list[dict]:
     path = Path(ckpt).parent.parent / "time_to_quality.json"
     if not path.exists():
         return []
-    points = common.read_json(path, "a time_to_quality.json", list)
+    points = read_json(path, "a time_to_quality.json", list)
     return [p for p in points if isinstance(p, dict) and all(isinstance(p.get(k), (int, float)) for k in CLOCKS)]
 
 
@@ -852,7 +868,7 @@ def plot_command(argv: list[str]) -> None:
             path = path / "time_to_quality.json" if path.is_dir() else path
             if not path.exists():
                 raise common.UserError(f"{path} not found; train with --eval-every-minutes to write it")
-            points, key = common.read_json(path, "a time_to_quality.json", list), f"sample/{args.metric}"
+            points, key = read_json(path, "a time_to_quality.json", list), f"sample/{args.metric}"
             if points and all(isinstance(p, dict) for p in points) and key not in points[0]:
                 raise common.UserError(f"{path} has no {key}; metrics there: {sorted(points[0])}")
             if not points or not all(isinstance(p, dict) and isinstance(p.get(key), (int, float))
@@ -934,7 +950,7 @@ def run_results(run: Path) -> dict:
     object as <name>/<key> (a list, such as time_to_quality.json's points, is not a figure)."""
     figures = {}
     for path in sorted(run.glob("*.json")):
-        data = common.read_json(path, "a run's figures")
+        data = read_json(path, "a run's figures")
         if not isinstance(data, dict):
             continue
         figures.update(data if path.stem == "metrics" else {f"{path.stem}/{k}": v for k, v in data.items()})

@@ -39,11 +39,10 @@ Run (from the repository root; the dataset is prepared by download.py):
     python vqvae.py --epochs 500 --prior-epochs 0 --no-restart-dead   # stage 1 only, no restarts
     python vqvae.py --resume runs/vqvae/<run>/checkpoints/last.pt   # continue a run, in either stage
 
-One Trainer runs both stages: epochs 1..--epochs train the VQ-VAE, the next
---prior-epochs the prior, on the codes the frozen stage-1 model gives the
-(randomly flipped) training sprites. The stage follows from the checkpoint's
-epoch, so --resume and Ctrl-C work in either; once the prior has started,
---epochs is fixed (the prior would no longer match its codes), --prior-epochs can grow.
+One Trainer runs both stages: epochs 1..--epochs train the VQ-VAE, the next --prior-epochs the
+prior, on the codes the frozen stage-1 model gives the (randomly flipped) training sprites. The
+stage follows from the checkpoint's epoch, so --resume and Ctrl-C work in either; once the prior
+has started, --epochs is fixed (the prior would no longer match its codes), --prior-epochs can grow.
 
 Metrics (the Trainer prefixes train/ and val/; averaged over the split):
 
@@ -79,8 +78,7 @@ reconstruction) and codebook/ (the 32 most used codes on the validation split,
 in order of use, each shown as the 4x4 pixels it draws in the first
 validation sprite that uses it, enlarged 4x).
 
-Results on the real data (the default run, the stage-1 choices, both samplers,
-the prior's overfitting) are in docs/learn/03-vqvae.md.
+Results on the real data (default run, stage-1 choices, both samplers, the prior's overfitting): docs/learn/03-vqvae.md.
 """
 
 from __future__ import annotations
@@ -203,10 +201,9 @@ TINY = dict(hidden=16, codebook_size=16, code_dim=8, prior_dim=32, prior_layers=
 # -----------------------------------------------------------------------------
 # Stage 1 building blocks: encoder, vector quantizer, decoder
 # -----------------------------------------------------------------------------
-# Departure from the paper: the paper's image model has two residual blocks of
-# 256 channels on each side; sprites are tiny, so each side has one residual
-# block of 64 channels (with a 16-channel bottleneck), and a 1x1 convolution
-# maps the encoder's 64 channels to the code dimension D.
+# Departure from the paper: its image model has two residual blocks of 256 channels on each side;
+# sprites are tiny, so each side has one residual block of 64 channels (with a 16-channel bottleneck),
+# and a 1x1 convolution maps the encoder's 64 channels to the code dimension D.
 
 
 class ResidualBlock(nn.Module):
@@ -479,8 +476,7 @@ class VQVAE(nn.Module):
 
 
 class VQVAEStrategy(common.Strategy):
-    """Stage 1 trains the VQ-VAE on Eq. 3, stage 2 the prior on the codes; the
-    stage follows from the epoch (see the module docstring)."""
+    """Stage 1 trains the VQ-VAE on Eq. 3, stage 2 the prior on the codes; the stage follows from the epoch."""
 
     name = "vqvae"
 
