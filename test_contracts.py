@@ -17,6 +17,7 @@ Run this file directly to train the tiny test model with the real CLI:
 `python test_contracts.py --epochs 2 --data data/sprites-colored.npz`.
 """
 
+import argparse
 import ast
 import contextlib
 import dataclasses
@@ -27,6 +28,7 @@ import json
 import math
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -61,11 +63,6 @@ REAL_SHEET = ROOT.parent / "shared" / "data" / "kenney-1-bit-pack" / "colored-tr
 needs_real_sheet = pytest.mark.skipif(not REAL_SHEET.exists(), reason=f"real tilesheet not at {REAL_SHEET}")
 SHEET_COLOURS = [(56, 217, 115), (60, 172, 215), (122, 68, 74), (191, 121, 88),
                  (207, 198, 184), (230, 72, 46), (244, 180, 27)]
-
-
-# -----------------------------------------------------------------------------
-# Synthetic data: a tilesheet of one-colour shapes, prepared by download.py
-# -----------------------------------------------------------------------------
 
 
 def synthetic_sheet(cols=8, rows=8, seed=0) -> np.ndarray:
@@ -106,11 +103,6 @@ def make_zip(members):
         for name, data in members.items():
             archive.writestr(name, data)
     return buffer.getvalue()
-
-
-# -----------------------------------------------------------------------------
-# A tiny strategy that satisfies the protocol: it drives the Trainer in tests
-# -----------------------------------------------------------------------------
 
 
 @dataclass
@@ -178,8 +170,16 @@ def loss_before_after(strategy, model, batch, steps, lr, measure=None) -> tuple[
     return before, fixed()
 
 
+def last_pt(run_dir: Path) -> Path:
+    return run_dir / "checkpoints" / "last.pt"
+
+
+def state_of(run_dir: Path) -> dict:
+    return common.load_checkpoint(last_pt(run_dir))
+
+
 def params_of(run_dir: Path) -> dict:
-    return common.load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
+    return state_of(run_dir)["model"]
 
 
 @pytest.fixture(scope="module")
@@ -190,11 +190,9 @@ def sprites(dataset):
 @pytest.fixture(scope="module")
 def vae_run(dataset, tmp_path_factory) -> Path:
     """One tiny finished vae run laid out as the model script writes it: runs/vae/<date-time>/."""
-    root = tmp_path_factory.mktemp("runs")
-    config = vae.Config(**{**TINY["vae"], "epochs": 1, "data": str(dataset), "device": "cpu", "mlflow": False,
-                           "out": str(root / "vae" / "20260101-000000"), "sample_every": 0, "n_eval": 16})
+    out = tmp_path_factory.mktemp("runs") / "vae" / "20260101-000000"
     with contextlib.redirect_stdout(io.StringIO()):
-        return common.train(vae.VAEStrategy, config)
+        return common.train(vae.VAEStrategy, tiny_config("vae", dataset, epochs=1, sample_every=0, out=str(out)))
 
 
 # The commands are read from the pages at test time: the lines of fenced
@@ -204,13 +202,13 @@ def vae_run(dataset, tmp_path_factory) -> Path:
 # flags and subcommands added later are known without a list kept here.
 DOC_PAGES = [ROOT / "README.md", *sorted((ROOT / "docs" / "learn").glob("*.md")),
              *sorted((ROOT / "docs" / "results").rglob("README.md"))]  # the tutorials and the lab notes
+ALL_PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 SUBCOMMANDS = ("sample", "bench", "report", "plot", "guidance", "labels")
 COMMAND = re.compile(r"^(?:\w+=\S+\s+)*(?:nice -n \d+\s+)?(?:time\s+)?(python3?\s+[\w-]+\.py\b.*)$")
 
 
 def doc_commands(page: Path) -> list[tuple[int, list[str]]]:
     """(line number, argv after `python`) of every `python X.py ...` command on a page, in page order."""
-    import shlex
     lines = page.read_text().splitlines()
     fenced, blocks, current = [False] * len(lines), [], None
     for i, line in enumerate(lines):
@@ -246,9 +244,6 @@ def doc_commands(page: Path) -> list[tuple[int, list[str]]]:
     return commands
 
 
-# -----------------------------------------------------------------------------
-# Tiny configurations, and running a script
-# -----------------------------------------------------------------------------
 # Each model of compare.py's registry declares its tiny configuration (TINY) next
 # to its Config, small enough for a few seconds on 2 cores; "tiny" is the test
 # strategy's. A fourth model joins the registry tests below by its registry line.
@@ -288,16 +283,11 @@ def tiny_flags(name: str) -> list[str]:
     return flags
 
 
-def model_modules():
-    return [compare.module_of(cls) for cls in compare.REGISTRY]
-
-
 @pytest.fixture(params=list(compare.MODELS))
-def model(request, dataset):
+def model(request, dataset, sprites):
     """(module, Strategy class, tiny Config, palette, fixed batch) for each model of the registry."""
     cls, _ = compare.MODELS[request.param]
-    data = common.load_sprites(dataset, torch.device("cpu"))
-    return compare.module_of(cls), cls, tiny_config(request.param, dataset), data.palette, data.train[:16]
+    return compare.module_of(cls), cls, tiny_config(request.param, dataset), sprites.palette, sprites.train[:16]
 
 
 def run_script(*args, cwd: Path = ROOT, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
@@ -307,6 +297,49 @@ def run_script(*args, cwd: Path = ROOT, timeout: float = 600, **kw) -> subproces
                           timeout=timeout, **kw)
 
 
+T = "test_contracts.py"  # the tiny test model's CLI: common.main, as every model file uses it
+TRAIN_FLAGS = ["--data", "{data}", "--no-mlflow", "--device", "cpu", "--epochs", "1", "--batch-size", "16",
+               "--n-eval", "16", "--n-samples", "8", "--sample-every", "0"]
+
+
+def start_until_first_epoch(*args) -> subprocess.Popen:
+    """`python test_contracts.py ARGS` started and read up to its first epoch line: a checkpoint exists then."""
+    proc = subprocess.Popen([sys.executable, T, *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("epoch"):
+            return proc
+    raise AssertionError(proc.communicate(timeout=60)[1])
+
+
+def script_entry(script: str):
+    """The function `python <script> ARGS` calls with ARGS."""
+    if script == "test_contracts.py":
+        return lambda argv: common.main(TinyStrategy, TinyConfig, argv)
+    return importlib.import_module(script[:-3]).main
+
+
+def run_script_main(script: str, argv: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
+    """Run a script's main(argv) here, as `python script argv` would: (exit status, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        with pytest.raises(SystemExit) as e:
+            script_entry(script)(argv)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    captured = capsys.readouterr()
+    return e.value.code, captured.out, captured.err
+
+
+def assert_one_clean_line(code, out, err, fragment):
+    assert code == 2, (code, out[-2000:], err[-2000:])
+    assert "Traceback" not in out + err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "; " in lines[0], err
+    assert fragment in lines[0], (fragment, lines[0])
+
+
 # =============================================================================
 # The layers: download.py <- common.py <- the model files <- compare.py
 # =============================================================================
@@ -314,13 +347,16 @@ def run_script(*args, cwd: Path = ROOT, timeout: float = 600, **kw) -> subproces
 LAYERS = {"download": 0, "common": 1, "vae": 2, "vqvae": 2, "diffusion": 2, "compare": 3}
 
 
-def test_layers_no_file_imports_one_above_it():
+def test_layers_no_file_imports_one_above_it_and_the_registry_names_each_model_after_its_file():
     """Every import in every project file, at the top or inside a function,
     points to a lower layer: the model files import common.py (and no other
     model file), common.py imports download.py, only compare.py imports the
-    model files, and a registry model is in LAYERS. An edge running back up
-    (e.g. common.py importing compare.py for a mode) fails here."""
+    model files, and a registry model is in LAYERS, named after its file. An edge
+    running back up (e.g. common.py importing compare.py for a mode) fails here."""
     assert set(LAYERS) >= {cls.__module__ for cls in compare.REGISTRY}
+    for name, (cls, config_cls) in compare.MODELS.items():  # messages say `python <name>.py` for a <name> checkpoint
+        assert issubclass(cls, common.Strategy) and cls.__module__ == name, (name, cls)
+        assert issubclass(config_cls, common.TrainConfig) and (ROOT / f"{name}.py").exists()
     upward = []
     for name, layer in LAYERS.items():
         tree = ast.parse((ROOT / f"{name}.py").read_text())
@@ -344,11 +380,11 @@ def test_layers_no_file_imports_one_above_it():
 
 
 # -----------------------------------------------------------------------------
-# Palette: k-means++ and snapping
+# Palette (k-means++ and snapping), data helpers, pictures, metrics
 # -----------------------------------------------------------------------------
 
 
-def test_common_kmeans_recovers_a_known_palette():
+def test_common_kmeans_recovers_a_known_palette_and_snap_picks_the_nearest_colour():
     # 8 colours, black dominant (as in sprites), each pixel jittered by +-1.
     rng = np.random.default_rng(1)
     truth = np.array([(0, 0, 0)] + SHEET_COLOURS, float)
@@ -361,9 +397,6 @@ def test_common_kmeans_recovers_a_known_palette():
     for colour in truth:  # every true colour has a centroid within 1 level
         assert np.abs(palette.astype(float) - colour).max(1).min() <= 1, colour
     assert np.array_equal(palette, common.kmeans_palette(pixels, k=8, seed=0))  # deterministic
-
-
-def test_common_snap_picks_the_nearest_colour():
     palette = torch.tensor([[0.0, 0, 0], [1.0, 0, 0], [0.0, 0, 1]])
     x = torch.tensor([[0.1, 0.1, 0.0], [0.8, 0.3, 0.1], [0.2, 0.1, 0.7], [0.49, 0.0, 0.0]])  # 4 pixels
     images = x.T.reshape(1, 3, 1, 4)  # (1, 3, 1, 4)
@@ -374,47 +407,32 @@ def test_common_snap_picks_the_nearest_colour():
 
 
 @needs_real_sheet
-def test_common_kmeans_on_the_real_sheet_finds_black_and_the_seven_colours():
-    rgba = download.load_sheet(REAL_SHEET.read_bytes())
-    tiles, _ = download.slice_tiles(rgba)
-    rgb = np.where(tiles[..., 3:] >= 128, tiles[..., :3], 0)
-    palette = common.kmeans_palette(rgb.reshape(-1, 3), k=8, seed=0).astype(int)
+def test_common_kmeans_on_the_real_sheet_finds_black_and_the_seven_colours_and_random_init_does_not():
+    """Random initialisation wastes centres on black: the failure k-means++ exists
+    to avoid (docs/learn/01-data-pipeline.md)."""
+    arrays, _ = download.build_dataset(download.load_sheet(REAL_SHEET.read_bytes()))
+    pixels = arrays["images"][~arrays["is_val"]].reshape(-1, 3)
+    palette = common.kmeans_palette(pixels, k=8, seed=0).astype(int)
     assert tuple(palette[0]) == (0, 0, 0)
     for colour in SHEET_COLOURS:
         assert np.abs(palette - np.array(colour)).max(1).min() <= 2, colour
-
-
-@needs_real_sheet
-def test_common_kmeans_random_initialisation_wastes_centres_on_black(tmp_path):
-    """The failure k-means++ exists to avoid (docs/learn/01-data-pipeline.md)."""
-    rgba = download.load_sheet(REAL_SHEET.read_bytes())
-    arrays, _ = download.build_dataset(rgba)
-    pixels = arrays["images"][~arrays["is_val"]].reshape(-1, 3)
     palette = common.kmeans_palette(pixels, k=8, seed=0, init="random").astype(int)
     found = sum(np.abs(palette - np.array(c)).max(1).min() <= 2 for c in SHEET_COLOURS)
     assert found < 7 and (palette.sum(1) <= 3).sum() >= 3
 
 
-# -----------------------------------------------------------------------------
-# Data helpers, pictures, metrics
-# -----------------------------------------------------------------------------
-
-
-def test_common_load_sprites_split_and_ranges(dataset):
-    data = common.load_sprites(dataset, torch.device("cpu"))
+def test_common_load_sprites_split_and_ranges_hflip_mirrors_about_half_seeded_and_the_grid_has_gutters(
+        dataset, sprites):
     with np.load(dataset) as npz:
         n_val = int(npz["is_val"].sum())
         n = len(npz["images"])
-    assert data.train.shape == (n - n_val, 3, 16, 16) and data.val.shape == (n_val, 3, 16, 16)
-    assert data.train.dtype == torch.float32 and 0 <= data.train.min() and data.train.max() <= 1
-    assert data.palette.shape == (8, 3)
-    x = data.train[:4]
+    assert sprites.train.shape == (n - n_val, 3, 16, 16) and sprites.val.shape == (n_val, 3, 16, 16)
+    assert sprites.train.dtype == torch.float32 and 0 <= sprites.train.min() and sprites.train.max() <= 1
+    assert sprites.palette.shape == (8, 3)
+    x = sprites.train[:4]
     assert torch.allclose(common.from_model_range(common.to_model_range(x)), x)
     with pytest.raises(AssertionError, match=r"\[0, 1\]"):
         common.to_model_range(x * 2)
-
-
-def test_common_hflip_mirrors_about_half_and_is_seeded():
     x = torch.arange(64 * 3 * 16 * 16, dtype=torch.float32).view(64, 3, 16, 16)
     a = common.random_hflip(x, torch.Generator().manual_seed(0))
     b = common.random_hflip(x, torch.Generator().manual_seed(0))
@@ -422,29 +440,22 @@ def test_common_hflip_mirrors_about_half_and_is_seeded():
     flipped = (a != x).flatten(1).any(1)
     assert 16 < flipped.sum() < 48
     assert torch.equal(a[flipped], x[flipped].flip(-1))
-
-
-def test_common_grid_has_gutters_and_scale():
     img = common.make_grid(torch.rand(10, 3, 16, 16), nrow=8, scale=4)
     assert img.size == ((8 * 17 + 1) * 4, (2 * 17 + 1) * 4)
     assert img.getpixel((0, 0)) == (48, 48, 48)  # gutter
 
 
-def test_common_sprite_metrics_on_real_sprites_and_on_noise(dataset):
-    data = common.load_sprites(dataset, torch.device("cpu"))
-    real = common.sprite_metrics(data.train, data.train, data.palette)
+def test_common_sprite_metrics_on_real_sprites_and_on_noise_and_knn_reference_values(sprites):
+    real = common.sprite_metrics(sprites.train, sprites.train, sprites.palette)
     assert real["palette_distance"] < 1e-3
     assert real["one_colour_rate"] == 1.0 and real["density_in_range"] == 1.0
     assert real["near_copy_rate"] == 1.0 and real["precision"] == 1.0
     noise = common.sprite_metrics(torch.rand(64, 3, 16, 16, generator=torch.Generator().manual_seed(0)),
-                                  data.train, data.palette)
+                                  sprites.train, sprites.palette)
     assert noise["palette_distance"] > 20 and noise["near_copy_rate"] == 0.0 and noise["one_colour_rate"] == 0.0
     assert noise["unique_rate"] == 1.0
-    dup = common.sprite_metrics(data.train[:1].repeat(10, 1, 1, 1), data.train, data.palette)
+    dup = common.sprite_metrics(sprites.train[:1].repeat(10, 1, 1, 1), sprites.train, sprites.palette)
     assert dup["unique_rate"] == pytest.approx(0.1)
-
-
-def test_common_knn_precision_recall_reference_values():
     # 1-D worked example: real points 0..9 (k=1 radius 1 each); fakes at 0.5
     # (inside), 20 and 30 (outside): precision 1/3. The fake set's radii are
     # 19.5, 10, 10, so every real point lies within 19.5 of the fake at 0.5.
@@ -455,24 +466,19 @@ def test_common_knn_precision_recall_reference_values():
 
 
 # -----------------------------------------------------------------------------
-# Config -> argparse
+# Config -> argparse, the Trainer driven end to end by the tiny strategy, the CLI as a user runs it
 # -----------------------------------------------------------------------------
 
 
-def test_common_every_config_field_has_help_text():
-    for cls in [common.TrainConfig, TinyConfig] + [m.Config for m in model_modules()]:
-        helps = common.field_help(cls)
-        missing = [f.name for f in dataclasses.fields(cls) if not helps.get(f.name)]
-        assert not missing, f"{cls.__module__}.{cls.__name__}: no comment under {missing}"
-
-
-BAD_FLAGS = [  # (Config, flags, message): one row per check: the shared TrainConfig checks (through TinyConfig;
-    # one row stands for every field with listed choices), then each model's own
+BAD_FLAGS = [  # (Config, flags, message): one row per check of a Config's __post_init__: TrainConfig's
+    # (through TinyConfig; one row stands for each loop over fields: at least 1, listed choices, BOUNDS),
+    # then each model's own. An argparse type error is BAD_INPUT's `--epochs abc`.
     (TinyConfig, ["--epochs", "0"], "--epochs must be at least 1"),
-    (TinyConfig, ["--batch-size", "0"], "--batch-size must be at least 1"),
-    (TinyConfig, ["--device", "tpu"], "unknown --device"),
-    (TinyConfig, ["--lr", "abc"], "invalid float value"),
+    (TinyConfig, ["--lr", "0"], "--lr must be positive"),
+    (TinyConfig, ["--grad-clip", "-1"], "--sample-every, --grad-clip and --weight-decay cannot be negative"),
     (TinyConfig, ["--eval-every-minutes", "-1"], "--eval-every-minutes cannot be negative"),
+    (TinyConfig, ["--ema-decay", "1"], "--ema-decay must be in [0, 1)"),
+    (TinyConfig, ["--device", "tpu"], "unknown --device"),
     (vae.Config, ["--recon-loss", "mse", "--temperature", "1"], "--temperature applies to --recon-loss ce only"),
     (vae.Config, ["--kl-weight", "-1"], "cannot be negative"),
     (vqvae.Config, ["--top-k", "999"], "--top-k must be in"),
@@ -498,15 +504,10 @@ def test_common_parser_refuses_a_bad_flag_of_every_config(config_cls, flags, mes
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
-# -----------------------------------------------------------------------------
-# The Trainer, driven end to end by the tiny strategy
-# -----------------------------------------------------------------------------
-
-
-def test_common_trainer_reduces_the_loss_and_writes_outputs(dataset, tmp_path):
+def test_common_trainer_reduces_the_loss_writes_outputs_never_overwrites_a_run_and_stops_on_a_nan_loss(dataset, tmp_path):
     run = common.train(TinyStrategy, tiny_config("tiny", dataset, tmp_path, epochs=6, sample_every=3, ema_decay=0.9))
     metrics = json.loads((run / "metrics.json").read_text())
-    state = common.load_checkpoint(run / "checkpoints" / "last.pt")
+    state = state_of(run)
     history = state["history"]
     assert len(history) == 6 and history[-1]["train/loss"] < 0.7 * history[0]["train/loss"]
     assert history[-1]["val/loss"] < history[0]["val/loss"]
@@ -514,60 +515,52 @@ def test_common_trainer_reduces_the_loss_and_writes_outputs(dataset, tmp_path):
     for key in ("sample/palette_distance", "sample/precision", "sample/near_copy_rate", "val/loss"):
         assert key in metrics and np.isfinite(metrics[key])
     assert state["ema"] is not None and state["epoch"] == 6
-
-
-def test_common_resume_at_an_epoch_boundary_equals_an_uninterrupted_run(dataset, tmp_path):
-    full = common.train(TinyStrategy, tiny_config("tiny", dataset, tmp_path / "full", epochs=3, ema_decay=0.9))
-    part = common.train(TinyStrategy, tiny_config("tiny", dataset, tmp_path / "part", epochs=1, ema_decay=0.9))
-    resumed = common.train(TinyStrategy, tiny_config("tiny", dataset, tmp_path / "part", epochs=3, ema_decay=0.9,
-                                                     resume=str(part / "checkpoints" / "last.pt")))
-    a, b = params_of(full), params_of(resumed)
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_common_ctrl_c_mid_epoch_saves_a_checkpoint_that_resumes_exactly(dataset, tmp_path):
-    full = common.train(TinyStrategy, tiny_config("tiny", dataset, tmp_path / "full", epochs=2))
-    cfg = tiny_config("tiny", dataset, tmp_path / "cut", epochs=2, interrupt_at_step=3)
-    with pytest.raises(common.Interrupted, match="resume with"):
-        common.train(TinyStrategy, cfg)  # SIGINT at step 3 of epoch 1
-    cut = tmp_path / "cut" / "run"
-    state = common.load_checkpoint(cut / "checkpoints" / "last.pt")
-    assert state["epoch"] == 0 and state["resume_batch"] == 3
-    with pytest.raises(common.UserError, match="resume with that --batch-size"):  # 3 old batches are not 3 new ones
-        common.train(TinyStrategy, dataclasses.replace(cfg, batch_size=64, resume=str(cut / "checkpoints" / "last.pt")))
-    resumed = common.train(TinyStrategy, dataclasses.replace(cfg, interrupt_at_step=0,
-                                                             resume=str(cut / "checkpoints" / "last.pt")))
-    a, b = params_of(full), params_of(resumed)
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_common_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(dataset, tmp_path):
+    with pytest.raises(common.UserError, match="already holds a run"):
+        common.train(TinyStrategy, tiny_config("tiny", dataset, tmp_path, epochs=1))
     n_batches = -(-int((~np.load(dataset)["is_val"]).sum()) // 16)
-    cfg = tiny_config("tiny", dataset, tmp_path, epochs=3, nan_at_step=n_batches + 2)  # in epoch 2
+    cfg = tiny_config("tiny", dataset, tmp_path / "nan", epochs=3, nan_at_step=n_batches + 2)  # in epoch 2
     with pytest.raises(common.UserError, match=r"nan in epoch 2.*last good checkpoint.*epoch 1"):
         common.train(TinyStrategy, cfg)
-    state = common.load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    state = state_of(tmp_path / "nan" / "run")
     assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
 
 
-def test_common_a_run_folder_is_never_overwritten(dataset, tmp_path):
-    common.train(TinyStrategy, tiny_config("tiny", dataset, tmp_path, epochs=1))
-    with pytest.raises(common.UserError, match="already holds a run"):
-        common.train(TinyStrategy, tiny_config("tiny", dataset, tmp_path, epochs=1))
+def test_common_resume_at_an_epoch_boundary_or_after_ctrl_c_mid_epoch_equals_an_uninterrupted_run_and_takes_new_flags(
+        dataset, tmp_path, capsys):
+    full = params_of(common.train(TinyStrategy, tiny_config("tiny", dataset, tmp_path / "full", ema_decay=0.9)))
+    part = common.train(TinyStrategy, tiny_config("tiny", dataset, tmp_path / "part", epochs=1, ema_decay=0.9))
+    cfg = tiny_config("tiny", dataset, tmp_path / "cut", ema_decay=0.9, interrupt_at_step=3)
+    with pytest.raises(common.Interrupted, match="resume with"):
+        common.train(TinyStrategy, cfg)  # SIGINT at step 3 of epoch 1
+    cut = last_pt(tmp_path / "cut" / "run")
+    state = common.load_checkpoint(cut)
+    assert state["epoch"] == 0 and state["resume_batch"] == 3
+    with pytest.raises(common.UserError, match="resume with that --batch-size"):  # 3 old batches are not 3 new ones
+        common.train(TinyStrategy, dataclasses.replace(cfg, batch_size=64, resume=str(cut)))
+    for resumed in (common.train(TinyStrategy, dataclasses.replace(cfg, interrupt_at_step=0, resume=str(cut))),
+                    common.train(TinyStrategy, tiny_config("tiny", dataset, ema_decay=0.9,
+                                                           resume=str(last_pt(part))))):
+        assert all(torch.equal(full[k], v) for k, v in params_of(resumed).items())
+    # --lr and --weight-decay given with --resume take effect on the restored optimizer, and say so
+    config = common.parse_train_args(TinyConfig, ["--resume", str(last_pt(part)), "--epochs", "3", "--lr", "0.0005",
+                                                  "--weight-decay", "0.01"])
+    capsys.readouterr()
+    common.train(TinyStrategy, config)
+    assert "resuming with changed settings: --epochs 3 (was 2), --lr 0.0005 (was 0.003), " \
+           "--weight-decay 0.01 (was 0.0)" in capsys.readouterr().out
+    state = state_of(part)
+    assert {(g["lr"], g["weight_decay"]) for g in state["optimizer"]["param_groups"]} == {(0.0005, 0.01)}
+    assert state["config"]["lr"] == 0.0005 and state["epoch"] == 3
 
 
-def test_common_checkpoint_loads_with_weights_only_and_refuses_garbage(dataset, tmp_path, capsys):
-    run = common.train(TinyStrategy, tiny_config("tiny", dataset, tmp_path, epochs=1))
-    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+def test_common_checkpoint_loads_with_weights_only_and_refuses_garbage(fault_inputs, tmp_path, capsys):
+    """A NaN weight is refused (issue 27.1; unreadable files: BAD_INPUT); an advice line
+    quotes its path; no control character from a file reaches the terminal."""
+    state = torch.load(fault_inputs["tiny"], weights_only=True)
     assert {"model", "optimizer", "epoch", "torch_rng", "config", "palette"} <= set(state)
-    bad = tmp_path / "bad.pt"
-    bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(common.UserError, match="cannot load checkpoint"):
-        common.load_checkpoint(bad)
-    # issue 27.1: a NaN weight is refused; an advice line quotes its path; no control character reaches the terminal
-    torch.save({**state, "model": {**state["model"], "w": torch.tensor(float("nan"))}}, bad)
+    torch.save({**state, "model": {**state["model"], "w": torch.tensor(float("nan"))}}, tmp_path / "bad.pt")
     with pytest.raises(common.UserError, match="'w' is not a finite tensor"):
-        common.load_checkpoint(bad)
+        common.load_checkpoint(tmp_path / "bad.pt")
     with pytest.raises(common.UserError, match="`python vqvae.py --resume '/a b/last.pt'`"):
         common.check_model_type({"strategy": "vqvae"}, "vae", "/a b/last.pt")
     with pytest.raises(SystemExit):
@@ -575,78 +568,91 @@ def test_common_checkpoint_loads_with_weights_only_and_refuses_garbage(dataset, 
     assert "\x1b" not in capsys.readouterr().err
 
 
-def test_common_unreachable_mlflow_server_fails_fast_in_one_line():
-    t0 = time.time()
-    with pytest.raises(common.UserError, match="unreachable.*--no-mlflow"):
-        common.check_server("http://127.0.0.1:9", tries=2, timeout=1)
-    assert time.time() - t0 < 10
-
-
-# -----------------------------------------------------------------------------
-# The CLI as a user runs it (subprocesses)
-# -----------------------------------------------------------------------------
-
-
-def test_common_cli_real_ctrl_c_saves_and_resumes(dataset, tmp_path):
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_common_cli_real_ctrl_c_or_sigterm_saves_and_resumes(sig, status, dataset, tmp_path):
+    """Ctrl-C, or SIGTERM as kill, a job scheduler or a container stop sends, after the first epoch."""
     out = tmp_path / "run"
-    flags = ["--data", str(dataset), "--out", str(out), "--no-mlflow", "--batch-size", "8", "--device", "cpu"]
-    # A real Ctrl-C: start a long run, wait for its first epoch line, send SIGINT.
-    proc = subprocess.Popen([sys.executable, "test_contracts.py", "--epochs", "1000", *flags], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in proc.stdout:
-        if line.startswith("epoch"):
-            proc.send_signal(signal.SIGINT)
-            break
+    proc = start_until_first_epoch("--epochs", 1000, "--data", dataset, "--out", out, "--no-mlflow",
+                                   "--batch-size", 8, "--device", "cpu")
+    proc.send_signal(sig)
     rest, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err  # interrupted, after saving
-    assert "Resume with: --resume" in rest and "Traceback" not in err
-    state = common.load_checkpoint(out / "checkpoints" / "last.pt")
+    assert proc.returncode == status and "Resume with: --resume" in rest and "Traceback" not in err, err
+    state = state_of(out)
     assert 1 <= state["epoch"] < 1000
-    # Resume with a smaller budget that finishes right away.
-    r = run_script("test_contracts.py", "--resume", str(out / "checkpoints" / "last.pt"),
-                 "--epochs", str(state["epoch"] + 1))
+    r = run_script(T, "--resume", last_pt(out), "--epochs", state["epoch"] + 1)
     assert r.returncode == 0, r.stderr
-    assert "resuming from" in r.stdout and "sprite quality" in r.stdout  # sample mode: each model's script test
+    assert "resuming from" in r.stdout and "sprite quality" in r.stdout
 
 
-def test_common_real_sigterm_saves_like_ctrl_c_and_exits_143(dataset, tmp_path):
-    proc = subprocess.Popen([sys.executable, T, "--epochs", "1000", "--data", str(dataset), "--out", str(tmp_path / "r"),
-                             "--no-mlflow", "--device", "cpu"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in proc.stdout:
-        if line.startswith("epoch"):
-            proc.terminate()  # SIGTERM, as kill, a job scheduler or a container stop sends
-            break
-    rest, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143 and "Resume with: --resume" in rest and "Traceback" not in err, err
-    assert common.load_checkpoint(tmp_path / "r" / "checkpoints" / "last.pt")["epoch"] >= 1
-
-
-def test_common_sample_out_decides_by_suffix():
+def test_common_sample_out_decides_by_suffix_and_sample_never_imports_mlflow_or_compare(vae_run):
     assert common.sample_out("", "runs/vae/x/checkpoints/last.pt", 3) == Path("runs/vae/x/sample-seed3.png")
     assert common.sample_out("", "elsewhere/model.pt", 0) == Path("elsewhere/sample-seed0.png")
     for out in ("grid.png", "GRID.PNG", "sprites", "anim.gif"):
         assert common.sample_out(out, "c.pt", 0) == Path(out)
     with pytest.raises(common.UserError, match=r"--out out\.jpg: cannot write \.jpg files; use a \.png"):
         common.sample_out("out.jpg", "c.pt", 0)
-
-
-def test_common_sample_writes_by_suffix_into_the_run_folder_and_never_imports_mlflow_or_compare(vae_run, tmp_path):
-    ckpt = vae_run / "checkpoints" / "last.pt"
-    # The default output goes next to the run; sampling loads neither MLflow (seconds of imports)
-    # nor compare.py (a model file's mode stays in its layer: test_layers_no_file_imports_one_above_it).
+    # by default into the run folder, never importing MLflow (seconds of imports) nor compare.py (a layer up)
     probe = ("import runpy, sys; sys.argv = ['vae.py', 'sample', '--checkpoint', sys.argv[1], '--n', '4', "
              "'--temperature', '0.5']; "
              "runpy.run_path('vae.py', run_name='__main__'); print('loaded:', 'mlflow' in sys.modules, 'compare' in sys.modules)")
-    r = run_script("-c", probe, str(ckpt))
+    r = run_script("-c", probe, last_pt(vae_run))
     assert r.returncode == 0, r.stderr
     assert "loaded: False False" in r.stdout and (vae_run / "sample-seed0.png").exists()
-    r = run_script("vae.py", "sample", "--checkpoint", str(ckpt), "--out", str(tmp_path / "a.gif"))
-    assert r.returncode == 2 and "no sampling trajectory to animate" in r.stderr and "Traceback" not in r.stderr
 
 
 # -----------------------------------------------------------------------------
-# Time to quality and the --amp probe
+# Every model of compare.py's registry: the Strategy contract, its script, time to quality and the compute clock
 # -----------------------------------------------------------------------------
+
+
+def test_common_strategy_contract_shapes_range_determinism_and_train_steps_reduce_the_loss(model):
+    module, cls, config, palette, batch = model
+    results = []
+    for _ in range(2):  # twice from one seed: the same loss and the same sprites
+        torch.manual_seed(3)
+        strategy = cls(config, palette)
+        net = strategy.build_model(config)
+        out = strategy.train_step(net, batch)
+        net.eval()
+        with torch.no_grad():
+            x = strategy.sample(net, 5, torch.Generator().manual_seed(7))
+            metrics = strategy.get_metrics(net, batch)
+        results.append((float(out["loss"].detach()), x))
+    assert out["loss"].shape == () and torch.isfinite(out["loss"]) and out["loss"].requires_grad
+    assert all(torch.as_tensor(v).numel() == 1 for v in out.values())
+    assert x.shape == (5, 3, 16, 16) and x.dtype == torch.float32
+    assert torch.isfinite(x).all() and x.min() >= 0 and x.max() <= 1
+    assert metrics and all(np.isfinite(float(v)) for v in metrics.values())
+    assert results[0][0] == results[1][0] and torch.equal(results[0][1], results[1][1])
+    torch.manual_seed(0)
+    strategy = cls(config, palette)
+    net = strategy.build_model(config)
+    before, after = loss_before_after(strategy, net, batch, steps=30, lr=config.lr)
+    assert after < 0.9 * before, (before, after)
+
+
+def test_common_model_script_runs_and_samples_as_a_subprocess(model, dataset, tmp_path):
+    """Each model's script trains and samples as a user runs it; the VQ-VAE through both stages."""
+    name = model[0].__name__
+    vq = name == "vqvae"
+    r = run_script(f"{name}.py", *tiny_flags(name), *(["--prior-epochs", "1"] if vq else []), "--epochs", "1",
+                   "--data", dataset, "--out", tmp_path / "run", "--no-mlflow", "--device", "cpu")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    epochs = 2 if vq else 1
+    assert "parameters" in r.stdout and f"epoch {epochs}/{epochs}" in r.stdout and "sprite quality" in r.stdout
+    assert (tmp_path / "run" / "samples" / "final.png").exists()
+    if vq:
+        assert "stage 1 = encoder" in r.stdout and "stage 2: training the prior" in r.stdout
+        metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+        for key in ("val/codebook_usage", "val/perplexity", "val/bits_per_code", "sample/precision",
+                    "sample_random/precision"):
+            assert np.isfinite(metrics[key]), key
+        for picture in ("samples_random", "reconstructions", "codebook"):
+            assert (tmp_path / "run" / picture / "final.png").exists(), picture
+    r = run_script(f"{name}.py", "sample", "--checkpoint", last_pt(tmp_path / "run"),
+                   "--n", 4, "--out", tmp_path / "grid.png", *(["--sampler", "random"] if vq else []))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert Image.open(tmp_path / "grid.png").size == ((4 * 17 + 1) * 4, (1 * 17 + 1) * 4)
 
 
 @pytest.mark.parametrize("name", ["vae", "vqvae", "diffusion"])
@@ -727,55 +733,6 @@ def test_common_amp_decision(monkeypatch, capsys, native, force, expected):
 
 
 # -----------------------------------------------------------------------------
-# Every model of compare.py's registry: the Strategy contract, and its script
-# -----------------------------------------------------------------------------
-
-
-def test_common_strategy_contract_shapes_range_and_determinism(model):
-    module, cls, config, palette, batch = model
-    results = []
-    for _ in range(2):  # twice from one seed: the same loss and the same sprites
-        torch.manual_seed(3)
-        strategy = cls(config, palette)
-        net = strategy.build_model(config)
-        out = strategy.train_step(net, batch)
-        net.eval()
-        with torch.no_grad():
-            x = strategy.sample(net, 5, torch.Generator().manual_seed(7))
-            metrics = strategy.get_metrics(net, batch)
-        results.append((float(out["loss"].detach()), x))
-    assert out["loss"].shape == () and torch.isfinite(out["loss"]) and out["loss"].requires_grad
-    assert all(torch.as_tensor(v).numel() == 1 for v in out.values())
-    assert x.shape == (5, 3, 16, 16) and x.dtype == torch.float32
-    assert torch.isfinite(x).all() and x.min() >= 0 and x.max() <= 1
-    assert metrics and all(np.isfinite(float(v)) for v in metrics.values())
-    assert results[0][0] == results[1][0] and torch.equal(results[0][1], results[1][1])
-
-
-def test_common_strategy_train_steps_reduce_the_loss_on_a_fixed_batch(model):
-    module, cls, config, palette, batch = model
-    torch.manual_seed(0)
-    strategy = cls(config, palette)
-    net = strategy.build_model(config)
-    before, after = loss_before_after(strategy, net, batch, steps=30, lr=config.lr)
-    assert after < 0.9 * before, (before, after)
-
-
-def test_common_model_script_runs_and_samples_as_a_subprocess(model, dataset, tmp_path):
-    module, *_ = model
-    name = module.__name__
-    r = run_script(f"{name}.py", *tiny_flags(name), "--epochs", "1", "--data", str(dataset),
-                 "--out", str(tmp_path / "run"), "--no-mlflow", "--device", "cpu")
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert "parameters" in r.stdout and "epoch 1/1" in r.stdout and "sprite quality" in r.stdout
-    assert (tmp_path / "run" / "samples" / "final.png").exists()
-    r = run_script(f"{name}.py", "sample", "--checkpoint", str(tmp_path / "run" / "checkpoints" / "last.pt"),
-                 "--n", "4", "--out", str(tmp_path / "grid.png"))
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert Image.open(tmp_path / "grid.png").size == ((4 * 17 + 1) * 4, (1 * 17 + 1) * 4)
-
-
-# -----------------------------------------------------------------------------
 # Bad input and faults: one clean line, exit status 2, nothing lost (issue 12)
 # -----------------------------------------------------------------------------
 
@@ -784,23 +741,23 @@ def test_common_model_script_runs_and_samples_as_a_subprocess(model, dataset, tm
 # do>` on one line with exit status 2 and no traceback, and leaves its input
 # files as they were. The table runs each script's own main() in this process
 # (fast); the rows that depend on the environment of a fresh process run as a
-# subprocess. Concurrency, MLflow server loss, resume with new flags, a full
-# disk and Ctrl-C have their own tests below.
+# subprocess. Concurrency, MLflow server loss, a full disk and Ctrl-C have
+# their own tests (resume with new flags: the resume test above).
 @pytest.fixture(scope="module")
-def fault_inputs(dataset, tmp_path_factory) -> dict[str, str]:
+def fault_inputs(dataset, vae_run, tmp_path_factory) -> dict[str, str]:
     """Files the bad-input table points at: finished runs, garbage, degenerate
     datasets, a zip bomb and a zip whose header lies about its member's size."""
     d = tmp_path_factory.mktemp("faults")
     tiny = common.train(TinyStrategy, tiny_config("tiny", dataset, d / "tiny", epochs=1)) / "checkpoints" / "last.pt"
-    vae_run = common.train(vae.VAEStrategy, tiny_config("vae", dataset, d / "vae", epochs=1, sample_every=0))
-    vae_ckpt = vae_run / "checkpoints" / "last.pt"
+    vae_ckpt = last_pt(vae_run)
     (d / "garbage.pt").write_bytes(b"not a checkpoint")
     (d / "garbage.npz").write_bytes(b"PK\x03\x04 not a dataset")
     (d / "afile").write_text("a file, not a folder")
     with np.load(dataset) as z:
         arrays = {k: z[k] for k in z.files}
     for name, change in [("short_is_val", dict(is_val=arrays["is_val"][:-3])),
-                         ("empty", dict(images=arrays["images"][:0], is_val=arrays["is_val"][:0]))]:
+                         ("empty", dict(images=arrays["images"][:0], is_val=arrays["is_val"][:0])),
+                         ("black", dict(images=np.zeros_like(arrays["images"])))]:
         np.savez_compressed(d / f"{name}.npz", **{**arrays, **change})
     big = b"\0" * (download.MAX_MEMBER_BYTES + 1)  # deflates to ~10 KB
     (d / "bomb.zip").write_bytes(make_zip({download.SHEET_NAME: big}))
@@ -813,32 +770,27 @@ def fault_inputs(dataset, tmp_path_factory) -> dict[str, str]:
     state = torch.load(vae_ckpt, weights_only=True)  # issue 26/27: a checkpoint without palette, one named like a command
     torch.save({k: v for k, v in state.items() if k != "palette"}, d / "nopal.pt")
     torch.save({**state, "strategy": "vae.py; touch /tmp/x; echo"}, d / "evil.pt")
-    np.savez_compressed(d / "black.npz", **{**arrays, "images": np.zeros_like(arrays["images"])})
     os.mkfifo(d / "fifo")
     Image.fromarray(synthetic_sheet()).convert("L").save(d / "gray.png")
     return dict(dir=str(d), data=str(dataset), tiny=str(tiny), vae=str(vae_ckpt))
 
 
-TRAIN_FLAGS = ["--data", "{data}", "--no-mlflow", "--device", "cpu", "--epochs", "1", "--batch-size", "16",
-               "--n-eval", "16", "--n-samples", "8", "--sample-every", "0"]
 SAMPLE = ["sample", "--checkpoint", "{tiny}"]
-T = "test_contracts.py"  # the tiny test model's CLI: common.main, as every model file uses it
 BAD_INPUT = [  # (script, arguments, one-line message fragment, paths that must not exist afterwards)
     # resuming another model's checkpoint, or with another architecture (issue case 5)
     ("vae.py", ["--resume", "{tiny}"], "is a tiny checkpoint, not vae", []),
     ("vae.py", ["--resume", "{vae}", "--latent-dim", "4"], "does not fit the model built from --latent-dim 4", []),
     (T, ["--resume", "{dir}/garbage.pt"], "cannot load checkpoint", []),
     (T, ["sample", "--checkpoint", "{dir}/missing.pt"], "missing.pt not found", []),
-    # unwritable --out (case 6; a full and a read-only disk: test_common_full_and_read_only_disk)
+    # unwritable --out, one row per kind of OSError (case 6; a full and a read-only disk: test_common_full_and_...)
     (T, [*TRAIN_FLAGS, "--out", "/proc/i12-run"], "cannot write or read /proc/i12-run", []),
-    (T, [*TRAIN_FLAGS, "--out", "{dir}/afile/run"], "a file is in the way", []),
-    (T, [*SAMPLE, "--out", "/proc/i12.png"], "cannot write or read /proc/i12.png", []),
     (T, [*SAMPLE, "--out", "{dir}/afile/grid.png"], "a file is in the way", []),
     # values (case 7): one row per check; the Config's own checks are BAD_FLAGS
     (T, [*TRAIN_FLAGS, "--lr", "nan"], "--lr must be a finite number", []),
     (T, [*TRAIN_FLAGS, "--seed", "99999999999"], "--seed must be between 0 and 4294967295", []),
     (T, [*SAMPLE, "--seed", "-1"], "--seed must be between", []),
     (T, [*SAMPLE, "--device", "tpu"], "unknown --device 'tpu'", []),
+    ("vae.py", ["sample", "--checkpoint", "{vae}", "--out", "{dir}/a.gif"], "no sampling trajectory to animate", []),
     ("compare.py", ["--seed", "-1", "--out", "{dir}/cmp1"], "--seed must be between", ["{dir}/cmp1"]),
     ("compare.py", ["--eval-every-minutes", "nan", "--out", "{dir}/cmp2"], "--eval-every-minutes must be a number",
      ["{dir}/cmp2"]),
@@ -853,16 +805,15 @@ BAD_INPUT = [  # (script, arguments, one-line message fragment, paths that must 
     # a zip member that inflates far past the real 6 KB sheet (case 4), and one whose headers lie about it
     ("download.py", ["--from", "{dir}/bomb.zip", "--out", "{dir}/d1"], "inflates to more than 10 MB", ["{dir}/d1"]),
     ("download.py", ["--from", "{dir}/lying.zip", "--out", "{dir}/d2"], "is not a readable zip", ["{dir}/d2"]),
-    # usage errors: one line and a pointer to --help (case 11)
+    # usage errors: one line and a pointer to --help (case 11), one row per parser
     (T, ["--epochs", "abc"], "invalid int value: 'abc'; run `python", []),
-    (T, ["--bogus"], "unrecognized arguments: --bogus; run `python", []),
     (T, ["sample"], "required: --checkpoint; run `python", []),
     ("compare.py", ["bench", "--n", "x"], "invalid int value: 'x'; run `python", []),
+    ("compare.py", ["--bogus"], "unrecognized arguments: --bogus; run `python compare.py --help`", []),
+    ("download.py", ["--variant", "x"], "invalid choice: 'x' (choose from", []),
     # the modes that moved to compare.py: the old spelling names the new command
     (T, ["bench"], "`python tiny.py bench` has moved; run `python compare.py bench --models tiny`", []),
     ("diffusion.py", ["plot", "--out", "x.png"], "has moved; run `python compare.py plot` instead", []),
-    ("compare.py", ["--bogus"], "unrecognized arguments: --bogus; run `python compare.py --help`", []),
-    ("download.py", ["--variant", "x"], "invalid choice: 'x' (choose from", []),
     # round two (issue 26): one row per root cause, each refused by its one check
     ("vae.py", [*TRAIN_FLAGS, "--latent-dim", "400000000"], "these flags build a model of", []),  # 1 sizes
     ("vae.py", ["sample", "--checkpoint", "{vae}", "--temperature", "1e-300"], "--temperature must be between", []),  # 2
@@ -888,45 +839,18 @@ BAD_INPUT_SUBPROCESS = [  # MLflow reads its tracking URI once per process: thes
 ]
 
 
-def file_hashes(*folders) -> dict[str, str]:
-    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest()
-            for folder in folders for p in sorted(Path(folder).rglob("*")) if p.is_file()}
-
-
-def run_script_main(script: str, argv: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
-    """Run a script's main(argv) here, as `python script argv` would: (exit status, stdout, stderr)."""
-    import compare
-
-    mains = {T: lambda a: common.main(TinyStrategy, TinyConfig, a), "vae.py": vae.main, "vqvae.py": vqvae.main,
-             "diffusion.py": diffusion.main, "compare.py": compare.main, "download.py": download.main}
-    monkeypatch.setattr(sys, "argv", [script, *argv])
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    try:
-        with pytest.raises(SystemExit) as e:
-            mains[script](argv)
-    finally:
-        torch.use_deterministic_algorithms(deterministic)
-    captured = capsys.readouterr()
-    return e.value.code, captured.out, captured.err
-
-
-def assert_one_clean_line(code, out, err, fragment):
-    assert code == 2, (code, out[-2000:], err[-2000:])
-    assert "Traceback" not in out + err, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "; " in lines[0], err
-    assert fragment in lines[0], (fragment, lines[0])
-
-
 @pytest.mark.parametrize("script, args, fragment, absent", BAD_INPUT,
                          ids=[f"{s} {' '.join(a[-2:])}" for s, a, _, _ in BAD_INPUT])
 def test_common_bad_input_is_one_clean_line_and_changes_no_file(script, args, fragment, absent, fault_inputs,
-                                                         monkeypatch, capsys):
+                                                                monkeypatch, capsys):
     fill = lambda s: s.format(**fault_inputs)
-    before = file_hashes(fault_inputs["dir"], Path(fault_inputs["data"]).parent)
+    inputs = [fault_inputs["dir"], Path(fault_inputs["data"]).parent, Path(fault_inputs["vae"]).parent.parent]
+    hashes = lambda: {str(p): hashlib.sha256(p.read_bytes()).hexdigest()
+                      for folder in inputs for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+    before = hashes()
     code, out, err = run_script_main(script, [fill(a) for a in args], monkeypatch, capsys)
     assert_one_clean_line(code, out, err, fragment)
-    after = file_hashes(fault_inputs["dir"], Path(fault_inputs["data"]).parent)
+    after = hashes()
     assert {k: after.get(k) for k in before} == before, "an input file changed"
     for path in absent:
         assert not Path(fill(path)).exists(), f"{fill(path)} was left behind"
@@ -942,70 +866,26 @@ def test_common_bad_tracking_uri_is_one_clean_line(script, args, uri, fragment, 
         assert not Path(fill(path)).exists(), f"{fill(path)} was left behind"
 
 
-def test_common_help_of_every_script_and_subcommand():
-    """`--help` of every script and mode prints its help and exits 0 (a '%'
-    in a Config comment once crashed diffusion.py --help): every model of the
-    registry, test_contracts.py's tiny model, compare.py and download.py, and
-    every mode the docs use. One process runs them all: each main() with
-    sys.argv set as the shell would."""
-    models = [f"{name}.py" for name in compare.MODELS] + ["test_contracts.py"]
-    cases = [(m, [*mode, "--help"]) for m in models for mode in ([], ["sample"])]
-    cases += [("compare.py", ["plot", "--help"]), ("compare.py", ["labels", "--help"]),
-              ("compare.py", ["--help"]), ("compare.py", ["bench", "--help"]),
-              ("compare.py", ["report", "--help"]), ("compare.py", ["guidance", "--help"]),
-              ("download.py", ["--help"])]
-    in_docs = {(argv[0], argv[1] if argv[1:2] and argv[1] in SUBCOMMANDS else None)
-               for page in DOC_PAGES for _, argv in doc_commands(page)}
-    assert len(in_docs) >= 8 and all((s, [m, "--help"] if m else ["--help"]) in cases for s, m in in_docs), in_docs
-    script = (
-        "import contextlib, io, sys, json, importlib\n"
-        "import common, test_contracts\n"
-        "results = []\n"
-        f"for script, argv in {cases!r}:\n"
-        "    sys.argv = [script, *argv]\n"
-        "    out = io.StringIO()\n"
-        "    main = ((lambda a: common.main(test_contracts.TinyStrategy, test_contracts.TinyConfig, a))\n"
-        "            if script == 'test_contracts.py' else importlib.import_module(script[:-3]).main)\n"
-        "    with contextlib.redirect_stdout(out):\n"
-        "        try:\n"
-        "            main(argv)\n"
-        "            code = None\n"
-        "        except SystemExit as e:\n"
-        "            code = e.code\n"
-        "    results.append((script, argv, code, out.getvalue()))\n"
-        "print(json.dumps(results))\n")
-    r = run_script("-c", script)
-    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
-    for script_name, argv, code, text in json.loads(r.stdout.splitlines()[-1]):
-        assert code == 0 and text.lstrip().startswith(("usage:", "=== vae ===\nusage:")) and "--help" in text, \
-            (script_name, argv, code, text[:300])
-    assert len(json.loads(r.stdout.splitlines()[-1])) == len(cases) >= 15  # 4 models x 2 modes (train, sample) + 7 more
-
-
 def test_common_two_runs_into_one_folder_second_refused_first_unharmed(dataset, tmp_path):
     """A run claims its folder (run.lock, with its PID): a second run, or a
     resume of its checkpoint, is refused in one line while it lives; the first
     finishes untouched; the lock is gone afterwards."""
     out = tmp_path / "run"
-    flags = ["--data", str(dataset), "--out", str(out), "--no-mlflow", "--batch-size", "8", "--device", "cpu",
-             "--n-eval", "16", "--n-samples", "8", "--sample-every", "0"]
-    first = subprocess.Popen([sys.executable, "test_contracts.py", "--epochs", "1000", "--seed", "0", *flags],
-                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    flags = ["--data", dataset, "--out", out, "--no-mlflow", "--batch-size", 8, "--device", "cpu",
+             "--n-eval", 16, "--n-samples", 8, "--sample-every", 0]
+    first = start_until_first_epoch("--epochs", 1000, "--seed", 0, *flags)
     try:
-        for line in first.stdout:
-            if line.startswith("epoch"):  # a checkpoint exists now
-                break
         assert (out / "run.lock").read_text().strip() == str(first.pid)
-        second = run_script("test_contracts.py", "--epochs", "3", "--seed", "1", *flags)
+        second = run_script(T, "--epochs", 3, "--seed", 1, *flags)
         assert_one_clean_line(second.returncode, second.stdout, second.stderr,
                               f"is in use by another run (PID {first.pid})")
-        again = run_script("test_contracts.py", "--resume", str(out / "checkpoints" / "last.pt"), "--epochs", "5")
+        again = run_script(T, "--resume", last_pt(out), "--epochs", 5)
         assert_one_clean_line(again.returncode, again.stdout, again.stderr, f"(PID {first.pid})")
     finally:
         first.send_signal(signal.SIGINT)
         rest, err = first.communicate(timeout=120)
     assert first.returncode == 130 and "Traceback" not in err, err
-    state = common.load_checkpoint(out / "checkpoints" / "last.pt")
+    state = state_of(out)
     assert state["config"]["seed"] == 0 and state["config"]["epochs"] == 1000  # the first run's, unharmed
     assert not (out / "run.lock").exists()
 
@@ -1021,7 +901,8 @@ def test_common_ctrl_c_while_a_script_imports_exits_quietly():
     assert proc.returncode == 130 and "Traceback" not in err, err
 
 
-def test_common_stale_lock_and_orphan_temp_files_are_taken_over(dataset, tmp_path, capsys):
+def test_common_stale_lock_and_orphan_temp_files_are_taken_over_and_a_failed_start_leaves_no_run_folder(
+        dataset, tmp_path, capsys):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     run = tmp_path / "run"
@@ -1033,37 +914,16 @@ def test_common_stale_lock_and_orphan_temp_files_are_taken_over(dataset, tmp_pat
     assert f"was left by PID {dead.pid}, which has ended; taking the folder over" in out
     assert "removed 1 temporary file(s)" in out
     assert not list(run.rglob("*.tmp")) and not (run / "run.lock").exists()
-    assert common.load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 1
-
-
-def test_common_a_failed_start_leaves_no_run_folder(dataset, tmp_path):
-    with pytest.raises(common.UserError, match="does not fit"):  # fails after the folder was claimed
-        part = common.train(TinyStrategy, tiny_config("tiny", dataset, tmp_path / "a", epochs=1))
-        common.train(TinyStrategy, tiny_config("tiny", dataset, tmp_path / "a", epochs=2, hidden=8,
-                                               resume=str(part / "checkpoints" / "last.pt")))
+    with pytest.raises(common.UserError, match="does not fit"):  # a failed start, after the folder was claimed
+        common.train(TinyStrategy, tiny_config("tiny", dataset, epochs=2, hidden=8, resume=str(last_pt(run))))
     with pytest.raises(common.UserError, match="MLFLOW_TRACKING_URI"):
         cfg = tiny_config("tiny", dataset, tmp_path / "b" / "deep", mlflow=True)
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("MLFLOW_TRACKING_URI", "http//nowhere")
             common.train(TinyStrategy, cfg)
     assert not (tmp_path / "b").exists()  # the folders the failed start created are gone again
-    assert not (tmp_path / "a" / "run" / "run.lock").exists()  # the resumed run's folder keeps its run
-    assert common.load_checkpoint(tmp_path / "a" / "run" / "checkpoints" / "last.pt")["epoch"] == 1
-
-
-def test_common_resume_with_new_optimizer_flags_takes_effect_and_says_so(dataset, tmp_path, capsys):
-    part = common.train(TinyStrategy, tiny_config("tiny", dataset, tmp_path, epochs=1))
-    ckpt = part / "checkpoints" / "last.pt"
-    config = common.parse_train_args(TinyConfig, ["--resume", str(ckpt), "--epochs", "2", "--lr", "0.0005",
-                                                  "--weight-decay", "0.01"])
-    capsys.readouterr()
-    common.train(TinyStrategy, config)
-    out = capsys.readouterr().out
-    assert "resuming with changed settings: --epochs 2 (was 1), --lr 0.0005 (was 0.003), " \
-           "--weight-decay 0.01 (was 0.0)" in out
-    state = common.load_checkpoint(ckpt)
-    assert {(g["lr"], g["weight_decay"]) for g in state["optimizer"]["param_groups"]} == {(0.0005, 0.01)}
-    assert state["config"]["lr"] == 0.0005 and state["epoch"] == 2
+    assert not (run / "run.lock").exists()  # the resumed run's folder keeps its run
+    assert state_of(run)["epoch"] == 1
 
 
 class FakeMLflowServer:
@@ -1150,6 +1010,10 @@ def test_common_mlflow_server_lost_mid_run_costs_seconds_and_is_noted(dataset, t
     assert mlflow.active_run() is None  # nothing left for MLflow's exit hook to retry
     later = common.Tracker(True, "tiny", "later")  # e.g. compare.py's next model: not tracked, no call made
     assert later.run_id is None and "MLflow failed earlier" in later.stopped
+    t0 = time.time()  # a server unreachable from the start: refused fast, in one line
+    with pytest.raises(common.UserError, match="unreachable.*--no-mlflow"):
+        common.check_server("http://127.0.0.1:9", tries=2, timeout=1)
+    assert time.time() - t0 < 10
 
 
 def test_common_empty_validation_split_trains_and_notes_it(dataset, tmp_path, capsys):
@@ -1182,9 +1046,9 @@ def test_common_full_and_read_only_disk_are_one_line_and_keep_the_last_checkpoin
         code, out, err = run_script_main(T, args, monkeypatch, capsys)
         assert_one_clean_line(code, out, err, "No space left on device")
         assert "the last good checkpoint is" in err and "--resume" in err
-        assert common.load_checkpoint(disk / "run" / "checkpoints" / "last.pt")["epoch"] == 1
+        assert state_of(disk / "run")["epoch"] == 1
         assert not list(disk.rglob("*.tmp")) and not (disk / "run" / "run.lock").exists()
-        ckpt = str(disk / "run" / "checkpoints" / "last.pt")
+        ckpt = str(last_pt(disk / "run"))
         code, out, err = run_script_main(T, ["sample", "--checkpoint", ckpt, "--n", "3000", "--out", str(disk / "each")],
                                          monkeypatch, capsys)
         assert_one_clean_line(code, out, err, "No space left on device")
@@ -1197,20 +1061,19 @@ def test_common_full_and_read_only_disk_are_one_line_and_keep_the_last_checkpoin
 
 
 # -----------------------------------------------------------------------------
-# A new user's first hour: what MLflow shows, sampling outputs, hints, --help
+# A new user's first hour: what MLflow shows, sampling outputs, hints, --help; class labels
 # -----------------------------------------------------------------------------
 
 
 def test_common_mlflow_run_has_a_step_0_grid_a_descriptive_name_and_no_plumbing_params(dataset, tmp_path, monkeypatch,
-                                                                                capsys):
+                                                                                       capsys):
     import logging
     import warnings
+    import mlflow
 
     db = tmp_path / "mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
     monkeypatch.chdir(tmp_path)
-    import mlflow
-
     mlflow.set_tracking_uri(f"sqlite:///{db}")
     chatter = []  # INFO records of MLflow's start-up, caught before any handler prints them
     catcher = logging.Handler(logging.INFO)
@@ -1230,34 +1093,29 @@ def test_common_mlflow_run_has_a_step_0_grid_a_descriptive_name_and_no_plumbing_
     assert not [m for m in chatter if "database tables" in m or "does not exist" in m], chatter
     assert not [w for w in caught if "dataset source" in str(w.message)]
     printed = capsys.readouterr().out
-
-    run_id = common.load_checkpoint(run_dir / "checkpoints" / "last.pt")["mlflow_run_id"]
+    run_id = state_of(run_dir)["mlflow_run_id"]
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.params["hidden"] == "32" and run.inputs.dataset_inputs
     assert "sample/precision" in run.data.metrics and {"images", "last.pt"} <= {a.path for a in client.list_artifacts(run_id)}
-    # The name: model, epochs, the flags that differ from the defaults, the date.
     assert re.fullmatch(r"tiny 2ep .*lr=0\.003.* \d{4}-\d{2}-\d{2} \d{2}:\d{2}", run.info.run_name), run.info.run_name
-    # Hyperparameters only; where the run lives goes to tags.
     assert not set(common.PLUMBING) & set(run.data.params), run.data.params
     assert run.data.params["lr"] == "0.003"
     assert run.data.tags["run_folder"] == str(run_dir.resolve()) and run.data.tags["device"] == "cpu"
-    # A grid at step 0 (the untrained model), under readable names too.
     artifacts = [a.path for a in client.list_artifacts(run_id, "images")]
-    assert any(p.startswith("images/samples+step+0+") for p in artifacts), artifacts
+    assert any(p.startswith("images/samples+step+0+") for p in artifacts), artifacts  # the untrained model's grid
     assert [a.path for a in client.list_artifacts(run_id, "samples")] == [
         "samples/epoch_0000.png", "samples/epoch_0001.png", "samples/final.png"]
-    # Per-step metrics under their own prefix, x-axis the optimizer step; epoch metrics, x-axis the epoch.
+    # per-step metrics under their own prefix, x-axis the optimizer step; epoch metrics, x-axis the epoch
     steps = [m.step for m in client.get_metric_history(run_id, "train_step/loss")]
     assert steps == list(range(1, 2 * math.ceil(int(run.data.tags["n_train"]) / 16) + 1))
     assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1, 2]
     assert not [k for k in run.data.metrics if k.startswith("train/") and k.endswith("_step")]
     assert "system/images_per_sec" in run.data.metrics and "train/images_per_sec" not in run.data.metrics
-    # The end of the run says how to open it, on the Model-training page of this run.
     assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in printed
     assert f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run_id}" in printed
     assert f"in experiment 'tiny'" in printed
-    # A run opened inside another (compare.py's children) is in the parent's experiment, and says so.
+    # a run opened inside another (compare.py's children) is in the parent's experiment, and says so
     parent = common.Tracker(True, "compare", "parent")
     child = common.Tracker(True, "vae", "child")
     child.end()
@@ -1265,7 +1123,7 @@ def test_common_mlflow_run_has_a_step_0_grid_a_descriptive_name_and_no_plumbing_
     assert child.experiment == "compare" and "in experiment 'compare'" in capsys.readouterr().out.splitlines()[-1]
 
 
-def test_common_run_name_lists_the_named_fields_and_changed_flags():
+def test_common_run_name_lists_the_changed_flags_and_the_progress_line_fits_110_columns_losses_first():
     when = time.strptime("2026-01-02 03:04", "%Y-%m-%d %H:%M")
     assert common.run_name("vae", vae.Config(), when) == "vae ce 200ep 2026-01-02 03:04"
     name = common.run_name("vae", vae.Config(recon_loss="mse", kl_weight=1e-3, out="x", device="cpu"), when)
@@ -1274,9 +1132,6 @@ def test_common_run_name_lists_the_named_fields_and_changed_flags():
     # diffusion names no choice field: its choices appear as changed flags, like any other
     name = common.run_name("diffusion", diffusion.Config(condition="colour", sampler="ddim"), when)
     assert name == f"diffusion {diffusion.Config.epochs}ep sampler=ddim condition=colour 2026-01-02 03:04"
-
-
-def test_common_progress_line_fits_110_columns_and_starts_with_the_losses():
     metrics = {"train/loss": 2.0361, "train/recon": 2.0359, "train/kl": 0.05122, "train/grad_norm": 0.9,
                "val/recon": 1.997, "val/kl": 0.5647, "val/loss": 1.9971, "val/nelbo": 511.8, "val/bpd": 2.884,
                "val/pixel_acc": 0.7007, "system/images_per_sec": 40.2}
@@ -1286,18 +1141,35 @@ def test_common_progress_line_fits_110_columns_and_starts_with_the_losses():
     assert line.endswith("| 40 img/s | 0:00:20, ETA 1:00:00")
 
 
-def test_common_help_shows_the_modes_each_default_once_and_sample_only_sampling_flags(capsys):
-    with pytest.raises(SystemExit):
-        vae.main(["--help"])
-    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+def test_common_help_of_every_script_and_mode_shows_each_default_once_and_sample_only_sampling_flags(monkeypatch,
+                                                                                                   capsys):
+    """`--help` of every script and mode prints its help and exits 0 (a '%' in a Config
+    comment once crashed diffusion.py --help): every model of the registry, the tiny
+    model, compare.py and download.py, and every mode the docs use; every Config field's comment is its help."""
+    for cls in [common.TrainConfig, TinyConfig] + [config_cls for _, config_cls in compare.MODELS.values()]:
+        helps = common.field_help(cls)
+        missing = [f.name for f in dataclasses.fields(cls) if not helps.get(f.name)]
+        assert not missing, f"{cls.__module__}.{cls.__name__}: no comment under {missing}"
+    cases = [(m, [*mode, "--help"]) for m in [f"{name}.py" for name in compare.MODELS] + [T] for mode in ([], ["sample"])]
+    cases += [("compare.py", [*mode, "--help"]) for mode in ([], ["plot"], ["labels"], ["bench"], ["report"], ["guidance"])]
+    cases += [("download.py", ["--help"])]
+    in_docs = {(argv[0], argv[1] if argv[1:2] and argv[1] in SUBCOMMANDS else None)
+               for page in DOC_PAGES for _, argv in doc_commands(page)}
+    assert len(in_docs) >= 8 and all((s, [m, "--help"] if m else ["--help"]) in cases for s, m in in_docs), in_docs
+    texts = {}
+    for script, argv in cases:
+        code, text, err = run_script_main(script, argv, monkeypatch, capsys)
+        assert code == 0 and text.lstrip().startswith(("usage:", "=== vae ===\nusage:")) and "--help" in text, \
+            (script, argv, code, text[:300], err[-300:])
+        texts[script, argv[0]] = " ".join(text.split())  # argparse wraps lines
+    assert len(texts) == len(cases) >= 15  # 4 models x 2 modes (train, sample) + 7 more
+    text = texts["vae.py", "--help"]
     assert all("--" + f.name.replace("_", "-") in text for f in dataclasses.fields(vae.Config))
     assert "sprites per optimizer step (default: 64)" in text and "sample --checkpoint PATH" in text
     assert "python compare.py bench --models NAME" in text
     assert text.count("(default: runs/<model>/<date-time>)") == 1 and "(default: )" not in text
     assert "--recon-loss {mse,bce,ce}" in text
-    with pytest.raises(SystemExit):
-        vae.main(["sample", "--help"])
-    text = capsys.readouterr().out
+    text = texts["vae.py", "sample"]
     assert "--temperature" in text and "--kl-weight" not in text and "--kl-warmup-epochs" not in text
 
 
@@ -1310,36 +1182,22 @@ def test_common_busy_cpu_hint_from_the_load_average(dataset, tmp_path, monkeypat
     assert hint.startswith("hint: other processes share these CPU cores (load average 5.0 on 2 CPUs)")
     assert hint.endswith("Ctrl-C, then OMP_NUM_THREADS=1 python vae.py --resume X") and "\n" not in hint
     assert common.contention_hint(torch.device("cuda"), "X") == ""
-    # In a run: printed once, after the first epoch, with this run's checkpoint.
-    common.train(TinyStrategy, tiny_config("tiny", dataset, tmp_path, epochs=2))
+    common.train(TinyStrategy, tiny_config("tiny", dataset, tmp_path, epochs=2))  # once, after epoch 1
     out = capsys.readouterr().out
     assert out.count("hint: ") == 1 and f"--resume {tmp_path / 'run' / 'checkpoints' / 'last.pt'}" in out
     assert out.index("hint: ") > out.index("epoch 1/2") and out.index("hint: ") < out.index("epoch 2/2")
-    # Cores nearly to ourselves (load 3 on 2: 67% each), or one thread: no hint.
-    monkeypatch.setattr(os, "getloadavg", lambda: (3.0, 1.0, 1.0))
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.0, 1.0, 1.0))  # 67% of a core each: no hint
     assert common.contention_hint(cpu, "X") == ""
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # one thread: no hint
     monkeypatch.setattr(os, "getloadavg", lambda: (5.0, 1.0, 1.0))
     assert common.contention_hint(cpu, "X") == ""
 
 
-def one_colour_sprites(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """n sprites (n, 3, 16, 16) in [0, 1] on black, sprite i a random blob in
-    SHEET_COLOURS[i % 7]; and those colour indices (n,)."""
-    g = torch.Generator().manual_seed(seed)
-    colours = torch.tensor(SHEET_COLOURS, dtype=torch.float32) / 255  # (7, 3)
-    which = torch.arange(n) % 7
-    masks = torch.rand(n, 1, 16, 16, generator=g) < torch.rand(n, 1, 1, 1, generator=g) * 0.5 + 0.1  # (n, 1, 16, 16)
-    return masks * colours[which][:, :, None, None], which
-
-
-# -----------------------------------------------------------------------------
-# Class labels (common.Labeller)
-# -----------------------------------------------------------------------------
-
-
-def test_common_colour_labels_are_the_known_colours_and_labels_are_deterministic(dataset):
-    x, which = one_colour_sprites(70)
+def test_common_colour_labels_are_the_known_colours_and_labels_are_deterministic(dataset, sprites):
+    g = torch.Generator().manual_seed(0)  # 70 sprites on black, sprite i a random blob in SHEET_COLOURS[i % 7]
+    which = torch.arange(70) % 7
+    masks = torch.rand(70, 1, 16, 16, generator=g) < torch.rand(70, 1, 1, 1, generator=g) * 0.5 + 0.1  # (70, 1, 16, 16)
+    x = masks * (torch.tensor(SHEET_COLOURS, dtype=torch.float32) / 255)[which][:, :, None, None]  # (70, 3, 16, 16)
     palette = torch.from_numpy(common.kmeans_palette((x.permute(0, 2, 3, 1) * 255).round().numpy().reshape(-1, 3))) / 255
     labeller = common.Labeller("colour", palette)
     assert labeller.n_classes == 7
@@ -1348,7 +1206,6 @@ def test_common_colour_labels_are_the_known_colours_and_labels_are_deterministic
     assert [tuple(c) for c in class_rgb[y].tolist()] == [SHEET_COLOURS[i] for i in which.tolist()]
     assert labeller(x.flip(-1)).equal(y) and labeller(torch.zeros(1, 3, 16, 16)).item() == -1  # no foreground
     assert labeller.names.count("red") == 1 and labeller.parse("red") == labeller.names.index("red")
-    sprites = common.load_sprites(dataset, torch.device("cpu"))
     a, b = (common.make_labeller("cluster", sprites.palette, str(dataset), 4, 0) for _ in range(2))
     assert a.centres.shape == (4, 256) and a.centres.equal(b.centres) and a(sprites.train).equal(b(sprites.train))
     counts = torch.bincount(a(sprites.train), minlength=4)
@@ -1364,69 +1221,48 @@ def test_common_colour_labels_are_the_known_colours_and_labels_are_deterministic
 MODES = ["mse", "bce", "ce"]
 
 
-# -----------------------------------------------------------------------------
-# Contract checks
-# -----------------------------------------------------------------------------
-
-
 @pytest.mark.parametrize("mode", MODES)
-def test_vae_strategy_contract(sprites, mode):
+def test_vae_strategy_contract_and_each_recon_loss_reduces_the_loss_on_a_fixed_batch(sprites, mode):
     strategy, model = tiny_model("vae", sprites.palette, recon_loss=mode)
-    batch = sprites.train[:16]
-    out = strategy.train_step(model, batch)
-    assert set(out) == {"loss", "recon", "kl"}
-    assert out["loss"].dim() == 0 and torch.isfinite(out["loss"]) and out["loss"].requires_grad
-    assert out["kl"] >= 0
-
-    gen = lambda: torch.Generator().manual_seed(3)
+    out = strategy.train_step(model, sprites.train[:16])
+    assert set(out) == {"loss", "recon", "kl"} and out["kl"] >= 0
+    gen = lambda seed=3: torch.Generator().manual_seed(seed)
     x = strategy.sample(model, 5, gen())
-    assert x.shape == (5, 3, 16, 16) and x.dtype == torch.float32
-    assert 0 <= x.min() and x.max() <= 1
-    assert torch.equal(x, strategy.sample(model, 5, gen()))                       # same seed, same sprites
+    assert x.shape == (5, 3, 16, 16) and 0 <= x.min() and x.max() <= 1
+    assert torch.equal(x, strategy.sample(model, 5, gen()))  # same seed, same sprites
     if mode != "ce":  # an untrained ce decoder's argmax is the same colour for every z
-        assert not torch.equal(x, strategy.sample(model, 5, torch.Generator().manual_seed(4)))
-
+        assert not torch.equal(x, strategy.sample(model, 5, gen(4)))
     metrics = strategy.get_metrics(model, sprites.val[:8])
     expected = {"loss", "recon", "kl", "nelbo", "pixel_acc"} | ({"bpd"} if mode == "ce" else set())
     assert set(metrics) == expected and all(math.isfinite(v) for v in metrics.values())
     assert 0 <= metrics["pixel_acc"] <= 1
     if mode == "ce":
         assert metrics["bpd"] == pytest.approx(metrics["nelbo"] / (256 * math.log(2)), rel=1e-5)
-
-    pictures = strategy.images(model, sprites.val, torch.Generator().manual_seed(0))
+    pictures = strategy.images(model, sprites.val, gen(0))
     rec, per_row = pictures["reconstructions"]
     assert per_row == min(8, len(sprites.val)) and rec.shape[0] % (2 * per_row) == 0 and rec.shape[1:] == (3, 16, 16)
     assert torch.equal(rec[:8], rec[:8].clamp(0, 1))
     inter, per_row = pictures["interpolation"]
     assert per_row == 10 and inter.shape[0] % 10 == 0 and 0 <= inter.min() and inter.max() <= 1
+    strategy, model = tiny_model("vae", sprites.palette, recon_loss=mode)
+    before, after = loss_before_after(strategy, model, sprites.train[:32], steps=40, lr=3e-3)
+    assert after < 0.7 * before, (before, after)
 
 
-def test_vae_tiny_run_writes_pictures_and_repeats_exactly(dataset, tmp_path):
-    a = common.train(vae.VAEStrategy, tiny_config("vae", dataset, tmp_path / "a", epochs=1, sample_every=0))
-    b = common.train(vae.VAEStrategy, tiny_config("vae", dataset, tmp_path / "b", epochs=1, sample_every=0))
-    ha, hb = (common.load_checkpoint(r / "checkpoints" / "last.pt")["history"] for r in (a, b))
+def test_vae_tiny_run_writes_pictures_repeats_exactly_and_reports_its_latents(vae_run, dataset, tmp_path, capsys):
+    again = common.train(vae.VAEStrategy, tiny_config("vae", dataset, tmp_path, epochs=1, sample_every=0))
+    ha, hb = (state_of(r)["history"] for r in (vae_run, again))
     assert [h["train/loss"] for h in ha] == [h["train/loss"] for h in hb]
-    assert Image.open(a / "samples" / "final.png").tobytes() == Image.open(b / "samples" / "final.png").tobytes()
+    assert Image.open(vae_run / "samples" / "final.png").tobytes() == Image.open(again / "samples" / "final.png").tobytes()
     for name in ("samples", "reconstructions", "interpolation"):
-        assert (a / name / "final.png").exists(), name
-    metrics = json.loads((a / "metrics.json").read_text())
+        assert (vae_run / name / "final.png").exists(), name
+    metrics = json.loads((vae_run / "metrics.json").read_text())
     for key in ("train/recon", "train/kl", "val/recon", "val/kl", "val/nelbo", "val/bpd", "sample/precision"):
         assert key in metrics and math.isfinite(metrics[key]), key
-
-
-# -----------------------------------------------------------------------------
-# Reference formulas
-# -----------------------------------------------------------------------------
-
-
-def test_vae_closed_form_kl_matches_torch_distributions():
-    g = torch.Generator().manual_seed(0)
-    mu, logvar = torch.randn(6, 32, generator=g) * 2, torch.randn(6, 32, generator=g)
-    q = torch.distributions.Normal(mu, torch.exp(0.5 * logvar))
-    p = torch.distributions.Normal(torch.zeros_like(mu), torch.ones_like(mu))
-    expected = torch.distributions.kl_divergence(q, p).sum(1)
-    assert torch.allclose(vae.kl_divergence(mu, logvar), expected, rtol=1e-5, atol=1e-5)
-    assert torch.allclose(vae.kl_divergence(torch.zeros(2, 5), torch.zeros(2, 5)), torch.zeros(2))
+    r = vae.latent_report(str(last_pt(vae_run)), n=16)
+    assert 0 <= r["active_units"] <= TINY["vae"]["latent_dim"] and r["agg_kl"] >= 0
+    assert {"prior/precision", "aggregate/precision", "aggregate/near_copy_rate"} <= set(r)
+    assert "active_units" in capsys.readouterr().out.splitlines()[-1]
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -1436,10 +1272,9 @@ def test_vae_negative_elbo_is_minus_the_decoder_log_likelihood_plus_kl(sprites, 
     x = sprites.val[:4]
     kl = torch.rand(4, generator=g)
     if mode == "mse":
-        mean = torch.randn(4, 3, 16, 16, generator=g)
+        out = torch.randn(4, 3, 16, 16, generator=g)
         sigma = math.sqrt(128 * 5e-4)  # the variance the docstring states
-        log_p = torch.distributions.Normal(mean, sigma).log_prob(common.to_model_range(x)).sum((1, 2, 3))
-        out = mean
+        log_p = torch.distributions.Normal(out, sigma).log_prob(common.to_model_range(x)).sum((1, 2, 3))
     elif mode == "bce":
         x = (x > 0.5).float()  # Bernoulli is a likelihood for binary values only
         out = torch.randn(4, 3, 16, 16, generator=g)
@@ -1449,18 +1284,6 @@ def test_vae_negative_elbo_is_minus_the_decoder_log_likelihood_plus_kl(sprites, 
         index = common.palette_index(x, sprites.palette)
         log_p = torch.distributions.Categorical(logits=out.permute(0, 2, 3, 1)).log_prob(index).sum((1, 2))
     assert torch.allclose(strategy.negative_elbo(out, x, kl), -log_p + kl, rtol=1e-5)
-
-
-# -----------------------------------------------------------------------------
-# Training, warm-up, sampling
-# -----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_vae_each_recon_loss_reduces_the_loss_on_a_fixed_batch(sprites, mode):
-    strategy, model = tiny_model("vae", sprites.palette, recon_loss=mode)
-    before, after = loss_before_after(strategy, model, sprites.train[:32], steps=40, lr=3e-3)
-    assert after < 0.7 * before, (before, after)
 
 
 def test_vae_kl_warmup_is_linear_then_constant(sprites):
@@ -1479,16 +1302,21 @@ def test_vae_ce_samples_are_exact_palette_colours_and_temperature_draws_from_the
     x = strategy.sample(model, 6, torch.Generator().manual_seed(0))
     pixels = x.permute(0, 2, 3, 1).reshape(-1, 1, 3)  # (6 * 256, 1, 3)
     assert (pixels == sprites.palette[None]).all(-1).any(-1).all()
-    # With temperature the pixels are draws: new generator seed, new pixels even for one z.
+    # with a temperature the pixels are draws: a new generator seed, new pixels even for one z
     hot, _ = tiny_model("vae", sprites.palette, recon_loss="ce", temperature=1.0)
     z = torch.zeros(1, model.latent_dim)
-    a = hot.decode(model, z, torch.Generator().manual_seed(0), temperature=1.0)
-    b = hot.decode(model, z, torch.Generator().manual_seed(1), temperature=1.0)
-    c = hot.decode(model, z, torch.Generator().manual_seed(0), temperature=1.0)
+    a, b, c = (hot.decode(model, z, torch.Generator().manual_seed(s), temperature=1.0) for s in (0, 1, 0))
     assert torch.equal(a, c) and not torch.equal(a, b)
 
 
-def test_vae_latent_stats_count_active_units_and_measure_the_aggregate_posterior():
+def test_vae_closed_form_kl_matches_torch_distributions_and_latent_stats_count_active_units():
+    g = torch.Generator().manual_seed(0)
+    mu, logvar = torch.randn(6, 32, generator=g) * 2, torch.randn(6, 32, generator=g)
+    q = torch.distributions.Normal(mu, torch.exp(0.5 * logvar))
+    p = torch.distributions.Normal(torch.zeros_like(mu), torch.ones_like(mu))
+    expected = torch.distributions.kl_divergence(q, p).sum(1)
+    assert torch.allclose(vae.kl_divergence(mu, logvar), expected, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(vae.kl_divergence(torch.zeros(2, 5), torch.zeros(2, 5)), torch.zeros(2))
     torch.manual_seed(0)
     n = 20000
     # dims 0-1 informative: mu ~ N(0, 0.75), sigma^2 = 0.25, so q(z) = N(0, 1) exactly;
@@ -1505,49 +1333,22 @@ def test_vae_latent_stats_count_active_units_and_measure_the_aggregate_posterior
     assert far["agg_mean_norm"] == pytest.approx(4, rel=0.01) and far["agg_kl"] > 5
 
 
-def test_vae_latent_report_on_a_trained_checkpoint(dataset, tmp_path, capsys):
-    run = common.train(vae.VAEStrategy, tiny_config("vae", dataset, tmp_path, epochs=1, sample_every=0))
-    r = vae.latent_report(str(run / "checkpoints" / "last.pt"), n=16)
-    assert 0 <= r["active_units"] <= TINY["vae"]["latent_dim"] and r["agg_kl"] >= 0
-    assert {"prior/precision", "aggregate/precision", "aggregate/near_copy_rate"} <= set(r)
-    assert "active_units" in capsys.readouterr().out.splitlines()[-1]
-
-
 # =============================================================================
 # vqvae.py
 # =============================================================================
 
 
 @pytest.fixture
-def vq_setup(dataset):
+def vq_setup(dataset, sprites):
     """(strategy, model, train sprites, val sprites) for the tiny configuration."""
-    data = common.load_sprites(dataset, torch.device("cpu"))
-    return (*tiny_model("vqvae", data.palette, dataset, epochs=5), data.train, data.val)
+    return (*tiny_model("vqvae", sprites.palette, dataset, epochs=5), sprites.train, sprites.val)
 
 
 def grads(module):
     return [p.grad for p in module.parameters() if p.requires_grad]
 
 
-# -----------------------------------------------------------------------------
-# Stage 1: the quantizer
-# -----------------------------------------------------------------------------
-
-
-def test_vqvae_straight_through_gradient_reaches_the_encoder(vq_setup):
-    strategy, model, train, _ = vq_setup
-    out = strategy.train_step(model, train[:16])
-    out["recon"].backward()  # the reconstruction term alone: its only way back is the straight-through copy
-    assert all(g is not None and g.abs().sum() > 0 for g in grads(model.encoder))
-    assert model.quantizer.codebook.grad is None  # recon never reaches the codebook (z_q's gradient goes to z_e)
-    # Without the estimator, decoding e_k directly, the encoder gets nothing.
-    model.zero_grad(set_to_none=True)
-    z_e = model.encoder(common.to_model_range(train[:16]))
-    strategy.recon_mean(model.decoder(model.quantizer.lookup(model.quantizer.nearest(z_e))), train[:16]).backward()
-    assert all(g is None for g in grads(model.encoder))
-
-
-def test_vqvae_codebook_and_commitment_are_separate_terms(vq_setup):
+def test_vqvae_straight_through_gradient_reaches_the_encoder_and_codebook_and_commitment_are_separate_terms(vq_setup):
     strategy, model, train, _ = vq_setup
     out = strategy.train_step(model, train[:16])
     v = {k: float(t.detach()) for k, t in out.items()}
@@ -1556,29 +1357,41 @@ def test_vqvae_codebook_and_commitment_are_separate_terms(vq_setup):
     assert model.quantizer.codebook.grad.abs().sum() > 0
     assert all(g is None for g in grads(model.encoder))
     model.zero_grad(set_to_none=True)
-    out["commitment"].backward()                 # ||z_e - sg[e]||^2: the encoder only
+    out["commitment"].backward(retain_graph=True)  # ||z_e - sg[e]||^2: the encoder only
     assert model.quantizer.codebook.grad is None
     assert all(g is not None and g.abs().sum() > 0 for g in grads(model.encoder))
+    model.zero_grad(set_to_none=True)
+    out["recon"].backward()  # the reconstruction term alone: its only way back is the straight-through copy
+    assert all(g is not None and g.abs().sum() > 0 for g in grads(model.encoder))
+    assert model.quantizer.codebook.grad is None  # recon never reaches the codebook (z_q's gradient goes to z_e)
+    model.zero_grad(set_to_none=True)  # without the estimator, decoding e_k directly, the encoder gets nothing
+    z_e = model.encoder(common.to_model_range(train[:16]))
+    strategy.recon_mean(model.decoder(model.quantizer.lookup(model.quantizer.nearest(z_e))), train[:16]).backward()
+    assert all(g is None for g in grads(model.encoder))
 
 
-def test_vqvae_codebook_ema_moves_entries_without_a_codebook_loss(dataset):
-    torch.manual_seed(0)
-    config = tiny_config("vqvae", dataset, codebook_ema=True, codebook_decay=0.5)
-    data = common.load_sprites(dataset, torch.device("cpu"))
-    strategy = vqvae.VQVAEStrategy(config, data.palette)
-    model = strategy.build_model(config)
+def test_vqvae_codebook_ema_moves_entries_without_a_codebook_loss_and_usage_and_perplexity(dataset, sprites):
+    strategy, model = tiny_model("vqvae", sprites.palette, dataset, codebook_ema=True, codebook_decay=0.5)
     before = model.quantizer.codebook.detach().clone()
-    out = strategy.train_step(model, data.train[:16])
+    out = strategy.train_step(model, sprites.train[:16])
     v = {k: float(t.detach()) for k, t in out.items()}
     assert v["loss"] == pytest.approx(v["recon"] + 0.25 * v["commitment"])
     assert not model.quantizer.codebook.requires_grad
     used = model.quantizer.epoch_counts > 0
     assert not torch.allclose(model.quantizer.codebook[used], before[used])    # moved towards their z_e
     assert torch.allclose(model.quantizer.codebook[~used], before[~used], atol=1e-4)
+    with torch.no_grad():
+        model.quantizer.codebook[1:] = 100.0  # everything maps to entry 0
+    m = strategy.on_epoch_end(model, 1, sprites.val)
+    assert m["codebook_usage"] == pytest.approx(1 / 16) and m["perplexity"] == pytest.approx(1.0)
 
 
-def test_vqvae_dead_code_restart_revives_unused_entries(vq_setup):
+@pytest.mark.parametrize("restart_dead, epoch", [(True, 1), (False, 1), (True, 5)],
+                         ids=["restart", "no-restart-flag", "last-epoch"])
+def test_vqvae_dead_code_restart_revives_unused_entries_except_with_no_restart_or_in_the_last_epoch(
+        vq_setup, dataset, restart_dead, epoch):
     strategy, model, train, val = vq_setup
+    strategy.config = tiny_config("vqvae", dataset, epochs=5, restart_dead=restart_dead)
     q = model.quantizer
     with torch.no_grad():
         q.codebook[8:] = 100.0  # far from every encoder output: entries 8..15 are dead
@@ -1586,44 +1399,20 @@ def test_vqvae_dead_code_restart_revives_unused_entries(vq_setup):
     strategy.train_step(model, batch)
     assert (q.epoch_counts[8:] == 0).all() and q.epoch_counts.sum() == 16 * 16
     used_before = int((strategy.code_counts(model, batch) > 0).sum())
-    metrics = strategy.on_epoch_end(model, 1, val)
-    assert metrics["dead_codes"] >= 8 and metrics["restarted"] == metrics["dead_codes"]
-    revived = q.codebook[8:]
-    pool = strategy.z_e_pool
-    assert (torch.cdist(revived, pool).min(dim=1).values < 1e-5).all()  # each now sits on an encoder output
+    before = q.codebook.detach().clone()
+    metrics = strategy.on_epoch_end(model, epoch, val)
+    assert metrics["dead_codes"] >= 8
+    if not (restart_dead and epoch == 1):
+        assert metrics["restarted"] == 0 and torch.equal(q.codebook, before)
+        return
+    assert metrics["restarted"] == metrics["dead_codes"]
+    assert (torch.cdist(q.codebook[8:], strategy.z_e_pool).min(dim=1).values < 1e-5).all()  # each on an encoder output
     assert int((strategy.code_counts(model, batch) > 0).sum()) > used_before
     assert (q.epoch_counts == 0).all()  # counting starts afresh for the next epoch
 
 
-def test_vqvae_no_restart_flag_and_last_epoch_leave_the_codebook_alone(dataset, vq_setup):
-    strategy, model, train, val = vq_setup
-    for config, epoch in ((tiny_config("vqvae", dataset, epochs=5, restart_dead=False), 1),
-                          (tiny_config("vqvae", dataset, epochs=5), 5)):
-        strategy.config = config
-        with torch.no_grad():
-            model.quantizer.codebook[8:] = 100.0
-        strategy.train_step(model, train[:16])
-        before = model.quantizer.codebook.detach().clone()
-        metrics = strategy.on_epoch_end(model, epoch, val)
-        assert metrics["restarted"] == 0 and metrics["dead_codes"] >= 8
-        assert torch.equal(model.quantizer.codebook, before)
-
-
-def test_vqvae_codebook_usage_and_perplexity(vq_setup):
-    strategy, model, _, val = vq_setup
-    with torch.no_grad():
-        model.quantizer.codebook[1:] = 100.0  # everything maps to entry 0
-    m = strategy.on_epoch_end(model, 1, val)
-    assert m["codebook_usage"] == pytest.approx(1 / 16) and m["perplexity"] == pytest.approx(1.0)
-
-
-# -----------------------------------------------------------------------------
-# Stage 2: the prior and the samplers
-# -----------------------------------------------------------------------------
-
-
-def test_vqvae_prior_mask_is_causal(vq_setup):
-    _, model, _, _ = vq_setup
+def test_vqvae_prior_mask_is_causal_and_samplers_in_range_seeded_and_top_k(dataset, vq_setup):
+    strategy, model, _, _ = vq_setup
     prior = model.prior.eval()
     torch.manual_seed(1)
     codes = torch.randint(16, (3, 16))
@@ -1638,10 +1427,6 @@ def test_vqvae_prior_mask_is_causal(vq_setup):
         assert torch.equal(logits[:, :j + 1], other[:, :j + 1]), j
         if j < 15:
             assert not torch.allclose(logits[:, j + 1:], other[:, j + 1:]), j
-
-
-def test_vqvae_samplers_in_range_seeded_and_top_k(dataset, vq_setup):
-    strategy, model, _, _ = vq_setup
     model.eval()
     gen = lambda s: torch.Generator().manual_seed(s)
     prior = strategy.sample(model, 6, gen(0))
@@ -1654,53 +1439,22 @@ def test_vqvae_samplers_in_range_seeded_and_top_k(dataset, vq_setup):
     assert torch.equal(strategy.sample_codes(model, 4, gen(0), "prior"), strategy.sample_codes(model, 4, gen(1), "prior"))
 
 
-# -----------------------------------------------------------------------------
-# Both stages through the Trainer: resume across the stage boundary, the CLI
-# -----------------------------------------------------------------------------
-
-
 def test_vqvae_resume_into_stage_two_equals_an_uninterrupted_run(dataset, tmp_path):
-    full = common.train(vqvae.VQVAEStrategy,
-                        tiny_config("vqvae", dataset, epochs=1, prior_epochs=1, out=str(tmp_path / "full")))
-    cut = common.train(vqvae.VQVAEStrategy,
-                       tiny_config("vqvae", dataset, epochs=1, prior_epochs=0, out=str(tmp_path / "cut")))
-    assert float(common.load_checkpoint(cut / "checkpoints" / "last.pt")["model"]["stage1_epochs"]) == 0
-    resumed = common.train(vqvae.VQVAEStrategy, tiny_config("vqvae", dataset, epochs=1, prior_epochs=1,
-                                                     resume=str(cut / "checkpoints" / "last.pt")))
-    a, b = (common.load_checkpoint(r / "checkpoints" / "last.pt")["model"] for r in (full, resumed))
+    """Both stages through the Trainer: a run cut at the stage boundary resumes exactly."""
+    train = lambda path, **kw: common.train(vqvae.VQVAEStrategy, tiny_config("vqvae", dataset, path, **{"epochs": 1, **kw}))
+    full = train(tmp_path / "full", prior_epochs=1)
+    cut = train(tmp_path / "cut", prior_epochs=0)
+    assert float(params_of(cut)["stage1_epochs"]) == 0
+    a, b = params_of(full), params_of(train(None, prior_epochs=1, resume=str(last_pt(cut))))
     assert float(a["stage1_epochs"]) == 1 and all(torch.equal(a[k], b[k]) for k in a)
-    # Once the prior has trained, stage 1 cannot be extended under it.
-    with pytest.raises(common.UserError, match="--epochs 1"):
-        common.train(vqvae.VQVAEStrategy, tiny_config("vqvae", dataset, epochs=2, prior_epochs=1,
-                                               resume=str(full / "checkpoints" / "last.pt")))
+    with pytest.raises(common.UserError, match="--epochs 1"):  # the prior has trained: stage 1 cannot grow under it
+        train(None, prior_epochs=1, epochs=2, resume=str(last_pt(full)))
 
 
-def test_vqvae_both_stages_run_and_sample_as_a_subprocess(dataset, tmp_path):
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY["vqvae"].items() if k != "prior_epochs"]
-    r = run_script("vqvae.py", *flags, "--epochs", "1", "--prior-epochs", "1", "--data", str(dataset), "--out", str(tmp_path / "run"),
-                 "--no-mlflow", "--device", "cpu")
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert "stage 1 = encoder" in r.stdout and "stage 2: training the prior" in r.stdout
-    assert "epoch 2/2" in r.stdout and "sample_random/precision" in r.stdout
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    for key in ("val/codebook_usage", "val/perplexity", "val/bits_per_code", "sample/precision",
-                "sample_random/precision"):
-        assert np.isfinite(metrics[key]), key
-    for picture in ("samples", "samples_random", "reconstructions", "codebook"):
-        assert (tmp_path / "run" / picture / "final.png").exists(), picture
-    r = run_script("vqvae.py", "sample", "--checkpoint", str(tmp_path / "run" / "checkpoints" / "last.pt"), "--n", "4",
-                 "--sampler", "random", "--out", str(tmp_path / "grid.png"))
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert Image.open(tmp_path / "grid.png").size == ((4 * 17 + 1) * 4, (1 * 17 + 1) * 4)
-
-
-def test_vqvae_conditional_prior_class_token_dropout_and_guided_logits(dataset):
-    torch.manual_seed(0)
-    config = tiny_config("vqvae", dataset, condition="colour", epochs=1, prior_epochs=1)
-    data = common.load_sprites(dataset, torch.device("cpu"))
-    strategy = vqvae.VQVAEStrategy(config, data.palette)
-    model = strategy.build_model(config).eval()
-    prior, k = model.prior, config.codebook_size
+def test_vqvae_conditional_prior_class_token_dropout_and_guided_logits(dataset, sprites):
+    strategy, model = tiny_model("vqvae", sprites.palette, dataset, condition="colour", epochs=1, prior_epochs=1)
+    model.eval()
+    prior, k = model.prior, strategy.config.codebook_size
     with torch.no_grad():  # GPT-2's N(0, 0.02) start makes every logit about 0: scale up, so the class matters
         prior.tok_emb.weight.normal_(0, 1, generator=torch.Generator().manual_seed(0))
         prior.head.weight.normal_(0, 1, generator=torch.Generator().manual_seed(1))
@@ -1709,7 +1463,7 @@ def test_vqvae_conditional_prior_class_token_dropout_and_guided_logits(dataset):
     assert prior.inputs_for(codes)[:, 1:].equal(codes[:, :-1])
     torch.manual_seed(0)
     dropped = strategy.drop_labels(torch.zeros(20000, dtype=torch.long)) == 7
-    assert dropped.float().mean().item() == pytest.approx(config.p_uncond, abs=0.01)
+    assert dropped.float().mean().item() == pytest.approx(strategy.config.p_uncond, abs=0.01)
     y = y[:3]
     calls = []
     forward = prior.forward
@@ -1735,6 +1489,12 @@ def test_vqvae_conditional_prior_class_token_dropout_and_guided_logits(dataset):
 # =============================================================================
 
 
+def reference_ddpm(**kw) -> diffusion.DiffusionStrategy:
+    """diffusion.py's strategy with the reference DDPM's settings (Config.LEGACY: linear
+    schedule, eps-prediction), on a random 8-colour palette; keywords override."""
+    return diffusion.DiffusionStrategy(diffusion.Config(**{**diffusion.Config.LEGACY, **kw}), torch.rand(8, 3))
+
+
 class Oracle(nn.Module):
     """The ideal eps_theta when the data is one sprite x_star: from
     x_t = sqrt(alpha_bar_t) x_star + sqrt(1 - alpha_bar_t) eps the noise is
@@ -1750,14 +1510,31 @@ class Oracle(nn.Module):
         return (x - a * self.x_star) / b
 
 
+class GaussianOracle(nn.Module):
+    """The ideal eps_theta when every pixel of the data is N(mu, s^2), independent:
+    x_t = a x_0 + b eps is Gaussian too, and E[eps | x_t] = b (x_t - a mu) / (a^2 s^2 + b^2)
+    (a = sqrt(alpha_bar_t), b = sqrt(1 - alpha_bar_t))."""
+
+    def __init__(self, strategy, mu, s):
+        super().__init__()
+        self.sched, self.mu, self.s = strategy.schedule, mu, s
+
+    def forward(self, x, t):
+        a = self.sched["sqrt_alpha_bar"][t][:, None, None, None].double()
+        b = self.sched["sqrt_one_minus_alpha_bar"][t][:, None, None, None].double()
+        return (b * (x.double() - a * self.mu) / (a ** 2 * self.s ** 2 + b ** 2)).float()
+
+
 # -----------------------------------------------------------------------------
-# Reference formulas
+# Reference formulas: the schedules, q_sample, v, min-SNR, the LR schedule, the samplers on an exact eps_theta
 # -----------------------------------------------------------------------------
 
 
-def test_diffusion_linear_schedule_and_q_sample_match_the_closed_form():
-    palette = torch.rand(8, 3)
-    strategy = diffusion.DiffusionStrategy(diffusion.Config(**diffusion.Config.LEGACY), palette)  # linear
+def test_diffusion_linear_and_cosine_schedules_and_q_sample_match_their_closed_forms_and_the_forward_chain():
+    """Ho et al.'s Eq. 4 (closed form) on the linear schedule, and against Eq. 2 run
+    step by step, x_t = sqrt(1 - beta_t) x_{t-1} + sqrt(beta_t) z, on 50,000 noisings
+    of one pixel: the same mean and standard deviation at several t."""
+    strategy = reference_ddpm()
     s = strategy.schedule
     beta = np.linspace(1e-4, 0.02, 1000)
     assert np.allclose(s["beta"].numpy(), beta, atol=1e-9)
@@ -1771,184 +1548,19 @@ def test_diffusion_linear_schedule_and_q_sample_match_the_closed_form():
     x_t = strategy.q_sample(x0, t, eps)
     ab = torch.tensor(alpha_bar[t.numpy()], dtype=torch.float64)[:, None, None, None]  # float64: 1 - ab at t = 0
     assert torch.allclose(x_t.double(), ab.sqrt() * x0.double() + (1 - ab).sqrt() * eps.double(), atol=1e-6)
-
-
-def test_diffusion_q_sample_equals_running_the_forward_chain():
-    """Eq. 4 (closed form) against Eq. 2 run step by step,
-    x_t = sqrt(1 - beta_t) x_{t-1} + sqrt(beta_t) z, on 50,000 noisings of
-    one pixel: same mean and standard deviation at several t."""
-    strategy = diffusion.DiffusionStrategy(diffusion.Config(**diffusion.Config.LEGACY), torch.rand(8, 3))
-    s = strategy.schedule
-    g = torch.Generator().manual_seed(0)
-    x0 = 0.7
-    x = torch.full((50_000,), x0, dtype=torch.float64)
-    beta = s["beta"].double()
+    g, beta_t = torch.Generator().manual_seed(0), s["beta"].double()
+    x = torch.full((50_000,), 0.7, dtype=torch.float64)
     for t in range(300):
-        x = (1 - beta[t]).sqrt() * x + beta[t].sqrt() * torch.randn(x.shape, generator=g, dtype=torch.float64)
+        x = (1 - beta_t[t]).sqrt() * x + beta_t[t].sqrt() * torch.randn(x.shape, generator=g, dtype=torch.float64)
         if t in (0, 99, 299):  # 3 standard errors of a difference of two 50,000-sample estimates: 0.02
-            closed = strategy.q_sample(torch.full((50_000, 1, 1, 1), x0), torch.full((50_000,), t),
+            closed = strategy.q_sample(torch.full((50_000, 1, 1, 1), 0.7), torch.full((50_000,), t),
                                        torch.randn(50_000, 1, 1, 1, generator=g)).flatten().double()
             assert abs(x.mean() - closed.mean()) < 0.02 and abs(x.std() - closed.std()) < 0.02, t
-            assert abs(x.mean() - s["sqrt_alpha_bar"][t] * x0) < 0.02, t
-
-
-@pytest.mark.parametrize("T, steps", [(1000, 50), (1000, 1000), (1000, 2), (1000, 3), (10, 5), (10, 10), (7, 4)])
-def test_diffusion_ddim_timesteps_cover_the_schedule_and_end_at_zero(T, steps):
-    tau = diffusion.ddim_timesteps(T, steps)
-    assert tau.dtype == torch.long and len(tau) == steps
-    assert tau[0] == T - 1, "DDIM must start where x_T is drawn, t = T-1 (the off-by-one starts at T - T/steps)"
-    assert tau[-1] == 0, "DDIM must end at t = 0, the last noise level before clean data"
-    assert (tau[1:] < tau[:-1]).all(), "timesteps must strictly decrease"
-    if steps == T:
-        assert tau.tolist() == list(range(T - 1, -1, -1))
-    if (T, steps) == (1000, 50):
-        gaps = (tau[:-1] - tau[1:]).tolist()
-        assert set(gaps) <= {20, 21} and tau.tolist()[:3] == [999, 979, 958]
-
-
-@pytest.mark.parametrize("sampler, eta", [("ddim", 0.0), ("ddim", 1.0), ("ddpm", 0.0)])
-def test_diffusion_samplers_return_the_data_when_eps_theta_is_exact(sampler, eta):
-    """With the oracle eps_theta for a one-sprite data set, every DDIM step
-    predicts x_0 = x_star exactly, and Algorithm 2's last step lands on it
-    too: both samplers must return x_star. A sampler that stopped one level
-    early (at alpha_bar_0 instead of clean data) would leave noise of ~0.01."""
-    palette = torch.rand(8, 3)
-    cfg = diffusion.Config(**diffusion.Config.LEGACY, sampler=sampler, eta=eta, steps=50)  # the oracle predicts eps
-    strategy = diffusion.DiffusionStrategy(cfg, palette)
-    x_star = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    out = strategy.sample(Oracle(strategy, x_star), 3, torch.Generator().manual_seed(0))
-    assert out.shape == (3, 3, 16, 16)
-    assert torch.allclose(out, common.from_model_range(x_star).expand(3, -1, -1, -1), atol=2e-4)
-
-
-# -----------------------------------------------------------------------------
-# Contracts: model, determinism, training, range, pictures
-# -----------------------------------------------------------------------------
-
-
-def test_diffusion_default_unet_shape_and_size():
-    model = diffusion.UNet(64, 0.1)
-    n = sum(p.numel() for p in model.parameters())
-    assert 6.8e6 < n < 7.6e6, n
-    x, t = torch.randn(2, 3, 16, 16), torch.tensor([0, 999])
-    assert model(x, t).shape == (2, 3, 16, 16)
-    widths = {m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)}
-    assert {64, 128, 256} <= widths and max(widths) == 256
-    assert not any("attn" in name.lower() for name, _ in model.named_modules())
-
-
-def test_diffusion_ddim_with_eta_zero_is_deterministic_under_a_seed(sprites):
-    strategy, model = tiny_model("diffusion", sprites.palette, sampler="ddim")
-    model.eval()
-    a = strategy.sample(model, 4, torch.Generator().manual_seed(3))
-    b = strategy.sample(model, 4, torch.Generator().manual_seed(3))
-    c = strategy.sample(model, 4, torch.Generator().manual_seed(4))
-    assert torch.equal(a, b) and not torch.equal(a, c)
-    strategy.config.eta = 1.0  # stochastic DDIM: still reproducible from the generator alone
-    d = strategy.sample(model, 4, torch.Generator().manual_seed(3))
-    e = strategy.sample(model, 4, torch.Generator().manual_seed(3))
-    assert torch.equal(d, e) and not torch.equal(a, d)
-
-
-def test_diffusion_tiny_unet_with_10_timesteps_learns_and_both_samplers_stay_in_range(sprites):
-    strategy, model = tiny_model("diffusion", sprites.palette)
-    batch = sprites.train[:32]
-    before, after = loss_before_after(strategy, model, batch, steps=30, lr=strategy.config.lr,
-                                      measure=lambda: strategy.get_metrics(model, batch)["loss"])
-    assert before == pytest.approx(1.0, abs=0.15)  # zero-initialised output: eps_theta = 0 at first
-    assert after < 0.85 * before, (before, after)  # measured: 1.01 -> 0.76
-    model.eval()
-    for sampler in ("ddim", "ddpm"):
-        strategy.config.sampler = sampler
-        x = strategy.sample(model, 6, torch.Generator().manual_seed(0))
-        common.check_samples(x, 6)  # (6, 3, 16, 16), finite, in [0, 1]
-
-
-def test_diffusion_denoising_strip_and_trajectory(sprites):
-    strategy, model = tiny_model("diffusion", sprites.palette)
-    model.eval()
-    pictures = strategy.images(model, sprites.val, torch.Generator().manual_seed(0))
-    strip, per_row = pictures["denoising"]
-    assert per_row == 8 and strip.shape == (4 * 2 * 8, 3, 16, 16)
-    assert strip.min() >= 0 and strip.max() <= 1
-    x_t_at_t0 = strip[0]  # sprite 0's first column: t = 0, barely noised
-    assert (x_t_at_t0 - sprites.val[0]).abs().mean() < 0.05
-    frames = strategy.trajectory(model, 5, torch.Generator().manual_seed(0))
-    assert frames.shape == (strategy.config.steps + 2, 5, 3, 16, 16)
-    assert torch.equal(common.snap_to_palette(frames[-1], sprites.palette), frames[-1])  # last frame: snapped
-
-
-# -----------------------------------------------------------------------------
-# The Trainer and the CLI
-# -----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_run(dataset, tmp_path_factory):
-    out = tmp_path_factory.mktemp("diffusion-run") / "run"
-    cfg = tiny_config("diffusion", epochs=2, sample_every=1, data=str(dataset), out=str(out))
-    return common.train(diffusion.DiffusionStrategy, cfg)
-
-
-def test_diffusion_training_run_writes_grids_strip_gif_and_quality_at_each_grid(tiny_run):
-    for name in ("samples/epoch_0001.png", "samples/final.png", "denoising/epoch_0001.png",
-                 "denoising/final.png", "trajectory.gif", "metrics.json"):
-        assert (tiny_run / name).exists(), name
-    with Image.open(tiny_run / "trajectory.gif") as gif:
-        assert gif.n_frames == TINY["diffusion"]["steps"] + 2
-    history = common.load_checkpoint(tiny_run / "checkpoints" / "last.pt")["history"]
-    assert "sample/near_copy_rate" in history[0]  # scored at the epoch-1 grid, not only at the end
-    assert "sample/near_copy_rate" in json.loads((tiny_run / "metrics.json").read_text())
-
-
-def test_diffusion_sample_mode_writes_pngs_and_the_gif(tiny_run, tmp_path):
-    ckpt = tiny_run / "checkpoints" / "last.pt"
-    r = run_script("diffusion.py", "sample", "--checkpoint", ckpt, "--n", 10, "--out", tmp_path / "grid.png",
-                      "--sampler", "ddim", "--steps", 4, "--eta", 0, "--gif", tmp_path / "ddim.gif")
-    assert r.returncode == 0, r.stderr
-    assert re.search(r"wrote 10 sprites to .*grid\.png \(sampled in \d+\.\d\d s on cpu\)", r.stdout), r.stdout
-    assert Image.open(tmp_path / "grid.png").size == ((8 * 17 + 1) * 4, (2 * 17 + 1) * 4)
-    with Image.open(tmp_path / "ddim.gif") as gif:
-        assert gif.n_frames == 4 + 2 and gif.size == ((4 * 17 + 1) * 4, (3 * 17 + 1) * 4)  # 10 sprites, 4 per row
-    r = run_script("diffusion.py", "sample", "--checkpoint", ckpt, "--n", 3, "--out", tmp_path / "each", "--sampler", "ddpm")
-    assert r.returncode == 0, r.stderr
-    pngs = list((tmp_path / "each").glob("*.png"))
-    assert len(pngs) == 3 and all(Image.open(p).size == (16, 16) for p in pngs)
-
-
-# -----------------------------------------------------------------------------
-# diffusion.py levers (issue 11): U-Net size, cosine schedule, v-prediction,
-# min-SNR weighting, LR warm-up/decay, DPM-Solver++
-# -----------------------------------------------------------------------------
-
-
-def test_diffusion_unet_width_and_depth_flags_and_the_reference_model():
-    ref = diffusion.DiffusionStrategy(diffusion.Config(**diffusion.Config.LEGACY, base_channels=64), torch.rand(8, 3))
-    with contextlib.redirect_stdout(io.StringIO()):
-        n_ref = sum(p.numel() for p in ref.build_model(ref.config).parameters())
-        cfg = diffusion.Config(base_channels=16, channel_mult="1,2,2", res_blocks=1)
-        small = diffusion.DiffusionStrategy(cfg, torch.rand(8, 3)).build_model(cfg)
-    assert 6.8e6 < n_ref < 7.6e6, n_ref  # LEGACY + base 64 rebuilds today's 7.0M reference U-Net
-    widths = {m.out_channels for m in small.modules() if isinstance(m, nn.Conv2d)}
-    assert max(widths) == 32 and {16, 32} <= widths
-    assert len(small.down1) == len(small.up1) == 1 and len(small.bottom) == 2
-    assert small(torch.randn(2, 3, 16, 16), torch.tensor([0, 9])).shape == (2, 3, 16, 16)
-
-
-def test_diffusion_old_checkpoint_configs_get_the_legacy_values_not_new_defaults():
-    old = {f.name: getattr(diffusion.Config(), f.name) for f in dataclasses.fields(common.TrainConfig)}
-    old.update(base_channels=64, dropout=0.1, timesteps=1000, sampler="ddim", steps=50, eta=0.0, retired_field=1)
-    values = common.saved_config(diffusion.Config, old)
-    assert "retired_field" not in values
-    for k, v in diffusion.Config.LEGACY.items():
-        assert values[k] == v, k
-    assert common.saved_config(diffusion.Config, {**old, "schedule": "cosine"})["schedule"] == "cosine"
-
-
-def test_diffusion_cosine_schedule_matches_its_closed_form():
-    T, s = 1000, 0.008
+            assert abs(x.mean() - s["sqrt_alpha_bar"][t] * 0.7) < 0.02, t
+    # the cosine schedule (Nichol & Dhariwal 2021, Eq. 17), its betas clipped at 0.999
+    T, offset = 1000, 0.008
     sched = diffusion.cosine_schedule(T, torch.device("cpu"))
-    f = lambda t: np.cos((t / T + s) / (1 + s) * np.pi / 2) ** 2
+    f = lambda t: np.cos((t / T + offset) / (1 + offset) * np.pi / 2) ** 2
     t = np.arange(1, T + 1)  # the paper's t = 1..T is index 0..T-1
     closed = f(t) / f(0)
     beta = 1 - closed / np.concatenate([[1.0], closed[:-1]])
@@ -1969,62 +1581,71 @@ def test_diffusion_min_snr_weights_match_the_formula(prediction):
     gamma = 5.0
     strategy = diffusion.DiffusionStrategy(diffusion.Config(prediction=prediction, loss_weight="min-snr",
                                                             snr_gamma=gamma, schedule="linear"), torch.rand(8, 3))
-    beta = np.linspace(1e-4, 0.02, 1000)
-    alpha_bar = np.cumprod(1 - beta)
+    alpha_bar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
     t = torch.tensor([0, 50, 200, 500, 999])
     snr = alpha_bar[t.numpy()] / (1 - alpha_bar[t.numpy()])
     expected = np.minimum(snr, gamma) / (snr if prediction == "eps" else snr + 1)
-    assert np.allclose(strategy.min_snr_weight(t).numpy(), expected, rtol=1e-4)
-    # high noise (SNR < gamma): eps weight is exactly 1; low noise: clipped to gamma / SNR < 1
     w = strategy.min_snr_weight(t).numpy()
+    assert np.allclose(w, expected, rtol=1e-4)
+    # high noise (SNR < gamma): eps weight is exactly 1; low noise: clipped to gamma / SNR < 1
     assert (w <= 1 + 1e-6).all() and (w[-1] == pytest.approx(1.0) if prediction == "eps" else w[0] < 1e-3)
 
 
-def test_diffusion_v_target_and_its_inverse_round_trip():
-    for schedule in ("linear", "cosine"):
-        strategy = diffusion.DiffusionStrategy(diffusion.Config(schedule=schedule, prediction="v"), torch.rand(8, 3))
-        g = torch.Generator().manual_seed(0)
-        x0 = torch.rand(6, 3, 16, 16, generator=g, dtype=torch.float64) * 2 - 1
-        eps = torch.randn(6, 3, 16, 16, generator=g, dtype=torch.float64)
-        t = torch.tensor([0, 1, 300, 600, 998, 999])
-        strategy.schedule = {k: v.double() for k, v in strategy.schedule.items()}  # exact in float64
-        x_t = strategy.q_sample(x0, t, eps)
-        v = strategy.v_target(x0, t, eps)
-        x0_back, eps_back = strategy.x0_eps_from_v(x_t, t, v)
-        assert torch.allclose(x0_back, x0, atol=1e-6) and torch.allclose(eps_back, eps, atol=1e-6)
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_diffusion_v_target_and_its_inverse_round_trip(schedule):
+    strategy = diffusion.DiffusionStrategy(diffusion.Config(schedule=schedule, prediction="v"), torch.rand(8, 3))
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(6, 3, 16, 16, generator=g, dtype=torch.float64) * 2 - 1
+    eps = torch.randn(6, 3, 16, 16, generator=g, dtype=torch.float64)
+    t = torch.tensor([0, 1, 300, 600, 998, 999])
+    strategy.schedule = {k: v.double() for k, v in strategy.schedule.items()}  # exact in float64
+    x0_back, eps_back = strategy.x0_eps_from_v(strategy.q_sample(x0, t, eps), t, strategy.v_target(x0, t, eps))
+    assert torch.allclose(x0_back, x0, atol=1e-6) and torch.allclose(eps_back, eps, atol=1e-6)
 
 
-def test_diffusion_v_and_min_snr_losses_start_near_their_expected_values(sprites):
-    """Zero-initialised output: the v loss is E[v^2] = 1 and the eps loss 1, per pixel."""
-    for prediction in ("eps", "v"):
-        strategy, model = tiny_model("diffusion", sprites.palette, prediction=prediction)
-        torch.manual_seed(0)
-        assert strategy.loss(model, sprites.train[:32]).item() == pytest.approx(1.0, abs=0.2)
-
-
-def test_diffusion_lr_warmup_and_cosine_decay():
+def test_diffusion_lr_warmup_and_cosine_decay_and_old_checkpoint_configs_get_the_legacy_values():
     strategy = diffusion.DiffusionStrategy(diffusion.Config(warmup_steps=10, lr_decay="cosine"), torch.rand(8, 3))
     f = [strategy.lr_factor(step, 110) for step in range(110)]
     assert f[0] == pytest.approx(0.1) and f[4] == pytest.approx(0.5) and f[9] == pytest.approx(1.0)
     assert f[60] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))  # halfway through the decay
     assert f[-1] < 0.01 and all(a >= b for a, b in zip(f[9:], f[10:]))
-    constant = diffusion.DiffusionStrategy(diffusion.Config(**diffusion.Config.LEGACY), torch.rand(8, 3))
-    assert {constant.lr_factor(s, 100) for s in range(100)} == {1.0}  # the reference keeps --lr fixed
+    assert {reference_ddpm().lr_factor(s, 100) for s in range(100)} == {1.0}  # the reference keeps --lr fixed
+    # an old checkpoint's config gets the reference's (LEGACY) values, not the new defaults
+    old = {f.name: getattr(diffusion.Config(), f.name) for f in dataclasses.fields(common.TrainConfig)}
+    old.update(base_channels=64, dropout=0.1, timesteps=1000, sampler="ddim", steps=50, eta=0.0, retired_field=1)
+    values = common.saved_config(diffusion.Config, old)
+    assert "retired_field" not in values
+    for k, v in diffusion.Config.LEGACY.items():
+        assert values[k] == v, k
+    assert common.saved_config(diffusion.Config, {**old, "schedule": "cosine"})["schedule"] == "cosine"
 
 
-class GaussianOracle(nn.Module):
-    """The ideal eps_theta when every pixel of the data is N(mu, s^2), independent:
-    x_t = a x_0 + b eps is Gaussian too, and E[eps | x_t] = b (x_t - a mu) / (a^2 s^2 + b^2)
-    (a = sqrt(alpha_bar_t), b = sqrt(1 - alpha_bar_t))."""
+@pytest.mark.parametrize("T, steps", [(1000, 50), (1000, 1000), (1000, 2), (1000, 3), (10, 5), (10, 10), (7, 4)])
+def test_diffusion_ddim_timesteps_cover_the_schedule_and_end_at_zero(T, steps):
+    tau = diffusion.ddim_timesteps(T, steps)
+    assert tau.dtype == torch.long and len(tau) == steps
+    assert tau[0] == T - 1, "DDIM must start where x_T is drawn, t = T-1 (the off-by-one starts at T - T/steps)"
+    assert tau[-1] == 0, "DDIM must end at t = 0, the last noise level before clean data"
+    assert (tau[1:] < tau[:-1]).all(), "timesteps must strictly decrease"
+    if steps == T:
+        assert tau.tolist() == list(range(T - 1, -1, -1))
+    if (T, steps) == (1000, 50):
+        gaps = (tau[:-1] - tau[1:]).tolist()
+        assert set(gaps) <= {20, 21} and tau.tolist()[:3] == [999, 979, 958]
 
-    def __init__(self, strategy, mu, s):
-        super().__init__()
-        self.sched, self.mu, self.s = strategy.schedule, mu, s
 
-    def forward(self, x, t):
-        a = self.sched["sqrt_alpha_bar"][t][:, None, None, None].double()
-        b = self.sched["sqrt_one_minus_alpha_bar"][t][:, None, None, None].double()
-        return (b * (x.double() - a * self.mu) / (a ** 2 * self.s ** 2 + b ** 2)).float()
+@pytest.mark.parametrize("sampler, eta, steps", [("ddim", 0.0, 50), ("ddim", 1.0, 50), ("ddpm", 0.0, 50),
+                                                 ("dpm++", 0.0, 10)])
+def test_diffusion_samplers_return_the_data_when_eps_theta_is_exact(sampler, eta, steps):
+    """With the oracle eps_theta for a one-sprite data set, every DDIM step
+    predicts x_0 = x_star exactly, and Algorithm 2's last step lands on it
+    too: every sampler must return x_star. A sampler that stopped one level
+    early (at alpha_bar_0 instead of clean data) would leave noise of ~0.01."""
+    strategy = reference_ddpm(sampler=sampler, eta=eta, steps=steps)  # the oracle predicts eps
+    x_star = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    out = strategy.sample(Oracle(strategy, x_star), 3, torch.Generator().manual_seed(0))
+    assert out.shape == (3, 3, 16, 16)
+    assert torch.allclose(out, common.from_model_range(x_star).expand(3, -1, -1, -1), atol=2e-4)
 
 
 def test_diffusion_dpm_solver_pp_recovers_a_gaussian_in_few_steps():
@@ -2032,50 +1653,125 @@ def test_diffusion_dpm_solver_pp_recovers_a_gaussian_in_few_steps():
     x_0 = mu + s (x_T - a_T mu) / sqrt(a_T^2 s^2 + b_T^2) exactly (an affine map
     between Gaussians). DPM-Solver++(2M) must land there in 10 steps, much
     closer than DDIM (its first-order special case) with the same 10 steps."""
-    mu, s = 0.1, 0.2
-    strategy = diffusion.DiffusionStrategy(diffusion.Config(**diffusion.Config.LEGACY, sampler="dpm++", steps=10),
-                                           torch.rand(8, 3))  # the oracle predicts eps
+    mu, s, n = 0.1, 0.2, 8
+    strategy = reference_ddpm(sampler="dpm++", steps=10)  # the oracle predicts eps
     oracle = GaussianOracle(strategy, mu, s)
-    n, seed = 8, 0
-    z = torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed))  # the sampler's x_T
+    z = torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(0))  # the sampler's x_T
     a, b = strategy.schedule["sqrt_alpha_bar"][-1].item(), strategy.schedule["sqrt_one_minus_alpha_bar"][-1].item()
     exact = mu + s * (z - a * mu) / math.sqrt(a ** 2 * s ** 2 + b ** 2)
-    dpm = strategy.sample_dpm_pp(oracle, n, torch.Generator().manual_seed(seed), 10)
-    ddim = strategy.sample_ddim(oracle, n, torch.Generator().manual_seed(seed), 10, 0.0)
+    dpm = strategy.sample_dpm_pp(oracle, n, torch.Generator().manual_seed(0), 10)
+    ddim = strategy.sample_ddim(oracle, n, torch.Generator().manual_seed(0), 10, 0.0)
     err_dpm, err_ddim = (dpm - exact).abs().max().item(), (ddim - exact).abs().max().item()
     assert err_dpm < 0.01, err_dpm
     assert err_dpm < err_ddim / 3, (err_dpm, err_ddim)
     assert dpm.mean().item() == pytest.approx(mu, abs=0.01) and dpm.std().item() == pytest.approx(s, abs=0.01)
 
 
-def test_diffusion_dpm_solver_pp_is_finite_in_range_and_deterministic(sprites):
-    strategy, model = tiny_model("diffusion", sprites.palette, sampler="dpm++", prediction="v", schedule="cosine")
+# -----------------------------------------------------------------------------
+# Contracts: the U-Net, training, the samplers, pictures, a run and its sample mode
+# -----------------------------------------------------------------------------
+
+
+def test_diffusion_unet_width_and_depth_flags_and_the_reference_model():
+    ref = reference_ddpm(base_channels=64)
+    with contextlib.redirect_stdout(io.StringIO()):
+        ref_net = ref.build_model(ref.config)
+        cfg = diffusion.Config(base_channels=16, channel_mult="1,2,2", res_blocks=1)
+        small = diffusion.DiffusionStrategy(cfg, torch.rand(8, 3)).build_model(cfg)
+    n_ref = sum(p.numel() for p in ref_net.parameters())
+    assert 6.8e6 < n_ref < 7.6e6, n_ref  # LEGACY + base 64 rebuilds today's 7.0M reference U-Net
+    widths = {m.out_channels for m in ref_net.modules() if isinstance(m, nn.Conv2d)}
+    assert {64, 128, 256} <= widths and max(widths) == 256
+    assert not any("attn" in name.lower() for name, _ in ref_net.named_modules())
+    assert ref_net(torch.randn(2, 3, 16, 16), torch.tensor([0, 999])).shape == (2, 3, 16, 16)
+    widths = {m.out_channels for m in small.modules() if isinstance(m, nn.Conv2d)}
+    assert max(widths) == 32 and {16, 32} <= widths
+    assert len(small.down1) == len(small.up1) == 1 and len(small.bottom) == 2
+    assert small(torch.randn(2, 3, 16, 16), torch.tensor([0, 9])).shape == (2, 3, 16, 16)
+
+
+def test_diffusion_tiny_unet_with_10_timesteps_learns_and_every_sampler_stays_in_range_and_is_seeded(sprites):
+    """Zero-initialised output: eps_theta = 0 (or v = 0) at first, so the loss starts at
+    E[eps^2] = 1 (or E[v^2] = 1) per pixel."""
+    strategy, model = tiny_model("diffusion", sprites.palette)
+    batch = sprites.train[:32]
+    before, after = loss_before_after(strategy, model, batch, steps=30, lr=strategy.config.lr,
+                                      measure=lambda: strategy.get_metrics(model, batch)["loss"])
+    assert before == pytest.approx(1.0, abs=0.15)
+    assert after < 0.85 * before, (before, after)  # measured: 1.01 -> 0.76
+    eps, eps_model = tiny_model("diffusion", sprites.palette, prediction="eps")
+    torch.manual_seed(0)
+    assert eps.loss(eps_model, batch).item() == pytest.approx(1.0, abs=0.2)
     model.eval()
-    a = strategy.sample(model, 4, torch.Generator().manual_seed(3))
-    b = strategy.sample(model, 4, torch.Generator().manual_seed(3))
-    c = strategy.sample(model, 4, torch.Generator().manual_seed(4))
-    common.check_samples(a, 4)  # (4, 3, 16, 16), finite, in [0, 1]
-    assert torch.equal(a, b) and not torch.equal(a, c)
-    x_star = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    eps_strategy = diffusion.DiffusionStrategy(diffusion.Config(**diffusion.Config.LEGACY, sampler="dpm++", steps=10),
-                                               sprites.palette)
-    out = eps_strategy.sample(Oracle(eps_strategy, x_star), 2, torch.Generator().manual_seed(0))
-    assert torch.allclose(out, common.from_model_range(x_star).expand(2, -1, -1, -1), atol=2e-4)
+    draws = {}
+    for sampler, eta in (("ddim", 0.0), ("ddim", 1.0), ("ddpm", 0.0), ("dpm++", 0.0)):  # eta 1: stochastic DDIM
+        strategy.config.sampler, strategy.config.eta = sampler, eta
+        a, b, c = (strategy.sample(model, 4, torch.Generator().manual_seed(s)) for s in (3, 3, 4))
+        common.check_samples(a, 4)  # (4, 3, 16, 16), finite, in [0, 1]
+        assert torch.equal(a, b) and not torch.equal(a, c), (sampler, eta)  # reproducible from the generator alone
+        draws[sampler, eta] = a
+    assert not torch.equal(draws["ddim", 0.0], draws["ddim", 1.0])
+
+
+def test_diffusion_denoising_strip_and_trajectory(sprites):
+    strategy, model = tiny_model("diffusion", sprites.palette)
+    model.eval()
+    pictures = strategy.images(model, sprites.val, torch.Generator().manual_seed(0))
+    strip, per_row = pictures["denoising"]
+    assert per_row == 8 and strip.shape == (4 * 2 * 8, 3, 16, 16)
+    assert strip.min() >= 0 and strip.max() <= 1
+    assert (strip[0] - sprites.val[0]).abs().mean() < 0.05  # sprite 0's first column: t = 0, barely noised
+    frames = strategy.trajectory(model, 5, torch.Generator().manual_seed(0))
+    assert frames.shape == (strategy.config.steps + 2, 5, 3, 16, 16)
+    assert torch.equal(common.snap_to_palette(frames[-1], sprites.palette), frames[-1])  # last frame: snapped
+
+
+@pytest.fixture(scope="module")
+def tiny_run(dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("diffusion-run") / "run"
+    return common.train(diffusion.DiffusionStrategy, tiny_config("diffusion", dataset, epochs=2, sample_every=1,
+                                                                 out=str(out)))
+
+
+def test_diffusion_training_run_writes_grids_strip_gif_and_quality_and_sample_mode_pngs_and_the_gif(tiny_run, tmp_path):
+    for name in ("samples/epoch_0001.png", "samples/final.png", "denoising/epoch_0001.png",
+                 "denoising/final.png", "trajectory.gif", "metrics.json"):
+        assert (tiny_run / name).exists(), name
+    with Image.open(tiny_run / "trajectory.gif") as gif:
+        assert gif.n_frames == TINY["diffusion"]["steps"] + 2
+    history = state_of(tiny_run)["history"]
+    assert "sample/near_copy_rate" in history[0]  # scored at the epoch-1 grid, not only at the end
+    assert "sample/near_copy_rate" in json.loads((tiny_run / "metrics.json").read_text())
+    ckpt = last_pt(tiny_run)
+    r = run_script("diffusion.py", "sample", "--checkpoint", ckpt, "--n", 10, "--out", tmp_path / "grid.png",
+                   "--sampler", "ddim", "--steps", 4, "--eta", 0, "--gif", tmp_path / "ddim.gif")
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"wrote 10 sprites to .*grid\.png \(sampled in \d+\.\d\d s on cpu\)", r.stdout), r.stdout
+    assert Image.open(tmp_path / "grid.png").size == ((8 * 17 + 1) * 4, (2 * 17 + 1) * 4)
+    with Image.open(tmp_path / "ddim.gif") as gif:
+        assert gif.n_frames == 4 + 2 and gif.size == ((4 * 17 + 1) * 4, (3 * 17 + 1) * 4)  # 10 sprites, 4 per row
+    r = run_script("diffusion.py", "sample", "--checkpoint", ckpt, "--n", 3, "--out", tmp_path / "each", "--sampler", "ddpm")
+    assert r.returncode == 0, r.stderr
+    pngs = list((tmp_path / "each").glob("*.png"))
+    assert len(pngs) == 3 and all(Image.open(p).size == (16, 16) for p in pngs)
 
 
 # -----------------------------------------------------------------------------
-# Conditioning and classifier-free guidance (diffusion.py --condition, common.Labeller)
-def test_diffusion_class_weight_balanced_weights_each_labelled_sprite_by_its_class_size(sprites, dataset):
+# Guidance: classifier-free (diffusion.py --condition, common.Labeller) and autoguidance (Karras et al. 2024)
+# -----------------------------------------------------------------------------
+
+
+def test_diffusion_class_weight_balanced_weights_each_labelled_sprite_by_its_class_size_and_labels_drop_at_p_uncond(
+        sprites, dataset):
     """--class-weight balanced: w_y = N / (K n_y), mean 1 over the training sprites; a dropped
-    (null) label keeps weight 1; validation loss is the plain mean."""
+    (null) label keeps weight 1; validation loss is the plain mean. Labels drop at the rate --p-uncond."""
     strategy, model = tiny_model("diffusion", sprites.palette, dataset, condition="colour",
                                  class_weight="balanced", p_uncond=0.5)
-    data = common.load_sprites(dataset, torch.device("cpu"))
-    y = strategy.class_labels(data.train)
+    y = strategy.class_labels(sprites.train)
     n_y = torch.bincount(y, minlength=strategy.labeller.n_classes).float()
     assert torch.allclose(strategy.class_weights, len(y) / (len(n_y) * n_y))
     assert strategy.class_weights[y].mean().item() == pytest.approx(1.0, abs=1e-5)
-    batch = data.train[:16]
+    batch = sprites.train[:16]
     plain, _ = tiny_model("diffusion", sprites.palette, dataset, condition="colour", p_uncond=0.5)
     torch.manual_seed(3)
     weighted = strategy.loss(model, batch)
@@ -2091,13 +1787,7 @@ def test_diffusion_class_weight_balanced_weights_each_labelled_sprite_by_its_cla
     assert torch.allclose(*val)
     with pytest.raises(ValueError, match="unknown --class-weight 'equal'; use one of none, balanced"):
         tiny_config("diffusion", class_weight="equal")
-
-
-# -----------------------------------------------------------------------------
-
-
-def test_diffusion_label_dropout_happens_at_the_configured_rate(sprites, dataset):
-    strategy, _ = tiny_model("diffusion", sprites.palette, dataset, condition="colour", p_uncond=0.1)
+    strategy.config.p_uncond = 0.1
     null = strategy.labeller.n_classes
     torch.manual_seed(0)
     y = torch.zeros(200, 64, dtype=torch.long)  # 200 steps of a batch of 64
@@ -2142,8 +1832,8 @@ class FixedLabel(nn.Module):
 
 
 @pytest.mark.parametrize("sampler,prediction", [("ddim", "eps"), ("ddpm", "v"), ("dpm++", "v")])
-def test_diffusion_guidance_zero_is_unconditional_one_is_conditional_and_one_unet_call_per_step(sprites, dataset, sampler,
-                                                                                     prediction):
+def test_diffusion_guidance_zero_is_unconditional_one_conditional_and_w_extrapolates_in_one_unet_call_per_step(
+        sprites, dataset, sampler, prediction):
     strategy, model = tiny_model("diffusion", sprites.palette, dataset, condition="colour", sampler=sampler,
                                  prediction=prediction)
     untrained_but_not_blind(model)
@@ -2162,59 +1852,34 @@ def test_diffusion_guidance_zero_is_unconditional_one_is_conditional_and_one_une
     steps = strategy.T if sampler == "ddpm" else strategy.config.steps
     assert counting.batches == [8] * steps  # both branches in one call of 2 x 4 sprites per step
     assert not torch.equal(guided, cond)
-
-
-def test_diffusion_guided_output_extrapolates_from_the_unconditional_branch(sprites, dataset):
-    strategy, model = tiny_model("diffusion", sprites.palette, dataset, condition="colour", prediction="v")
-    untrained_but_not_blind(model)
-    model.eval()
-    x, t, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 3, 6, 9]), torch.tensor([1, 2, 3, 4])
+    x, t = torch.randn(4, 3, 16, 16), torch.tensor([0, 3, 6, 9])
     strategy.config.guidance = 2.5
     with torch.no_grad(), strategy.conditioned(y):
         guided = strategy.model_output(model, x, t)
         c, u = model(x, t, y), model(x, t)
-    assert torch.allclose(guided, u + 2.5 * (c - u), atol=1e-5)  # eps_u + w (eps_c - eps_u), here on v
+    assert torch.allclose(guided, u + 2.5 * (c - u), atol=1e-5)  # eps_u + w (eps_c - eps_u), on eps or v
 
 
-def test_diffusion_conditional_run_resumes_exactly_and_scores_class_accuracy(dataset, tmp_path):
-    kw = dict(condition="colour", data=str(dataset), sample_every=0, ema_decay=0.9, epochs=2)
-    full = common.train(diffusion.DiffusionStrategy, tiny_config("diffusion", **kw, out=str(tmp_path / "full")))
-    part = common.train(diffusion.DiffusionStrategy,
-                        tiny_config("diffusion", **{**kw, "epochs": 1}, out=str(tmp_path / "part")))
-    resumed = common.train(diffusion.DiffusionStrategy, tiny_config("diffusion", **kw, out=str(tmp_path / "part"),
-                                                                              resume=str(part / "checkpoints" / "last.pt")))
+def test_diffusion_conditional_run_resumes_exactly_scores_class_accuracy_and_samples_a_class_by_name(
+        dataset, tmp_path, monkeypatch, capsys):
+    kw = dict(condition="colour", sample_every=0, ema_decay=0.9, epochs=2)
+    full = common.train(diffusion.DiffusionStrategy, tiny_config("diffusion", dataset, tmp_path / "full", **kw))
+    part = common.train(diffusion.DiffusionStrategy, tiny_config("diffusion", dataset, tmp_path / "part",
+                                                                 **{**kw, "epochs": 1}))
+    resumed = common.train(diffusion.DiffusionStrategy, tiny_config("diffusion", dataset, **kw,
+                                                                    resume=str(last_pt(part))))
     a, b = params_of(full), params_of(resumed)
     assert "class_emb.weight" in a and all(torch.equal(a[k], b[k]) for k in a)
-    metrics = json.loads((full / "metrics.json").read_text())
-    assert 0 <= metrics["sample/class_accuracy"] <= 1
-
-
-def test_diffusion_unconditional_checkpoint_still_loads_and_class_errors_are_one_line(tiny_run, tmp_path):
-    ckpt = tiny_run / "checkpoints" / "last.pt"
-    state = common.load_checkpoint(ckpt)
-    assert not any(k.startswith("class_emb") for k in state["model"])  # unconditional: the weights of old
-    for key in ("condition", "clusters", "p_uncond", "guidance"):  # a checkpoint from before --condition
-        state["config"].pop(key)
-    old = tmp_path / "old.pt"
-    common.save_checkpoint(old, state)
-    strategy, _, _, config, _ = common.load_for_sampling(old, torch.device("cpu"), diffusion.DiffusionStrategy,
-                                                         diffusion.Config)
-    assert config.condition == "none" and strategy.labeller is None
-    r = run_script("diffusion.py", "sample", "--checkpoint", old, "--n", 2, "--out", tmp_path / "x.png", "--class", "red")
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "trained without classes" in r.stderr
-
-
-def test_diffusion_sample_class_by_name_and_unknown_class(dataset, tmp_path):
-    run = common.train(diffusion.DiffusionStrategy, tiny_config(
-        "diffusion", condition="colour", data=str(dataset), sample_every=0, epochs=1, n_eval=8, out=str(tmp_path / "run")))
-    ckpt = run / "checkpoints" / "last.pt"
+    assert 0 <= json.loads((full / "metrics.json").read_text())["sample/class_accuracy"] <= 1
+    ckpt = last_pt(full)
     r = run_script("diffusion.py", "sample", "--checkpoint", ckpt, "--n", 8, "--out", tmp_path / "red.png", "--class", "red")
     assert r.returncode == 0 and (tmp_path / "red.png").exists(), r.stderr
-    r = run_script("diffusion.py", "sample", "--checkpoint", ckpt, "--n", 8, "--out", tmp_path / "x.png", "--class", "teal")
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
-    assert "unknown class 'teal' for colour labels" in r.stderr and "an index 0..6" in r.stderr
+    code, out, err = run_script_main("diffusion.py", ["sample", "--checkpoint", str(ckpt), "--class", "teal"],
+                                     monkeypatch, capsys)
+    assert_one_clean_line(code, out, err, "unknown class 'teal' for colour labels")
+    assert "an index 0..6" in err
     r = run_script("compare.py", "guidance", "--checkpoint", ckpt, "--w", "0,2", "--n", 14, "--grid-class", "red",
-                      "--out", tmp_path / "sweep")
+                   "--out", tmp_path / "sweep")
     assert r.returncode == 0, r.stderr
     for name in ("w0/metrics.json", "w2/metrics.json", "real.json", "sweep.png", "grid-red.png"):
         assert (tmp_path / "sweep" / name).exists(), name
@@ -2223,12 +1888,6 @@ def test_diffusion_sample_class_by_name_and_unknown_class(dataset, tmp_path):
     real = json.loads((tmp_path / "sweep" / "real.json").read_text())
     assert real["class_accuracy_mirrored"] == 1.0 and real["colour_entropy"] == 0.0  # colour labels: exact
     assert Image.open(tmp_path / "sweep" / "grid-red.png").size == ((8 * 17 + 1) * 4, (2 * 17 + 1) * 4)  # 2 rows of 2
-
-
-
-# -----------------------------------------------------------------------------
-# diffusion.py autoguidance (issue 23, lever 1; Karras et al. 2024): an early EMA snapshot guides the model
-# -----------------------------------------------------------------------------
 
 
 def test_diffusion_autoguidance_w_one_is_exactly_the_main_model_and_w_combines_main_and_guide(sprites, dataset):
@@ -2303,7 +1962,7 @@ class CutDiffusion(diffusion.DiffusionStrategy):
 def test_diffusion_guide_snapshot_is_the_ema_at_guide_at_kept_in_the_checkpoint_and_resumes_exactly(dataset, tmp_path):
     kw = dict(data=str(dataset), sample_every=0, ema_decay=0.9, epochs=1, guide_at=0.5, n_eval=8)
     full = common.train(diffusion.DiffusionStrategy, tiny_config("diffusion", **kw, out=str(tmp_path / "full")))
-    done = common.load_checkpoint(full / "checkpoints" / "last.pt")
+    done = state_of(full)
     k = round(0.5 * done["step"])  # the snapshot's step: half of the run's steps
     guide = done["extra"]["guide"]
     assert set(guide) == set(done["model"]) and not all(torch.equal(guide[n], done["model"][n]) for n in guide)
@@ -2316,40 +1975,47 @@ def test_diffusion_guide_snapshot_is_the_ema_at_guide_at_kept_in_the_checkpoint_
         out = tmp_path / f"cut{cut}"
         with pytest.raises(common.Interrupted):
             common.train(type("Cut", (CutDiffusion,), {"cut_at": cut}), tiny_config("diffusion", **kw, out=str(out)))
-        state = common.load_checkpoint(out / "checkpoints" / "last.pt")
+        state = state_of(out)
         assert state["step"] == cut and ("guide" in state["extra"]) == (cut == k)
         if cut == k:  # saved right after step k: the snapshot is that step's EMA, exactly
             assert all(torch.equal(state["extra"]["guide"][n], state["ema"][f"module.{n}"]) for n in guide)
         resumed = common.train(diffusion.DiffusionStrategy, tiny_config(
-            "diffusion", **kw, out=str(out), resume=str(out / "checkpoints" / "last.pt")))
-        again = common.load_checkpoint(resumed / "checkpoints" / "last.pt")
+            "diffusion", **kw, out=str(out), resume=str(last_pt(out))))
+        again = state_of(resumed)
         assert all(torch.equal(again["extra"]["guide"][n], guide[n]) for n in guide)
         assert all(torch.equal(again["model"][n], done["model"][n]) for n in guide)
 
 
-def test_diffusion_checkpoint_without_a_guide_samples_at_w_one_and_refuses_other_w_in_one_line(tiny_run, tmp_path):
-    ckpt = tiny_run / "checkpoints" / "last.pt"
+def test_diffusion_checkpoint_without_classes_or_a_guide_loads_samples_at_w_one_and_refuses_class_and_w_in_one_line(
+        tiny_run, tmp_path, monkeypatch, capsys):
+    """A checkpoint from before --condition and autoguidance; a damaged guide snapshot is refused when read."""
+    ckpt = last_pt(tiny_run)
     state = common.load_checkpoint(ckpt)
+    assert not any(k.startswith("class_emb") for k in state["model"])  # unconditional: the weights of old
     assert "guide" in state["extra"]  # every default run keeps one (--guide-at 0.25)
     guide = state["extra"]["guide"]
     for name, bad, message in [("partial", dict(list(guide.items())[1:]), "does not hold snapshots of the weights"),
                                ("reshaped", {k: v.reshape(-1) for k, v in guide.items()}, "weights of other shapes")]:
         common.save_checkpoint(tmp_path / f"{name}.pt", {**state, "extra": {"guide": bad}})
-        with pytest.raises(common.UserError, match=message):  # a damaged snapshot: refused when read
+        with pytest.raises(common.UserError, match=message):
             common.load_checkpoint(tmp_path / f"{name}.pt")
-    old = {k: v for k, v in state.items() if k != "extra"}  # as written before autoguidance
-    old["config"] = {k: v for k, v in state["config"].items() if k not in ("guide_at", "autoguidance")}
+    gone = ("condition", "clusters", "p_uncond", "guidance", "guide_at", "autoguidance")
+    old = {**{k: v for k, v in state.items() if k != "extra"}, "config": {
+        k: v for k, v in state["config"].items() if k not in gone}}
     common.save_checkpoint(tmp_path / "old.pt", old)
     cpu = torch.device("cpu")
     was, new = (common.load_for_sampling(p, cpu, diffusion.DiffusionStrategy, diffusion.Config)
                 for p in (tmp_path / "old.pt", ckpt))
+    assert was.config.condition == "none" and was.strategy.labeller is None
     assert was.config.autoguidance == 1 and was.config.guide_at == 0 and was.strategy.guide is None
     assert torch.equal(common.draw_samples(was.strategy, was.model, 8, 0, cpu),
                        common.draw_samples(new.strategy, new.model, 8, 0, cpu))
-    r = run_script("diffusion.py", "sample", "--checkpoint", tmp_path / "old.pt", "--autoguidance", 2,
-                   "--n", 4, "--out", tmp_path / "x.png")
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
-    assert "--autoguidance needs a guide; this run keeps none" in r.stderr and not (tmp_path / "x.png").exists()
+    for flags, message in ((["--class", "red"], "trained without classes"),
+                           (["--autoguidance", "2"], "--autoguidance needs a guide; this run keeps none")):
+        code, out, err = run_script_main("diffusion.py", ["sample", "--checkpoint", str(tmp_path / "old.pt"), *flags,
+                                                          "--out", str(tmp_path / "x.png")], monkeypatch, capsys)
+        assert_one_clean_line(code, out, err, message)
+        assert not (tmp_path / "x.png").exists()
     r = run_script("diffusion.py", "sample", "--checkpoint", ckpt, "--autoguidance", 2, "--n", 4, "--out", tmp_path / "g.png")
     assert r.returncode == 0 and (tmp_path / "g.png").exists(), r.stderr
 
@@ -2359,25 +2025,22 @@ def test_diffusion_checkpoint_without_a_guide_samples_at_w_one_and_refuses_other
 # =============================================================================
 
 
-def test_compare_bench_prints_its_figures_for_the_models_named():
+def test_compare_bench_prints_and_tabulates_its_figures_for_the_models_named(capsys):
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY["diffusion"].items() if k != "lr"]  # no optimizer flags
-    r = run_script("compare.py", "bench", "--models", "diffusion", "--repeats", "1", "--n", "2", *flags)
-    assert r.returncode == 0, r.stderr[-2000:]
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:  # bench sets deterministic algorithms, as training does; this process goes on testing
+        compare.main(["bench", "--models", "diffusion", "--repeats", "1", "--n", "2", *flags])
+        printed = capsys.readouterr().out
+        figures = compare.bench_command(TinyStrategy, TinyConfig, ["--repeats", "1", "--n", "2", "--batch-size", "8"])
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
     for words in ("parameters:", "FLOPs", "matmul peak fp32:", "matmul peak bf16:", "fp32: training",
                   "fp32: sampling 2 sprites", "bf16 autocast (--amp): training", "of fp32 matmul peak",
                   "bf16 autocast vs fp32", "fp32 training step, where the time goes",
                   "fp32 sampling 2 sprites, where the time goes", "= 5 model calls",  # DDIM, --steps 5: one U-Net call a step
                   "=== diffusion ===", "\n| diffusion | "):
-        assert words in r.stdout, (words, r.stdout)
-    assert "=== vae ===" not in r.stdout and "| vae |" not in r.stdout
-
-
-def test_compare_bench_tabulates_what_each_bench_run_returns(capsys):
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    try:  # bench_command sets deterministic algorithms, as training does; this process goes on testing
-        figures = compare.bench_command(TinyStrategy, TinyConfig, ["--repeats", "1", "--n", "2", "--batch-size", "8"])
-    finally:
-        torch.use_deterministic_algorithms(deterministic)
+        assert words in printed, (words, printed)
+    assert "=== vae ===" not in printed and "| vae |" not in printed
     printed = capsys.readouterr().out
     assert figures["params"] == sum(p.numel() for p in TinyStrategy(TinyConfig(), torch.rand(8, 3)).build_model(
         TinyConfig()).parameters())
@@ -2392,7 +2055,6 @@ def test_compare_bench_tabulates_what_each_bench_run_returns(capsys):
 
 
 def test_compare_amp_samples_in_fp32_on_a_cpu_without_bf16(monkeypatch, capsys):
-    import compare
     monkeypatch.setattr(common, "native_bf16", lambda device: (False, "mocked CPU flags"))
     seen = {}
     monkeypatch.setattr(compare, "compare", lambda configs, *args, **kw: seen.update(amp=args[6]))
@@ -2416,18 +2078,15 @@ def test_compare_plot_draws_time_to_quality_curves_and_the_schedules(tmp_path):
 
 
 def test_compare_writes_figure_and_table_and_reloads_the_same_samples(dataset, tmp_path):
-    configs = {name: config_cls(**{**TINY[name], "epochs": 1, "data": str(dataset), "device": "cpu",
-                                   "mlflow": False, "out": str(tmp_path / "runs" / name), "n_eval": 8,
-                                   "sample_every": 0, "eval_every_minutes": 1e-9,  # a curve point after every step
-                                   **({"prior_epochs": 1} if name == "vqvae" else {})})
-               for name, (_, config_cls) in compare.MODELS.items()}
+    configs = {name: tiny_config(name, dataset, epochs=1, out=str(tmp_path / "runs" / name), n_eval=8, sample_every=0,
+                                 eval_every_minutes=1e-9, **({"prior_epochs": 1} if name == "vqvae" else {}))
+               for name in compare.MODELS}  # eval_every_minutes 1e-9: a curve point after every step
     kw = dict(n_show=4, n_eval=8, device="cpu", use_mlflow=False)
     fig, md = compare.compare(configs, str(dataset), tmp_path / "runs", **kw)
     for row in ("| VAE |", "| VQ-VAE (prior) |", "| diffusion |", "| VQ-VAE (random codes) |",
                 "| real (validation, n="):
         assert row in md, row
     assert (tmp_path / "runs" / "comparison.md").read_text() == md
-    # The equal-compute view: both charts, and each family's end in the equal-budget block, the best in bold.
     for chart in ("time_to_quality.png", "compute_to_quality.png"):
         assert Image.open(tmp_path / "runs" / chart).size == (900, 640)
     block = md[md.index("#### At equal training budgets"):]
@@ -2437,7 +2096,6 @@ def test_compare_writes_figure_and_table_and_reloads_the_same_samples(dataset, t
         assert p.get("final") and f"| end | {family} | {p['minutes']:.1f} (end) | {p['tflop']:.3g} |" in block
     best = max(p["sample/precision"] for p in ends.values())
     assert f"**{best:.3f}**" in block.split("| end |", 1)[1]
-    # Loading the finished runs instead of training: the same sprites under the same seed.
     fig2, _ = compare.compare(configs, str(dataset), tmp_path / "again", checkpoints=tmp_path / "runs", **kw)
     assert Image.open(fig).tobytes() == Image.open(fig2).tobytes()
     with pytest.raises(common.UserError, match="no vae run"):
@@ -2471,31 +2129,22 @@ def test_compare_fourth_model_from_tutorial_00(dataset, tmp_path):
     assert "=== training toy ===" in r.stdout and "epoch 2/2" in r.stdout  # its --quick budget
     md = (tmp_path / "cmp" / "comparison.md").read_text()
     assert "SMOKE RUN" in md and "| toy autoencoder |" in md and "| VAE |" not in md
-    assert (tmp_path / "cmp" / "toy" / "checkpoints" / "last.pt").exists()
+    assert (last_pt(tmp_path / "cmp" / "toy")).exists()
     assert (tmp_path / "cmp" / "time_to_quality.png").exists() and "| end | toy autoencoder |" in md  # --quick draws the curves
     help_ = run_script("compare.py", "--help", cwd=tmp_path)
     assert "--epochs-toy" in help_.stdout and "toy epochs (default: 100)" in " ".join(help_.stdout.split())
 
 
-def test_compare_registry_names_each_model_after_its_file():
-    # `python <name>.py` is how messages tell the user to resume or sample a <name> checkpoint.
-    for name, (cls, config_cls) in compare.MODELS.items():
-        assert issubclass(cls, common.Strategy) and cls.__module__ == name, (name, cls)
-        assert issubclass(config_cls, common.TrainConfig) and (ROOT / f"{name}.py").exists()
-
-
 def test_compare_takes_the_newest_run_of_the_model_scripts_layout(vae_run, tmp_path, capsys):
-    import compare
-
     runs = vae_run.parent.parent  # runs/vae/20260101-000000 -> runs
-    older = runs / "vae" / "20251231-000000" / "checkpoints" / "last.pt"
+    older = last_pt(runs / "vae" / "20251231-000000")
     older.parent.mkdir(parents=True)
     older.write_bytes(b"an older run")
     os.utime(older, (1, 1))
     path = compare.checkpoint_of("vae", {}, tmp_path, runs)  # loads it and checks it finished
-    assert path == vae_run / "checkpoints" / "last.pt"
+    assert path == last_pt(vae_run)
     assert "the newest of 2 run(s)" in capsys.readouterr().out
-    flat = tmp_path / "flat" / "vae" / "checkpoints" / "last.pt"  # what compare.py --out writes wins
+    flat = last_pt(tmp_path / "flat" / "vae")  # what compare.py --out writes wins
     flat.parent.mkdir(parents=True)
     flat.write_bytes(b"x")
     assert compare.run_checkpoint(tmp_path / "flat", "vae") == flat
@@ -2504,7 +2153,6 @@ def test_compare_takes_the_newest_run_of_the_model_scripts_layout(vae_run, tmp_p
 
 
 def test_compare_report_rewrites_a_stale_table_and_refuses_a_missing_run(tmp_path):
-    import compare
     run = tmp_path / "docs" / "results" / "demo"
     run.mkdir(parents=True)
     (run / "metrics.json").write_text(json.dumps({"val/kl": 12.5, "epochs": 3, "train_seconds": 75.0}))
@@ -2530,34 +2178,32 @@ def test_compare_report_rewrites_a_stale_table_and_refuses_a_missing_run(tmp_pat
         compare.run_results(run)
 
 
-def test_compare_guidance_sweeps_a_conditional_vq_prior_and_refuses_an_unconditional_checkpoint(dataset, tmp_path):
+def test_compare_guidance_sweeps_a_conditional_vq_prior_and_refuses_an_unconditional_checkpoint(dataset, vae_run,
+                                                                                                  tmp_path):
     """`python compare.py guidance` is one sweep for every model with --condition: here the VQ-VAE's prior."""
     run = common.train(vqvae.VQVAEStrategy, tiny_config("vqvae", dataset, tmp_path / "vq", condition="colour",
                                                         epochs=1, prior_epochs=1))
-    compare.guidance_command(["--checkpoint", str(run / "checkpoints" / "last.pt"), "--w", "0,3", "--n", "14",
+    compare.guidance_command(["--checkpoint", str(last_pt(run)), "--w", "0,3", "--n", "14",
                               "--grid-class", "red", "--out", str(tmp_path / "sweep")])
     m = json.loads((tmp_path / "sweep" / "w3" / "metrics.json").read_text())
     assert 0 <= m["sample/class_accuracy"] <= 1 and m["guidance"] == 3 and m["n"] == 14
     assert "compare.py guidance" in (tmp_path / "sweep" / "w3" / "command.txt").read_text()
     assert "checkpoint: vqvae, --condition colour" in (tmp_path / "sweep" / "w0" / "command.txt").read_text()
-    plain = common.train(vqvae.VQVAEStrategy, tiny_config("vqvae", dataset, tmp_path / "plain", epochs=1, prior_epochs=1))
     with pytest.raises(common.UserError, match="trained without classes"):
-        compare.guidance_command(["--checkpoint", str(plain / "checkpoints" / "last.pt"), "--out", str(tmp_path / "x")])
+        compare.guidance_command(["--checkpoint", str(last_pt(vae_run)), "--out", str(tmp_path / "x")])
 
 
-def test_compare_conditional_trains_scores_and_tabulates_class_accuracy(dataset, tmp_path):
-    import compare
-
+def test_compare_conditional_trains_scores_and_tabulates_class_accuracy(dataset, sprites, tmp_path):
     configs = {"diffusion": tiny_config("diffusion", epochs=1, data=str(dataset), sample_every=0, n_eval=8)}
     ckpts = compare.conditional_checkpoints(configs, tmp_path, None, "colour")
-    assert list(ckpts) == ["diffusion"] and ckpts["diffusion"] == tmp_path / "diffusion-colour" / "checkpoints" / "last.pt"
+    assert list(ckpts) == ["diffusion"] and ckpts["diffusion"] == last_pt(tmp_path / "diffusion-colour")
     assert compare.conditional_checkpoints(configs, tmp_path / "x", tmp_path, "colour") == ckpts  # --checkpoints: loaded
     with pytest.raises(common.UserError, match="no .*diffusion-cluster"):
         compare.conditional_checkpoints(configs, tmp_path / "x", tmp_path, "cluster")
-    data = common.load_sprites(dataset, torch.device("cpu"))
-    r = compare.evaluate("diffusion", {"guidance": 3.0}, ckpts["diffusion"], data, 4, 8, 0, torch.device("cpu"), False)
+    r = compare.evaluate("diffusion", {"guidance": 3.0}, ckpts["diffusion"], sprites, 4, 8, 0, torch.device("cpu"), False)
     assert 0 <= r["class_accuracy"] <= 1 and r.pop("show").shape == (4, 3, 16, 16)
-    md = compare.table([("diffusion | colour, w=3", r), ("real", common.sprite_metrics(data.val, data.train, data.palette))])
+    real = common.sprite_metrics(sprites.val, sprites.train, sprites.palette)
+    md = compare.table([("diffusion | colour, w=3", r), ("real", real)])
     assert "| class_accuracy |" in md and md.rstrip().endswith("| - |")  # the real row has no class accuracy
 
 
@@ -2567,8 +2213,6 @@ def test_compare_conditional_trains_scores_and_tabulates_class_accuracy(dataset,
 
 
 REAL_SHEET_SHA256 = "801243b8b35bcfde727bd52447bcae5c2abf36b0ae2f3ac7ee54f91791575e74"
-
-
 # A 4 x 3 synthetic sheet: tile i draws its first COUNTS[i] pixels (reading order)
 # in one colour. 38/256 and 129/256 lie just outside the 0.15..0.50 bounds,
 # 39/256 and 128/256 (= 0.50 exactly) just inside.
@@ -2615,27 +2259,22 @@ def quiet(*args):
     pass
 
 
-def test_download_slice_tiles_count_and_row_major_order():
+def test_download_slices_tiles_in_row_major_order_filters_density_inclusively_splits_by_tile_and_composites_on_black():
     rgba = make_sheet_rgba()
     tiles, index = download.slice_tiles(rgba)
     assert tiles.shape == (12, 16, 16, 4) and tiles.dtype == np.uint8
     assert index.tolist() == list(range(12))
     assert np.array_equal(tiles[6], rgba[16:32, 32:48])      # row 1, column 2
-    assert (download.foreground(tiles).sum(axis=(1, 2)) == [0 if i == 6 else c for i, c in
-                                                            enumerate(COUNTS)]).all()
-
-
-def test_download_density_filter_bounds_are_inclusive_and_empty_tiles_dropped():
-    arrays, non_empty = download.build_dataset(make_sheet_rgba())
+    assert (download.foreground(tiles).sum(axis=(1, 2)) == [0 if i == 6 else c for i, c in enumerate(COUNTS)]).all()
+    arrays, non_empty = download.build_dataset(rgba)
     assert non_empty == len(NON_EMPTY) == 10   # tile 6, at alpha 127 throughout, is empty
     assert arrays["tile_index"].tolist() == KEPT
     assert arrays["density"].tolist() == pytest.approx([39 / 256, 0.5, 0.25, 100 / 256, 50 / 256])
     everything, _ = download.build_dataset(make_sheet_rgba(), keep_all=True)
     assert everything["tile_index"].tolist() == [1, 2, 3, 4, 5, 7, 8, 9, 10, 11]
-
-
-def test_download_composite_colours_on_black_and_mono_variant():
-    arrays, _ = download.build_dataset(make_sheet_rgba())
+    assert download.is_validation(np.arange(25)).tolist() == [i % 10 == 0 for i in range(25)]
+    split = dict(zip(everything["tile_index"].tolist(), everything["is_val"].tolist()))
+    assert all(split[i] == v for i, v in zip(arrays["tile_index"].tolist(), arrays["is_val"].tolist()))
     images = arrays["images"]
     assert images.shape == (5, 16, 16, 3) and images.dtype == np.uint8
     first = images[0].reshape(256, 3)                      # tile 2: 39 pixels
@@ -2643,14 +2282,6 @@ def test_download_composite_colours_on_black_and_mono_variant():
     mono, _ = download.build_dataset(make_sheet_rgba(), variant="mono")
     assert {tuple(c) for c in mono["images"].reshape(-1, 3)} == {(0, 0, 0), (255, 255, 255)}
     assert (mono["images"].any(axis=3) == images.any(axis=3)).all()
-
-
-def test_download_split_depends_only_on_tile_index():
-    assert download.is_validation(np.arange(25)).tolist() == [i % 10 == 0 for i in range(25)]
-    few, _ = download.build_dataset(make_sheet_rgba())
-    every, _ = download.build_dataset(make_sheet_rgba(), keep_all=True)
-    split = dict(zip(every["tile_index"].tolist(), every["is_val"].tolist()))
-    assert all(split[i] == v for i, v in zip(few["tile_index"].tolist(), few["is_val"].tolist()))
 
 
 def test_download_sheet_found_in_zip_by_file_name(tmp_path, pack_zip, sheet_png):
@@ -2666,66 +2297,59 @@ def test_download_sheet_found_in_zip_by_file_name(tmp_path, pack_zip, sheet_png)
         == sheet_png
     assert any(hashlib.sha256(pack_zip).hexdigest() in line for line in lines)
     with np.load(path) as data:
-        assert set(data.files) == {"images", "tile_index", "is_val", "density",
-                                   "source_sha256", "variant", "version"}
+        assert set(data.files) == {"images", "tile_index", "is_val", "density", "source_sha256", "variant", "version"}
         assert str(data["source_sha256"]) == hashlib.sha256(sheet_png).hexdigest()
         assert str(data["variant"]) == "colored" and int(data["version"]) == 1
         assert data["tile_index"].dtype == np.int32 and data["is_val"].dtype == bool
         assert data["density"].dtype == np.float32
         assert data["tile_index"].tolist() == KEPT
-    assert sorted(p.name for p in path.parent.iterdir()) == ["sprites-colored.npz",
-                                                             "sprites-colored.png"]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["sprites-colored.npz", "sprites-colored.png"]
     with Image.open(path.with_suffix(".png")) as preview:
         assert preview.size == ((5 * 17 + 1) * 2, (17 + 1) * 2)
 
 
 @pytest.mark.parametrize("content, words", [
+    (None, "does not exist"),
     (make_zip({"Tilesheet/monochrome-transparent_packed.png": b"x"}),
      "does not contain colored-transparent_packed.png; is it the 1-Bit Pack?"),
     (b"PK\x03\x04 this zip was cut short", "not a readable zip"),
     (b"hello, I am text", "is not an image"),
     (png_bytes(np.zeros((20, 32, 4), np.uint8)), "is 32x20 pixels, not a grid of 16x16 tiles"),
     (png_bytes(np.full((32, 32, 4), 255, np.uint8)), "has no transparent pixels"),
-])
+], ids=["missing", "no-sheet", "cut-zip", "text", "not-16x16", "opaque"])
 def test_download_bad_sources_raise_data_error(tmp_path, content, words):
     source = tmp_path / "input.bin"
-    source.write_bytes(content)
+    if content is not None:
+        source.write_bytes(content)
     with pytest.raises(download.DataError, match=words):
         download.prepare(source, out=tmp_path / "out", log=quiet)
     assert not (tmp_path / "out" / "sprites-colored.npz").exists()
 
 
-def test_download_missing_file_raises_data_error(tmp_path):
-    with pytest.raises(download.DataError, match="does not exist"):
-        download.prepare(tmp_path / "nope.zip", out=tmp_path, log=quiet)
-
-
-def test_download_refuses_a_wrong_checksum(tmp_path, monkeypatch, pack_zip):
-    monkeypatch.setattr(download, "fetch_url", lambda url, timeout=30: pack_zip)
+@pytest.mark.parametrize("is_offline, words", [
+    (False, ["sha256", download.PACK_PAGE]),
+    (True, ["no route to kenney.nl", "https://kenney.nl/assets/1-bit-pack", "--from", f"{download.SHEET_NAME}, works too",
+            ". .venv/bin/activate", "python vae.py --epochs 200"]),
+], ids=["wrong-checksum", "offline"])
+def test_download_refuses_a_wrong_checksum_and_explains_the_offline_fallback(tmp_path, monkeypatch, pack_zip,
+                                                                            is_offline, words):
+    """Either way the one-line message says where to get the pack by hand and how to pass it;
+    offline, also (issue 16) that the PNG sheet works too and what to run next. Nothing is written."""
+    def fetch(url, timeout=30):
+        if is_offline:
+            raise urllib.error.URLError("no route to kenney.nl")
+        return pack_zip
+    monkeypatch.setattr(download, "fetch_url", fetch)
     with pytest.raises(download.DataError) as error:
         download.prepare(out=tmp_path, log=quiet)
     message = str(error.value)
-    assert "sha256" in message and download.PACK_PAGE in message
-    assert "python download.py --from PATH/TO/kenney_1-bit-pack.zip" in message
+    assert "\n" not in message and "python download.py --from PATH/TO/kenney_1-bit-pack.zip" in message
+    assert all(w in message for w in words), message
     assert list(tmp_path.iterdir()) == []
 
 
-def test_download_offline_explains_the_fallback(tmp_path, monkeypatch):
-    def offline(url, timeout=30):
-        raise urllib.error.URLError("no route to kenney.nl")
-    monkeypatch.setattr(download, "fetch_url", offline)
-    with pytest.raises(download.DataError) as error:
-        download.prepare(out=tmp_path, log=quiet)
-    message = str(error.value)
-    assert "no route to kenney.nl" in message and "\n" not in message
-    assert "https://kenney.nl/assets/1-bit-pack" in message and "--from" in message
-    # ... that the PNG sheet works too, and what to run next (issue 16)
-    assert "python download.py --from PATH/TO/kenney_1-bit-pack.zip" in message
-    assert f"{download.SHEET_NAME}, works too" in message
-    assert ". .venv/bin/activate" in message and "python vae.py --epochs 200" in message
-
-
-def test_download_with_matching_checksum_builds_once(tmp_path, monkeypatch, pack_zip):
+def test_download_with_matching_checksum_builds_once_and_a_second_run_is_up_to_date_and_rewrites_nothing(
+        tmp_path, monkeypatch, pack_zip, sheet_file):
     calls = []
     monkeypatch.setattr(download, "PACK_SHA256", hashlib.sha256(pack_zip).hexdigest())
     monkeypatch.setattr(download, "fetch_url", lambda url, timeout=30: calls.append(url) or pack_zip)
@@ -2734,6 +2358,18 @@ def test_download_with_matching_checksum_builds_once(tmp_path, monkeypatch, pack
     lines = []
     assert download.prepare(out=tmp_path, keep_all=True, variant="mono", log=lines.append) == path
     assert calls == [download.PACK_URL] and "already exists" in lines[0]
+    path = download.prepare(sheet_file, out=tmp_path / "sheet", log=quiet)
+    stamp = path.stat().st_mtime_ns
+    lines = []
+    download.prepare(sheet_file, out=tmp_path / "sheet", log=lines.append)
+    assert len(lines) == 1 and "up to date" in lines[0]
+    assert path.stat().st_mtime_ns == stamp
+    other = make_sheet_rgba()  # a different sheet under the same name is not "up to date"
+    other[:16, :16, 3] = 255                       # tile 0 becomes full
+    sheet_file.write_bytes(png_bytes(other))
+    lines = []
+    download.prepare(sheet_file, out=tmp_path / "sheet", log=lines.append)
+    assert not any("up to date" in line for line in lines)
 
 
 def test_download_failed_write_leaves_no_partial_files(tmp_path, monkeypatch, sheet_file):
@@ -2754,34 +2390,15 @@ def test_download_failed_write_leaves_no_partial_files(tmp_path, monkeypatch, sh
     assert list((tmp_path / "fresh").glob("*.npz")) == []
 
 
-def test_download_second_run_is_up_to_date_and_rewrites_nothing(tmp_path, sheet_file):
-    path = download.prepare(sheet_file, out=tmp_path, log=quiet)
-    stamp = path.stat().st_mtime_ns
-    lines = []
-    download.prepare(sheet_file, out=tmp_path, log=lines.append)
-    assert len(lines) == 1 and "up to date" in lines[0]
-    assert path.stat().st_mtime_ns == stamp
-    # A different sheet under the same name is not "up to date".
-    other = make_sheet_rgba()
-    other[:16, :16, 3] = 255                       # tile 0 becomes full
-    sheet_file.write_bytes(png_bytes(other))
-    lines = []
-    download.prepare(sheet_file, out=tmp_path, log=lines.append)
-    assert not any("up to date" in line for line in lines)
-
-
 def test_download_cli_prints_summary_and_fails_cleanly(tmp_path, sheet_file):
     done = run_script("download.py", "--from", sheet_file, "--out", tmp_path)
     assert done.returncode == 0, done.stderr
     assert "4x3 = 12 tiles, 10 non-empty" in done.stdout
     assert "kept: 5 colored sprites" in done.stdout and "palette (4 colours)" in done.stdout
     assert "split: 4 train, 1 validation" in done.stdout
-    bad = tmp_path / "notes.txt"
-    bad.write_text("not a sheet")
-    failed = run_script("download.py", "--from", bad, "--out", tmp_path)
-    assert failed.returncode == 2
-    assert failed.stderr.startswith("error: ") and failed.stderr.count("\n") == 1
-    assert "Traceback" not in failed.stderr
+    (tmp_path / "notes.txt").write_text("not a sheet")
+    failed = run_script("download.py", "--from", tmp_path / "notes.txt", "--out", tmp_path)
+    assert_one_clean_line(failed.returncode, failed.stdout, failed.stderr, "is not an image")
 
 
 @needs_real_sheet
@@ -2809,8 +2426,8 @@ def test_download_zip_member_is_read_in_bounded_chunks(monkeypatch):
     monkeypatch.setattr(download, "MAX_MEMBER_BYTES", 4096)
     with pytest.raises(download.DataError, match="inflates to more than"):
         download.sheet_from_zip(data)
-    # A header that under-states the size: still refused, by counting what is read.
-    class Archive:  # yields more bytes than its header says (Python's zipfile would stop at the header's size)
+
+    class Archive:  # a header that under-states the size (Python's zipfile would stop at the header's size)
         def open(self, info):
             return io.BytesIO(b"\1" * 5000)
     info = zipfile.ZipInfo(download.SHEET_NAME)
@@ -2820,31 +2437,8 @@ def test_download_zip_member_is_read_in_bounded_chunks(monkeypatch):
 
 
 # =============================================================================
-# Docs: README.md and docs/ (links, commands, derivations, generated tables)
+# Docs: README.md and docs/ (commands, links, file:line links, word budgets, derivations, generated tables)
 # =============================================================================
-
-
-# -----------------------------------------------------------------------------
-# Docs: every relative link and image in README.md and docs/ resolves
-# -----------------------------------------------------------------------------
-
-
-def test_docs_relative_links_and_images_resolve():
-    pages = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
-    broken = []
-    for page in pages:
-        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)  # links inside code blocks are examples
-        for target in re.findall(r"\]\(([^)\s]+)\)", text) + re.findall(r'<img[^>]+src="([^"]+)"', text):
-            if re.match(r"[a-z]+:", target) or target.startswith("#"):
-                continue  # a web address or an anchor on the same page
-            if not (page.parent / target.split("#")[0]).exists():
-                broken.append(f"{page.relative_to(ROOT)} -> {target}")
-    assert not broken, broken
-
-
-# -----------------------------------------------------------------------------
-# Docs: every command in README.md and docs/learn runs as written
-# -----------------------------------------------------------------------------
 
 
 PLACEHOLDER = re.compile(r"<[\w .-]+>")  # <run>, <file>: a value the reader fills in, as the text says
@@ -2858,20 +2452,12 @@ class _ParserBuilt(BaseException):
         self.parser = parser
 
 
-def script_entry(script: str):
-    """The function `python <script> ARGS` calls with ARGS."""
-    if script == "test_contracts.py":
-        return lambda argv: common.main(TinyStrategy, TinyConfig, argv)
-    return importlib.import_module(script[:-3]).main
-
-
 _DOC_PARSERS: dict = {}
 
 
 def parser_of(script: str, sub: str | None, pre: tuple = ()):
     """The ArgumentParser that `python <script> [sub] [pre]` builds (None if it builds none);
     `pre`: words that choose the parser, e.g. compare.py bench's `--models diffusion`."""
-    import argparse
     if (script, sub, pre) not in _DOC_PARSERS:
         def built(self, args=None, namespace=None):
             raise _ParserBuilt(self)
@@ -2891,7 +2477,6 @@ def doc_command_problems(page: Path) -> list[str]:
     """Static checks of one page's commands: the script and every flag exist, the
     parser accepts the line, and every file a command reads is written by an earlier
     command on the same page (its --out), is the default dataset, or is a <placeholder>."""
-    import contextlib
     problems, produced = [], {str(Path(common.TrainConfig.data))}
     for no, argv in doc_commands(page):
         where = f"{page.name}:{no}: `python {' '.join(argv)}`"
@@ -2946,14 +2531,11 @@ def doc_command_problems(page: Path) -> list[str]:
     return problems
 
 
-def test_docs_commands_name_real_flags_and_files_an_earlier_command_writes():
+def test_docs_commands_name_real_flags_and_files_an_earlier_command_writes_and_the_check_catches_a_bad_page(tmp_path):
     commands = {page.name: doc_commands(page) for page in DOC_PAGES}
     assert sum(map(len, commands.values())) > 20, commands  # the extraction finds the pages' commands
     problems = [p for page in DOC_PAGES for p in doc_command_problems(page)]
     assert not problems, "\n".join(problems)
-
-
-def test_docs_checks_catch_a_sample_line_without_its_training_run(tmp_path):
     page = tmp_path / "page.md"
     page.write_text("```bash\npython vae.py --epochs 200\n"
                     "python vae.py sample --checkpoint runs/vae-ce/checkpoints/last.pt --n 8\n"
@@ -2983,12 +2565,26 @@ def test_docs_download_commands_run_on_the_shared_sheet(tmp_path):
     assert ran >= 2
 
 
-# -----------------------------------------------------------------------------
-# Docs: the DDPM derivation of tutorial 04, on the code's own schedule
-# -----------------------------------------------------------------------------
+WORD_BUDGETS = {"04-diffusion.md": 5000}  # every other tutorial: 4,000 words, about 20 minutes of reading
 
 
-def test_docs_ddpm_derivation_in_tutorial_04_holds_on_the_schedule():
+def test_docs_relative_links_and_images_resolve_and_the_tutorials_keep_their_word_budgets():
+    broken = []
+    for page in ALL_PAGES:
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)  # links inside code blocks are examples
+        for target in re.findall(r"\]\(([^)\s]+)\)", text) + re.findall(r'<img[^>]+src="([^"]+)"', text):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue  # a web address or an anchor on the same page
+            if not (page.parent / target.split("#")[0]).exists():
+                broken.append(f"{page.relative_to(ROOT)} -> {target}")
+    assert not broken, broken
+    counts = {p.name: len(p.read_text().split()) for p in sorted((ROOT / "docs" / "learn").glob("*.md"))}  # as wc -w
+    assert len(counts) >= 7, counts
+    over = {name: n for name, n in counts.items() if n > WORD_BUDGETS.get(name, 4000)}
+    assert not over, f"tutorials over their word budget (move experiment logs to a docs/results/*/README.md): {over}"
+
+
+def test_docs_ddpm_derivation_in_tutorial_04_holds_on_the_schedule_and_its_quoted_code_is_in_diffusion_py():
     # The code stores its schedule in float32; redo the products in float64 from its beta_t
     # (the code's alpha_bar agrees with them to float32 precision), so that 1 - alpha_bar near
     # t = 1 keeps its digits.
@@ -3020,21 +2616,12 @@ def test_docs_ddpm_derivation_in_tutorial_04_holds_on_the_schedule():
     ddim_mean = ab_next.sqrt() * x0 + (1 - ab_next - sigma ** 2).clamp(min=0).sqrt() * eps
     assert torch.allclose(ddim_mean, mu_tilde, rtol=1e-3, atol=1e-5)
     assert (beta > beta_tilde).all()  # sample_ddpm's sigma_t^2 = beta_t is the larger choice
-
-
-def test_docs_code_lines_quoted_in_tutorial_04_are_in_diffusion_py():
     code = {line.split("  #")[0].strip() for line in (ROOT / "diffusion.py").read_text().splitlines()}
-    quoted = [line.split("  #")[0].strip() for block in
-              re.findall(r"```python\n(.*?)```", (ROOT / "docs/learn/04-diffusion.md").read_text(), flags=re.S)
+    quoted = [line.split("  #")[0].strip() for block in fenced_python(ROOT / "docs/learn/04-diffusion.md")
               for line in block.splitlines() if line.strip()]
     assert len(quoted) >= 10
     missing = [line for line in quoted if line not in code]
     assert not missing, f"tutorial 04 quotes lines diffusion.py no longer has: {missing}"
-
-
-# -----------------------------------------------------------------------------
-# Docs: file:line links name the line they point at; the tutorials keep their word budgets
-# -----------------------------------------------------------------------------
 
 
 CODE_LINK = re.compile(r"\[([^\]]*)\]\(((?:\.\./)*)(\w+\.py)#L(\d+)\)")
@@ -3072,15 +2659,11 @@ def code_link_problems(page: Path) -> list[str]:
     return problems
 
 
-def test_docs_file_line_links_point_at_the_symbol_they_name():
-    pages = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
-    links = sum(len(CODE_LINK.findall(p.read_text())) for p in pages)
+def test_docs_file_line_links_point_at_the_symbol_they_name_and_the_check_reports_the_right_line(tmp_path):
+    links = sum(len(CODE_LINK.findall(p.read_text())) for p in ALL_PAGES)
     assert links >= 10, links  # the tutorials link the code that implements their ideas
-    problems = [p for page in pages for p in code_link_problems(page)]
+    problems = [p for page in ALL_PAGES for p in code_link_problems(page)]
     assert not problems, "\n".join(problems)
-
-
-def test_docs_file_line_link_check_reports_the_right_line(tmp_path):
     page = tmp_path / "page.md"
     right = symbol_line((ROOT / "diffusion.py").read_text().splitlines(), "q_sample")
     page.write_text(f"[diffusion.py `q_sample`](../../diffusion.py#L{right}) and "
@@ -3089,25 +2672,8 @@ def test_docs_file_line_link_check_reports_the_right_line(tmp_path):
     assert problems == [f"page.md: diffusion.py#L{right + 3} should point at `q_sample`, which is at #L{right}"]
 
 
-WORD_BUDGETS = {"04-diffusion.md": 5000}  # every other tutorial: 4,000 words, about 20 minutes of reading
-
-
-def test_docs_tutorials_keep_their_word_budgets():
-    counts = {p.name: len(p.read_text().split()) for p in sorted((ROOT / "docs" / "learn").glob("*.md"))}  # as wc -w
-    assert len(counts) >= 7, counts
-    over = {name: n for name, n in counts.items() if n > WORD_BUDGETS.get(name, 4000)}
-    assert not over, f"tutorials over their word budget (move experiment logs to a docs/results/*/README.md): {over}"
-
-
-# -----------------------------------------------------------------------------
-# Docs: results tables are generated from the committed run files
-# -----------------------------------------------------------------------------
-
-
 def test_docs_results_tables_equal_what_compare_report_generates():
-    import compare
-    pages = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
-    assert any("<!-- results:" in p.read_text() for p in pages), "no generated results table in the docs"
+    assert any("<!-- results:" in p.read_text() for p in ALL_PAGES), "no generated results table in the docs"
     assert compare.report(ROOT, write=False) == [], "run `python compare.py report` and commit the result"
     results = ROOT / "docs" / "results"
     for metrics in sorted(results.rglob("metrics.json")):  # every run quoted has its command
