@@ -1692,8 +1692,8 @@ def test_diffusion_unet_width_and_depth_flags_and_the_reference_model():
 
 def test_diffusion_tiny_unet_with_10_timesteps_learns_and_every_sampler_stays_in_range_and_is_seeded(sprites):
     """Zero-initialised output: eps_theta = 0 (or v = 0) at first, so the loss starts at
-    E[eps^2] = 1 (or E[v^2] = 1) per pixel."""
-    strategy, model = tiny_model("diffusion", sprites.palette)
+    E[eps^2] = 1 (or E[v^2] = 1) per pixel under L_simple (--loss-weight none)."""
+    strategy, model = tiny_model("diffusion", sprites.palette, loss_weight="none")
     batch = sprites.train[:32]
     before, after = loss_before_after(strategy, model, batch, steps=30, lr=strategy.config.lr,
                                       measure=lambda: strategy.get_metrics(model, batch)["loss"])
@@ -1766,13 +1766,13 @@ def test_diffusion_class_weight_balanced_weights_each_labelled_sprite_by_its_cla
     """--class-weight balanced: w_y = N / (K n_y), mean 1 over the training sprites; a dropped
     (null) label keeps weight 1; validation loss is the plain mean. Labels drop at the rate --p-uncond."""
     strategy, model = tiny_model("diffusion", sprites.palette, dataset, condition="colour",
-                                 class_weight="balanced", p_uncond=0.5)
+                                 class_weight="balanced", p_uncond=0.5, loss_weight="none")
     y = strategy.class_labels(sprites.train)
     n_y = torch.bincount(y, minlength=strategy.labeller.n_classes).float()
     assert torch.allclose(strategy.class_weights, len(y) / (len(n_y) * n_y))
     assert strategy.class_weights[y].mean().item() == pytest.approx(1.0, abs=1e-5)
     batch = sprites.train[:16]
-    plain, _ = tiny_model("diffusion", sprites.palette, dataset, condition="colour", p_uncond=0.5)
+    plain, _ = tiny_model("diffusion", sprites.palette, dataset, condition="colour", p_uncond=0.5, loss_weight="none")
     torch.manual_seed(3)
     weighted = strategy.loss(model, batch)
     torch.manual_seed(3)  # the same t, eps and dropout draws, redone by hand
@@ -1891,7 +1891,8 @@ def test_diffusion_conditional_run_resumes_exactly_scores_class_accuracy_and_sam
 
 
 def test_diffusion_autoguidance_w_one_is_exactly_the_main_model_and_w_combines_main_and_guide(sprites, dataset):
-    strategy, model = tiny_model("diffusion", sprites.palette, dataset, prediction="v")
+    strategy, model = tiny_model("diffusion", sprites.palette, dataset, prediction="v", autoguidance=1.0,
+                                 guide_interval="0,1")
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # weights that are not zero (the zero-initialised convs would make both nets alike)
         for p in model.parameters():
@@ -1928,7 +1929,7 @@ class TimedUNet(CountingUNet):
 
 
 def test_diffusion_guide_interval_calls_the_guide_only_at_the_levels_inside_it(sprites, dataset):
-    strategy, model = tiny_model("diffusion", sprites.palette, dataset)
+    strategy, model = tiny_model("diffusion", sprites.palette, dataset, autoguidance=1.0)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
@@ -1967,7 +1968,7 @@ def test_diffusion_guide_snapshot_is_the_ema_at_guide_at_kept_in_the_checkpoint_
     guide = done["extra"]["guide"]
     assert set(guide) == set(done["model"]) and not all(torch.equal(guide[n], done["model"][n]) for n in guide)
     off = common.load_checkpoint(common.train(diffusion.DiffusionStrategy, tiny_config(
-        "diffusion", **{**kw, "guide_at": 0.0}, out=str(tmp_path / "off"))) / "checkpoints" / "last.pt")
+        "diffusion", **{**kw, "guide_at": 0.0, "autoguidance": 1.0}, out=str(tmp_path / "off"))) / "checkpoints" / "last.pt")
     losses = lambda state: [(h["train/loss"], h["val/loss"]) for h in state["history"]]
     assert off["extra"] == {} and losses(off) == losses(done)  # the snapshot leaves training as it was
     assert all(torch.equal(off["model"][n], done["model"][n]) for n in guide)
@@ -1999,7 +2000,7 @@ def test_diffusion_checkpoint_without_classes_or_a_guide_loads_samples_at_w_one_
         common.save_checkpoint(tmp_path / f"{name}.pt", {**state, "extra": {"guide": bad}})
         with pytest.raises(common.UserError, match=message):
             common.load_checkpoint(tmp_path / f"{name}.pt")
-    gone = ("condition", "clusters", "p_uncond", "guidance", "guide_at", "autoguidance")
+    gone = ("condition", "clusters", "p_uncond", "guidance", "guide_at", "autoguidance", "guide_interval")
     old = {**{k: v for k, v in state.items() if k != "extra"}, "config": {
         k: v for k, v in state["config"].items() if k not in gone}}
     common.save_checkpoint(tmp_path / "old.pt", old)
@@ -2008,6 +2009,7 @@ def test_diffusion_checkpoint_without_classes_or_a_guide_loads_samples_at_w_one_
                 for p in (tmp_path / "old.pt", ckpt))
     assert was.config.condition == "none" and was.strategy.labeller is None
     assert was.config.autoguidance == 1 and was.config.guide_at == 0 and was.strategy.guide is None
+    new.config.autoguidance = 1.0  # the new run's main model, unguided, is what the old checkpoint holds
     assert torch.equal(common.draw_samples(was.strategy, was.model, 8, 0, cpu),
                        common.draw_samples(new.strategy, new.model, 8, 0, cpu))
     for flags, message in ((["--class", "red"], "trained without classes"),
