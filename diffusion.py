@@ -25,7 +25,8 @@ Run (from the repository root):
 
 Levers beyond the paper, each a flag with its citation in Config: U-Net size (--channel-mult, --res-blocks),
 cosine schedule (Nichol & Dhariwal 2021), v-prediction (Salimans & Ho 2022), min-SNR weighting (Hang et al.
-2023), LR warm-up and cosine decay, DPM-Solver++ (Lu et al. 2022), autoguidance (Karras et al. 2024).
+2023), LR warm-up and cosine decay, DPM-Solver++ (Lu et al. 2022), autoguidance (Karras et al. 2024),
+self-conditioning (Chen et al. 2022) and the shifted cosine schedule (Hoogeboom et al. 2023), both off by default.
 The defaults use the small U-Net, cosine, v with min-SNR, the lr schedule, and DPM-Solver++ (20 steps) with
 autoguidance w 2.5 on the noisier half of the levels, chosen by measurement (tutorial 04); the README shows
 the flags of the reference model and of the defaults before these levers.
@@ -103,6 +104,11 @@ class Config(common.TrainConfig):
     schedule: str = field(default="cosine", metadata={"choices": SCHEDULES})
     # noise schedule: linear (Ho et al. 2020, beta 1e-4 to 0.02) or cosine (Nichol and Dhariwal 2021,
     # Eq. 17: alpha_bar falls slowly at both ends, so fewer of the T levels are almost pure noise)
+    log_snr_shift: float = 0.0
+    # S, added to the cosine schedule's log SNR in nats: log SNR'(t) = log(alpha_bar_t / (1 - alpha_bar_t)) + S,
+    # alpha_bar'_t = sigmoid(log SNR'(t)) (Hoogeboom et al. 2023, "simple diffusion", Sec. 3.1: their shift
+    # 2 log(64 / d) for a d x d image against a 64x64 base is S = 2 log 4 = 2.77 at d = 16); S > 0 = less noise
+    # at every t, S < 0 = more. 0 = off, |S| <= 10 (--schedule cosine only)
     prediction: str = field(default="v", metadata={"choices": PREDICTIONS})
     # what the U-Net predicts: eps, the noise (Ho et al. 2020), or v = sqrt(alpha_bar) eps -
     # sqrt(1 - alpha_bar) x_0 (Salimans and Ho 2022, Sec. 4), well scaled at every noise level
@@ -150,6 +156,10 @@ class Config(common.TrainConfig):
     guide_interval: str = "0.5,1"
     # lo,hi: autoguidance only at the sampler steps whose noise level t / (T - 1) is in [lo, hi], one U-Net call
     # elsewhere (Kynkaanniemi et al. 2024, "Applying guidance in a limited interval"); 0,1 = every step
+    self_cond: bool = False
+    # self-conditioning (Chen, Zhang and Hinton 2022, "Analog Bits", Sec. 3.3): the U-Net also sees its previous
+    # estimate x0_prev of x_0 (3 more input channels): the sampler's last step's, zeros at the first; in training,
+    # for half the batches its own no-grad estimate from x0_prev = 0 (detached), else x0_prev = 0
 
     # what `diffusion.py sample` may override: the sampler, not what the U-Net learnt (a U-Net trained on T
     # levels would be sampled on another schedule without a word)
@@ -158,7 +168,7 @@ class Config(common.TrainConfig):
     # Checkpoints written before a field existed were trained with these values (common.saved_config).
     LEGACY = dict(channel_mult="1,2,4", res_blocks=2, schedule="linear", prediction="eps", loss_weight="none",
                   warmup_steps=0, lr_decay="none", condition="none", guide_at=0.0, autoguidance=1.0,
-                  guide_interval="0,1")
+                  guide_interval="0,1", log_snr_shift=0.0, self_cond=False)
 
     def __post_init__(self):
         super().__post_init__()  # also refuses a value not among a field's choices (--sampler, --schedule, ...)
@@ -166,6 +176,10 @@ class Config(common.TrainConfig):
             raise ValueError(f"--snr-gamma must be positive, got {self.snr_gamma}")
         if self.warmup_steps < 0:
             raise ValueError(f"--warmup-steps cannot be negative, got {self.warmup_steps}")
+        if not -10 <= self.log_snr_shift <= 10:
+            raise ValueError(f"--log-snr-shift must be in [-10, 10], got {self.log_snr_shift}")
+        if self.log_snr_shift and self.schedule != "cosine":
+            raise ValueError(f"--log-snr-shift needs --schedule cosine, got --schedule {self.schedule}")
         if self.res_blocks < 1:
             raise ValueError(f"--res-blocks must be at least 1, got {self.res_blocks}")
         mult = self.channel_mult.split(",")
@@ -217,15 +231,19 @@ BETA_1, BETA_T = 1e-4, 0.02  # the paper's linear schedule for T = 1000
 COSINE_S = 0.008  # Nichol & Dhariwal's offset: beta_1 is not vanishingly small
 
 
-def cosine_schedule(T: int, device: torch.device) -> dict[str, Tensor]:
+def cosine_schedule(T: int, device: torch.device, shift: float = 0.0) -> dict[str, Tensor]:
     """Nichol & Dhariwal 2021, Eq. 17: alpha_bar_t = f(t) / f(0) with
     f(t) = cos^2((t/T + s) / (1 + s) * pi/2), s = 0.008; beta_t = 1 - alpha_bar_t / alpha_bar_{t-1}
     clipped to <= 0.999 (their Sec. 3.2: near t = T the ratio goes to 0). alpha_bar
     falls almost linearly through the middle, where the linear schedule has
-    already destroyed the sprite by t ~ 600."""
+    already destroyed the sprite by t ~ 600. shift S (--log-snr-shift, Hoogeboom et al. 2023, Sec. 3.1):
+    alpha_bar'_t = sigmoid(log(alpha_bar_t / (1 - alpha_bar_t)) + S), and beta_t from alpha_bar' as above."""
     t = torch.arange(T + 1, dtype=torch.float64)  # 0..T; index i + 1 is the paper's t = i + 1
     f = torch.cos((t / T + COSINE_S) / (1 + COSINE_S) * math.pi / 2) ** 2  # (T + 1,)
     beta = (1 - f[1:] / f[:-1]).clamp(max=0.999)  # (T,)
+    if shift:
+        alpha_bar = torch.sigmoid(torch.logit(torch.cumprod(1 - beta, 0)) + shift)  # (T,) log SNR + S
+        beta = 1 - alpha_bar / torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
     return schedule_from_beta(beta, device)
 
 
@@ -328,7 +346,7 @@ class UNet(nn.Module):
     """
 
     def __init__(self, base: int = 64, dropout: float = 0.1, mult: tuple[int, int, int] = (1, 2, 4), blocks: int = 2,
-                 n_classes: int = 0):
+                 n_classes: int = 0, self_cond: bool = False):
         super().__init__()
         c1, c2, c3 = (base * m for m in mult)  # widths at 16x16, 8x8, 4x4 (64, 128, 256 by default)
         self.t_dim = 4 * base
@@ -356,8 +374,14 @@ class UNet(nn.Module):
         self.conv_out = nn.Conv2d(c1, 3, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)  # predicts eps = 0 at first: the loss starts at 1
         nn.init.zeros_(self.conv_out.bias)
+        # --self-cond (Chen et al. 2022, Sec. 3.3): x0_prev as 3 more input channels. A conv of the concatenation
+        # [x_t, x0_prev] is conv_in(x_t) + cond_in(x0_prev); bias-free and zero at first (built last: the other
+        # layers draw the same weights), so x0_prev = 0 (None) adds exactly 0 and the model starts as the plain one.
+        self.cond_in = nn.Conv2d(3, c1, 3, padding=1, bias=False) if self_cond else None
+        if self.cond_in is not None:
+            nn.init.zeros_(self.cond_in.weight)
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None, x0_prev: Tensor | None = None) -> Tensor:
         assert x.shape[1:] == (3, 16, 16) and t.shape == x.shape[:1], \
             f"expected x (B, 3, 16, 16) and t (B,), got {tuple(x.shape)} and {tuple(t.shape)}"
         temb = self.time_mlp(timestep_embedding(t, self.t_dim // 4))  # (B, t_dim)
@@ -371,6 +395,8 @@ class UNet(nn.Module):
         temb = F.silu(temb)  # (B, t_dim)
         # Shapes below for the reference widths 64, 128, 256.
         h = self.conv_in(x)  # (B, 64, 16, 16)
+        if x0_prev is not None:  # --self-cond; None = zeros
+            h = h + self.cond_in(x0_prev)
         for blk in self.down1:
             h = blk(h, temb)
         skip1 = h  # (B, 64, 16, 16)
@@ -407,8 +433,8 @@ class DiffusionStrategy(common.Strategy):
         self.config, self.palette = config, palette
         self.T = config.timesteps
         # beta_t, alpha_t, alpha_bar_t and their square roots, once, on the training device.
-        make = cosine_schedule if config.schedule == "cosine" else linear_schedule
-        self.schedule = make(self.T, palette.device)
+        self.schedule = cosine_schedule(self.T, palette.device, config.log_snr_shift) if config.schedule == "cosine" \
+            else linear_schedule(self.T, palette.device)
         # --condition: the class of each sprite (common.Labeller; None when unconditional), the
         # class `sample --class` asks for (None: a grid with one class per row of 8), and the
         # labels of the sampling run in progress (set by `conditioned`, read by model_output).
@@ -427,14 +453,15 @@ class DiffusionStrategy(common.Strategy):
     def build_model(self, config: Config) -> nn.Module:
         mult = tuple(int(m) for m in config.channel_mult.split(","))
         model = UNet(config.base_channels, config.dropout, mult, config.res_blocks,
-                     self.labeller.n_classes if self.labeller else 0)
+                     self.labeller.n_classes if self.labeller else 0, config.self_cond)
         # channels_last (NHWC) weights: oneDNN's CPU convolutions then run in NHWC, and a U-Net
         # call on 16 sprites is ~1.1x as fast (measured, median of 10 interleaved calls on 2 cores);
         # training speed is unchanged. Same numbers either way: only the memory layout differs.
         return model.to(memory_format=torch.channels_last)
 
     def describe(self, model: nn.Module) -> str:
-        parts = {"encoder (16x16, 8x8)": [model.conv_in, model.down1, model.downsample1, model.down2, model.downsample2],
+        parts = {"encoder (16x16, 8x8)": [model.conv_in, model.down1, model.downsample1, model.down2, model.downsample2]
+                 + ([model.cond_in] if model.cond_in else []),
                  "bottom (4x4)": [model.bottom], "decoder (8x8, 16x16)": [model.up2, model.up1, model.norm_out, model.conv_out],
                  "time embedding MLP": [model.time_mlp]}
         if model.class_emb is not None:
@@ -457,7 +484,9 @@ class DiffusionStrategy(common.Strategy):
         --prediction v: the target is v instead (Salimans & Ho 2022, see v_target);
         --loss-weight min-snr: each sprite's squared error is weighted by w_t (min_snr_weight);
         --condition: eps_theta(x_t, t, y) with each sprite's class y, replaced by the null
-        label with probability --p-uncond when drop_labels (Ho & Salimans 2022, Algorithm 1)."""
+        label with probability --p-uncond when drop_labels (Ho & Salimans 2022, Algorithm 1);
+        --self-cond: the U-Net is called through self_conditioned."""
+        model = self.self_conditioned(model) if self.config.self_cond else model
         x0 = common.to_model_range(batch)  # (B, 3, 16, 16) in [-1, 1]
         t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device)  # (B,)
         eps = torch.randn_like(x0)
@@ -478,6 +507,24 @@ class DiffusionStrategy(common.Strategy):
         if weight is not None:
             err = weight * err
         return err.mean()
+
+    def self_conditioned(self, model: nn.Module):
+        """Self-conditioning in training (Chen et al. 2022, Sec. 3.3): with probability 1/2 per batch (one draw from
+        the global RNG), x0_prev = the U-Net's own estimate of x_0 given x0_prev = 0, without gradient (detached);
+        otherwise x0_prev = 0. The U-Net is then trained given x0_prev, as the samplers will call it."""
+        def net(x_t: Tensor, t: Tensor, *y: Tensor) -> Tensor:
+            x0_prev = None
+            if torch.rand(()) < 0.5:
+                with torch.no_grad():
+                    x0_prev = self.x0_from_eps(x_t, t, self.as_eps(x_t, t, model(x_t, t, *y).float()))
+            return model(x_t, t, *y, x0_prev=x0_prev)
+        return net
+
+    def x0_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        """x0_pred = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t) (Eq. 4 solved for x_0), clipped to [-1, 1]
+        as the samplers clip it: --self-cond's x0_prev."""
+        a, b = self._coef(t)
+        return ((x_t - b * eps) / a).clamp(-1.0, 1.0)
 
     def _coef(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t) for each t (B,), as (B, 1, 1, 1)."""
@@ -506,10 +553,13 @@ class DiffusionStrategy(common.Strategy):
         clipped = snr.clamp(max=self.config.snr_gamma)
         return clipped / snr if self.config.prediction == "eps" else clipped / (snr + 1)
 
-    def eps_theta(self, model: nn.Module, x_t: Tensor, t: Tensor) -> Tensor:
-        """The samplers speak eps: the U-Net's output (guided, see model_output), converted
-        from v when --prediction v."""
-        out = self.model_output(model, x_t, t).float()
+    def eps_theta(self, model: nn.Module, x_t: Tensor, t: Tensor, x0_prev: Tensor | None = None) -> Tensor:
+        """The samplers speak eps: the U-Net's output (guided, see model_output) as eps; x0_prev is
+        --self-cond's input (ignored without it)."""
+        return self.as_eps(x_t, t, self.model_output(model, x_t, t, x0_prev).float())
+
+    def as_eps(self, x_t: Tensor, t: Tensor, out: Tensor) -> Tensor:
+        """The U-Net's output as eps: itself, or converted from v when --prediction v."""
         return out if self.config.prediction == "eps" else self.x0_eps_from_v(x_t, t, out)[1]
 
     def lr_factor(self, step: int, total_steps: int) -> float:
@@ -563,11 +613,12 @@ class DiffusionStrategy(common.Strategy):
         finally:
             self._y = None
 
-    def model_output(self, model: nn.Module, x_t: Tensor, t: Tensor) -> Tensor:
+    def model_output(self, model: nn.Module, x_t: Tensor, t: Tensor, x0_prev: Tensor | None = None) -> Tensor:
         """The U-Net's output for the samplers (class-guided by cfg_output), autoguided (Karras et al. 2024, Sec. 4:
         D = w D_main + (1 - w) D_guide) on eps or v: at a fixed x_t both are affine in D = x0_pred, alike for both
-        networks, and w + (1 - w) = 1, so it is the paper's D. w = 1 or no guide yet: the main model alone."""
-        out, w = self.cfg_output(model, x_t, t), self.config.autoguidance
+        networks, and w + (1 - w) = 1, so it is the paper's D. w = 1 or no guide yet: the main model alone.
+        The guide (same architecture) gets the same --self-cond x0_prev."""
+        out, w = self.cfg_output(model, x_t, t, x0_prev), self.config.autoguidance
         lo, hi = (float(v) for v in self.config.guide_interval.split(","))
         inside = (t >= lo * (self.T - 1)) & (t <= hi * (self.T - 1))  # (B,) --guide-interval, on the level index
         if w == 1 or self.guide is None or not inside.any():
@@ -576,7 +627,7 @@ class DiffusionStrategy(common.Strategy):
             with torch.inference_mode(False), torch.device("meta"):  # (not inference tensors: no_grad calls too)
                 self._guide_net = self.build_model(self.config)
                 self._guide_net.load_state_dict(self.guide, assign=True)
-        guide = self.cfg_output(self._guide_net.to(x_t.device).eval(), x_t, t)
+        guide = self.cfg_output(self._guide_net.to(x_t.device).eval(), x_t, t, x0_prev)
         guided = guide + w * (out - guide)  # Karras et al. 2024, arXiv 2406.02507: D_guide + w (D_main - D_guide)
         return torch.where(inside[:, None, None, None], guided, out)  # the samplers' steps: all in or all out
 
@@ -591,7 +642,7 @@ class DiffusionStrategy(common.Strategy):
     def load_extra_state(self, extra: dict) -> None:
         self.guide, self._guide_net = extra.get("guide"), None
 
-    def cfg_output(self, model: nn.Module, x_t: Tensor, t: Tensor) -> Tensor:
+    def cfg_output(self, model: nn.Module, x_t: Tensor, t: Tensor, x0_prev: Tensor | None = None) -> Tensor:
         """The U-Net's output, guided when sampling with labels.
         Classifier-free guidance (Ho & Salimans 2022, Eq. 6, with their w + 1 written as our w):
             eps_guided = eps_theta(x_t, t, null) + w (eps_theta(x_t, t, y) - eps_theta(x_t, t, null))
@@ -599,16 +650,19 @@ class DiffusionStrategy(common.Strategy):
         With --prediction v the same line combines v: v and eps are linear in each other at a
         fixed x_t (eps = sqrt(1 - alpha_bar_t) x_t + sqrt(alpha_bar_t) v), so guiding v is
         exactly guiding eps. w = 0 needs only the null branch and w = 1 only the conditional
-        one: a single plain call of n sprites, the same numbers as without guidance."""
+        one: a single plain call of n sprites, the same numbers as without guidance.
+        --self-cond: both branches get x0_prev, the previous step's guided estimate."""
         y, w = self._y, self.config.guidance
+        sc = {"x0_prev": x0_prev} if self.config.self_cond and x0_prev is not None else {}  # None: zeros
         if y is None:
-            return model(x_t, t)
+            return model(x_t, t, **sc)
         null = torch.full_like(y, self.labeller.n_classes)
         if w == 0:
-            return model(x_t, t, null)
+            return model(x_t, t, null, **sc)
         if w == 1:
-            return model(x_t, t, y)
-        out = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null]))  # (2n, 3, 16, 16)
+            return model(x_t, t, y, **sc)
+        out = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null]),
+                    **{k: torch.cat([v, v]) for k, v in sc.items()})  # (2n, 3, 16, 16)
         out_cond, out_uncond = out.chunk(2)  # (n, 3, 16, 16) each
         return out_uncond + w * (out_cond - out_uncond)
 
@@ -654,15 +708,17 @@ class DiffusionStrategy(common.Strategy):
     def sample_ddpm(self, model: nn.Module, n: int, generator: torch.Generator) -> Tensor:
         """Algorithm 2, all T steps: x_T ~ N(0, I); for t = T..1:
         x_{t-1} = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - alpha_bar_t) eps_theta(x_t, t)) + sigma_t z,
-        with sigma_t^2 = beta_t and z ~ N(0, I) (z = 0 at the last step)."""
+        with sigma_t^2 = beta_t and z ~ N(0, I) (z = 0 at the last step). --self-cond: x0_prev from each eps_theta."""
         s, device = self.schedule, generator.device  # sampling runs where its generator is
         coef_eps = s["beta"] / s["sqrt_one_minus_alpha_bar"]  # (T,) beta_t / sqrt(1 - alpha_bar_t)
         inv_sqrt_alpha = s["alpha"].rsqrt()  # (T,)
         sigma = s["beta"].sqrt()  # (T,)
         ts = torch.arange(self.T, device=device)
-        x = torch.randn(n, 3, 16, 16, generator=generator, device=device)  # x_T
+        x, x0_prev = torch.randn(n, 3, 16, 16, generator=generator, device=device), None  # x_T
         for t in range(self.T - 1, -1, -1):  # Python ints: no host sync inside the loop
-            eps_theta = self.eps_theta(model, x, ts[t].expand(n))  # one batched U-Net call per step
+            eps_theta = self.eps_theta(model, x, ts[t].expand(n), x0_prev)  # one batched U-Net call per step
+            if self.config.self_cond:
+                x0_prev = self.x0_from_eps(x, ts[t].expand(n), eps_theta)
             x = inv_sqrt_alpha[t] * (x - coef_eps[t] * eps_theta)
             if t > 0:
                 x = x + sigma[t] * torch.randn(x.shape, generator=generator, device=device)
@@ -683,7 +739,7 @@ class DiffusionStrategy(common.Strategy):
 
         eta = 0: no noise, the same x_T always gives the same sprite; eta = 1: DDPM's noise level.
         After the last level (t = 0), s is the clean data: alpha_bar_s = 1, sigma = 0, x_s = x0_pred.
-        `frames`, if given, collects x_T and every x_s in [0, 1] (for the GIF)."""
+        `frames`, if given, collects x_T and every x_s in [0, 1] (for the GIF). --self-cond: x0_prev = last x0_pred."""
         s, device = self.schedule, generator.device
         tau = ddim_timesteps(self.T, steps).to(device)  # (steps,) T-1 ... 0
         ab = s["alpha_bar"][tau]  # (steps,) alpha_bar_t
@@ -691,11 +747,11 @@ class DiffusionStrategy(common.Strategy):
         sigma = eta * ((1 - ab_next) / (1 - ab) * (1 - ab / ab_next)).sqrt()  # (steps,) Eq. 16
         dir_coef = (1 - ab_next - sigma ** 2).clamp(min=0).sqrt()  # (steps,) clamp: rounding below 0
         sqrt_ab, sqrt_1m_ab, sqrt_ab_next = ab.sqrt(), (1 - ab).sqrt(), ab_next.sqrt()
-        x = torch.randn(n, 3, 16, 16, generator=generator, device=device)  # x_T
+        x, x0_pred = torch.randn(n, 3, 16, 16, generator=generator, device=device), None  # x_T
         if frames is not None:
             frames.append(common.from_model_range(x))
         for i in range(steps):  # Python ints index device tensors: no host sync inside the loop
-            eps_theta = self.eps_theta(model, x, tau[i].expand(n))  # one batched U-Net call per step
+            eps_theta = self.eps_theta(model, x, tau[i].expand(n), x0_pred)  # one batched U-Net call per step
             x0_pred = (x - sqrt_1m_ab[i] * eps_theta) / sqrt_ab[i]
             # Departure from the paper: x0_pred is clipped to the data range [-1, 1] (as in Ho et al.'s
             # code), and eps recomputed from the clipped x0_pred so both terms describe the same x_t.
@@ -723,14 +779,15 @@ class DiffusionStrategy(common.Strategy):
         Same levels as DDIM (ddim_timesteps: T-1 ... 0, `steps` model calls); after t = 0 the
         clean data has sigma = 0, lambda = infinity, and the update reduces to x = x0_theta
         (first order at the last step, as DDIM ends). DDIM is exactly the first-order
-        update (D_i = x0_{i-1}); the second-order term cancels most of its error per step."""
+        update (D_i = x0_{i-1}); the second-order term cancels most of its error per step.
+        --self-cond: the U-Net also gets x0_prev, the previous step's x0_theta."""
         s, device = self.schedule, generator.device
         tau = ddim_timesteps(self.T, steps).to(device)  # (steps,) T-1 ... 0
         alpha, sigma, lam = s["sqrt_alpha_bar"][tau], s["sqrt_one_minus_alpha_bar"][tau], s["log_snr"][tau]  # (steps,)
         x = torch.randn(n, 3, 16, 16, generator=generator, device=device)  # x_T
         x0_prev, h_prev = None, None
         for i in range(steps):
-            eps_theta = self.eps_theta(model, x, tau[i].expand(n))  # one batched U-Net call per step
+            eps_theta = self.eps_theta(model, x, tau[i].expand(n), x0_prev)  # one batched U-Net call per step
             # Departure from the paper's plain form: x0_theta clipped to the data range [-1, 1],
             # as in sample_ddim (Lu et al.'s "thresholding" for data prediction, Sec. 5, in its simplest form).
             x0 = ((x - sigma[i] * eps_theta) / alpha[i]).clamp(-1.0, 1.0)

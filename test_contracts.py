@@ -487,6 +487,8 @@ BAD_FLAGS = [  # (Config, flags, message): one row per check of a Config's __pos
     (diffusion.Config, ["--eta", "-0.5"], "--eta cannot be negative"),
     (diffusion.Config, ["--snr-gamma", "0"], "--snr-gamma must be positive"),
     (diffusion.Config, ["--warmup-steps", "-1"], "--warmup-steps cannot be negative"),
+    (diffusion.Config, ["--log-snr-shift", "11"], "--log-snr-shift must be in [-10, 10], got 11"),
+    (diffusion.Config, ["--log-snr-shift", "1", "--schedule", "linear"], "--log-snr-shift needs --schedule cosine"),
     (diffusion.Config, ["--res-blocks", "0"], "--res-blocks must be at least 1"),
     (diffusion.Config, ["--channel-mult", "1,0,2"], "--channel-mult must be three positive integers"),
     (diffusion.Config, ["--guide-at", "1"], "--guide-at must be in [0, 1)"),
@@ -1576,6 +1578,23 @@ def test_diffusion_linear_and_cosine_schedules_and_q_sample_match_their_closed_f
     assert np.allclose(sched["log_snr"].numpy()[:-1], 0.5 * np.log(snr), atol=1e-5)
 
 
+def test_diffusion_log_snr_shift_adds_s_to_the_cosine_log_snr_and_zero_is_the_cosine_schedule():
+    """Hoogeboom et al. 2023, Sec. 3.1: log SNR'(t) = log(alpha_bar_t / (1 - alpha_bar_t)) + S, alpha_bar' = sigmoid."""
+    T, cpu = 1000, torch.device("cpu")
+    plain = diffusion.cosine_schedule(T, cpu)
+    for same in (diffusion.cosine_schedule(T, cpu, 0.0), diffusion.DiffusionStrategy(diffusion.Config(), torch.rand(8, 3)).schedule):
+        assert same.keys() == plain.keys() and all(torch.equal(same[k], v) for k, v in plain.items())
+    f = lambda t: np.cos((t / T + 0.008) / 1.008 * np.pi / 2) ** 2
+    i = np.array([0, 100, 500, 900, 998])  # index i is the paper's t = i + 1 (not 999: its beta is clipped)
+    ab = f(i + 1) / f(0)
+    for S in (2.77, -1.5):
+        s = diffusion.DiffusionStrategy(diffusion.Config(log_snr_shift=S), torch.rand(8, 3)).schedule
+        assert np.allclose(2 * s["log_snr"].numpy()[i], np.log(ab / (1 - ab)) + S, atol=1e-4)  # log_snr: log SNR / 2
+        assert np.allclose(np.log(s["snr"].numpy()[i]), np.log(ab / (1 - ab)) + S, atol=1e-4)
+        assert torch.allclose(torch.cumprod(s["alpha"].double(), 0), s["alpha_bar"].double(), rtol=1e-4)  # the betas
+        assert ((s["alpha_bar"] > plain["alpha_bar"]) == (S > 0)).all()  # S > 0: less noise at every t
+
+
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 def test_diffusion_min_snr_weights_match_the_formula(prediction):
     gamma = 5.0
@@ -1711,6 +1730,59 @@ def test_diffusion_tiny_unet_with_10_timesteps_learns_and_every_sampler_stays_in
         assert torch.equal(a, b) and not torch.equal(a, c), (sampler, eta)  # reproducible from the generator alone
         draws[sampler, eta] = a
     assert not torch.equal(draws["ddim", 0.0], draws["ddim", 1.0])
+
+
+class SelfCondSpy(nn.Module):
+    """Wraps a U-Net: records, per call, whether x0_prev (--self-cond's input) was given."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.given = model, []
+
+    def forward(self, x, t, y=None, x0_prev=None):
+        self.given.append(x0_prev is not None and bool(x0_prev.abs().max() <= 1))  # given, and in the data range
+        return self.model(x, t, y, x0_prev)
+
+
+def test_diffusion_self_cond_unet_is_the_plain_one_at_x0_prev_zero_trains_and_every_sampler_feeds_x0_prev(sprites,
+                                                                                                       dataset):
+    """Chen et al. 2022, Sec. 3.3: the extra input conv starts at zero, so x0_prev = 0 is exactly the plain U-Net."""
+    _, plain = tiny_model("diffusion", sprites.palette)
+    strategy, model = tiny_model("diffusion", sprites.palette, self_cond=True)
+    extra = model.state_dict().keys() - plain.state_dict().keys()
+    assert extra == {"cond_in.weight"} and not model.cond_in.weight.any()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in plain.state_dict().items())  # same seed, same weights
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # weights that are not zero (the zero-initialised convs would hide a difference)
+        for p in plain.parameters():
+            p.add_(torch.randn(p.shape, generator=g), alpha=0.05)
+        model.load_state_dict(plain.state_dict(), strict=False)
+        x, t = torch.randn(4, 3, 16, 16, generator=g), torch.tensor([0, 3, 6, 9])
+        out = plain.eval()(x, t)
+        assert torch.equal(model.eval()(x, t, x0_prev=torch.zeros_like(x)), out) and torch.equal(model(x, t), out)
+        model.cond_in.weight.normal_(generator=g)
+        assert not torch.allclose(model(x, t, x0_prev=x.clamp(-1, 1)), out)
+    # training: half the batches first estimate x_0 without x0_prev, then train given it
+    model.train()
+    spy, calls = SelfCondSpy(model), set()
+    for seed in range(8):
+        spy.given = []
+        torch.manual_seed(seed)
+        strategy.loss(spy, sprites.train[:8])
+        calls.add(tuple(spy.given))
+    assert calls == {(False,), (False, True)}  # x0_prev = 0, or the U-Net's own estimate first
+    before, after = loss_before_after(strategy, model, sprites.train[:32], steps=20, lr=strategy.config.lr)
+    assert math.isfinite(after) and after < before, (before, after)
+    # sampling, class- and autoguided (--condition colour, a guide): every U-Net call after the first gets x0_prev
+    strategy, model = tiny_model("diffusion", sprites.palette, dataset, self_cond=True, condition="colour")
+    strategy.load_extra_state({"guide": model.state_dict()})
+    model.eval()
+    for sampler in ("ddim", "ddpm", "dpm++"):
+        strategy.config.sampler, spy = sampler, SelfCondSpy(model)
+        a, b = (strategy.sample(spy, 4, torch.Generator().manual_seed(3)) for _ in range(2))
+        common.check_samples(a, 4)
+        n = len(spy.given) // 2  # the calls of a, then of b
+        assert torch.equal(a, b) and spy.given[:n] == spy.given[n:] == [False] + [True] * (n - 1), sampler
 
 
 def test_diffusion_denoising_strip_and_trajectory(sprites):
