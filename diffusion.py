@@ -26,7 +26,8 @@ Run (from the repository root):
 Levers beyond the paper, each a flag with its citation in Config: U-Net size (--channel-mult, --res-blocks),
 cosine schedule (Nichol & Dhariwal 2021), v-prediction (Salimans & Ho 2022), min-SNR weighting (Hang et al.
 2023), LR warm-up and cosine decay, DPM-Solver++ (Lu et al. 2022), autoguidance (Karras et al. 2024),
-self-conditioning (Chen et al. 2022) and the shifted cosine schedule (Hoogeboom et al. 2023), both off by default.
+self-conditioning (Chen et al. 2022), the shifted cosine schedule (Hoogeboom et al. 2023) and rectified flow
+(--schedule flow --sampler euler --loss-weight none: Liu et al. 2022; tutorial 04), the last three off by default.
 The defaults use the small U-Net, cosine, v with min-SNR, the lr schedule, and DPM-Solver++ (20 steps) with
 autoguidance w 2.5 on the noisier half of the levels, chosen by measurement (tutorial 04); the README shows
 the flags of the reference model and of the defaults before these levers.
@@ -64,12 +65,13 @@ import torch.nn.functional as F
 import common
 
 Tensor = torch.Tensor
-SCHEDULES = ("linear", "cosine")
+SCHEDULES = ("linear", "cosine", "flow")
 PREDICTIONS = ("eps", "v")
 LOSS_WEIGHTS = ("none", "min-snr")
 CLASS_WEIGHTS = ("none", "balanced")
 LR_DECAYS = ("none", "cosine")
-SAMPLERS = ("ddim", "ddpm", "dpm++")
+SAMPLERS = ("ddim", "ddpm", "dpm++", "euler", "heun")
+FLOW_SAMPLERS = ("euler", "heun")  # the samplers of --schedule flow, and only of it
 
 # -----------------------------------------------------------------------------
 # Config
@@ -103,7 +105,9 @@ class Config(common.TrainConfig):
     # T, the number of noise levels of the forward process
     schedule: str = field(default="cosine", metadata={"choices": SCHEDULES})
     # noise schedule: linear (Ho et al. 2020, beta 1e-4 to 0.02) or cosine (Nichol and Dhariwal 2021,
-    # Eq. 17: alpha_bar falls slowly at both ends, so fewer of the T levels are almost pure noise)
+    # Eq. 17: alpha_bar falls slowly at both ends, so fewer of the T levels are almost pure noise) or flow
+    # (Liu et al. 2022, "Flow straight and fast"; Lipman et al. 2022, "Flow matching"): x_t = (1 - t) x_0 + t eps,
+    # t in [0, 1] seen by the U-Net as the level t (T - 1), velocity u = eps - x_0 as --prediction v, unweighted
     log_snr_shift: float = 0.0
     # S, added to the cosine schedule's log SNR in nats: log SNR'(t) = log(alpha_bar_t / (1 - alpha_bar_t)) + S,
     # alpha_bar'_t = sigmoid(log SNR'(t)) (Hoogeboom et al. 2023, "simple diffusion", Sec. 3.1: their shift
@@ -125,12 +129,13 @@ class Config(common.TrainConfig):
     # (Loshchilov and Hutter 2017, SGDR, without restarts)
     sampler: str = field(default="dpm++", metadata={"choices": SAMPLERS})
     # ddim (Song et al. 2021, --steps steps), ddpm (Ho et al. 2020, Algorithm 2: all T steps) or dpm++
-    # (DPM-Solver++(2M), Lu et al. 2022, Algorithm 2: second order, --steps steps)
+    # (DPM-Solver++(2M), Lu et al. 2022, Algorithm 2: second order, --steps steps); --schedule flow: euler
+    # or heun (Karras et al. 2022, Algorithm 1, here on dx/dt = u_theta: 2 U-Net calls a step), --steps steps
     steps: int = 20
     # model calls of ddim and dpm++: the sub-sequence of the T noise levels visited
-    # (ignored by ddpm)
+    # (ignored by ddpm); uniform steps of euler and heun from t = 1 to 0
     eta: float = 0.0
-    # DDIM noise scale: 0 = deterministic (same seed, same sprites), 1 = DDPM-like noise
+    # DDIM noise scale: 0 = deterministic (same seed, same sprites), 1 = DDPM-like noise (ddim only)
     condition: str = field(default="none", metadata={"choices": common.LABEL_KINDS})
     # class label the U-Net is conditioned on (common.Labeller): none, colour (the sprite's one
     # non-black palette colour: 7 classes) or cluster (k-means on foreground masks: --clusters classes)
@@ -208,6 +213,14 @@ class Config(common.TrainConfig):
         if not 0 <= lo <= hi <= 1:
             raise ValueError(f"--guide-interval must be two numbers lo,hi with 0 <= lo <= hi <= 1, like 0.2,0.8, "
                              f"got {self.guide_interval!r}")
+        if self.schedule == "flow" and (self.sampler not in FLOW_SAMPLERS or self.prediction != "v"
+                                        or self.loss_weight != "none"):
+            raise ValueError(f"--schedule flow needs --sampler euler or heun, --prediction v (the velocity u) and "
+                             f"--loss-weight none, got --sampler {self.sampler} --prediction {self.prediction} "
+                             f"--loss-weight {self.loss_weight}")
+        if self.schedule != "flow" and self.sampler in FLOW_SAMPLERS:
+            raise ValueError(f"--sampler {self.sampler} integrates --schedule flow's ODE; use ddim, ddpm or dpm++ "
+                             f"with --schedule {self.schedule}")
         if self.autoguidance != 1 and not self.guide_at:  # also a checkpoint from before autoguidance (LEGACY)
             raise ValueError("--autoguidance needs a guide; this run keeps none (--guide-at 0, or trained before "
                              "autoguidance): use --autoguidance 1")
@@ -386,7 +399,7 @@ class UNet(nn.Module):
             f"expected x (B, 3, 16, 16) and t (B,), got {tuple(x.shape)} and {tuple(t.shape)}"
         temb = self.time_mlp(timestep_embedding(t, self.t_dim // 4))  # (B, t_dim)
         if self.class_emb is not None:  # y (B,) in 0..n_classes, n_classes = null; None = all null
-            y = torch.full_like(t, self.n_classes) if y is None else y
+            y = torch.full(t.shape, self.n_classes, device=t.device) if y is None else y  # (t: a float with flow)
             assert y.shape == t.shape, f"expected labels y {tuple(t.shape)}, got {tuple(y.shape)}"
             temb = temb + self.class_emb(y)  # (B, t_dim)
         else:
@@ -432,7 +445,7 @@ class DiffusionStrategy(common.Strategy):
     def __init__(self, config: Config, palette: Tensor):
         self.config, self.palette = config, palette
         self.T = config.timesteps
-        # beta_t, alpha_t, alpha_bar_t and their square roots, once, on the training device.
+        # beta_t, alpha_t, alpha_bar_t and their square roots, once, on the training device (flow reads none).
         self.schedule = cosine_schedule(self.T, palette.device, config.log_snr_shift) if config.schedule == "cosine" \
             else linear_schedule(self.T, palette.device)
         # --condition: the class of each sprite (common.Labeller; None when unconditional), the
@@ -474,6 +487,9 @@ class DiffusionStrategy(common.Strategy):
     def q_sample(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         """Eq. 4 in closed form: x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps,
         for any t in one step -- no need to run the chain of t noisings."""
+        if self.config.schedule == "flow":  # x_t = (1 - t) x_0 + t eps (_coef; Liu et al. 2022, Eq. 1)
+            a, b = self._coef(t)
+            return a * x0 + b * eps
         s = self.schedule
         return s["sqrt_alpha_bar"][t][:, None, None, None] * x0 + s["sqrt_one_minus_alpha_bar"][t][:, None, None, None] * eps
 
@@ -488,7 +504,10 @@ class DiffusionStrategy(common.Strategy):
         --self-cond: the U-Net is called through self_conditioned."""
         model = self.self_conditioned(model) if self.config.self_cond else model
         x0 = common.to_model_range(batch)  # (B, 3, 16, 16) in [-1, 1]
-        t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device)  # (B,)
+        if self.config.schedule == "flow":  # t / (T - 1) = sigmoid(n), n ~ N(0, 1) (Esser et al. 2024, Sec. 3.1)
+            t = torch.sigmoid(torch.randn(x0.shape[0], device=x0.device)) * (self.T - 1)  # (B,) continuous
+        else:
+            t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device)  # (B,)
         eps = torch.randn_like(x0)
         weight = None
         if self.labeller is None:  # unconditional: the same random draws and calls as ever
@@ -527,21 +546,32 @@ class DiffusionStrategy(common.Strategy):
         return ((x_t - b * eps) / a).clamp(-1.0, 1.0)
 
     def _coef(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        """sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t) for each t (B,), as (B, 1, 1, 1)."""
+        """sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t) for each t (B,), as (B, 1, 1, 1); --schedule flow: 1 - t / (T - 1),
+        t / (T - 1) (the levels t are continuous there, t / (T - 1) in [0, 1] is the flow's time)."""
+        if self.config.schedule == "flow":
+            tau = t[:, None, None, None] / (self.T - 1)
+            return 1 - tau, tau
         s = self.schedule
         return s["sqrt_alpha_bar"][t][:, None, None, None], s["sqrt_one_minus_alpha_bar"][t][:, None, None, None]
 
     def v_target(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         """Salimans & Ho 2022, Sec. 4 and App. D: v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0.
         (Their alpha_t, sigma_t are our sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t).) v has unit
-        variance at every t, unlike eps at t ~ 0 (it barely changes x_t) or x_0 at t ~ T."""
+        variance at every t, unlike eps at t ~ 0 (it barely changes x_t) or x_0 at t ~ T.
+        --schedule flow: the velocity u = dx_t/dt = eps - x_0 (v is dx/dphi on the path cos(phi) x_0 + sin(phi) eps),
+        so the loss is flow matching's || u_theta(x_t, t) - (eps - x_0) ||^2 (Lipman et al. 2022, Eq. 23)."""
+        if self.config.schedule == "flow":
+            return eps - x0
         a, b = self._coef(t)
         return a * eps - b * x0
 
     def x0_eps_from_v(self, x_t: Tensor, t: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Invert v_target, using a^2 + b^2 = 1 (a = sqrt(alpha_bar_t), b = sqrt(1 - alpha_bar_t)):
-        x_0 = a x_t - b v,  eps = b x_t + a v."""
+        x_0 = a x_t - b v,  eps = b x_t + a v.  --schedule flow (x_t = a x_0 + b eps, a + b = 1): x_0 = x_t - b u,
+        eps = x_t + a u."""
         a, b = self._coef(t)
+        if self.config.schedule == "flow":
+            return x_t - b * v, x_t + a * v
         return a * x_t - b * v, b * x_t + a * v
 
     def min_snr_weight(self, t: Tensor) -> Tensor:
@@ -696,7 +726,9 @@ class DiffusionStrategy(common.Strategy):
         if self.labeller is not None and y is None:
             y = self.requested_classes(n, generator.device)
         with self.conditioned(y):
-            if cfg.sampler == "ddpm":
+            if cfg.schedule == "flow":
+                x0 = self.sample_flow(model, n, generator, cfg.steps)
+            elif cfg.sampler == "ddpm":
                 x0 = self.sample_ddpm(model, n, generator)
             elif cfg.sampler == "dpm++":
                 x0 = self.sample_dpm_pp(model, n, generator, cfg.steps)
@@ -803,16 +835,42 @@ class DiffusionStrategy(common.Strategy):
             x0_prev, h_prev = x0, h
         return x  # not reached: steps >= 2
 
+    @torch.inference_mode()
+    def sample_flow(self, model: nn.Module, n: int, generator: torch.Generator, steps: int,
+                    frames: list[Tensor] | None = None) -> Tensor:
+        """--schedule flow: dx_t/dt = u_theta(x_t, t) from x_1 ~ N(0, I) to t = 0 in `steps` steps h = 1 / steps
+        (Liu et al. 2022, Sec. 2.1), t_{i+1} = t_i - h:
+          euler  x_{t_{i+1}} = x_{t_i} - h u_theta(x_{t_i}, t_i)                (DDIM, eta = 0, on this path)
+          heun   x' = Euler's x_{t_{i+1}};  x_{t_{i+1}} = x_{t_i} - h/2 (u_theta(x_{t_i}, t_i) + u_theta(x', t_{i+1}))
+        (Karras et al. 2022, Algorithm 1; its last step is Euler, sigma = 0; u_theta at t = 0 exists, so not here).
+        Both guidances combine u (affine in eps at a fixed x_t). No clipping. `frames` as in sample_ddim."""
+        device, u_theta = generator.device, lambda x, t: self.model_output(model, x, t.expand(n)).float()
+        ts = torch.linspace(self.T - 1, 0, steps + 1, device=device)  # (steps + 1,) the levels t (T - 1), t = 1 ... 0
+        x = torch.randn(n, 3, 16, 16, generator=generator, device=device)  # x_1
+        frames = [] if frames is None else frames
+        frames.append(common.from_model_range(x))
+        for i in range(steps):
+            h, u = 1 / steps, u_theta(x, ts[i])
+            x_next = x - h * u
+            if self.config.sampler == "heun":
+                x_next = x - h / 2 * (u + u_theta(x_next, ts[i + 1]))
+            x = x_next
+            frames.append(common.from_model_range(x))
+        return x  # x_0
+
     # -- pictures ---------------------------------------------------------------
 
     def trajectory(self, model: nn.Module, n: int, generator: torch.Generator) -> Tensor:
-        """For the GIF: one DDIM run (--steps, --eta) frame by frame, x_T ... x_0,
+        """For the GIF: one DDIM run (--steps, --eta; flow: its sampler) frame by frame, x_T ... x_0,
         then the final sprites snapped to the palette as they appear in grids.
         Returns (steps + 2, n, 3, 16, 16) in [0, 1]."""
         frames: list[Tensor] = []
         y = self.requested_classes(n, generator.device) if self.labeller is not None else None
         with self.conditioned(y):
-            x0 = self.sample_ddim(model, n, generator, self.config.steps, self.config.eta, frames)
+            if self.config.schedule == "flow":
+                x0 = self.sample_flow(model, n, generator, self.config.steps, frames)
+            else:
+                x0 = self.sample_ddim(model, n, generator, self.config.steps, self.config.eta, frames)
         frames.append(common.snap_to_palette(common.from_model_range(x0), self.palette))
         return torch.stack(frames)  # (steps + 2, n, 3, 16, 16)
 
@@ -836,9 +894,12 @@ class DiffusionStrategy(common.Strategy):
         # a conditional model is told each sprite's true class (and guided at --guidance)
         y = self.class_labels(val[:4]).repeat_interleave(len(levels)) if self.labeller is not None else None
         with self.conditioned(y):
-            eps_theta = self.eps_theta(model, x_t, t_rep)
-        x0_pred = (x_t - s["sqrt_one_minus_alpha_bar"][t_rep][:, None, None, None] * eps_theta) \
-            / s["sqrt_alpha_bar"][t_rep][:, None, None, None]
+            if self.config.schedule == "flow":  # x0_pred = x_t - t u: no division by 1 - t
+                x0_pred = self.x0_eps_from_v(x_t, t_rep, self.model_output(model, x_t, t_rep).float())[0]
+            else:
+                eps_theta = self.eps_theta(model, x_t, t_rep)
+                x0_pred = (x_t - s["sqrt_one_minus_alpha_bar"][t_rep][:, None, None, None] * eps_theta) \
+                    / s["sqrt_alpha_bar"][t_rep][:, None, None, None]
         rows = torch.stack([x_t.view(k, len(levels), 3, 16, 16), x0_pred.view(k, len(levels), 3, 16, 16)], 1)
         strip = rows.reshape(k * 2 * len(levels), 3, 16, 16)  # (4, 2, 8, ...) -> rows: x_t, x0_pred per sprite
         return {"denoising": (common.from_model_range(strip), len(levels))}

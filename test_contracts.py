@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import importlib
 import io
+import itertools
 import json
 import math
 import os
@@ -483,7 +484,7 @@ BAD_FLAGS = [  # (Config, flags, message): one row per check of a Config's __pos
     (vae.Config, ["--kl-weight", "-1"], "cannot be negative"),
     (vqvae.Config, ["--top-k", "999"], "--top-k must be in"),
     (diffusion.Config, ["--steps", "1001"], "--steps must be between 2 and --timesteps"),
-    (diffusion.Config, ["--sampler", "euler"], "unknown --sampler 'euler'; use one of ddim, ddpm, dpm++"),
+    (diffusion.Config, ["--sampler", "plms"], "unknown --sampler 'plms'; use one of ddim, ddpm, dpm++, euler, heun"),
     (diffusion.Config, ["--eta", "-0.5"], "--eta cannot be negative"),
     (diffusion.Config, ["--snr-gamma", "0"], "--snr-gamma must be positive"),
     (diffusion.Config, ["--warmup-steps", "-1"], "--warmup-steps cannot be negative"),
@@ -495,6 +496,10 @@ BAD_FLAGS = [  # (Config, flags, message): one row per check of a Config's __pos
     (diffusion.Config, ["--autoguidance", "-1"], "--autoguidance must be between 0.0 and 100.0"),
     (diffusion.Config, ["--autoguidance", "2", "--guide-at", "0"], "--autoguidance needs a guide"),
     (diffusion.Config, ["--guide-interval", "0.8,0.2"], "--guide-interval must be two numbers lo,hi"),
+    (diffusion.Config, ["--schedule", "flow"], "--schedule flow needs --sampler euler or heun, --prediction v (the "
+     "velocity u) and --loss-weight none, got --sampler dpm++ --prediction v --loss-weight min-snr"),
+    (diffusion.Config, ["--sampler", "heun"], "--sampler heun integrates --schedule flow's ODE; use ddim, ddpm or "
+     "dpm++ with --schedule cosine"),
 ]
 
 
@@ -1686,6 +1691,52 @@ def test_diffusion_dpm_solver_pp_recovers_a_gaussian_in_few_steps():
     assert dpm.mean().item() == pytest.approx(mu, abs=0.01) and dpm.std().item() == pytest.approx(s, abs=0.01)
 
 
+class FlowOracle(nn.Module):
+    """The ideal velocity when every pixel of the data is N(mu, s^2), independent: x_t = (1 - t) x_0 + t eps
+    is N((1 - t) mu, (1 - t)^2 s^2 + t^2), and u = E[eps - x_0 | x_t] = (t - (1 - t) s^2) (x_t - (1 - t) mu)
+    / ((1 - t)^2 s^2 + t^2) - mu. It is called, as the U-Net is, at t (T - 1)."""
+
+    def __init__(self, T, mu, s):
+        super().__init__()
+        self.T, self.mu, self.s = T, mu, s
+
+    def forward(self, x, t):
+        t, (mu, s2) = (t.double() / (self.T - 1))[:, None, None, None], (self.mu, self.s ** 2)
+        return ((t - (1 - t) * s2) * (x.double() - (1 - t) * mu) / ((1 - t) ** 2 * s2 + t ** 2) - mu).float()
+
+
+def test_diffusion_flow_x_t_and_target_follow_the_formula_and_euler_and_heun_recover_a_gaussian():
+    """Rectified flow (--schedule flow): the U-Net sees x_t = (1 - t) x_0 + t eps at t (T - 1), t logit-normal, and
+    the loss is the MSE to eps - x_0. With the oracle velocity the ODE maps x_1 to x_0 = mu + s x_1 exactly (an
+    affine map between Gaussians): Euler (first order) halves its error from 10 to 20 steps, Heun (second order)
+    divides it by about 4 and is 20 times nearer (measured max errors: Euler 0.19, 0.098; Heun 0.018, 0.0055)."""
+    strategy = diffusion.DiffusionStrategy(diffusion.Config(schedule="flow", sampler="euler", loss_weight="none"),
+                                           torch.rand(8, 3))
+    seen = []
+    zero = lambda x, t: seen.append((x, t)) or torch.zeros_like(x)  # records what the U-Net is given
+    batch = torch.rand(64, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
+    loss = strategy.loss(zero, batch)
+    torch.manual_seed(1)
+    t = torch.sigmoid(torch.randn(64))  # logit-normal(0, 1), Esser et al. 2024
+    x0, eps = batch * 2 - 1, torch.randn(64, 3, 16, 16)
+    (x_t, t_net), = seen
+    assert torch.allclose(t_net, t * 999) and 0.35 < t.mean() < 0.65 and t.min() > 0 and t.max() < 1
+    assert torch.allclose(x_t, (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * eps, atol=1e-6)
+    assert loss.item() == pytest.approx(((eps - x0) ** 2).mean().item(), rel=1e-5)  # u_theta = 0: the target's MSE
+    mu, s, n = 0.1, 0.2, 8
+    oracle, z = FlowOracle(strategy.T, mu, s), torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    exact, err = mu + s * z, {}
+    for sampler, steps in itertools.product(diffusion.FLOW_SAMPLERS, (10, 20)):
+        strategy.config.sampler = sampler
+        x = strategy.sample_flow(oracle, n, torch.Generator().manual_seed(0), steps)  # x_1 = z
+        err[sampler, steps] = (x - exact).abs().max().item()
+        assert x.mean().item() == pytest.approx(exact.mean().item(), abs=0.002), (sampler, steps)
+        assert x.std().item() == pytest.approx(exact.std().item(), rel=0.15 if steps == 20 else 0.25), (sampler, steps)
+    assert err["euler", 20] < 0.6 * err["euler", 10] and err["heun", 20] < err["heun", 10] / 3, err
+    assert err["heun", 20] < 0.01 and err["heun", 10] < err["euler", 20] / 5, err
+
+
 # -----------------------------------------------------------------------------
 # Contracts: the U-Net, training, the samplers, pictures, a run and its sample mode
 # -----------------------------------------------------------------------------
@@ -1783,6 +1834,35 @@ def test_diffusion_self_cond_unet_is_the_plain_one_at_x0_prev_zero_trains_and_ev
         common.check_samples(a, 4)
         n = len(spy.given) // 2  # the calls of a, then of b
         assert torch.equal(a, b) and spy.given[:n] == spy.given[n:] == [False] + [True] * (n - 1), sampler
+
+
+def test_diffusion_flow_tiny_unet_learns_and_euler_heun_pictures_and_autoguidance_stay_in_range_and_seeded(sprites):
+    """--schedule flow on the tiny U-Net: the loss falls from E[(eps - x_0)^2] (u_theta = 0 at first); both
+    samplers give sprites in [0, 1] from the generator alone (Heun: 2 U-Net calls a step); the strip and the GIF
+    work on t in [0, 1]; autoguidance calls the guide at the steps whose t is in --guide-interval (t = 1, 0.8, 0.6)."""
+    strategy, model = tiny_model("diffusion", sprites.palette, schedule="flow", sampler="euler", loss_weight="none",
+                                 guide_interval="0.5,1")
+    batch = sprites.train[:32]
+    before, after = loss_before_after(strategy, model, batch, steps=30, lr=strategy.config.lr,
+                                      measure=lambda: strategy.get_metrics(model, batch)["loss"])
+    x0 = common.to_model_range(batch)
+    assert before == pytest.approx(1 + (x0 ** 2).mean().item(), rel=0.1) and after < 0.85 * before, (before, after)
+    model.eval()
+    for sampler, calls in (("euler", 5), ("heun", 10)):
+        strategy.config.sampler, counting = sampler, CountingUNet(model)
+        a, b, c = (strategy.sample(m, 4, torch.Generator().manual_seed(s)) for m, s in ((counting, 3), (model, 3), (model, 4)))
+        common.check_samples(a, 4)
+        assert torch.equal(a, b) and not torch.equal(a, c) and len(counting.batches) == calls, sampler
+    strip, _ = strategy.images(model, sprites.val, torch.Generator().manual_seed(0))["denoising"]
+    assert strip.shape == (64, 3, 16, 16) and (strip[0] - sprites.val[0]).abs().mean() < 0.05  # t = 0: the sprite
+    assert strategy.trajectory(model, 5, torch.Generator().manual_seed(0)).shape == (5 + 2, 5, 3, 16, 16)
+    strategy.config.sampler, plain = "euler", strategy.sample(model, 4, torch.Generator().manual_seed(3))
+    strategy.load_extra_state({"guide": {k: v + 0.05 * torch.randn_like(v) for k, v in model.state_dict().items()}})
+    strategy._guide_net = CountingUNet(strategy.build_model(strategy.config))
+    strategy._guide_net.model.load_state_dict(strategy.guide)
+    guided = strategy.sample(model, 4, torch.Generator().manual_seed(3))
+    common.check_samples(guided, 4)
+    assert strategy._guide_net.batches == [4] * 3 and not torch.equal(guided, plain)
 
 
 def test_diffusion_denoising_strip_and_trajectory(sprites):
