@@ -822,7 +822,7 @@ class DiffusionStrategy(common.Strategy):
             eps_theta = self.eps_theta(model, x, tau[i].expand(n), x0_prev)  # one batched U-Net call per step
             # Departure from the paper's plain form: x0_theta clipped to the data range [-1, 1],
             # as in sample_ddim (Lu et al.'s "thresholding" for data prediction, Sec. 5, in its simplest form).
-            x0 = ((x - sigma[i] * eps_theta) / alpha[i]).clamp(-1.0, 1.0)
+            x0 = self.x0_from_eps(x, tau[i].expand(n), eps_theta)  # (x - sigma eps) / alpha, clipped
             if i == steps - 1:
                 return x0  # t = 0 -> clean data: sigma = 0, so x = x0_theta
             h = lam[i + 1] - lam[i]
