@@ -65,13 +65,14 @@ import torch.nn.functional as F
 import common
 
 Tensor = torch.Tensor
-SCHEDULES = ("linear", "cosine", "flow")
+SCHEDULES = ("linear", "cosine", "flow", "edm")
+FLOW_PATHS = ("flow", "edm")  # the schedules on the path x_t = (1 - t) x_0 + t eps, sampled by euler or heun
 PREDICTIONS = ("eps", "v")
 LOSS_WEIGHTS = ("none", "min-snr")
 CLASS_WEIGHTS = ("none", "balanced")
 LR_DECAYS = ("none", "cosine")
 SAMPLERS = ("ddim", "ddpm", "dpm++", "euler", "heun")
-FLOW_SAMPLERS = ("euler", "heun")  # the samplers of --schedule flow, and only of it
+FLOW_SAMPLERS = ("euler", "heun")  # the samplers of FLOW_PATHS, and only of them
 
 # -----------------------------------------------------------------------------
 # Config
@@ -107,7 +108,10 @@ class Config(common.TrainConfig):
     # noise schedule: linear (Ho et al. 2020, beta 1e-4 to 0.02) or cosine (Nichol and Dhariwal 2021,
     # Eq. 17: alpha_bar falls slowly at both ends, so fewer of the T levels are almost pure noise) or flow
     # (Liu et al. 2022, "Flow straight and fast"; Lipman et al. 2022, "Flow matching"): x_t = (1 - t) x_0 + t eps,
-    # t in [0, 1] seen by the U-Net as the level t (T - 1), velocity u = eps - x_0 as --prediction v, unweighted
+    # t in [0, 1] seen by the U-Net as the level t (T - 1), velocity u = eps - x_0 as --prediction v, unweighted;
+    # or edm (Karras et al. 2022, "Elucidating the design space of diffusion-based generative models", Table 1):
+    # the same path with sigma = t / (1 - t), ln sigma ~ N(-1.2, 1.2^2) in training, the U-Net preconditioned
+    # (edm_precond, sigma_data measured on the training sprites) and their rho = 7 levels in sampling (Eq. 5)
     log_snr_shift: float = 0.0
     # S, added to the cosine schedule's log SNR in nats: log SNR'(t) = log(alpha_bar_t / (1 - alpha_bar_t)) + S,
     # alpha_bar'_t = sigmoid(log SNR'(t)) (Hoogeboom et al. 2023, "simple diffusion", Sec. 3.1: their shift
@@ -213,13 +217,13 @@ class Config(common.TrainConfig):
         if not 0 <= lo <= hi <= 1:
             raise ValueError(f"--guide-interval must be two numbers lo,hi with 0 <= lo <= hi <= 1, like 0.2,0.8, "
                              f"got {self.guide_interval!r}")
-        if self.schedule == "flow" and (self.sampler not in FLOW_SAMPLERS or self.prediction != "v"
-                                        or self.loss_weight != "none"):
-            raise ValueError(f"--schedule flow needs --sampler euler or heun, --prediction v (the velocity u) and "
+        if self.schedule in FLOW_PATHS and (self.sampler not in FLOW_SAMPLERS or self.prediction != "v"
+                                            or self.loss_weight != "none"):
+            raise ValueError(f"--schedule {self.schedule} needs --sampler euler or heun, --prediction v (the velocity u) and "
                              f"--loss-weight none, got --sampler {self.sampler} --prediction {self.prediction} "
                              f"--loss-weight {self.loss_weight}")
-        if self.schedule != "flow" and self.sampler in FLOW_SAMPLERS:
-            raise ValueError(f"--sampler {self.sampler} integrates --schedule flow's ODE; use ddim, ddpm or dpm++ "
+        if self.schedule not in FLOW_PATHS and self.sampler in FLOW_SAMPLERS:
+            raise ValueError(f"--sampler {self.sampler} integrates the ODE of --schedule flow or edm; use ddim, ddpm or dpm++ "
                              f"with --schedule {self.schedule}")
         if self.autoguidance != 1 and not self.guide_at:  # also a checkpoint from before autoguidance (LEGACY)
             raise ValueError("--autoguidance needs a guide; this run keeps none (--guide-at 0, or trained before "
@@ -288,6 +292,29 @@ def ddim_timesteps(T: int, steps: int) -> Tensor:
     assert 2 <= steps <= T, f"DDIM needs 2 <= steps <= T, got steps={steps}, T={T}"
     # spacing (T-1)/(steps-1) >= 1, so the rounded values stay strictly decreasing
     return torch.linspace(T - 1, 0, steps, dtype=torch.float64).round().long()  # (steps,)
+
+
+# --schedule edm (Karras et al. 2022, Table 1): ln sigma ~ N(P_mean, P_std^2) in training; sampling levels (Eq. 5)
+EDM_P_MEAN, EDM_P_STD, EDM_SIGMA_MIN, EDM_SIGMA_MAX, EDM_RHO = -1.2, 1.2, 0.002, 80.0, 7.0
+
+
+def edm_precond(sigma: Tensor, sigma_data: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Karras et al. 2022, Table 1, "Network and preconditioning": the denoiser is
+    D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) on x = x_0 + sigma eps, with
+      c_skip = sigma_data^2 / (sigma^2 + sigma_data^2),   c_out = sigma sigma_data / sqrt(sigma^2 + sigma_data^2),
+      c_in = 1 / sqrt(sigma^2 + sigma_data^2),             c_noise = ln(sigma) / 4,
+    chosen (their App. B.6) so that F's input c_in x and its target (x_0 - c_skip x) / c_out both have unit variance
+    at every sigma when x_0 has std sigma_data, and the loss weight lambda = 1 / c_out^2 makes every sigma count alike."""
+    root = (sigma ** 2 + sigma_data ** 2).sqrt()
+    return sigma_data ** 2 / root ** 2, sigma * sigma_data / root, 1 / root, sigma.log() / 4
+
+
+def edm_sigmas(steps: int, device: torch.device) -> Tensor:
+    """Eq. 5: sigma_i = (sigma_max^(1/rho) + i / (N - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, i = 0..N-1
+    (N = steps): rho = 7 crowds the levels near sigma_min, where the sprite's detail is decided. (steps,)"""
+    i = torch.arange(steps, device=device, dtype=torch.float64) / (steps - 1)
+    lo, hi = EDM_SIGMA_MIN ** (1 / EDM_RHO), EDM_SIGMA_MAX ** (1 / EDM_RHO)
+    return ((hi + i * (lo - hi)) ** EDM_RHO).float()
 
 
 # -----------------------------------------------------------------------------
@@ -455,6 +482,9 @@ class DiffusionStrategy(common.Strategy):
         self.sample_class: int | None = None
         self._y: Tensor | None = None
         self.guide, self._guide_net = None, None  # autoguidance: the guide's weights (after_step) and its U-Net
+        # --schedule edm: sigma_data, the std of the training sprites in [-1, 1] (Karras et al. 2022 take 0.5)
+        self.sigma_data = float(common.to_model_range(common.load_sprites(
+            config.data, palette.device, config.palette_size, config.seed).train).std()) if config.schedule == "edm" else 0.
         # --class-weight balanced: w_y = N / (K n_y) from the training split's class sizes n_y (K,)
         self.class_weights: Tensor | None = None
         if self.labeller is not None and config.class_weight == "balanced":
@@ -480,14 +510,15 @@ class DiffusionStrategy(common.Strategy):
         if model.class_emb is not None:
             parts[f"class embedding ({model.n_classes} {self.config.condition} classes + null)"] = [model.class_emb]
         counts = {k: sum(p.numel() for m in ms for p in m.parameters()) for k, ms in parts.items()}
-        return "U-Net parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items())
+        return "U-Net parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()) + (
+            f"; EDM sigma_data {self.sigma_data:.4f} (std of the training sprites in [-1, 1])" if self.sigma_data else "")
 
     # -- training -------------------------------------------------------------
 
     def q_sample(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         """Eq. 4 in closed form: x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps,
         for any t in one step -- no need to run the chain of t noisings."""
-        if self.config.schedule == "flow":  # x_t = (1 - t) x_0 + t eps (_coef; Liu et al. 2022, Eq. 1)
+        if self.config.schedule in FLOW_PATHS:  # x_t = (1 - t) x_0 + t eps (_coef; Liu et al. 2022, Eq. 1)
             a, b = self._coef(t)
             return a * x0 + b * eps
         s = self.schedule
@@ -501,11 +532,16 @@ class DiffusionStrategy(common.Strategy):
         --loss-weight min-snr: each sprite's squared error is weighted by w_t (min_snr_weight);
         --condition: eps_theta(x_t, t, y) with each sprite's class y, replaced by the null
         label with probability --p-uncond when drop_labels (Ho & Salimans 2022, Algorithm 1);
-        --self-cond: the U-Net is called through self_conditioned."""
+        --self-cond: the U-Net is called through self_conditioned; --schedule edm: through preconditioned."""
+        edm = self.config.schedule == "edm"
+        model = self.preconditioned(model)
         model = self.self_conditioned(model) if self.config.self_cond else model
         x0 = common.to_model_range(batch)  # (B, 3, 16, 16) in [-1, 1]
-        if self.config.schedule == "flow":  # t / (T - 1) = sigmoid(n), n ~ N(0, 1) (Esser et al. 2024, Sec. 3.1)
-            t = torch.sigmoid(torch.randn(x0.shape[0], device=x0.device)) * (self.T - 1)  # (B,) continuous
+        if self.config.schedule in FLOW_PATHS:  # t / (T - 1) = sigmoid(n), n ~ N(0, 1) (Esser et al. 2024, Sec. 3.1);
+            # edm: logit(t) = ln(t / (1 - t)) = ln sigma ~ N(-1.2, 1.2^2), clamped to sigma_min ... sigma_max
+            n = EDM_P_MEAN + EDM_P_STD * torch.randn(x0.shape[0], device=x0.device) if edm else \
+                torch.randn(x0.shape[0], device=x0.device)
+            t = torch.sigmoid(n.clamp(math.log(EDM_SIGMA_MIN), math.log(EDM_SIGMA_MAX)) if edm else n) * (self.T - 1)
         else:
             t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device)  # (B,)
         eps = torch.randn_like(x0)
@@ -523,6 +559,9 @@ class DiffusionStrategy(common.Strategy):
         err = ((out - target) ** 2).mean(dim=(1, 2, 3))  # (B,) squared error per sprite
         if self.config.loss_weight == "min-snr":
             err = self.min_snr_weight(t) * err
+        if edm:  # EDM's loss lambda(sigma) ||D - x_0||^2, lambda = 1 / c_out^2 (Table 1), is lambda tau^2 ||u - (eps - x_0)||^2
+            tau = t / (self.T - 1)  # (B,): u - (eps - x_0) = (x_0 - D) / tau (preconditioned)
+            err = tau ** 2 / edm_precond(tau / (1 - tau), self.sigma_data)[1] ** 2 * err
         if weight is not None:
             err = weight * err
         return err.mean()
@@ -539,6 +578,23 @@ class DiffusionStrategy(common.Strategy):
             return model(x_t, t, *y, x0_prev=x0_prev)
         return net
 
+    def preconditioned(self, model: nn.Module):
+        """--schedule edm: the U-Net is Karras et al.'s F. On the flow's x_t, x = x_t / (1 - t) = x_0 + sigma eps with
+        sigma = t / (1 - t), D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) (edm_precond), returned as the velocity
+        u = eps_hat - D with eps_hat = (x - D) / sigma (= (x_t - D) / t), so its loss, samplers and guidance serve unchanged.
+        t is clamped to sigma_min ... sigma_max (the strip asks for t = 0 and 1). Other schedules: the model itself."""
+        if self.config.schedule != "edm":
+            return model
+
+        def net(x_t: Tensor, t: Tensor, *y: Tensor, **kw) -> Tensor:
+            tau = (t / (self.T - 1)).clamp(EDM_SIGMA_MIN / (1 + EDM_SIGMA_MIN), EDM_SIGMA_MAX / (1 + EDM_SIGMA_MAX))
+            sigma = (tau / (1 - tau))[:, None, None, None]  # (B, 1, 1, 1)
+            c_skip, c_out, c_in, c_noise = edm_precond(sigma, self.sigma_data)
+            x = x_t * (1 + sigma)  # x_0 + sigma eps  (1 / (1 - t) = 1 + sigma)
+            D = c_skip * x + c_out * model(c_in * x, c_noise.flatten(), *y, **kw).float()
+            return (x - D) / sigma - D  # u = eps_hat - D: the flow's velocity, D its x_0
+        return net
+
     def x0_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         """x0_pred = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t) (Eq. 4 solved for x_0), clipped to [-1, 1]
         as the samplers clip it: --self-cond's x0_prev."""
@@ -548,7 +604,7 @@ class DiffusionStrategy(common.Strategy):
     def _coef(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t) for each t (B,), as (B, 1, 1, 1); --schedule flow: 1 - t / (T - 1),
         t / (T - 1) (the levels t are continuous there, t / (T - 1) in [0, 1] is the flow's time)."""
-        if self.config.schedule == "flow":
+        if self.config.schedule in FLOW_PATHS:
             tau = t[:, None, None, None] / (self.T - 1)
             return 1 - tau, tau
         s = self.schedule
@@ -560,7 +616,7 @@ class DiffusionStrategy(common.Strategy):
         variance at every t, unlike eps at t ~ 0 (it barely changes x_t) or x_0 at t ~ T.
         --schedule flow: the velocity u = dx_t/dt = eps - x_0 (v is dx/dphi on the path cos(phi) x_0 + sin(phi) eps),
         so the loss is flow matching's || u_theta(x_t, t) - (eps - x_0) ||^2 (Lipman et al. 2022, Eq. 23)."""
-        if self.config.schedule == "flow":
+        if self.config.schedule in FLOW_PATHS:
             return eps - x0
         a, b = self._coef(t)
         return a * eps - b * x0
@@ -570,7 +626,7 @@ class DiffusionStrategy(common.Strategy):
         x_0 = a x_t - b v,  eps = b x_t + a v.  --schedule flow (x_t = a x_0 + b eps, a + b = 1): x_0 = x_t - b u,
         eps = x_t + a u."""
         a, b = self._coef(t)
-        if self.config.schedule == "flow":
+        if self.config.schedule in FLOW_PATHS:
             return x_t - b * v, x_t + a * v
         return a * x_t - b * v, b * x_t + a * v
 
@@ -682,7 +738,7 @@ class DiffusionStrategy(common.Strategy):
         exactly guiding eps. w = 0 needs only the null branch and w = 1 only the conditional
         one: a single plain call of n sprites, the same numbers as without guidance.
         --self-cond: both branches get x0_prev, the previous step's guided estimate."""
-        y, w = self._y, self.config.guidance
+        y, w, model = self._y, self.config.guidance, self.preconditioned(model)
         sc = {"x0_prev": x0_prev} if self.config.self_cond and x0_prev is not None else {}  # None: zeros
         if y is None:
             return model(x_t, t, **sc)
@@ -726,7 +782,7 @@ class DiffusionStrategy(common.Strategy):
         if self.labeller is not None and y is None:
             y = self.requested_classes(n, generator.device)
         with self.conditioned(y):
-            if cfg.schedule == "flow":
+            if cfg.schedule in FLOW_PATHS:
                 x0 = self.sample_flow(model, n, generator, cfg.steps)
             elif cfg.sampler == "ddpm":
                 x0 = self.sample_ddpm(model, n, generator)
@@ -843,14 +899,21 @@ class DiffusionStrategy(common.Strategy):
           euler  x_{t_{i+1}} = x_{t_i} - h u_theta(x_{t_i}, t_i)                (DDIM, eta = 0, on this path)
           heun   x' = Euler's x_{t_{i+1}};  x_{t_{i+1}} = x_{t_i} - h/2 (u_theta(x_{t_i}, t_i) + u_theta(x', t_{i+1}))
         (Karras et al. 2022, Algorithm 1; its last step is Euler, sigma = 0; u_theta at t = 0 exists, so not here).
-        Both guidances combine u (affine in eps at a fixed x_t). No clipping. `frames` as in sample_ddim."""
+        Both guidances combine u (affine in eps at a fixed x_t). No clipping. `frames` as in sample_ddim.
+        --schedule edm: the levels t = sigma / (1 + sigma) of Eq. 5's sigmas, then 0; x_{t_0} = t_0 z, i.e.
+        x = sigma_max z (their Algorithm 1; x_0's share (1 - t_0) x_0 is ignored, as there). On this path Euler is their
+        Euler step in sigma (both are DDIM); Heun's correction is taken in t, not sigma (a departure)."""
         device, u_theta = generator.device, lambda x, t: self.model_output(model, x, t.expand(n)).float()
-        ts = torch.linspace(self.T - 1, 0, steps + 1, device=device)  # (steps + 1,) the levels t (T - 1), t = 1 ... 0
-        x = torch.randn(n, 3, 16, 16, generator=generator, device=device)  # x_1
+        if self.config.schedule == "edm":
+            sigma = edm_sigmas(steps, device)
+            ts = torch.cat([sigma / (1 + sigma), sigma.new_zeros(1)]) * (self.T - 1)  # (steps + 1,)
+        else:
+            ts = torch.linspace(self.T - 1, 0, steps + 1, device=device)  # (steps + 1,) the levels t (T - 1), t = 1 ... 0
+        x = torch.randn(n, 3, 16, 16, generator=generator, device=device) * (ts[0] / (self.T - 1))  # x_1 (flow)
         frames = [] if frames is None else frames
         frames.append(common.from_model_range(x))
         for i in range(steps):
-            h, u = 1 / steps, u_theta(x, ts[i])
+            h, u = (ts[i] - ts[i + 1]) / (self.T - 1) if self.config.schedule == "edm" else 1 / steps, u_theta(x, ts[i])
             x_next = x - h * u
             if self.config.sampler == "heun":
                 x_next = x - h / 2 * (u + u_theta(x_next, ts[i + 1]))
@@ -867,7 +930,7 @@ class DiffusionStrategy(common.Strategy):
         frames: list[Tensor] = []
         y = self.requested_classes(n, generator.device) if self.labeller is not None else None
         with self.conditioned(y):
-            if self.config.schedule == "flow":
+            if self.config.schedule in FLOW_PATHS:
                 x0 = self.sample_flow(model, n, generator, self.config.steps, frames)
             else:
                 x0 = self.sample_ddim(model, n, generator, self.config.steps, self.config.eta, frames)
@@ -894,7 +957,7 @@ class DiffusionStrategy(common.Strategy):
         # a conditional model is told each sprite's true class (and guided at --guidance)
         y = self.class_labels(val[:4]).repeat_interleave(len(levels)) if self.labeller is not None else None
         with self.conditioned(y):
-            if self.config.schedule == "flow":  # x0_pred = x_t - t u: no division by 1 - t
+            if self.config.schedule in FLOW_PATHS:  # x0_pred = x_t - t u: no division by 1 - t
                 x0_pred = self.x0_eps_from_v(x_t, t_rep, self.model_output(model, x_t, t_rep).float())[0]
             else:
                 eps_theta = self.eps_theta(model, x_t, t_rep)

@@ -498,8 +498,8 @@ BAD_FLAGS = [  # (Config, flags, message): one row per check of a Config's __pos
     (diffusion.Config, ["--guide-interval", "0.8,0.2"], "--guide-interval must be two numbers lo,hi"),
     (diffusion.Config, ["--schedule", "flow"], "--schedule flow needs --sampler euler or heun, --prediction v (the "
      "velocity u) and --loss-weight none, got --sampler dpm++ --prediction v --loss-weight min-snr"),
-    (diffusion.Config, ["--sampler", "heun"], "--sampler heun integrates --schedule flow's ODE; use ddim, ddpm or "
-     "dpm++ with --schedule cosine"),
+    (diffusion.Config, ["--sampler", "heun"], "--sampler heun integrates the ODE of --schedule flow or edm; use ddim, "
+     "ddpm or dpm++ with --schedule cosine"),
 ]
 
 
@@ -1737,6 +1737,71 @@ def test_diffusion_flow_x_t_and_target_follow_the_formula_and_euler_and_heun_rec
     assert err["heun", 20] < 0.01 and err["heun", 10] < err["euler", 20] / 5, err
 
 
+class EDMOracle(nn.Module):
+    """Karras et al.'s F when every pixel of the data is N(mu, s^2): from its input c_in x and c_noise it recovers
+    sigma = exp(4 c_noise) and x = x_0 + sigma eps, and returns (E[x_0 | x] - c_skip x) / c_out, with
+    E[x_0 | x] = mu + s^2 (x - mu) / (s^2 + sigma^2): the network that makes D the ideal denoiser."""
+
+    def __init__(self, mu, s, sigma_data):
+        super().__init__()
+        self.mu, self.s, self.sd = mu, s, sigma_data
+
+    def forward(self, x_in, c_noise):
+        sigma = torch.exp(4 * c_noise.double())[:, None, None, None]
+        c_skip, c_out, c_in, _ = diffusion.edm_precond(sigma, self.sd)
+        x = x_in.double() / c_in
+        return ((self.mu + self.s ** 2 * (x - self.mu) / (self.s ** 2 + sigma ** 2) - c_skip * x) / c_out).float()
+
+
+def test_diffusion_edm_preconditioning_levels_loss_and_sampler_follow_karras_et_al(dataset):
+    """--schedule edm (Karras et al. 2022, Table 1): at sigma = sigma_data, c_skip = 1/2, c_out = sigma_data / sqrt(2),
+    c_in = 1 / (sigma_data sqrt(2)); at every sigma F's input and target have unit variance when x_0 has std sigma_data
+    (what the four coefficients are for); Eq. 5's levels; the loss gives the U-Net c_in x and ln(sigma) / 4 with
+    ln sigma ~ N(-1.2, 1.2^2) and equals lambda ||D - x_0||^2; with the ideal F the sampler recovers a Gaussian."""
+    sd = 0.5
+    c_skip, c_out, c_in, c_noise = diffusion.edm_precond(torch.tensor(sd), sd)
+    assert (c_skip.item(), c_out.item(), c_in.item(), c_noise.item()) == pytest.approx(
+        (0.5, sd / math.sqrt(2), 1 / (sd * math.sqrt(2)), math.log(sd) / 4))
+    x0, n = sd * torch.randn(200_000, generator=torch.Generator().manual_seed(0)), torch.randn(200_000)
+    for sigma in (0.01, 0.3, 3.0, 50.0):
+        c_skip, c_out, c_in, _ = diffusion.edm_precond(torch.tensor(sigma), sd)
+        x = x0 + sigma * n
+        assert (c_in * x).std().item() == pytest.approx(1, abs=0.01), sigma
+        assert ((x0 - c_skip * x) / c_out).std().item() == pytest.approx(1, abs=0.01), sigma
+    levels = diffusion.edm_sigmas(18, torch.device("cpu")).double()
+    assert levels[0].item() == pytest.approx(80) and levels[-1].item() == pytest.approx(0.002)
+    assert torch.allclose(levels ** (1 / 7), torch.linspace(80 ** (1 / 7), 0.002 ** (1 / 7), 18, dtype=torch.float64),
+                          rtol=1e-5)  # linear in sigma^(1/rho)
+    strategy = diffusion.DiffusionStrategy(diffusion.Config(data=str(dataset), schedule="edm", sampler="euler",
+                                                            loss_weight="none"), torch.rand(8, 3))
+    assert 0.3 < strategy.sigma_data < 1, strategy.sigma_data  # measured on the sprites, in [-1, 1]
+    seen = []
+    zero = lambda x, c: seen.append((x, c)) or torch.zeros_like(x)  # F = 0: D = c_skip x
+    batch = torch.rand(512, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
+    loss = strategy.loss(zero, batch)
+    torch.manual_seed(1)
+    ln_sigma, eps = -1.2 + 1.2 * torch.randn(512), torch.randn(512, 3, 16, 16)
+    (x_in, c_net), = seen
+    sigma, x0 = ln_sigma.exp()[:, None, None, None], batch * 2 - 1
+    c_skip, c_out, c_in, c_noise = diffusion.edm_precond(sigma, strategy.sigma_data)
+    x = x0 + sigma * eps
+    assert torch.allclose(c_net, c_noise.flatten(), atol=1e-4) and abs(c_net.mean() * 4 + 1.2) < 0.15
+    assert torch.allclose(x_in, c_in * x, atol=1e-4)
+    expected = (((c_skip * x - x0) ** 2).mean(dim=(1, 2, 3)) / c_out.flatten() ** 2).mean()  # lambda = 1 / c_out^2
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-3)
+    mu, s, n = 0.1, 0.2, 8
+    z = torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    exact = mu + s * (80 * z - mu) / math.sqrt(s ** 2 + 80 ** 2)  # the ODE's map from x = sigma_max z, Gaussian to Gaussian
+    err = {}
+    for sampler, steps in itertools.product(diffusion.FLOW_SAMPLERS, (10, 20)):
+        strategy.config.sampler = sampler
+        x = strategy.sample_flow(EDMOracle(mu, s, strategy.sigma_data), n, torch.Generator().manual_seed(0), steps)
+        err[sampler, steps] = (x - exact).abs().max().item()
+    assert err["euler", 20] < 0.6 * err["euler", 10] and err["heun", 20] < err["heun", 10] / 3, err  # 1st, 2nd order
+    assert err["heun", 20] < 0.05 and err["heun", 10] < err["euler", 20], err  # measured: 0.25, 0.13; 0.11, 0.025
+
+
 # -----------------------------------------------------------------------------
 # Contracts: the U-Net, training, the samplers, pictures, a run and its sample mode
 # -----------------------------------------------------------------------------
@@ -1836,17 +1901,21 @@ def test_diffusion_self_cond_unet_is_the_plain_one_at_x0_prev_zero_trains_and_ev
         assert torch.equal(a, b) and spy.given[:n] == spy.given[n:] == [False] + [True] * (n - 1), sampler
 
 
-def test_diffusion_flow_tiny_unet_learns_and_euler_heun_pictures_and_autoguidance_stay_in_range_and_seeded(sprites):
-    """--schedule flow on the tiny U-Net: the loss falls from E[(eps - x_0)^2] (u_theta = 0 at first); both
-    samplers give sprites in [0, 1] from the generator alone (Heun: 2 U-Net calls a step); the strip and the GIF
-    work on t in [0, 1]; autoguidance calls the guide at the steps whose t is in --guide-interval (t = 1, 0.8, 0.6)."""
-    strategy, model = tiny_model("diffusion", sprites.palette, schedule="flow", sampler="euler", loss_weight="none",
-                                 guide_interval="0.5,1")
+@pytest.mark.parametrize("schedule", diffusion.FLOW_PATHS)
+def test_diffusion_flow_tiny_unet_learns_and_euler_heun_pictures_and_autoguidance_stay_in_range_and_seeded(
+        sprites, dataset, schedule):
+    """--schedule flow (and edm) on the tiny U-Net: the loss falls (flow: from E[(eps - x_0)^2], u_theta = 0 at
+    first); both samplers give sprites in [0, 1] from the generator alone (Heun: 2 U-Net calls a step); the strip and
+    the GIF work on t in [0, 1]; autoguidance calls the guide at the steps whose t is in --guide-interval (flow:
+    t = 1, 0.8, 0.6; edm: its levels sigma >= 1)."""
+    strategy, model = tiny_model("diffusion", sprites.palette, dataset, schedule=schedule, sampler="euler",
+                                 loss_weight="none", guide_interval="0.5,1")
     batch = sprites.train[:32]
     before, after = loss_before_after(strategy, model, batch, steps=30, lr=strategy.config.lr,
                                       measure=lambda: strategy.get_metrics(model, batch)["loss"])
     x0 = common.to_model_range(batch)
-    assert before == pytest.approx(1 + (x0 ** 2).mean().item(), rel=0.1) and after < 0.85 * before, (before, after)
+    assert after < 0.85 * before, (before, after)
+    assert schedule == "edm" or before == pytest.approx(1 + (x0 ** 2).mean().item(), rel=0.1), before
     model.eval()
     for sampler, calls in (("euler", 5), ("heun", 10)):
         strategy.config.sampler, counting = sampler, CountingUNet(model)
@@ -1862,7 +1931,8 @@ def test_diffusion_flow_tiny_unet_learns_and_euler_heun_pictures_and_autoguidanc
     strategy._guide_net.model.load_state_dict(strategy.guide)
     guided = strategy.sample(model, 4, torch.Generator().manual_seed(3))
     common.check_samples(guided, 4)
-    assert strategy._guide_net.batches == [4] * 3 and not torch.equal(guided, plain)
+    inside = 3 if schedule == "flow" else int((diffusion.edm_sigmas(5, torch.device("cpu")) >= 1).sum())
+    assert strategy._guide_net.batches == [4] * inside and not torch.equal(guided, plain)
 
 
 def test_diffusion_denoising_strip_and_trajectory(sprites):
