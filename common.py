@@ -684,9 +684,9 @@ class Strategy(abc.ABC):
         """Extra end-of-run metrics with full names (e.g. sample_random/precision), into metrics.json."""
         return {}
 
-    def after_step(self, model: nn.Module, step: int, total_steps: int) -> None:
-        """After optimizer step `step` (1-based), with the eval model, e.g. to keep an early snapshot of it
-        (diffusion.py's autoguidance). It must not draw random numbers."""
+    def after_step(self, model: nn.Module, step: int, total_steps: int, trained: nn.Module | None = None) -> None:
+        """After optimizer step `step` (1-based), with the eval model and the trained one, e.g. to keep an early
+        snapshot (diffusion.py's autoguidance) or more averages of the weights. It must not draw random numbers."""
 
     def extra_state(self) -> dict[str, dict[str, Tensor]]:
         """Named snapshots of the model's weights (state dicts) for the checkpoint's "extra"."""
@@ -1139,7 +1139,7 @@ class Trainer:
         if self.ema is not None:
             self.ema.update_parameters(self.model)
         self.step += 1
-        self.strategy.after_step(self.eval_model, self.step, self.total_steps)
+        self.strategy.after_step(self.eval_model, self.step, self.total_steps, self.model)
         return scalars
 
     def _fit_seconds(self) -> float:

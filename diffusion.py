@@ -91,6 +91,11 @@ class Config(common.TrainConfig):
     ema_decay: float = 0.995
     # EMA of the weights, used for validation and every sample; its time constant is 1 / (1 - decay)
     # steps (Ho et al. 2020: 0.9999, for runs of 800k steps)
+    ema_extra: str = ""
+    # more EMA decays kept in the same run, e.g. 0.99,0.999 (Karras et al. 2024, "Analyzing and improving the
+    # training dynamics of diffusion models", Sec. 3: choose the EMA length after training): each one's val loss every
+    # epoch (val/ema<decay>_loss, on val/loss's noise) and sprite metrics at the end (ema<decay>/...); the run's own
+    # model stays --ema-decay's
     sample_every: int = 50
     # sample grid, denoising strip and sprite-quality metrics every this many epochs (0 = only at the end)
     base_channels: int = 24
@@ -177,7 +182,7 @@ class Config(common.TrainConfig):
     # Checkpoints written before a field existed were trained with these values (common.saved_config).
     LEGACY = dict(channel_mult="1,2,4", res_blocks=2, schedule="linear", prediction="eps", loss_weight="none",
                   warmup_steps=0, lr_decay="none", condition="none", guide_at=0.0, autoguidance=1.0,
-                  guide_interval="0,1", log_snr_shift=0.0, self_cond=False)
+                  guide_interval="0,1", log_snr_shift=0.0, self_cond=False, ema_extra="")
 
     def __post_init__(self):
         super().__post_init__()  # also refuses a value not among a field's choices (--sampler, --schedule, ...)
@@ -189,6 +194,13 @@ class Config(common.TrainConfig):
             raise ValueError(f"--log-snr-shift must be in [-10, 10], got {self.log_snr_shift}")
         if self.log_snr_shift and self.schedule != "cosine":
             raise ValueError(f"--log-snr-shift needs --schedule cosine, got --schedule {self.schedule}")
+        try:
+            decays = [float(d) for d in self.ema_extra.split(",")] if self.ema_extra else []
+        except ValueError:  # not numbers
+            decays = [-1.0]
+        if not all(0 < d < 1 for d in decays):
+            raise ValueError(f"--ema-extra must be decays in (0, 1) separated by commas, like 0.99,0.999, "
+                             f"got {self.ema_extra!r}")
         if self.res_blocks < 1:
             raise ValueError(f"--res-blocks must be at least 1, got {self.res_blocks}")
         mult = self.channel_mult.split(",")
@@ -482,6 +494,7 @@ class DiffusionStrategy(common.Strategy):
         self.sample_class: int | None = None
         self._y: Tensor | None = None
         self.guide, self._guide_net = None, None  # autoguidance: the guide's weights (after_step) and its U-Net
+        self.emas = {float(d): None for d in config.ema_extra.split(",")} if config.ema_extra else {}  # --ema-extra
         # --schedule edm: sigma_data, the std of the training sprites in [-1, 1] (Karras et al. 2022 take 0.5)
         self.sigma_data = float(common.to_model_range(common.load_sprites(
             config.data, palette.device, config.palette_size, config.seed).train).std()) if config.schedule == "edm" else 0.
@@ -709,24 +722,51 @@ class DiffusionStrategy(common.Strategy):
         inside = (t >= lo * (self.T - 1)) & (t <= hi * (self.T - 1))  # (B,) --guide-interval, on the level index
         if w == 1 or self.guide is None or not inside.any():
             return out
-        if self._guide_net is None:  # built on the meta device (no RNG draw), given the snapshot's tensors
-            with torch.inference_mode(False), torch.device("meta"):  # (not inference tensors: no_grad calls too)
-                self._guide_net = self.build_model(self.config)
-                self._guide_net.load_state_dict(self.guide, assign=True)
+        if self._guide_net is None:
+            self._guide_net = self.net_of(self.guide)
         guide = self.cfg_output(self._guide_net.to(x_t.device).eval(), x_t, t, x0_prev)
         guided = guide + w * (out - guide)  # Karras et al. 2024, arXiv 2406.02507: D_guide + w (D_main - D_guide)
         return torch.where(inside[:, None, None, None], guided, out)  # the samplers' steps: all in or all out
 
-    def after_step(self, model: nn.Module, step: int, total_steps: int) -> None:
-        """At step round(--guide-at x total_steps) the EMA weights, copied, become the guide (no RNG draw)."""
+    def net_of(self, weights: dict[str, Tensor]) -> nn.Module:
+        """A U-Net of this config holding `weights` (a snapshot): built on the meta device, so no RNG draw and no copy
+        (not under inference mode: no_grad calls use it too)."""
+        with torch.inference_mode(False), torch.device("meta"):
+            net = self.build_model(self.config)
+            net.load_state_dict(weights, assign=True)
+        return net
+
+    def after_step(self, model: nn.Module, step: int, total_steps: int, trained: nn.Module | None = None) -> None:
+        """At step round(--guide-at x total_steps) the EMA weights, copied, become the guide (no RNG draw).
+        --ema-extra: each average e <- d e + (1 - d) theta of the trained weights theta, the update of the Trainer's
+        EMA (torch.optim.swa_utils, whose first step copies theta), so e equals a run's EMA with --ema-decay d."""
         if self.guide is None and self.config.guide_at and step == max(1, round(self.config.guide_at * total_steps)):
             self.guide = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        for d, avg in self.emas.items():
+            theta = trained.state_dict()
+            if avg is None:
+                self.emas[d] = {k: v.detach().clone() for k, v in theta.items()}
+            else:
+                torch._foreach_lerp_(list(avg.values()), [theta[k].detach() for k in avg], 1 - d)
 
     def extra_state(self) -> dict:
-        return {} if self.guide is None else {"guide": self.guide}
+        emas = {f"ema{d:g}": avg for d, avg in self.emas.items() if avg is not None}
+        return emas if self.guide is None else {"guide": self.guide, **emas}
 
     def load_extra_state(self, extra: dict) -> None:
         self.guide, self._guide_net = extra.get("guide"), None
+        self.emas = {d: extra.get(f"ema{d:g}") for d in self.emas}
+
+    def on_epoch_end(self, model: nn.Module, epoch: int, val: Tensor) -> dict[str, float]:
+        """--ema-extra: each average's val loss, on the noise of val/loss (the same seed, batches and draws)."""
+        out = {}
+        for d, avg in self.emas.items():
+            net = self.net_of(avg).eval()
+            with torch.random.fork_rng(devices=[val.device] if val.device.type == "cuda" else []):
+                torch.manual_seed(self.config.seed + 1)  # as the Trainer's validate
+                loss = sum(self.get_metrics(net, b)["loss"] * len(b) for b in val.split(self.config.batch_size))
+            out[f"ema{d:g}_loss"] = loss / len(val)
+        return out
 
     def cfg_output(self, model: nn.Module, x_t: Tensor, t: Tensor, x0_prev: Tensor | None = None) -> Tensor:
         """The U-Net's output, guided when sampling with labels.
@@ -761,13 +801,17 @@ class DiffusionStrategy(common.Strategy):
 
     def on_train_end(self, model: nn.Module, train: Tensor) -> dict[str, float]:
         """Conditional runs: class accuracy of --n-eval samples with balanced classes
-        (sample i asks for class i mod n_classes), seed + 2 as the sprite metrics."""
-        if self.labeller is None:
-            return {}
-        n, device = self.config.n_eval, train.device
-        y = torch.arange(n, device=device) % self.labeller.n_classes
-        x = self.sample_classes(model, y, torch.Generator(device).manual_seed(self.config.seed + 2))
-        return {"sample/class_accuracy": self.class_accuracy(x, y)}
+        (sample i asks for class i mod n_classes), seed + 2 as the sprite metrics. --ema-extra: each average's
+        sprite metrics (ema<decay>/...), from the same seed as sample/."""
+        n, device, out = self.config.n_eval, train.device, {}
+        for d, avg in self.emas.items():
+            x = common.draw_samples(self, self.net_of(avg).eval(), n, self.config.seed + 2, device)
+            out.update({f"ema{d:g}/{k}": v for k, v in common.sprite_metrics(x, train, self.palette).items()})
+        if self.labeller is not None:
+            y = torch.arange(n, device=device) % self.labeller.n_classes
+            x = self.sample_classes(model, y, torch.Generator(device).manual_seed(self.config.seed + 2))
+            out["sample/class_accuracy"] = self.class_accuracy(x, y)
+        return out
 
     @torch.no_grad()
     def sample_classes(self, model: nn.Module, y: Tensor, generator: torch.Generator, chunk: int = 256) -> Tensor:

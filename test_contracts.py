@@ -495,6 +495,7 @@ BAD_FLAGS = [  # (Config, flags, message): one row per check of a Config's __pos
     (diffusion.Config, ["--guide-at", "1"], "--guide-at must be in [0, 1)"),
     (diffusion.Config, ["--autoguidance", "-1"], "--autoguidance must be between 0.0 and 100.0"),
     (diffusion.Config, ["--autoguidance", "2", "--guide-at", "0"], "--autoguidance needs a guide"),
+    (diffusion.Config, ["--ema-extra", "0.99,1"], "--ema-extra must be decays in (0, 1) separated by commas"),
     (diffusion.Config, ["--guide-interval", "0.8,0.2"], "--guide-interval must be two numbers lo,hi"),
     (diffusion.Config, ["--schedule", "flow"], "--schedule flow needs --sampler euler or heun, --prediction v (the "
      "velocity u) and --loss-weight none, got --sampler dpm++ --prediction v --loss-weight min-snr"),
@@ -2207,6 +2208,31 @@ def test_diffusion_guide_snapshot_is_the_ema_at_guide_at_kept_in_the_checkpoint_
         again = state_of(resumed)
         assert all(torch.equal(again["extra"]["guide"][n], guide[n]) for n in guide)
         assert all(torch.equal(again["model"][n], done["model"][n]) for n in guide)
+
+
+def test_diffusion_ema_extra_equals_the_ema_of_a_run_with_that_decay_is_scored_and_resumes_exactly(dataset, tmp_path):
+    """--ema-extra 0.5,0.99 beside --ema-decay 0.9: training is unchanged, the 0.5 average is exactly the EMA of a run
+    with --ema-decay 0.5 and its val loss that run's val/loss; each average is scored at the end, and a run cut and
+    resumed keeps them exactly."""
+    kw = dict(data=str(dataset), sample_every=0, epochs=2, n_eval=8, guide_at=0.0, autoguidance=1.0)
+    both = common.train(diffusion.DiffusionStrategy, tiny_config("diffusion", **kw, ema_decay=0.9, ema_extra="0.5,0.99",
+                                                                 out=str(tmp_path / "both")))
+    alone = state_of(common.train(diffusion.DiffusionStrategy, tiny_config("diffusion", **kw, ema_decay=0.5,
+                                                                           out=str(tmp_path / "alone"))))
+    done = state_of(both)
+    assert set(done["extra"]) == {"ema0.5", "ema0.99"} and done["step"] == alone["step"]
+    assert all(torch.equal(done["model"][n], alone["model"][n]) for n in done["model"])  # training as it was
+    assert all(torch.allclose(done["extra"]["ema0.5"][n], alone["ema"][f"module.{n}"], atol=1e-6) for n in done["model"])
+    assert [h["val/ema0.5_loss"] for h in done["history"]] == pytest.approx([h["val/loss"] for h in alone["history"]])
+    metrics = json.loads((both / "metrics.json").read_text())
+    assert {"ema0.5/precision", "ema0.99/recall", "ema0.99/palette_distance"} <= set(metrics)
+    out = tmp_path / "cut"
+    with pytest.raises(common.Interrupted):
+        common.train(type("Cut", (CutDiffusion,), {"cut_at": 7}), tiny_config("diffusion", **kw, ema_decay=0.9,
+                                                                            ema_extra="0.5,0.99", out=str(out)))
+    again = state_of(common.train(diffusion.DiffusionStrategy, tiny_config(
+        "diffusion", **kw, ema_decay=0.9, ema_extra="0.5,0.99", out=str(out), resume=str(last_pt(out)))))
+    assert all(torch.equal(again["extra"][e][n], done["extra"][e][n]) for e in done["extra"] for n in done["model"])
 
 
 def test_diffusion_checkpoint_without_classes_or_a_guide_loads_samples_at_w_one_and_refuses_class_and_w_in_one_line(
