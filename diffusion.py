@@ -26,8 +26,10 @@ Run (from the repository root):
 Levers beyond the paper, each a flag with its citation in Config: U-Net size (--channel-mult, --res-blocks),
 cosine schedule (Nichol & Dhariwal 2021), v-prediction (Salimans & Ho 2022), min-SNR weighting (Hang et al.
 2023), LR warm-up and cosine decay, DPM-Solver++ (Lu et al. 2022), autoguidance (Karras et al. 2024),
-self-conditioning (Chen et al. 2022), the shifted cosine schedule (Hoogeboom et al. 2023) and rectified flow
-(--schedule flow --sampler euler --loss-weight none: Liu et al. 2022; tutorial 04), the last three off by default.
+self-conditioning (Chen et al. 2022), the shifted cosine schedule (Hoogeboom et al. 2023), rectified flow
+(--schedule flow --sampler euler --loss-weight none: Liu et al. 2022; tutorial 04), EDM's levels and
+preconditioning (--schedule edm, Karras et al. 2022) and more EMA lengths in one run (--ema-extra, Karras et al.
+2024), the last five off by default.
 The defaults use the small U-Net, cosine, v with min-SNR, the lr schedule, and DPM-Solver++ (20 steps) with
 autoguidance w 2.5 on the noisier half of the levels, chosen by measurement (tutorial 04); the README shows
 the flags of the reference model and of the defaults before these levers.

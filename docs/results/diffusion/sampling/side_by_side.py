@@ -35,8 +35,11 @@ for sampler, steps, w, *interval in specs:
     r = compare.evaluate("diffusion", over, ckpt, data, n_show=32, n_eval=256, seed=0, device=device, amp=False)
     tag = f"{sampler}-{steps}-w{float(w):g}" + (f"-{lo:g}-{hi:g}" if interval else "")
     common.save_png(common.make_grid(r.pop("show"), nrow=8, scale=4, palette=data.palette), here / f"grid-{tag}.png")
-    if sampler in diffusion.FLOW_SAMPLERS:  # the Euler/Heun levels t_i (T - 1), i < steps; Heun calls twice but last
-        levels = torch.linspace(strategy.T - 1, 0, int(steps) + 1)[:-1].tolist() * (2 if sampler == "heun" else 1)
+    if sampler in diffusion.FLOW_SAMPLERS:  # the Euler/Heun levels t_i (T - 1), i < steps (Heun: also t_{i+1})
+        sigma = diffusion.edm_sigmas(int(steps), device)
+        ts = (torch.cat([sigma / (1 + sigma), sigma.new_zeros(1)]) * (strategy.T - 1)
+              if strategy.config.schedule == "edm" else torch.linspace(strategy.T - 1, 0, int(steps) + 1)).tolist()
+        levels = ts[:-1] + (ts[1:] if sampler == "heun" else [])
     else:
         levels = range(strategy.T) if sampler == "ddpm" else diffusion.ddim_timesteps(strategy.T, int(steps)).tolist()
     calls = len(levels) + (0 if float(w) == 1 else sum(lo * (strategy.T - 1) <= t <= hi * (strategy.T - 1) for t in levels))
