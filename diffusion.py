@@ -757,12 +757,12 @@ class DiffusionStrategy(common.Strategy):
 
     def load_extra_state(self, extra: dict) -> None:
         self.guide, self._guide_net = extra.get("guide"), None
-        self.emas = {d: extra.get(f"ema{d:g}") for d in self.emas}
+        self.emas = {d: extra.get(f"ema{d:g}") for d in self.emas}  # one added on --resume starts at the resumed step
 
     def on_epoch_end(self, model: nn.Module, epoch: int, val: Tensor) -> dict[str, float]:
         """--ema-extra: each average's val loss, on the noise of val/loss (the same seed, batches and draws)."""
         out = {}
-        for d, avg in self.emas.items():
+        for d, avg in ((d, avg) for d, avg in self.emas.items() if avg is not None):  # None: no step yet
             net = self.net_of(avg).eval()
             with torch.random.fork_rng(devices=[val.device] if val.device.type == "cuda" else []):
                 torch.manual_seed(self.config.seed + 1)  # as the Trainer's validate
@@ -806,7 +806,7 @@ class DiffusionStrategy(common.Strategy):
         (sample i asks for class i mod n_classes), seed + 2 as the sprite metrics. --ema-extra: each average's
         sprite metrics (ema<decay>/...), from the same seed as sample/."""
         n, device, out = self.config.n_eval, train.device, {}
-        for d, avg in self.emas.items():
+        for d, avg in ((d, avg) for d, avg in self.emas.items() if avg is not None):
             x = common.draw_samples(self, self.net_of(avg).eval(), n, self.config.seed + 2, device)
             out.update({f"ema{d:g}/{k}": v for k, v in common.sprite_metrics(x, train, self.palette).items()})
         if self.labeller is not None:
