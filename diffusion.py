@@ -124,6 +124,9 @@ class Config(common.TrainConfig):
     # alpha_bar'_t = sigmoid(log SNR'(t)) (Hoogeboom et al. 2023, "simple diffusion", Sec. 3.1: their shift
     # 2 log(64 / d) for a d x d image against a 64x64 base is S = 2 log 4 = 2.77 at d = 16); S > 0 = less noise
     # at every t, S < 0 = more. 0 = off, |S| <= 10 (--schedule cosine only)
+    p_mean: float = -1.2
+    # --schedule edm: the mean P_mean of ln sigma in training, ln sigma ~ N(P_mean, 1.2^2) (Karras et al. 2022,
+    # Table 1: -1.2); 0 puts the median training level at sigma = 1 (t = 0.5), as rectified flow's; |P_mean| <= 5
     prediction: str = field(default="v", metadata={"choices": PREDICTIONS})
     # what the U-Net predicts: eps, the noise (Ho et al. 2020), or v = sqrt(alpha_bar) eps -
     # sqrt(1 - alpha_bar) x_0 (Salimans and Ho 2022, Sec. 4), well scaled at every noise level
@@ -184,7 +187,7 @@ class Config(common.TrainConfig):
     # Checkpoints written before a field existed were trained with these values (common.saved_config).
     LEGACY = dict(channel_mult="1,2,4", res_blocks=2, schedule="linear", prediction="eps", loss_weight="none",
                   warmup_steps=0, lr_decay="none", condition="none", guide_at=0.0, autoguidance=1.0,
-                  guide_interval="0,1", log_snr_shift=0.0, self_cond=False, ema_extra="")
+                  guide_interval="0,1", log_snr_shift=0.0, self_cond=False, ema_extra="", p_mean=-1.2)
 
     def __post_init__(self):
         super().__post_init__()  # also refuses a value not among a field's choices (--sampler, --schedule, ...)
@@ -203,6 +206,10 @@ class Config(common.TrainConfig):
         if not all(0 < d < 1 for d in decays):
             raise ValueError(f"--ema-extra must be decays in (0, 1) separated by commas, like 0.99,0.999, "
                              f"got {self.ema_extra!r}")
+        if not -5 <= self.p_mean <= 5:
+            raise ValueError(f"--p-mean must be in [-5, 5], got {self.p_mean}")
+        if self.p_mean != EDM_P_MEAN and self.schedule != "edm":
+            raise ValueError(f"--p-mean needs --schedule edm, got --schedule {self.schedule}")
         if self.res_blocks < 1:
             raise ValueError(f"--res-blocks must be at least 1, got {self.res_blocks}")
         mult = self.channel_mult.split(",")
@@ -308,7 +315,7 @@ def ddim_timesteps(T: int, steps: int) -> Tensor:
     return torch.linspace(T - 1, 0, steps, dtype=torch.float64).round().long()  # (steps,)
 
 
-# --schedule edm (Karras et al. 2022, Table 1): ln sigma ~ N(P_mean, P_std^2) in training; sampling levels (Eq. 5)
+# --schedule edm (Karras et al. 2022, Table 1): ln sigma ~ N(P_mean, P_std^2) in training (--p-mean); levels (Eq. 5)
 EDM_P_MEAN, EDM_P_STD, EDM_SIGMA_MIN, EDM_SIGMA_MAX, EDM_RHO = -1.2, 1.2, 0.002, 80.0, 7.0
 
 
@@ -553,8 +560,8 @@ class DiffusionStrategy(common.Strategy):
         model = self.self_conditioned(model) if self.config.self_cond else model
         x0 = common.to_model_range(batch)  # (B, 3, 16, 16) in [-1, 1]
         if self.config.schedule in FLOW_PATHS:  # t / (T - 1) = sigmoid(n), n ~ N(0, 1) (Esser et al. 2024, Sec. 3.1);
-            # edm: logit(t) = ln(t / (1 - t)) = ln sigma ~ N(-1.2, 1.2^2), clamped to sigma_min ... sigma_max
-            n = EDM_P_MEAN + EDM_P_STD * torch.randn(x0.shape[0], device=x0.device) if edm else \
+            # edm: logit(t) = ln(t / (1 - t)) = ln sigma ~ N(--p-mean, 1.2^2), clamped to sigma_min ... sigma_max
+            n = self.config.p_mean + EDM_P_STD * torch.randn(x0.shape[0], device=x0.device) if edm else \
                 torch.randn(x0.shape[0], device=x0.device)
             t = torch.sigmoid(n.clamp(math.log(EDM_SIGMA_MIN), math.log(EDM_SIGMA_MAX)) if edm else n) * (self.T - 1)
         else:

@@ -495,6 +495,8 @@ BAD_FLAGS = [  # (Config, flags, message): one row per check of a Config's __pos
     (diffusion.Config, ["--guide-at", "1"], "--guide-at must be in [0, 1)"),
     (diffusion.Config, ["--autoguidance", "-1"], "--autoguidance must be between 0.0 and 100.0"),
     (diffusion.Config, ["--autoguidance", "2", "--guide-at", "0"], "--autoguidance needs a guide"),
+    (diffusion.Config, ["--p-mean", "6"], "--p-mean must be in [-5, 5], got 6"),
+    (diffusion.Config, ["--p-mean", "0"], "--p-mean needs --schedule edm, got --schedule cosine"),
     (diffusion.Config, ["--ema-extra", "0.99,1"], "--ema-extra must be decays in (0, 1) separated by commas"),
     (diffusion.Config, ["--guide-interval", "0.8,0.2"], "--guide-interval must be two numbers lo,hi"),
     (diffusion.Config, ["--schedule", "flow"], "--schedule flow needs --sampler euler or heun, --prediction v (the "
@@ -1789,6 +1791,9 @@ def test_diffusion_edm_preconditioning_levels_loss_and_sampler_follow_karras_et_
     x = x0 + sigma * eps
     assert torch.allclose(c_net, c_noise.flatten(), atol=1e-4) and abs(c_net.mean() * 4 + 1.2) < 0.15
     assert torch.allclose(x_in, c_in * x, atol=1e-4)
+    shifted = diffusion.DiffusionStrategy(dataclasses.replace(strategy.config, p_mean=0.5), torch.rand(8, 3))
+    shifted.loss(zero, batch)
+    assert abs(seen[-1][1].mean() * 4 - 0.5) < 0.15  # --p-mean moves ln sigma's mean
     expected = (((c_skip * x - x0) ** 2).mean(dim=(1, 2, 3)) / c_out.flatten() ** 2).mean()  # lambda = 1 / c_out^2
     assert loss.item() == pytest.approx(expected.item(), rel=1e-3)
     mu, s, n = 0.1, 0.2, 8
