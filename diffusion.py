@@ -144,7 +144,8 @@ class Config(common.TrainConfig):
     sampler: str = field(default="dpm++", metadata={"choices": SAMPLERS})
     # ddim (Song et al. 2021, --steps steps), ddpm (Ho et al. 2020, Algorithm 2: all T steps) or dpm++
     # (DPM-Solver++(2M), Lu et al. 2022, Algorithm 2: second order, --steps steps); --schedule flow: euler
-    # or heun (Karras et al. 2022, Algorithm 1, here on dx/dt = u_theta: 2 U-Net calls a step), --steps steps
+    # or heun (Karras et al. 2022, Algorithm 1, here on dx/dt = u_theta: 2 U-Net calls a step), --steps steps;
+    # --schedule edm: euler, heun or dpm++
     steps: int = 20
     # model calls of ddim and dpm++: the sub-sequence of the T noise levels visited
     # (ignored by ddpm); uniform steps of euler and heun from t = 1 to 0
@@ -238,10 +239,11 @@ class Config(common.TrainConfig):
         if not 0 <= lo <= hi <= 1:
             raise ValueError(f"--guide-interval must be two numbers lo,hi with 0 <= lo <= hi <= 1, like 0.2,0.8, "
                              f"got {self.guide_interval!r}")
-        if self.schedule in FLOW_PATHS and (self.sampler not in FLOW_SAMPLERS or self.prediction != "v"
+        samplers = FLOW_SAMPLERS + (("dpm++",) if self.schedule == "edm" else ())  # dpm++ needs sigma_max < inf
+        if self.schedule in FLOW_PATHS and (self.sampler not in samplers or self.prediction != "v"
                                             or self.loss_weight != "none"):
-            raise ValueError(f"--schedule {self.schedule} needs --sampler euler or heun, --prediction v (the velocity u) and "
-                             f"--loss-weight none, got --sampler {self.sampler} --prediction {self.prediction} "
+            raise ValueError(f"--schedule {self.schedule} needs --sampler {' or '.join(samplers)}, --prediction v (the "
+                             f"velocity u) and --loss-weight none, got --sampler {self.sampler} --prediction {self.prediction} "
                              f"--loss-weight {self.loss_weight}")
         if self.schedule not in FLOW_PATHS and self.sampler in FLOW_SAMPLERS:
             raise ValueError(f"--sampler {self.sampler} integrates the ODE of --schedule flow or edm; use ddim, ddpm or dpm++ "
@@ -835,12 +837,12 @@ class DiffusionStrategy(common.Strategy):
         if self.labeller is not None and y is None:
             y = self.requested_classes(n, generator.device)
         with self.conditioned(y):
-            if cfg.schedule in FLOW_PATHS:
+            if cfg.sampler == "dpm++":
+                x0 = self.sample_dpm_pp(model, n, generator, cfg.steps)
+            elif cfg.schedule in FLOW_PATHS:
                 x0 = self.sample_flow(model, n, generator, cfg.steps)
             elif cfg.sampler == "ddpm":
                 x0 = self.sample_ddpm(model, n, generator)
-            elif cfg.sampler == "dpm++":
-                x0 = self.sample_dpm_pp(model, n, generator, cfg.steps)
             else:
                 x0 = self.sample_ddim(model, n, generator, cfg.steps, cfg.eta)
         return common.from_model_range(x0)  # (n, 3, 16, 16) in [0, 1]
@@ -921,11 +923,18 @@ class DiffusionStrategy(common.Strategy):
         clean data has sigma = 0, lambda = infinity, and the update reduces to x = x0_theta
         (first order at the last step, as DDIM ends). DDIM is exactly the first-order
         update (D_i = x0_{i-1}); the second-order term cancels most of its error per step.
-        --self-cond: the U-Net also gets x0_prev, the previous step's x0_theta."""
+        --self-cond: the U-Net also gets x0_prev, the previous step's x0_theta. --schedule edm: the flow's path,
+        alpha_t = 1 - t = 1 / (1 + sigma), sigma_t = t, lambda = -ln sigma, at Eq. 5's levels (sigma_max 80 to 0.002),
+        from x = t_0 z as sample_flow."""
         s, device = self.schedule, generator.device
-        tau = ddim_timesteps(self.T, steps).to(device)  # (steps,) T-1 ... 0
-        alpha, sigma, lam = s["sqrt_alpha_bar"][tau], s["sqrt_one_minus_alpha_bar"][tau], s["log_snr"][tau]  # (steps,)
-        x = torch.randn(n, 3, 16, 16, generator=generator, device=device)  # x_T
+        if self.config.schedule == "edm":
+            sig = edm_sigmas(steps, device)  # (steps,) Karras et al.'s sigma, 80 ... 0.002
+            tau, alpha, sigma, lam = sig / (1 + sig) * (self.T - 1), 1 / (1 + sig), sig / (1 + sig), -sig.log()
+            x = torch.randn(n, 3, 16, 16, generator=generator, device=device) * sigma[0]
+        else:
+            tau = ddim_timesteps(self.T, steps).to(device)  # (steps,) T-1 ... 0
+            alpha, sigma, lam = s["sqrt_alpha_bar"][tau], s["sqrt_one_minus_alpha_bar"][tau], s["log_snr"][tau]  # (steps,)
+            x = torch.randn(n, 3, 16, 16, generator=generator, device=device)  # x_T
         x0_prev, h_prev = None, None
         for i in range(steps):
             eps_theta = self.eps_theta(model, x, tau[i].expand(n), x0_prev)  # one batched U-Net call per step

@@ -40,6 +40,9 @@ for sampler, steps, w, *interval in specs:
         ts = (torch.cat([sigma / (1 + sigma), sigma.new_zeros(1)]) * (strategy.T - 1)
               if strategy.config.schedule == "edm" else torch.linspace(strategy.T - 1, 0, int(steps) + 1)).tolist()
         levels = ts[:-1] + (ts[1:] if sampler == "heun" else [])
+    elif strategy.config.schedule == "edm":  # dpm++ on EDM's levels
+        sigma = diffusion.edm_sigmas(int(steps), device)
+        levels = (sigma / (1 + sigma) * (strategy.T - 1)).tolist()
     else:
         levels = range(strategy.T) if sampler == "ddpm" else diffusion.ddim_timesteps(strategy.T, int(steps)).tolist()
     calls = len(levels) + (0 if float(w) == 1 else sum(lo * (strategy.T - 1) <= t <= hi * (strategy.T - 1) for t in levels))
