@@ -68,7 +68,7 @@ import common
 
 Tensor = torch.Tensor
 SCHEDULES = ("linear", "cosine", "flow", "edm")
-FLOW_PATHS = ("flow", "edm")  # the schedules on the path x_t = (1 - t) x_0 + t eps, sampled by euler or heun
+FLOW_PATHS = ("flow", "edm")  # the schedules on the path x_t = (1 - t) x_0 + t eps (euler, heun; edm also dpm++)
 PREDICTIONS = ("eps", "v")
 LOSS_WEIGHTS = ("none", "min-snr")
 CLASS_WEIGHTS = ("none", "balanced")
@@ -243,11 +243,11 @@ class Config(common.TrainConfig):
         if self.schedule in FLOW_PATHS and (self.sampler not in samplers or self.prediction != "v"
                                             or self.loss_weight != "none"):
             raise ValueError(f"--schedule {self.schedule} needs --sampler {' or '.join(samplers)}, --prediction v (the "
-                             f"velocity u) and --loss-weight none, got --sampler {self.sampler} --prediction {self.prediction} "
-                             f"--loss-weight {self.loss_weight}")
+                             f"velocity u) and --loss-weight none, got --sampler {self.sampler} --prediction "
+                             f"{self.prediction} --loss-weight {self.loss_weight}")
         if self.schedule not in FLOW_PATHS and self.sampler in FLOW_SAMPLERS:
-            raise ValueError(f"--sampler {self.sampler} integrates the ODE of --schedule flow or edm; use ddim, ddpm or dpm++ "
-                             f"with --schedule {self.schedule}")
+            raise ValueError(f"--sampler {self.sampler} integrates the ODE of --schedule flow or edm; use ddim, "
+                             f"ddpm or dpm++ with --schedule {self.schedule}")
         if self.autoguidance != 1 and not self.guide_at:  # also a checkpoint from before autoguidance (LEGACY)
             raise ValueError("--autoguidance needs a guide; this run keeps none (--guide-at 0, or trained before "
                              "autoguidance): use --autoguidance 1")
@@ -326,8 +326,9 @@ def edm_precond(sigma: Tensor, sigma_data: float) -> tuple[Tensor, Tensor, Tenso
     D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) on x = x_0 + sigma eps, with
       c_skip = sigma_data^2 / (sigma^2 + sigma_data^2),   c_out = sigma sigma_data / sqrt(sigma^2 + sigma_data^2),
       c_in = 1 / sqrt(sigma^2 + sigma_data^2),             c_noise = ln(sigma) / 4,
-    chosen (their App. B.6) so that F's input c_in x and its target (x_0 - c_skip x) / c_out both have unit variance
-    at every sigma when x_0 has std sigma_data, and the loss weight lambda = 1 / c_out^2 makes every sigma count alike."""
+    chosen (their App. B.6) so that F's input c_in x and its target (x_0 - c_skip x) / c_out both have unit
+    variance at every sigma when x_0 has std sigma_data, and the loss weight lambda = 1 / c_out^2 makes every sigma
+    count alike."""
     root = (sigma ** 2 + sigma_data ** 2).sqrt()
     return sigma_data ** 2 / root ** 2, sigma * sigma_data / root, 1 / root, sigma.log() / 4
 
@@ -507,8 +508,10 @@ class DiffusionStrategy(common.Strategy):
         self.guide, self._guide_net = None, None  # autoguidance: the guide's weights (after_step) and its U-Net
         self.emas = {float(d): None for d in config.ema_extra.split(",")} if config.ema_extra else {}  # --ema-extra
         # --schedule edm: sigma_data, the std of the training sprites in [-1, 1] (Karras et al. 2022 take 0.5)
-        self.sigma_data = float(common.to_model_range(common.load_sprites(
-            config.data, palette.device, config.palette_size, config.seed).train).std()) if config.schedule == "edm" else 0.
+        self.sigma_data = 0.0
+        if config.schedule == "edm":
+            train = common.load_sprites(config.data, palette.device, config.palette_size, config.seed).train
+            self.sigma_data = float(common.to_model_range(train).std())
         # --class-weight balanced: w_y = N / (K n_y) from the training split's class sizes n_y (K,)
         self.class_weights: Tensor | None = None
         if self.labeller is not None and config.class_weight == "balanced":
@@ -535,7 +538,8 @@ class DiffusionStrategy(common.Strategy):
             parts[f"class embedding ({model.n_classes} {self.config.condition} classes + null)"] = [model.class_emb]
         counts = {k: sum(p.numel() for m in ms for p in m.parameters()) for k, ms in parts.items()}
         return "U-Net parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()) + (
-            f"; EDM sigma_data {self.sigma_data:.4f} (std of the training sprites in [-1, 1])" if self.sigma_data else "")
+            f"; EDM sigma_data {self.sigma_data:.4f} (std of the training sprites in [-1, 1])" if self.sigma_data
+            else "")
 
     # -- training -------------------------------------------------------------
 
@@ -583,8 +587,9 @@ class DiffusionStrategy(common.Strategy):
         err = ((out - target) ** 2).mean(dim=(1, 2, 3))  # (B,) squared error per sprite
         if self.config.loss_weight == "min-snr":
             err = self.min_snr_weight(t) * err
-        if edm:  # EDM's loss lambda(sigma) ||D - x_0||^2, lambda = 1 / c_out^2 (Table 1), is lambda tau^2 ||u - (eps - x_0)||^2
-            tau = t / (self.T - 1)  # (B,): u - (eps - x_0) = (x_0 - D) / tau (preconditioned)
+        if edm:  # EDM's loss lambda(sigma) ||D - x_0||^2, lambda = 1 / c_out^2 (Table 1),
+            # is lambda tau^2 ||u - (eps - x_0)||^2, since u - (eps - x_0) = (x_0 - D) / tau (preconditioned)
+            tau = t / (self.T - 1)  # (B,)
             err = tau ** 2 / edm_precond(tau / (1 - tau), self.sigma_data)[1] ** 2 * err
         if weight is not None:
             err = weight * err
@@ -605,7 +610,8 @@ class DiffusionStrategy(common.Strategy):
     def preconditioned(self, model: nn.Module):
         """--schedule edm: the U-Net is Karras et al.'s F. On the flow's x_t, x = x_t / (1 - t) = x_0 + sigma eps with
         sigma = t / (1 - t), D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) (edm_precond), returned as the velocity
-        u = eps_hat - D with eps_hat = (x - D) / sigma (= (x_t - D) / t), so its loss, samplers and guidance serve unchanged.
+        u = eps_hat - D with eps_hat = (x - D) / sigma (= (x_t - D) / t), so its loss, samplers and guidance serve
+        unchanged.
         t is clamped to sigma_min ... sigma_max (the strip asks for t = 0 and 1). Other schedules: the model itself."""
         if self.config.schedule != "edm":
             return model
@@ -753,8 +759,8 @@ class DiffusionStrategy(common.Strategy):
         EMA (torch.optim.swa_utils, whose first step copies theta), so e equals a run's EMA with --ema-decay d."""
         if self.guide is None and self.config.guide_at and step == max(1, round(self.config.guide_at * total_steps)):
             self.guide = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        theta = trained.state_dict() if self.emas else {}
         for d, avg in self.emas.items():
-            theta = trained.state_dict()
             if avg is None:
                 self.emas[d] = {k: v.detach().clone() for k, v in theta.items()}
             else:
@@ -933,7 +939,7 @@ class DiffusionStrategy(common.Strategy):
             x = torch.randn(n, 3, 16, 16, generator=generator, device=device) * sigma[0]
         else:
             tau = ddim_timesteps(self.T, steps).to(device)  # (steps,) T-1 ... 0
-            alpha, sigma, lam = s["sqrt_alpha_bar"][tau], s["sqrt_one_minus_alpha_bar"][tau], s["log_snr"][tau]  # (steps,)
+            alpha, sigma, lam = s["sqrt_alpha_bar"][tau], s["sqrt_one_minus_alpha_bar"][tau], s["log_snr"][tau]
             x = torch.randn(n, 3, 16, 16, generator=generator, device=device)  # x_T
         x0_prev, h_prev = None, None
         for i in range(steps):
@@ -970,7 +976,7 @@ class DiffusionStrategy(common.Strategy):
             sigma = edm_sigmas(steps, device)
             ts = torch.cat([sigma / (1 + sigma), sigma.new_zeros(1)]) * (self.T - 1)  # (steps + 1,)
         else:
-            ts = torch.linspace(self.T - 1, 0, steps + 1, device=device)  # (steps + 1,) the levels t (T - 1), t = 1 ... 0
+            ts = torch.linspace(self.T - 1, 0, steps + 1, device=device)  # (steps + 1,) t (T - 1), t = 1 ... 0
         x = torch.randn(n, 3, 16, 16, generator=generator, device=device) * (ts[0] / (self.T - 1))  # x_1 (flow)
         frames = [] if frames is None else frames
         frames.append(common.from_model_range(x))
