@@ -565,11 +565,11 @@ class DiffusionStrategy(common.Strategy):
         model = self.preconditioned(model)
         model = self.self_conditioned(model) if self.config.self_cond else model
         x0 = common.to_model_range(batch)  # (B, 3, 16, 16) in [-1, 1]
-        if self.config.schedule in FLOW_PATHS:  # t / (T - 1) = sigmoid(n), n ~ N(0, 1) (Esser et al. 2024, Sec. 3.1);
-            # edm: logit(t) = ln(t / (1 - t)) = ln sigma ~ N(--p-mean, 1.2^2), clamped to sigma_min ... sigma_max
-            n = self.config.p_mean + EDM_P_STD * torch.randn(x0.shape[0], device=x0.device) if edm else \
-                torch.randn(x0.shape[0], device=x0.device)
-            t = torch.sigmoid(n.clamp(math.log(EDM_SIGMA_MIN), math.log(EDM_SIGMA_MAX)) if edm else n) * (self.T - 1)
+        if self.config.schedule in FLOW_PATHS:  # t / (T - 1) = sigmoid(n), n ~ N(0, 1) (Esser et al. 2024, Sec. 3.1)
+            n = torch.randn(x0.shape[0], device=x0.device)  # (B,)
+            if edm:  # logit(t) = ln(t / (1 - t)) = ln sigma ~ N(--p-mean, 1.2^2), clamped to sigma_min ... sigma_max
+                n = (self.config.p_mean + EDM_P_STD * n).clamp(math.log(EDM_SIGMA_MIN), math.log(EDM_SIGMA_MAX))
+            t = torch.sigmoid(n) * (self.T - 1)  # (B,) continuous
         else:
             t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device)  # (B,)
         eps = torch.randn_like(x0)
@@ -981,7 +981,8 @@ class DiffusionStrategy(common.Strategy):
         frames = [] if frames is None else frames
         frames.append(common.from_model_range(x))
         for i in range(steps):
-            h, u = (ts[i] - ts[i + 1]) / (self.T - 1) if self.config.schedule == "edm" else 1 / steps, u_theta(x, ts[i])
+            h = (ts[i] - ts[i + 1]) / (self.T - 1) if self.config.schedule == "edm" else 1 / steps  # flow: uniform
+            u = u_theta(x, ts[i])
             x_next = x - h * u
             if self.config.sampler == "heun":
                 x_next = x - h / 2 * (u + u_theta(x_next, ts[i + 1]))

@@ -36,9 +36,11 @@ for sampler, steps, w, *interval in specs:
     tag = f"{sampler}-{steps}-w{float(w):g}" + (f"-{lo:g}-{hi:g}" if interval else "")
     common.save_png(common.make_grid(r.pop("show"), nrow=8, scale=4, palette=data.palette), here / f"grid-{tag}.png")
     if sampler in diffusion.FLOW_SAMPLERS:  # the Euler/Heun levels t_i (T - 1), i < steps (Heun: also t_{i+1})
-        sigma = diffusion.edm_sigmas(int(steps), device)
-        ts = (torch.cat([sigma / (1 + sigma), sigma.new_zeros(1)]) * (strategy.T - 1)
-              if strategy.config.schedule == "edm" else torch.linspace(strategy.T - 1, 0, int(steps) + 1)).tolist()
+        if strategy.config.schedule == "edm":
+            sigma = diffusion.edm_sigmas(int(steps), device)
+            ts = (torch.cat([sigma / (1 + sigma), sigma.new_zeros(1)]) * (strategy.T - 1)).tolist()
+        else:
+            ts = torch.linspace(strategy.T - 1, 0, int(steps) + 1).tolist()
         levels = ts[:-1] + (ts[1:] if sampler == "heun" else [])
     elif strategy.config.schedule == "edm":  # dpm++ on EDM's levels
         sigma = diffusion.edm_sigmas(int(steps), device)
