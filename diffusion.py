@@ -11,7 +11,7 @@ The idea in three lines:
                    (DDPM, Algorithm 2) or 50 (DDIM, Eq. 12; deterministic when eta = 0).
 
 Run (from the repository root):
-    python diffusion.py                                # train the defaults (200 epochs, ~16 min on 2 CPU cores)
+    python diffusion.py                                # train the defaults (300 epochs, ~15 min on 2 CPU cores)
     python diffusion.py --epochs 400                   # longer; --help lists every flag
     python diffusion.py --resume runs/diffusion/<run>/checkpoints/last.pt   # continue a run
     python diffusion.py sample --checkpoint runs/diffusion/<run>/checkpoints/last.pt --n 64 --out grid.png
@@ -29,15 +29,16 @@ cosine schedule (Nichol & Dhariwal 2021), v-prediction (Salimans & Ho 2022), min
 self-conditioning (Chen et al. 2022), the shifted cosine schedule (Hoogeboom et al. 2023), rectified flow
 (--schedule flow --sampler euler --loss-weight none: Liu et al. 2022; tutorial 04), EDM's levels and
 preconditioning (--schedule edm, Karras et al. 2022) and more EMA lengths in one run (--ema-extra, Karras et al.
-2024), the last five off by default.
-The defaults use the small U-Net, cosine, v with min-SNR, the lr schedule, and DPM-Solver++ (20 steps) with
-autoguidance w 2.5 on the noisier half of the levels, chosen by measurement (tutorial 04); the README shows
-the flags of the reference model and of the defaults before these levers.
+2024); self-conditioning, the shift, flow and --ema-extra are off by default.
+The defaults, chosen by measurement (tutorial 04): the small U-Net, EDM's path and preconditioning with
+P_mean -0.6, the lr schedule, 300 epochs, and DPM-Solver++ (20 steps) with autoguidance w 2.5 at the levels
+t in [0.5, 0.9]. The README shows the flags of the reference model and of the earlier defaults (cosine, min-SNR).
 
 Metrics (the shared ones are documented in common.py and the README):
     train/loss  noise-prediction MSE, mean over pixels of (eps - eps_theta(x_t, t))^2 (Algorithm 1),
                 one random t per sprite (with --prediction v the MSE on v, with --loss-weight min-snr
-                weighted per sprite: values are not comparable across those flags)
+                weighted per sprite, with --schedule edm EDM's lambda ||D - x_0||^2 (the default): values are
+                not comparable across those flags)
     val/loss    the same on the validation sprites, with noise and t fixed (the Trainer reseeds), so
                 epochs compare; it measures denoising, not sample quality -- the sample/ metrics do that
     sample/class_accuracy  (--condition runs, end of run) fraction of --n-eval samples, classes
@@ -83,8 +84,8 @@ FLOW_SAMPLERS = ("euler", "heun")  # the samplers of FLOW_PATHS, and only of the
 
 @dataclass
 class Config(common.TrainConfig):
-    epochs: int = 200
-    # passes over the training sprites (at batch 32, 25 optimizer steps each)
+    epochs: int = 300
+    # passes over the training sprites (at batch 32, 25 optimizer steps each: 7,500 steps)
     batch_size: int = 32
     # sprites per optimizer step
     lr: float = 1e-3
@@ -111,26 +112,27 @@ class Config(common.TrainConfig):
     # dropout inside each residual block (Ho et al. 2020: 0.1 on CIFAR-10)
     timesteps: int = 1000
     # T, the number of noise levels of the forward process
-    schedule: str = field(default="cosine", metadata={"choices": SCHEDULES})
+    schedule: str = field(default="edm", metadata={"choices": SCHEDULES})
     # noise schedule: linear (Ho et al. 2020, beta 1e-4 to 0.02) or cosine (Nichol and Dhariwal 2021,
     # Eq. 17: alpha_bar falls slowly at both ends, so fewer of the T levels are almost pure noise) or flow
     # (Liu et al. 2022, "Flow straight and fast"; Lipman et al. 2022, "Flow matching"): x_t = (1 - t) x_0 + t eps,
     # t in [0, 1] seen by the U-Net as the level t (T - 1), velocity u = eps - x_0 as --prediction v, unweighted;
     # or edm (Karras et al. 2022, "Elucidating the design space of diffusion-based generative models", Table 1):
-    # the same path with sigma = t / (1 - t), ln sigma ~ N(-1.2, 1.2^2) in training, the U-Net preconditioned
+    # the same path with sigma = t / (1 - t), ln sigma ~ N(--p-mean, 1.2^2) in training, the U-Net preconditioned
     # (edm_precond, sigma_data measured on the training sprites) and their rho = 7 levels in sampling (Eq. 5)
     log_snr_shift: float = 0.0
     # S, added to the cosine schedule's log SNR in nats: log SNR'(t) = log(alpha_bar_t / (1 - alpha_bar_t)) + S,
     # alpha_bar'_t = sigmoid(log SNR'(t)) (Hoogeboom et al. 2023, "simple diffusion", Sec. 3.1: their shift
     # 2 log(64 / d) for a d x d image against a 64x64 base is S = 2 log 4 = 2.77 at d = 16); S > 0 = less noise
     # at every t, S < 0 = more. 0 = off, |S| <= 10 (--schedule cosine only)
-    p_mean: float = -1.2
+    p_mean: float = -0.6
     # --schedule edm: the mean P_mean of ln sigma in training, ln sigma ~ N(P_mean, 1.2^2) (Karras et al. 2022,
-    # Table 1: -1.2); 0 puts the median training level at sigma = 1 (t = 0.5), as rectified flow's; |P_mean| <= 5
+    # Table 1: -1.2, for 32x32 and larger); 0 puts the median training level at sigma = 1 (t = 0.5), as rectified
+    # flow's; |P_mean| <= 5
     prediction: str = field(default="v", metadata={"choices": PREDICTIONS})
     # what the U-Net predicts: eps, the noise (Ho et al. 2020), or v = sqrt(alpha_bar) eps -
     # sqrt(1 - alpha_bar) x_0 (Salimans and Ho 2022, Sec. 4), well scaled at every noise level
-    loss_weight: str = field(default="min-snr", metadata={"choices": LOSS_WEIGHTS})
+    loss_weight: str = field(default="none", metadata={"choices": LOSS_WEIGHTS})
     # none (Ho et al.'s L_simple) or min-snr: weight each t by min(SNR_t, gamma) / SNR_t for eps,
     # min(SNR_t, gamma) / (SNR_t + 1) for v (Hang et al. 2023, "Efficient Diffusion Training via
     # Min-SNR Weighting"), so the easy low-noise levels stop dominating the gradient
@@ -173,7 +175,7 @@ class Config(common.TrainConfig):
     autoguidance: float = 2.5
     # autoguidance w (same paper): D = D_guide + w (D_main - D_guide) at each sampler step, 2 U-Net calls; 1 = off
     # (exactly the main model), > 1 steps away from the guide's errors (the paper: w ~ 2-3)
-    guide_interval: str = "0.5,1"
+    guide_interval: str = "0.5,0.9"
     # lo,hi: autoguidance only at the sampler steps whose noise level t / (T - 1) is in [lo, hi], one U-Net call
     # elsewhere (Kynkaanniemi et al. 2024, "Applying guidance in a limited interval"); 0,1 = every step
     self_cond: bool = False
@@ -209,7 +211,7 @@ class Config(common.TrainConfig):
                              f"got {self.ema_extra!r}")
         if not -5 <= self.p_mean <= 5:
             raise ValueError(f"--p-mean must be in [-5, 5], got {self.p_mean}")
-        if self.p_mean != EDM_P_MEAN and self.schedule != "edm":
+        if self.p_mean not in (Config.p_mean, EDM_P_MEAN) and self.schedule != "edm":  # EDM_P_MEAN: LEGACY's
             raise ValueError(f"--p-mean needs --schedule edm, got --schedule {self.schedule}")
         if self.res_blocks < 1:
             raise ValueError(f"--res-blocks must be at least 1, got {self.res_blocks}")
@@ -255,10 +257,11 @@ class Config(common.TrainConfig):
 
 # What compare.py (its registry holds one line per model: the Strategy) and the
 # tests know of this model, declared next to its Config; the keys are explained
-# at compare.py's registry. TINY trains in a few seconds on 2 cores (the tests).
+# at compare.py's registry. TINY trains in a few seconds on 2 cores (the tests), on the
+# cosine path of the DDPM samplers that most tests check (the edm and flow paths have tests of their own).
 COMPARE = dict(panels=[("diffusion", {})], budgets={"diffusion": ("epochs", "diffusion epochs")},
                quick=dict(epochs=2))
-TINY = dict(base_channels=8, timesteps=10, steps=5, batch_size=16, lr=1e-2)
+TINY = dict(base_channels=8, timesteps=10, steps=5, batch_size=16, lr=1e-2, schedule="cosine", loss_weight="min-snr")
 
 
 # -----------------------------------------------------------------------------
@@ -507,11 +510,7 @@ class DiffusionStrategy(common.Strategy):
         self._y: Tensor | None = None
         self.guide, self._guide_net = None, None  # autoguidance: the guide's weights (after_step) and its U-Net
         self.emas = {float(d): None for d in config.ema_extra.split(",")} if config.ema_extra else {}  # --ema-extra
-        # --schedule edm: sigma_data, the std of the training sprites in [-1, 1] (Karras et al. 2022 take 0.5)
-        self.sigma_data = 0.0
-        if config.schedule == "edm":
-            train = common.load_sprites(config.data, palette.device, config.palette_size, config.seed).train
-            self.sigma_data = float(common.to_model_range(train).std())
+        self._sigma_data: float | None = None  # --schedule edm: measured when first needed, or the checkpoint's
         # --class-weight balanced: w_y = N / (K n_y) from the training split's class sizes n_y (K,)
         self.class_weights: Tensor | None = None
         if self.labeller is not None and config.class_weight == "balanced":
@@ -519,6 +518,18 @@ class DiffusionStrategy(common.Strategy):
             n_y = torch.bincount(y, minlength=self.labeller.n_classes)[:self.labeller.n_classes].float()  # (K,)
             assert (n_y > 0).all(), f"--class-weight balanced: a class without training sprites ({n_y.tolist()})"
             self.class_weights = n_y.sum() / (len(n_y) * n_y)  # (K,), mean 1 over the training sprites
+
+    @property
+    def sigma_data(self) -> float:
+        """--schedule edm: the std of the training sprites in [-1, 1] (Karras et al. 2022 take 0.5), measured on
+        --data once and kept in the checkpoint, so sampling needs no data file; 0 for the other schedules."""
+        if self.config.schedule != "edm":
+            return 0.0
+        if self._sigma_data is None:
+            c = self.config
+            self._sigma_data = float(common.to_model_range(common.load_sprites(c.data, self.palette.device,
+                                                                               c.palette_size, c.seed).train).std())
+        return self._sigma_data
 
     def build_model(self, config: Config) -> nn.Module:
         mult = tuple(int(m) for m in config.channel_mult.split(","))
@@ -625,11 +636,12 @@ class DiffusionStrategy(common.Strategy):
             return (x - D) / sigma - D  # u = eps_hat - D: the flow's velocity, D its x_0
         return net
 
-    def x0_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+    def x0_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor, clip: bool = True) -> Tensor:
         """x0_pred = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t) (Eq. 4 solved for x_0), clipped to [-1, 1]
-        as the samplers clip it: --self-cond's x0_prev."""
+        as the samplers clip it (unless clip=False): --self-cond's x0_prev."""
         a, b = self._coef(t)
-        return ((x_t - b * eps) / a).clamp(-1.0, 1.0)
+        x0 = (x_t - b * eps) / a
+        return x0.clamp(-1.0, 1.0) if clip else x0
 
     def _coef(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t) for each t (B,), as (B, 1, 1, 1); --schedule flow: 1 - t / (T - 1),
@@ -767,11 +779,13 @@ class DiffusionStrategy(common.Strategy):
                 torch._foreach_lerp_(list(avg.values()), [theta[k].detach() for k in avg], 1 - d)
 
     def extra_state(self) -> dict:
-        emas = {f"ema{d:g}": avg for d, avg in self.emas.items() if avg is not None}
-        return emas if self.guide is None else {"guide": self.guide, **emas}
+        extra = {f"ema{d:g}": avg for d, avg in self.emas.items() if avg is not None}
+        extra.update({"sigma_data": self.sigma_data} if self.config.schedule == "edm" else {})
+        return extra if self.guide is None else {"guide": self.guide, **extra}
 
     def load_extra_state(self, extra: dict) -> None:
         self.guide, self._guide_net = extra.get("guide"), None
+        self._sigma_data = extra.get("sigma_data", self._sigma_data)  # older edm checkpoints: measured on --data
         self.emas = {d: extra.get(f"ema{d:g}") for d in self.emas}  # one added on --resume starts at the resumed step
 
     def on_epoch_end(self, model: nn.Module, epoch: int, val: Tensor) -> dict[str, float]:
@@ -914,7 +928,8 @@ class DiffusionStrategy(common.Strategy):
         return x  # x_0, in [-1, 1]
 
     @torch.inference_mode()
-    def sample_dpm_pp(self, model: nn.Module, n: int, generator: torch.Generator, steps: int) -> Tensor:
+    def sample_dpm_pp(self, model: nn.Module, n: int, generator: torch.Generator, steps: int,
+                      frames: list[Tensor] | None = None) -> Tensor:
         """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2): the
         probability-flow ODE solved in lambda_t = log(alpha_t / sigma_t) (alpha_t = sqrt(alpha_bar_t),
         sigma_t = sqrt(1 - alpha_bar_t)), with the data prediction x0_theta = (x_t - sigma_t eps_theta) / alpha_t,
@@ -931,7 +946,7 @@ class DiffusionStrategy(common.Strategy):
         update (D_i = x0_{i-1}); the second-order term cancels most of its error per step.
         --self-cond: the U-Net also gets x0_prev, the previous step's x0_theta. --schedule edm: the flow's path,
         alpha_t = 1 - t = 1 / (1 + sigma), sigma_t = t, lambda = -ln sigma, at Eq. 5's levels (sigma_max 80 to 0.002),
-        from x = t_0 z as sample_flow."""
+        from x = t_0 z as sample_flow. `frames` as in sample_ddim."""
         s, device = self.schedule, generator.device
         if self.config.schedule == "edm":
             sig = edm_sigmas(steps, device)  # (steps,) Karras et al.'s sigma, 80 ... 0.002
@@ -941,13 +956,16 @@ class DiffusionStrategy(common.Strategy):
             tau = ddim_timesteps(self.T, steps).to(device)  # (steps,) T-1 ... 0
             alpha, sigma, lam = s["sqrt_alpha_bar"][tau], s["sqrt_one_minus_alpha_bar"][tau], s["log_snr"][tau]
             x = torch.randn(n, 3, 16, 16, generator=generator, device=device)  # x_T
-        x0_prev, h_prev = None, None
+        x0_prev, h_prev, frames = None, None, [] if frames is None else frames
+        frames.append(common.from_model_range(x))
         for i in range(steps):
             eps_theta = self.eps_theta(model, x, tau[i].expand(n), x0_prev)  # one batched U-Net call per step
             # Departure from the paper's plain form: x0_theta clipped to the data range [-1, 1],
             # as in sample_ddim (Lu et al.'s "thresholding" for data prediction, Sec. 5, in its simplest form).
-            x0 = self.x0_from_eps(x, tau[i].expand(n), eps_theta)  # (x - sigma eps) / alpha, clipped
+            # Not on the EDM path, as Euler and Heun there: clipping cost colour on it (tutorial 04).
+            x0 = self.x0_from_eps(x, tau[i].expand(n), eps_theta, clip=self.config.schedule != "edm")
             if i == steps - 1:
+                frames.append(common.from_model_range(x0))
                 return x0  # t = 0 -> clean data: sigma = 0, so x = x0_theta
             h = lam[i + 1] - lam[i]
             if x0_prev is None:
@@ -957,6 +975,7 @@ class DiffusionStrategy(common.Strategy):
                 d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev
             x = sigma[i + 1] / sigma[i] * x - alpha[i + 1] * torch.expm1(-h) * d
             x0_prev, h_prev = x0, h
+            frames.append(common.from_model_range(x))
         return x  # not reached: steps >= 2
 
     @torch.inference_mode()
@@ -993,13 +1012,16 @@ class DiffusionStrategy(common.Strategy):
     # -- pictures ---------------------------------------------------------------
 
     def trajectory(self, model: nn.Module, n: int, generator: torch.Generator) -> Tensor:
-        """For the GIF: one DDIM run (--steps, --eta; flow: its sampler) frame by frame, x_T ... x_0,
+        """For the GIF: one DDIM run (--steps, --eta; flow: its sampler; edm: its sampler, dpm++ too) frame by frame,
+        x_T ... x_0,
         then the final sprites snapped to the palette as they appear in grids.
         Returns (steps + 2, n, 3, 16, 16) in [0, 1]."""
         frames: list[Tensor] = []
         y = self.requested_classes(n, generator.device) if self.labeller is not None else None
         with self.conditioned(y):
-            if self.config.schedule in FLOW_PATHS:
+            if self.config.schedule == "edm" and self.config.sampler == "dpm++":
+                x0 = self.sample_dpm_pp(model, n, generator, self.config.steps, frames)
+            elif self.config.schedule in FLOW_PATHS:
                 x0 = self.sample_flow(model, n, generator, self.config.steps, frames)
             else:
                 x0 = self.sample_ddim(model, n, generator, self.config.steps, self.config.eta, frames)

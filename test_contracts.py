@@ -496,12 +496,12 @@ BAD_FLAGS = [  # (Config, flags, message): one row per check of a Config's __pos
     (diffusion.Config, ["--autoguidance", "-1"], "--autoguidance must be between 0.0 and 100.0"),
     (diffusion.Config, ["--autoguidance", "2", "--guide-at", "0"], "--autoguidance needs a guide"),
     (diffusion.Config, ["--p-mean", "6"], "--p-mean must be in [-5, 5], got 6"),
-    (diffusion.Config, ["--p-mean", "0"], "--p-mean needs --schedule edm, got --schedule cosine"),
+    (diffusion.Config, ["--p-mean", "0", "--schedule", "cosine"], "--p-mean needs --schedule edm, got --schedule cosine"),
     (diffusion.Config, ["--ema-extra", "0.99,1"], "--ema-extra must be decays in (0, 1) separated by commas"),
     (diffusion.Config, ["--guide-interval", "0.8,0.2"], "--guide-interval must be two numbers lo,hi"),
     (diffusion.Config, ["--schedule", "flow"], "--schedule flow needs --sampler euler or heun, --prediction v (the "
-     "velocity u) and --loss-weight none, got --sampler dpm++ --prediction v --loss-weight min-snr"),
-    (diffusion.Config, ["--sampler", "heun"], "--sampler heun integrates the ODE of --schedule flow or edm; use ddim, "
+     "velocity u) and --loss-weight none, got --sampler dpm++ --prediction v --loss-weight none"),
+    (diffusion.Config, ["--sampler", "heun", "--schedule", "cosine"], "--sampler heun integrates the ODE of --schedule flow or edm; use ddim, "
      "ddpm or dpm++ with --schedule cosine"),
 ]
 
@@ -1140,8 +1140,8 @@ def test_common_run_name_lists_the_changed_flags_and_the_progress_line_fits_110_
     assert name == "vae mse 200ep kl-weight=0.001 2026-01-02 03:04"  # no plumbing (out, device)
     assert common.run_name("vqvae", vqvae.Config(sampler="random"), when) == "vqvae ce random 500ep 2026-01-02 03:04"
     # diffusion names no choice field: its choices appear as changed flags, like any other
-    name = common.run_name("diffusion", diffusion.Config(condition="colour", sampler="ddim"), when)
-    assert name == f"diffusion {diffusion.Config.epochs}ep sampler=ddim condition=colour 2026-01-02 03:04"
+    name = common.run_name("diffusion", diffusion.Config(condition="colour", sampler="heun"), when)
+    assert name == f"diffusion {diffusion.Config.epochs}ep sampler=heun condition=colour 2026-01-02 03:04"
     metrics = {"train/loss": 2.0361, "train/recon": 2.0359, "train/kl": 0.05122, "train/grad_norm": 0.9,
                "val/recon": 1.997, "val/kl": 0.5647, "val/loss": 1.9971, "val/nelbo": 511.8, "val/bpd": 2.884,
                "val/pixel_acc": 0.7007, "system/images_per_sec": 40.2}
@@ -1590,13 +1590,13 @@ def test_diffusion_log_snr_shift_adds_s_to_the_cosine_log_snr_and_zero_is_the_co
     """Hoogeboom et al. 2023, Sec. 3.1: log SNR'(t) = log(alpha_bar_t / (1 - alpha_bar_t)) + S, alpha_bar' = sigmoid."""
     T, cpu = 1000, torch.device("cpu")
     plain = diffusion.cosine_schedule(T, cpu)
-    for same in (diffusion.cosine_schedule(T, cpu, 0.0), diffusion.DiffusionStrategy(diffusion.Config(), torch.rand(8, 3)).schedule):
+    for same in (diffusion.cosine_schedule(T, cpu, 0.0), diffusion.DiffusionStrategy(diffusion.Config(schedule="cosine"), torch.rand(8, 3)).schedule):
         assert same.keys() == plain.keys() and all(torch.equal(same[k], v) for k, v in plain.items())
     f = lambda t: np.cos((t / T + 0.008) / 1.008 * np.pi / 2) ** 2
     i = np.array([0, 100, 500, 900, 998])  # index i is the paper's t = i + 1 (not 999: its beta is clipped)
     ab = f(i + 1) / f(0)
     for S in (2.77, -1.5):
-        s = diffusion.DiffusionStrategy(diffusion.Config(log_snr_shift=S), torch.rand(8, 3)).schedule
+        s = diffusion.DiffusionStrategy(diffusion.Config(schedule="cosine", log_snr_shift=S), torch.rand(8, 3)).schedule
         assert np.allclose(2 * s["log_snr"].numpy()[i], np.log(ab / (1 - ab)) + S, atol=1e-4)  # log_snr: log SNR / 2
         assert np.allclose(np.log(s["snr"].numpy()[i]), np.log(ab / (1 - ab)) + S, atol=1e-4)
         assert torch.allclose(torch.cumprod(s["alpha"].double(), 0), s["alpha_bar"].double(), rtol=1e-4)  # the betas
@@ -1777,7 +1777,7 @@ def test_diffusion_edm_preconditioning_levels_loss_and_sampler_follow_karras_et_
     assert torch.allclose(levels ** (1 / 7), torch.linspace(80 ** (1 / 7), 0.002 ** (1 / 7), 18, dtype=torch.float64),
                           rtol=1e-5)  # linear in sigma^(1/rho)
     strategy = diffusion.DiffusionStrategy(diffusion.Config(data=str(dataset), schedule="edm", sampler="euler",
-                                                            loss_weight="none"), torch.rand(8, 3))
+                                                            loss_weight="none", p_mean=-1.2), torch.rand(8, 3))  # Table 1
     assert 0.3 < strategy.sigma_data < 1, strategy.sigma_data  # measured on the sprites, in [-1, 1]
     seen = []
     zero = lambda x, c: seen.append((x, c)) or torch.zeros_like(x)  # F = 0: D = c_skip x
@@ -1918,7 +1918,7 @@ def test_diffusion_flow_tiny_unet_learns_and_euler_heun_pictures_and_autoguidanc
     """--schedule flow (and edm) on the tiny U-Net: the loss falls (flow: from E[(eps - x_0)^2], u_theta = 0 at
     first); both samplers give sprites in [0, 1] from the generator alone (Heun: 2 U-Net calls a step); the strip and
     the GIF work on t in [0, 1]; autoguidance calls the guide at the steps whose t is in --guide-interval (flow:
-    t = 1, 0.8, 0.6; edm: its levels sigma >= 1)."""
+    t = 1, 0.8, 0.6; edm: its levels sigma >= 1); edm keeps sigma_data in the checkpoint's extra state."""
     strategy, model = tiny_model("diffusion", sprites.palette, dataset, schedule=schedule, sampler="euler",
                                  loss_weight="none", guide_interval="0.5,1")
     batch = sprites.train[:32]
@@ -1944,6 +1944,12 @@ def test_diffusion_flow_tiny_unet_learns_and_euler_heun_pictures_and_autoguidanc
     common.check_samples(guided, 4)
     inside = 3 if schedule == "flow" else int((diffusion.edm_sigmas(5, torch.device("cpu")) >= 1).sum())
     assert strategy._guide_net.batches == [4] * inside and not torch.equal(guided, plain)
+    if schedule == "edm":  # the GIF follows dpm++; sigma_data travels in the checkpoint, so sampling needs no --data
+        strategy.config.sampler = "dpm++"
+        assert strategy.trajectory(model, 5, torch.Generator().manual_seed(0)).shape == (5 + 2, 5, 3, 16, 16)
+        fresh = diffusion.DiffusionStrategy(dataclasses.replace(strategy.config, data="missing.npz"), sprites.palette)
+        fresh.load_extra_state(strategy.extra_state())
+        assert 0.3 < fresh.sigma_data == strategy.extra_state()["sigma_data"] == strategy.sigma_data < 1
 
 
 def test_diffusion_denoising_strip_and_trajectory(sprites):
