@@ -113,14 +113,16 @@ def check_checkpoint(state, path) -> None:
     ema = state.get("ema")
     if ema is not None and (not isinstance(ema, dict) or set(ema) != {"n_averaged"} | {f"module.{k}" for k in state["model"]}):
         raise bad("its 'ema' does not hold the same weights as its 'model'")
-    extra = state.get("extra", {})  # Strategy.extra_state: named snapshots of the model's weights
-    if not isinstance(extra, dict) or any(not isinstance(w, dict) or set(w) != set(state["model"]) for w in extra.values()):
-        raise bad("its 'extra' does not hold snapshots of the weights of its 'model'")
-    for key, weights in [("model", state["model"]), ("ema", state.get("ema")), *extra.items()]:
+    extra = state.get("extra", {})  # Strategy.extra_state: named snapshots of the model's weights, or finite floats
+    if not isinstance(extra, dict) or any(not (isinstance(w, dict) and set(w) == set(state["model"])
+                                               or type(w) is float and math.isfinite(w)) for w in extra.values()):
+        raise bad("its 'extra' does not hold snapshots of the weights of its 'model' (or numbers)")
+    for key, weights in [("model", state["model"]), ("ema", state.get("ema")),
+                         *((k, w) for k, w in extra.items() if isinstance(w, dict))]:
         for k, v in (weights or {}).items():
             if not isinstance(v, Tensor) or (v.is_floating_point() and not torch.isfinite(v).all()):
                 raise bad(f"'{key}' entry {str(k)[:60]!r} is not a finite tensor")
-    if any(w[k].shape != v.shape for w in extra.values() for k, v in state["model"].items()):
+    if any(w[k].shape != v.shape for w in extra.values() if isinstance(w, dict) for k, v in state["model"].items()):
         raise bad("a snapshot in its 'extra' has weights of other shapes than its 'model'")
     palette, size = state["palette"], state["config"].get("palette_size")
     if palette.ndim != 2 or palette.shape[1] != 3 or not torch.isfinite(palette).all() or \
@@ -688,8 +690,8 @@ class Strategy(abc.ABC):
         """After optimizer step `step` (1-based), with the eval model and the trained one, e.g. to keep an early
         snapshot (diffusion.py's autoguidance) or more averages of the weights. It must not draw random numbers."""
 
-    def extra_state(self) -> dict[str, dict[str, Tensor]]:
-        """Named snapshots of the model's weights (state dicts) for the checkpoint's "extra"."""
+    def extra_state(self) -> dict[str, dict[str, Tensor] | float]:
+        """Named snapshots of the model's weights (state dicts), or numbers, for the checkpoint's "extra"."""
         return {}
 
     def load_extra_state(self, extra: dict[str, dict[str, Tensor]]) -> None:

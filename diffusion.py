@@ -11,7 +11,7 @@ The idea in three lines:
                    (DDPM, Algorithm 2) or 50 (DDIM, Eq. 12; deterministic when eta = 0).
 
 Run (from the repository root):
-    python diffusion.py                                # train the defaults (300 epochs, ~15 min on 2 CPU cores)
+    python diffusion.py                                # train the defaults (300 epochs; 15 min, 2 cores)
     python diffusion.py --epochs 400                   # longer; --help lists every flag
     python diffusion.py --resume runs/diffusion/<run>/checkpoints/last.pt   # continue a run
     python diffusion.py sample --checkpoint runs/diffusion/<run>/checkpoints/last.pt --n 64 --out grid.png

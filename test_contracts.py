@@ -571,6 +571,13 @@ def test_common_checkpoint_loads_with_weights_only_and_refuses_garbage(fault_inp
     torch.save({**state, "model": {**state["model"], "w": torch.tensor(float("nan"))}}, tmp_path / "bad.pt")
     with pytest.raises(common.UserError, match="'w' is not a finite tensor"):
         common.load_checkpoint(tmp_path / "bad.pt")
+    for extra, ok in (({"sigma_data": 0.66}, True), ({"sigma_data": float("nan")}, False), ({"guide": "x"}, False)):
+        torch.save({**state, "extra": extra}, tmp_path / "extra.pt")  # Strategy.extra_state: snapshots, or floats
+        if ok:
+            assert common.load_checkpoint(tmp_path / "extra.pt")["extra"] == extra
+        else:
+            with pytest.raises(common.UserError, match="its 'extra' does not hold snapshots"):
+                common.load_checkpoint(tmp_path / "extra.pt")
     with pytest.raises(common.UserError, match="`python vqvae.py --resume '/a b/last.pt'`"):
         common.check_model_type({"strategy": "vqvae"}, "vae", "/a b/last.pt")
     with pytest.raises(SystemExit):
@@ -1950,6 +1957,25 @@ def test_diffusion_flow_tiny_unet_learns_and_euler_heun_pictures_and_autoguidanc
         fresh = diffusion.DiffusionStrategy(dataclasses.replace(strategy.config, data="missing.npz"), sprites.palette)
         fresh.load_extra_state(strategy.extra_state())
         assert 0.3 < fresh.sigma_data == strategy.extra_state()["sigma_data"] == strategy.sigma_data < 1
+
+
+def test_diffusion_default_edm_run_keeps_sigma_data_in_its_checkpoint_and_samples_without_the_data(dataset, tmp_path):
+    """The default path end to end: a tiny edm run's checkpoint holds sigma_data (a float beside the guide), loads,
+    and draws seeded sprites from it with its DPM-Solver++ after the dataset is gone."""
+    data = tmp_path / "data.npz"
+    data.write_bytes(Path(dataset).read_bytes())
+    config = tiny_config("diffusion", data, tmp_path, schedule="edm", loss_weight="none", sampler="dpm++", epochs=1)
+    run = common.train(diffusion.DiffusionStrategy, config)
+    data.unlink()
+    state = common.load_checkpoint(run / "checkpoints" / "last.pt")
+    assert 0.3 < state["extra"]["sigma_data"] < 1 and "guide" in state["extra"]
+    trained = common.load_for_sampling(run / "checkpoints" / "last.pt", torch.device("cpu"), diffusion.DiffusionStrategy,
+                                       diffusion.Config)
+    strategy, model = trained[0], trained[1]
+    assert strategy.sigma_data == state["extra"]["sigma_data"]
+    a, b = (strategy.sample(model, 4, torch.Generator().manual_seed(1)) for _ in range(2))
+    common.check_samples(a, 4)
+    assert torch.equal(a, b)
 
 
 def test_diffusion_denoising_strip_and_trajectory(sprites):
