@@ -117,12 +117,12 @@ def check_checkpoint(state, path) -> None:
     if not isinstance(extra, dict) or any(not (isinstance(w, dict) and set(w) == set(state["model"])
                                                or type(w) is float and math.isfinite(w)) for w in extra.values()):
         raise bad("its 'extra' does not hold snapshots of the weights of its 'model' (or numbers)")
-    for key, weights in [("model", state["model"]), ("ema", state.get("ema")),
-                         *((k, w) for k, w in extra.items() if isinstance(w, dict))]:
+    snapshots = {k: w for k, w in extra.items() if isinstance(w, dict)}
+    for key, weights in [("model", state["model"]), ("ema", state.get("ema")), *snapshots.items()]:
         for k, v in (weights or {}).items():
             if not isinstance(v, Tensor) or (v.is_floating_point() and not torch.isfinite(v).all()):
                 raise bad(f"'{key}' entry {str(k)[:60]!r} is not a finite tensor")
-    if any(w[k].shape != v.shape for w in extra.values() if isinstance(w, dict) for k, v in state["model"].items()):
+    if any(w[k].shape != v.shape for w in snapshots.values() for k, v in state["model"].items()):
         raise bad("a snapshot in its 'extra' has weights of other shapes than its 'model'")
     palette, size = state["palette"], state["config"].get("palette_size")
     if palette.ndim != 2 or palette.shape[1] != 3 or not torch.isfinite(palette).all() or \
@@ -694,7 +694,7 @@ class Strategy(abc.ABC):
         """Named snapshots of the model's weights (state dicts), or numbers, for the checkpoint's "extra"."""
         return {}
 
-    def load_extra_state(self, extra: dict[str, dict[str, Tensor]]) -> None:
+    def load_extra_state(self, extra: dict[str, dict[str, Tensor] | float]) -> None:
         """extra_state's snapshots, back from a checkpoint (on --resume and when sampling)."""
 
     def animates(self) -> bool:

@@ -956,8 +956,9 @@ class DiffusionStrategy(common.Strategy):
             tau = ddim_timesteps(self.T, steps).to(device)  # (steps,) T-1 ... 0
             alpha, sigma, lam = s["sqrt_alpha_bar"][tau], s["sqrt_one_minus_alpha_bar"][tau], s["log_snr"][tau]
             x = torch.randn(n, 3, 16, 16, generator=generator, device=device)  # x_T
-        x0_prev, h_prev, frames = None, None, [] if frames is None else frames
-        frames.append(common.from_model_range(x))
+        x0_prev, h_prev = None, None
+        if frames is not None:
+            frames.append(common.from_model_range(x))
         for i in range(steps):
             eps_theta = self.eps_theta(model, x, tau[i].expand(n), x0_prev)  # one batched U-Net call per step
             # Departure from the paper's plain form: x0_theta clipped to the data range [-1, 1],
@@ -965,7 +966,8 @@ class DiffusionStrategy(common.Strategy):
             # Not on the EDM path, as Euler and Heun there: clipping cost colour on it (tutorial 04).
             x0 = self.x0_from_eps(x, tau[i].expand(n), eps_theta, clip=self.config.schedule != "edm")
             if i == steps - 1:
-                frames.append(common.from_model_range(x0))
+                if frames is not None:
+                    frames.append(common.from_model_range(x0))
                 return x0  # t = 0 -> clean data: sigma = 0, so x = x0_theta
             h = lam[i + 1] - lam[i]
             if x0_prev is None:
@@ -975,7 +977,8 @@ class DiffusionStrategy(common.Strategy):
                 d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev
             x = sigma[i + 1] / sigma[i] * x - alpha[i + 1] * torch.expm1(-h) * d
             x0_prev, h_prev = x0, h
-            frames.append(common.from_model_range(x))
+            if frames is not None:
+                frames.append(common.from_model_range(x))
         return x  # not reached: steps >= 2
 
     @torch.inference_mode()
