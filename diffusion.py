@@ -960,7 +960,8 @@ class DiffusionStrategy(common.Strategy):
         if frames is not None:
             frames.append(common.from_model_range(x))
         for i in range(steps):
-            eps_theta = self.eps_theta(model, x, tau[i].expand(n), x0_prev)  # one batched U-Net call per step
+            # one batched U-Net call per step; --self-cond's x0_prev clipped, as in training
+            eps_theta = self.eps_theta(model, x, tau[i].expand(n), None if x0_prev is None else x0_prev.clamp(-1, 1))
             # Departure from the paper's plain form: x0_theta clipped to the data range [-1, 1],
             # as in sample_ddim (Lu et al.'s "thresholding" for data prediction, Sec. 5, in its simplest form).
             # Not on the EDM path, as Euler and Heun there: clipping cost colour on it (tutorial 04).
@@ -989,11 +990,13 @@ class DiffusionStrategy(common.Strategy):
           euler  x_{t_{i+1}} = x_{t_i} - h u_theta(x_{t_i}, t_i)                (DDIM, eta = 0, on this path)
           heun   x' = Euler's x_{t_{i+1}};  x_{t_{i+1}} = x_{t_i} - h/2 (u_theta(x_{t_i}, t_i) + u_theta(x', t_{i+1}))
         (Karras et al. 2022, Algorithm 1; its last step is Euler, sigma = 0; u_theta at t = 0 exists, so not here).
-        Both guidances combine u (affine in eps at a fixed x_t). No clipping. `frames` as in sample_ddim.
+        Both guidances combine u (affine in eps at a fixed x_t). No clipping (but of --self-cond's x0_prev).
+        `frames` as in sample_ddim.
         --schedule edm: the levels t = sigma / (1 + sigma) of Eq. 5's sigmas, then 0; x_{t_0} = t_0 z, i.e.
         x = sigma_max z (their Algorithm 1; x_0's share (1 - t_0) x_0 is ignored, as there). On this path Euler is their
         Euler step in sigma (both are DDIM); Heun's correction is taken in t, not sigma (a departure)."""
-        device, u_theta = generator.device, lambda x, t: self.model_output(model, x, t.expand(n)).float()
+        device, x0_prev = generator.device, None
+        u_theta = lambda x, t: self.model_output(model, x, t.expand(n), x0_prev).float()
         if self.config.schedule == "edm":
             sigma = edm_sigmas(steps, device)
             ts = torch.cat([sigma / (1 + sigma), sigma.new_zeros(1)]) * (self.T - 1)  # (steps + 1,)
@@ -1005,6 +1008,8 @@ class DiffusionStrategy(common.Strategy):
         for i in range(steps):
             h = (ts[i] - ts[i + 1]) / (self.T - 1) if self.config.schedule == "edm" else 1 / steps  # flow: uniform
             u = u_theta(x, ts[i])
+            if self.config.self_cond:  # --self-cond: the next calls' x0_prev, x_0 = x_t - t u, clipped as in training
+                x0_prev = self.x0_eps_from_v(x, ts[i].expand(n), u)[0].clamp(-1.0, 1.0)
             x_next = x - h * u
             if self.config.sampler == "heun":
                 x_next = x - h / 2 * (u + u_theta(x_next, ts[i + 1]))

@@ -1911,7 +1911,12 @@ def test_diffusion_self_cond_unet_is_the_plain_one_at_x0_prev_zero_trains_and_ev
     strategy, model = tiny_model("diffusion", sprites.palette, dataset, self_cond=True, condition="colour")
     strategy.load_extra_state({"guide": model.state_dict()})
     model.eval()
-    for sampler in ("ddim", "ddpm", "dpm++"):
+    edm = tiny_model("diffusion", sprites.palette, dataset, self_cond=True, condition="colour", schedule="edm",
+                     loss_weight="none")
+    edm[0].load_extra_state({"guide": edm[1].state_dict()})
+    for (strategy, model), sampler in [((strategy, model), s) for s in ("ddim", "ddpm", "dpm++")] + [
+            (edm, s) for s in ("euler", "heun", "dpm++")]:
+        model.eval()
         strategy.config.sampler, spy = sampler, SelfCondSpy(model)
         a, b = (strategy.sample(spy, 4, torch.Generator().manual_seed(3)) for _ in range(2))
         common.check_samples(a, 4)
