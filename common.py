@@ -1106,8 +1106,10 @@ class Trainer:
         self.save()  # every epoch: the last good state is always on disk
         self.tracker.log_metric_history(step_log)
         self.tracker.log_metrics(metrics, step=epoch)
-        elapsed = time.time() - self._fit_start
-        eta = elapsed / epochs_timed * (self.epochs - epoch)
+        # the clock of train_seconds (over resumes, curve scoring left off), so the last line reads what the tables
+        # say; the ETA is wall time, from this fit's epochs
+        elapsed = self.train_seconds + self._fit_seconds()
+        eta = (time.time() - self._fit_start) / epochs_timed * (self.epochs - epoch)
         print(self.progress_line(epoch, metrics, elapsed, eta), flush=True)
         if epochs_timed == 1:  # every model's script is named after it
             hint = contention_hint(self.device, f"OMP_NUM_THREADS=1 python {self.strategy.name}.py "
