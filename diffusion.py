@@ -995,8 +995,8 @@ class DiffusionStrategy(common.Strategy):
         --schedule edm: the levels t = sigma / (1 + sigma) of Eq. 5's sigmas, then 0; x_{t_0} = t_0 z, i.e.
         x = sigma_max z (their Algorithm 1; x_0's share (1 - t_0) x_0 is ignored, as there). On this path Euler is their
         Euler step in sigma (both are DDIM); Heun's correction is taken in t, not sigma (a departure)."""
-        device, x0_prev = generator.device, None
-        u_theta = lambda x, t: self.model_output(model, x, t.expand(n), x0_prev).float()
+        device, x0_prev = generator.device, None  # x0_prev: --self-cond's input, from the last step's u
+        u_theta = lambda x, t, x0p: self.model_output(model, x, t.expand(n), x0p).float()
         if self.config.schedule == "edm":
             sigma = edm_sigmas(steps, device)
             ts = torch.cat([sigma / (1 + sigma), sigma.new_zeros(1)]) * (self.T - 1)  # (steps + 1,)
@@ -1007,12 +1007,12 @@ class DiffusionStrategy(common.Strategy):
         frames.append(common.from_model_range(x))
         for i in range(steps):
             h = (ts[i] - ts[i + 1]) / (self.T - 1) if self.config.schedule == "edm" else 1 / steps  # flow: uniform
-            u = u_theta(x, ts[i])
+            u = u_theta(x, ts[i], x0_prev)
             if self.config.self_cond:  # --self-cond: the next calls' x0_prev, x_0 = x_t - t u, clipped as in training
                 x0_prev = self.x0_eps_from_v(x, ts[i].expand(n), u)[0].clamp(-1.0, 1.0)
             x_next = x - h * u
             if self.config.sampler == "heun":
-                x_next = x - h / 2 * (u + u_theta(x_next, ts[i + 1]))
+                x_next = x - h / 2 * (u + u_theta(x_next, ts[i + 1], x0_prev))
             x = x_next
             frames.append(common.from_model_range(x))
         return x  # x_0

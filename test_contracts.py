@@ -1910,7 +1910,6 @@ def test_diffusion_self_cond_unet_is_the_plain_one_at_x0_prev_zero_trains_and_ev
     # sampling, class- and autoguided (--condition colour, a guide): every U-Net call after the first gets x0_prev
     strategy, model = tiny_model("diffusion", sprites.palette, dataset, self_cond=True, condition="colour")
     strategy.load_extra_state({"guide": model.state_dict()})
-    model.eval()
     edm = tiny_model("diffusion", sprites.palette, dataset, self_cond=True, condition="colour", schedule="edm",
                      loss_weight="none")
     edm[0].load_extra_state({"guide": edm[1].state_dict()})
