@@ -1,4 +1,5 @@
-"""Which training sprites do the default's near copies copy, and are those sprites duplicated in the data?"""
+"""Which training sprites do the default's near copies copy, and are those sprites duplicated in the data?
+Also writes copies.png beside itself: each near copy (left) beside the training sprite it copies (right), 8 pairs a row."""
 import sys, collections
 sys.path.insert(0, ".")
 import torch, common, compare
@@ -19,13 +20,14 @@ print(f"training sprites with another training sprite within 3 pixels: {int(has_
 dval = diffs(val)
 print(f"validation sprites within 3 pixels of a training sprite: {int((dval.min(1).values <= 3).sum())} of {len(val)}")
 fg = lambda x: ((x - palette[common.background_index(palette)][None, :, None, None]).abs().sum(1) > 1e-6).float().mean((1, 2))
-copies, hit = 0, collections.Counter()
+copies, hit, pairs = 0, collections.Counter(), []
 N = 0
 for seed in range(1, 7):
     x = common.snap_to_palette(common.draw_samples(strategy, model, 256, seed, device), palette)
     d = diffs(x); m, j = d.min(1)
-    for jj in j[m <= 3].tolist():
+    for i, jj in zip((m <= 3).nonzero().flatten().tolist(), j[m <= 3].tolist()):
         hit[jj] += 1
+        pairs += [x[i], ref[jj]]
     copies += int((m <= 3).sum()); N += len(x)
 js = list(hit)
 print(f"near copies: {copies} of {N} ({copies / N:.3f}); distinct training sprites copied: {len(js)}")
@@ -33,3 +35,5 @@ print(f"of the copied sprites, with a near-duplicate in the training set: {int(h
       f"(training set overall {has_dup.float().mean():.3f})")
 print(f"foreground share, copied sprites: {fg(ref[js]).mean():.3f}, all training sprites: {fg(ref).mean():.3f}")
 print("most copied:", hit.most_common(8))
+path = common.save_png(common.make_grid(torch.stack(pairs), nrow=16), __file__.replace("nc.py", "copies.png"))
+print(f"wrote {len(pairs) // 2} pairs (sample, training sprite) to copies.png")
