@@ -12,9 +12,11 @@ here = Path(__file__).parent
 data = common.load_sprites(common.TrainConfig.data, torch.device("cpu"))
 real = common.sprite_metrics(data.val, data.train, data.palette)["near_copy_rate"]  # the comparison table's real row
 family = lambda name: "cosine (earlier default)" if name.startswith("default") and "b26" not in name else \
-    "rectified flow" if name.startswith("flow") else "EDM"
-colours = {"cosine (earlier default)": "tab:grey", "rectified flow": "tab:orange", "EDM": "tab:blue"}
+    "rectified flow" if name.startswith("flow") else "EDM, --res-blocks 1" if name.startswith("rb1") else "EDM"
+colours = {"cosine (earlier default)": "tab:grey", "rectified flow": "tab:orange", "EDM": "tab:blue",
+           "EDM, --res-blocks 1": "tab:green"}
 NAMED = {"default-b26": "the default (compare-b26)", "default": "the cosine default before it", "flow-w2": "flow 200 ep, w 2", "flow300-w1.5": "flow 300 ep, w 1.5",
+         "rb1-e450": "--res-blocks 1, 450 ep, w 2.5",
          "drop0.2-w2.5": "--dropout 0.2", "default-w1": "cosine, w 1"}
 fig, ax = plt.subplots(figsize=(8, 5.5))
 print("| setting (file) | precision | near_copy_rate |")
@@ -25,7 +27,8 @@ for f in sorted((here.parent / "seeds-b25").glob("seeds*.json")):
         ax.errorbar(st.mean(c), st.mean(p), xerr=st.stdev(c), yerr=st.stdev(p), fmt="o", color=colours[fam],
                     alpha=0.8, capsize=2, label=fam)
         if name in NAMED:
-            ax.annotate(NAMED[name], (st.mean(c), st.mean(p)), fontsize=7, xytext=(4, -10), textcoords="offset points")
+            ax.annotate(NAMED[name], (st.mean(c), st.mean(p)), fontsize=7, textcoords="offset points",
+                        xytext=(-118, -12) if name.startswith("rb1") else (4, -10))
         print(f"| {name} ({f.name}) | {st.mean(p):.3f} ± {st.stdev(p):.3f} | {st.mean(c):.3f} ± {st.stdev(c):.3f} |")
 ax.axhline(0.75, color="k", lw=0.8, ls="--")
 ax.axvline(0.02, color="k", lw=0.8, ls="--")
