@@ -780,7 +780,8 @@ class DiffusionStrategy(common.Strategy):
 
     def extra_state(self) -> dict:
         extra = {f"ema{d:g}": avg for d, avg in self.emas.items() if avg is not None}
-        extra.update({"sigma_data": self.sigma_data} if self.config.schedule == "edm" else {})
+        if self.config.schedule == "edm":
+            extra["sigma_data"] = self.sigma_data
         return extra if self.guide is None else {"guide": self.guide, **extra}
 
     def load_extra_state(self, extra: dict) -> None:
@@ -961,7 +962,8 @@ class DiffusionStrategy(common.Strategy):
             frames.append(common.from_model_range(x))
         for i in range(steps):
             # one batched U-Net call per step; --self-cond's x0_prev clipped, as in training
-            eps_theta = self.eps_theta(model, x, tau[i].expand(n), None if x0_prev is None else x0_prev.clamp(-1, 1))
+            sc = x0_prev.clamp(-1.0, 1.0) if self.config.self_cond and x0_prev is not None else None
+            eps_theta = self.eps_theta(model, x, tau[i].expand(n), sc)
             # Departure from the paper's plain form: x0_theta clipped to the data range [-1, 1],
             # as in sample_ddim (Lu et al.'s "thresholding" for data prediction, Sec. 5, in its simplest form).
             # Not on the EDM path, as Euler and Heun there: clipping cost colour on it (tutorial 04).
@@ -1020,9 +1022,8 @@ class DiffusionStrategy(common.Strategy):
     # -- pictures ---------------------------------------------------------------
 
     def trajectory(self, model: nn.Module, n: int, generator: torch.Generator) -> Tensor:
-        """For the GIF: one DDIM run (--steps, --eta; flow: its sampler; edm: its sampler, dpm++ too) frame by frame,
-        x_T ... x_0,
-        then the final sprites snapped to the palette as they appear in grids.
+        """For the GIF: one DDIM run (--steps, --eta; flow and edm: their sampler, on edm dpm++ too) frame by
+        frame, x_T ... x_0, then the final sprites snapped to the palette as they appear in grids.
         Returns (steps + 2, n, 3, 16, 16) in [0, 1]."""
         frames: list[Tensor] = []
         y = self.requested_classes(n, generator.device) if self.labeller is not None else None
