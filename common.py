@@ -595,12 +595,16 @@ def sprite_metrics(samples: Tensor, reference: Tensor, palette: Tensor, k: int =
     near_copy_rate = (diff_pixels <= 3).float().mean().item()
     unique_rate = len(torch.unique(q(snapped), dim=0)) / n
 
-    g = torch.Generator().manual_seed(seed)
-    real = ref[torch.randperm(ref.shape[0], generator=g)[:n].to(ref.device)] if ref.shape[0] > n else ref
+    real = ref[reference_index(ref.shape[0], n, seed).to(ref.device)]
     precision, recall = _knn_precision_recall(real.flatten(1), snapped.flatten(1), k)
     return dict(palette_distance=palette_distance, one_colour_rate=one_colour_rate,
                 density_in_range=density_in_range, precision=precision, recall=recall,
                 near_copy_rate=near_copy_rate, unique_rate=unique_rate)
+
+
+def reference_index(m: int, n: int, seed: int = 0) -> Tensor:
+    """Which of m training sprites sprite_metrics scores n samples against: n of them, seeded; all when m <= n."""
+    return torch.randperm(m, generator=torch.Generator().manual_seed(seed))[:n] if m > n else torch.arange(m)
 
 
 def _knn_precision_recall(real: Tensor, fake: Tensor, k: int) -> tuple[float, float]:

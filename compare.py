@@ -20,7 +20,8 @@ the same way, so every figure has a scale.
     python compare.py --conditional colour --guidance 2   # also a colour-conditioned panel per model that has one
 
 Outputs (in --out, default runs/compare): comparison.png, comparison.md (the
-table, and an equal-budget block: every family at the same training minutes),
+table; the same columns over sampling seeds 1 to 6, with real training sprites
+scored the same way; and an equal-budget block: every family at the same training minutes),
 time_to_quality.png and compute_to_quality.png (each family's sample quality
 during training against wall-clock minutes and against training TFLOP, from
 the points each run scores every --eval-every-minutes) and one run folder per model. With MLflow on, a parent run "compare"
@@ -106,6 +107,11 @@ BUDGETS = {suffix: (name, field, text) for name, (cls, _) in MODELS.items()
            for suffix, (field, text) in declared(cls)["budgets"].items()}
 METRICS = ["palette_distance", "one_colour_rate", "density_in_range", "precision", "recall",
            "near_copy_rate", "unique_rate"]
+# One sampling seed is one draw: at 256 samples it moves precision and recall by several hundredths. The spread
+# table scores each panel at sampling seeds seed+1 (the main table's) to seed+SPREAD_SEEDS, and as many draws of
+# real training sprites, and gives mean ± sd of these columns.
+SPREAD_SEEDS = 6
+SPREAD_METRICS = ["precision", "recall", "one_colour_rate", "near_copy_rate", "palette_distance"]
 
 
 # -----------------------------------------------------------------------------
@@ -194,6 +200,10 @@ def evaluate(name: str, overrides: dict, ckpt: Path, data: common.Sprites, n_sho
         torch.cuda.synchronize()
     sample_seconds = time.perf_counter() - t0
     samples = common.draw_samples(strategy, model, n_eval, seed + 1, device, amp)
+    scores = common.sprite_metrics(samples, data.train, palette)
+    # the spread table's other draws: the same checkpoint at the next sampling seeds
+    spread = [scores] + [common.sprite_metrics(common.draw_samples(strategy, model, n_eval, s, device, amp),
+                                               data.train, palette) for s in range(seed + 2, seed + SPREAD_SEEDS + 1)]
     extra = {}
     if getattr(strategy, "labeller", None) is not None:  # a conditional model: did it draw the classes asked for?
         # the classes draw_samples asked for: requested_classes of each chunk of 256
@@ -202,7 +212,21 @@ def evaluate(name: str, overrides: dict, ckpt: Path, data: common.Sprites, n_sho
     return dict(show=show, params=sum(p.numel() for p in model.parameters()),
                 train_seconds=state.get("train_seconds", float("nan")), epochs=state["epoch"],
                 scoring_seconds=state.get("scoring_seconds", 0.0),
-                sample_seconds=sample_seconds, **common.sprite_metrics(samples, data.train, palette), **extra)
+                sample_seconds=sample_seconds, spread=spread, **scores, **extra)
+
+
+def real_draws(data: common.Sprites, n: int, draws: int, seed: int) -> list[dict] | None:
+    """What new sprites from the training distribution score: `draws` seeded draws of n training sprites from
+    outside the n that sprite_metrics scores against (common.reference_index), scored the same way. None when
+    the training set has fewer than 2n sprites (no n left outside the reference)."""
+    m = data.train.shape[0]
+    if m < 2 * n:
+        return None
+    inside = set(common.reference_index(m, n).tolist())
+    outside = torch.tensor([i for i in range(m) if i not in inside])  # (m - n,) indices into data.train
+    picks = [outside[torch.randperm(len(outside), generator=torch.Generator().manual_seed(seed + d))[:n]]
+             for d in range(1, draws + 1)]
+    return [common.sprite_metrics(data.train[p.to(data.train.device)], data.train, data.palette) for p in picks]
 
 
 # -----------------------------------------------------------------------------
@@ -248,6 +272,29 @@ CURVE_METRICS = [("precision", "precision", max), ("recall", "recall", max),
 CLOCKS = {"minutes": "training minutes (wall clock, this machine)",
           "tflop": "training compute, TFLOP (forward + backward)"}
 BUDGET_MINUTES = (2, 5, 10, 15, 30)  # the equal-budget table's rows, besides each run's end
+
+
+def spread_table(rows: list[tuple[str, dict]], real: list[dict] | None, n_eval: int, seed: int) -> str:
+    """mean ± sd of SPREAD_METRICS over each row's draws: sampling seeds seed+1..seed+SPREAD_SEEDS, and the draws
+    of real training sprites outside the reference (real_draws)."""
+    def cell(draws, m):
+        values = [d[m] for d in draws]
+        return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
+    head = [f"mean ± sd over {SPREAD_SEEDS} draws", *SPREAD_METRICS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, r in rows:
+        lines.append("| " + " | ".join([label, *(cell(r["spread"], m) for m in SPREAD_METRICS)]) + " |")
+    if real is not None:
+        lines.append("| " + " | ".join([f"real (training, outside the reference, n={n_eval})",
+                                        *("-" if m == "near_copy_rate" else cell(real, m) for m in SPREAD_METRICS)]) + " |")
+    return (f"\n\n#### Over sampling seeds {seed + 1} to {seed + SPREAD_SEEDS}\n\n" + "\n".join(lines) +
+            f"\n\nEach model row: the same checkpoint, {n_eval} samples at each of the sampling seeds {seed + 1} "
+            f"(the table above) to {seed + SPREAD_SEEDS}, scored the same way; mean ± sample sd. " +
+            ("The real row: as many seeded draws of " + str(n_eval) + " training sprites from outside the "
+             + str(n_eval) + " the metrics score against, i.e. what new sprites from the training distribution "
+             "score (near copies: 1 by construction). " if real is not None else
+             "No real row: the training set has fewer than twice --n-eval sprites. ") +
+            "A difference between two rows smaller than their sd is within one draw's noise.\n")
 
 
 def figure_image(fig: Figure) -> Image.Image:
@@ -627,6 +674,7 @@ def compare(configs: dict, data_path: str, out: Path, seed: int = 0, n_show: int
             rows.append((panel_label, r))
             columns.append((panel_label, r.pop("show")))
             print(f"{panel_label}: " + " ".join(f"{m} {r[m]:.3f}" for m in METRICS + ["class_accuracy"]))
+        spread = spread_table(rows, real_draws(data, n_eval, SPREAD_SEEDS, seed), n_eval, seed)
         real = common.sprite_metrics(data.val, data.train, data.palette)
         rows.append((f"real (validation, n={data.val.shape[0]})", real))
 
@@ -652,7 +700,7 @@ def compare(configs: dict, data_path: str, out: Path, seed: int = 0, n_show: int
               f"\n\nEach model row: {n_eval} samples (seed {seed + 1}), scored against the "
               f"{data.train.shape[0]} training sprites; the real row scores the {data.val.shape[0]} validation "
               f"sprites the same way. Sample time: 64 sprites on {dev}{' with bf16 autocast' if amp else ''}. "
-              f"Train time: the run's own wall time (from its checkpoint).\n" +
+              f"Train time: the run's own wall time (from its checkpoint).\n" + spread +
               (budget_table(curves, sum(r["scoring_seconds"] for lab, r in rows if lab in curves)) if curves else ""))
         common.atomic_write_bytes(out / "comparison.md", md.encode())
         print("\n" + md)

@@ -2392,8 +2392,13 @@ def test_compare_writes_figure_and_table_and_reloads_the_same_samples(dataset, t
         assert p.get("final") and f"| end | {family} | {p['minutes']:.1f} (end) | {p['tflop']:.3g} |" in block
     best = max(p["sample/precision"] for p in ends.values())
     assert f"**{best:.3f}**" in block.split("| end |", 1)[1]
-    fig2, _ = compare.compare(configs, str(dataset), tmp_path / "again", checkpoints=tmp_path / "runs", **kw)
+    spread = md[md.index("#### Over sampling seeds 1 to 6"):md.index("#### At equal training budgets")]
+    for row in ("| VAE |", "| VQ-VAE (prior) |", "| diffusion |", "| VQ-VAE (random codes) |",
+                "| real (training, outside the reference, n=8) |"):
+        assert row in spread, row
+    fig2, md2 = compare.compare(configs, str(dataset), tmp_path / "again", checkpoints=tmp_path / "runs", **kw)
     assert Image.open(fig).tobytes() == Image.open(fig2).tobytes()
+    assert md2[md2.index("#### Over"):md2.index("#### At")] == spread  # same seeds, same spread
     with pytest.raises(common.UserError, match="no vae run"):
         compare.compare(configs, str(dataset), tmp_path / "x", checkpoints=tmp_path / "empty", **kw)
 
@@ -2498,9 +2503,37 @@ def test_compare_conditional_trains_scores_and_tabulates_class_accuracy(dataset,
         compare.conditional_checkpoints(configs, tmp_path / "x", tmp_path, "cluster")
     r = compare.evaluate("diffusion", {"guidance": 3.0}, ckpts["diffusion"], sprites, 4, 8, 0, torch.device("cpu"), False)
     assert 0 <= r["class_accuracy"] <= 1 and r.pop("show").shape == (4, 3, 16, 16)
+    # the spread's first draw is the row itself (seed 1); the others are the next seeds, not copies of it
+    assert len(r["spread"]) == compare.SPREAD_SEEDS and all(r["spread"][0][m] == r[m] for m in compare.METRICS)
+    assert any(d != r["spread"][0] for d in r["spread"][1:])
     real = common.sprite_metrics(sprites.val, sprites.train, sprites.palette)
     md = compare.table([("diffusion | colour, w=3", r), ("real", real)])
     assert "| class_accuracy |" in md and md.rstrip().endswith("| - |")  # the real row has no class accuracy
+
+
+def test_real_draws_come_from_outside_the_reference_sprite_metrics_scores_against(sprites):
+    samples = sprites.val[:8]
+    m, n = sprites.train.shape[0], samples.shape[0]
+    inside = common.reference_index(m, n)
+    # sprite_metrics scores precision and recall against exactly these n training sprites
+    full, sub = (common.sprite_metrics(samples, ref, sprites.palette) for ref in (sprites.train, sprites.train[inside]))
+    assert (full["precision"], full["recall"]) == (sub["precision"], sub["recall"])
+    assert common.reference_index(n, n).tolist() == list(range(n))  # no more sprites than samples: all of them
+    draws = compare.real_draws(sprites, n, 3, seed=0)
+    assert len(draws) == 3 and all(d["near_copy_rate"] == 1.0 and d["one_colour_rate"] == 1.0 for d in draws)
+    assert draws == compare.real_draws(sprites, n, 3, seed=0) and draws != compare.real_draws(sprites, n, 3, seed=5)
+    picked = []
+    real_metrics = common.sprite_metrics
+    try:  # which sprites were drawn: none of them is in the reference
+        common.sprite_metrics = lambda x, *a: picked.append(x) or real_metrics(x, *a)
+        compare.real_draws(sprites, n, 3, seed=0)
+    finally:
+        common.sprite_metrics = real_metrics
+    ref = sprites.train[inside].flatten(1)
+    for x in picked:
+        hits = (x.flatten(1)[:, None] == sprites.train.flatten(1)[None]).all(-1)  # (n, m): which training sprite
+        assert hits.any(1).all() and not hits[:, inside].any(), "a real draw took a sprite of the reference"
+    assert compare.real_draws(sprites, m // 2 + 1, 2, seed=0) is None  # fewer than 2n training sprites: no row
 
 
 # =============================================================================
