@@ -287,13 +287,13 @@ def spread_table(rows: list[tuple[str, dict]], real: list[dict] | None, n_eval: 
     if real is not None:
         lines.append("| " + " | ".join([f"real (training, outside the reference, n={n_eval})",
                                         *("-" if m == "near_copy_rate" else cell(real, m) for m in SPREAD_METRICS)]) + " |")
+    real_note = (f"The real row: as many seeded draws of {n_eval} training sprites from outside the {n_eval} the "
+                 f"metrics score against, i.e. what new sprites from the training distribution score (near copies: "
+                 f"1 by construction). " if real is not None else
+                 "No real row: the training set has fewer than twice --n-eval sprites. ")
     return (f"\n\n#### Over sampling seeds {seed + 1} to {seed + SPREAD_SEEDS}\n\n" + "\n".join(lines) +
             f"\n\nEach model row: the same checkpoint, {n_eval} samples at each of the sampling seeds {seed + 1} "
-            f"(the table above) to {seed + SPREAD_SEEDS}, scored the same way; mean ± sample sd. " +
-            ("The real row: as many seeded draws of " + str(n_eval) + " training sprites from outside the "
-             + str(n_eval) + " the metrics score against, i.e. what new sprites from the training distribution "
-             "score (near copies: 1 by construction). " if real is not None else
-             "No real row: the training set has fewer than twice --n-eval sprites. ") +
+            f"(the table above) to {seed + SPREAD_SEEDS}, scored the same way; mean ± sample sd. " + real_note +
             "A difference between two rows smaller than their sd is within one draw's noise.\n")
 
 

@@ -2511,7 +2511,7 @@ def test_compare_conditional_trains_scores_and_tabulates_class_accuracy(dataset,
     assert "| class_accuracy |" in md and md.rstrip().endswith("| - |")  # the real row has no class accuracy
 
 
-def test_real_draws_come_from_outside_the_reference_sprite_metrics_scores_against(sprites):
+def test_real_draws_come_from_outside_the_reference_sprite_metrics_scores_against(sprites, monkeypatch):
     samples = sprites.val[:8]
     m, n = sprites.train.shape[0], samples.shape[0]
     inside = common.reference_index(m, n)
@@ -2523,12 +2523,10 @@ def test_real_draws_come_from_outside_the_reference_sprite_metrics_scores_agains
     assert len(draws) == 3 and all(d["near_copy_rate"] == 1.0 and d["one_colour_rate"] == 1.0 for d in draws)
     assert draws == compare.real_draws(sprites, n, 3, seed=0) and draws != compare.real_draws(sprites, n, 3, seed=5)
     picked = []
-    real_metrics = common.sprite_metrics
-    try:  # which sprites were drawn: none of them is in the reference
-        common.sprite_metrics = lambda x, *a: picked.append(x) or real_metrics(x, *a)
-        compare.real_draws(sprites, n, 3, seed=0)
-    finally:
-        common.sprite_metrics = real_metrics
+    real_metrics = common.sprite_metrics  # which sprites were drawn: none of them is in the reference
+    monkeypatch.setattr(common, "sprite_metrics", lambda x, *a: picked.append(x) or real_metrics(x, *a))
+    compare.real_draws(sprites, n, 3, seed=0)
+    monkeypatch.undo()
     ref = sprites.train[inside].flatten(1)
     for x in picked:
         hits = (x.flatten(1)[:, None] == sprites.train.flatten(1)[None]).all(-1)  # (n, m): which training sprite

@@ -16,12 +16,8 @@ for name, label, overrides in compare.PANELS:
                                                               *compare.MODELS[name], overrides)
     out[label] = [common.sprite_metrics(common.draw_samples(strategy, model, 256, s, device), data.train, palette)
                   for s in range(1, n_seeds + 1)]
-# The reference subset sprite_metrics draws (same generator, same seed), and the training sprites outside it.
-reference = torch.randperm(data.train.shape[0], generator=torch.Generator().manual_seed(0))[:256]
-rest = torch.tensor(sorted(set(range(data.train.shape[0])) - set(reference.tolist())))
-out["real (training, outside the reference)"] = [
-    common.sprite_metrics(data.train[rest[torch.randperm(len(rest), generator=torch.Generator().manual_seed(r))[:256]]],
-                          data.train, data.palette) for r in range(1, n_real + 1)]
+# draws 1..R of 256 training sprites from outside the 256 that sprite_metrics scores against
+out["real (training, outside the reference)"] = compare.real_draws(data, 256, n_real, seed=0)
 print("| rows: mean ± sd over draws | " + " | ".join(keys) + " | seed 1's precision, recall |")
 for label, rows in out.items():
     print(f"| {label} ({len(rows)}) | " + " | ".join(f"{st.mean(r[k] for r in rows):.3f} ± {st.stdev(r[k] for r in rows):.3f}"
