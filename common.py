@@ -571,6 +571,11 @@ def sprite_metrics(samples: Tensor, reference: Tensor, palette: Tensor, k: int =
                       (Kynkaenniemi et al. 2019, arXiv:1904.06991: the union of balls reaching
                       each point's k-th neighbour, k=3, in the 768-D pixels of snapped sprites;
                       the real set subsampled to N, seeded). Copying the data scores precision 1.
+    density/coverage  the same balls around the real sprites only (Naeem et al. 2020, arXiv:2002.09797, with k=3):
+                      density  = mean over samples of how many real balls hold the sample, / k (about 1 or more for
+                                 samples like the data; more where samples crowd the dense parts);
+                      coverage = real sprites whose ball holds a sample. Unlike recall, a sample's own spread never
+                                 widens a ball: samples pushed apart into the gaps raise recall but not coverage
     near_copy_rate    snapped samples within 3 of 256 pixels of a training sprite: memorisation
     unique_rate       distinct snapped samples / samples
     """
@@ -597,9 +602,10 @@ def sprite_metrics(samples: Tensor, reference: Tensor, palette: Tensor, k: int =
 
     real = ref[reference_index(ref.shape[0], n, seed).to(ref.device)]
     precision, recall = _knn_precision_recall(real.flatten(1), snapped.flatten(1), k)
+    density, coverage = _knn_density_coverage(real.flatten(1), snapped.flatten(1), k)
     return dict(palette_distance=palette_distance, one_colour_rate=one_colour_rate,
                 density_in_range=density_in_range, precision=precision, recall=recall,
-                near_copy_rate=near_copy_rate, unique_rate=unique_rate)
+                near_copy_rate=near_copy_rate, unique_rate=unique_rate, density=density, coverage=coverage)
 
 
 def reference_index(m: int, n: int, seed: int = 0) -> Tensor:
@@ -616,6 +622,14 @@ def _knn_precision_recall(real: Tensor, fake: Tensor, k: int) -> tuple[float, fl
     precision = (d <= r_real[None]).any(1).float().mean().item()
     recall = (d.T <= r_fake[None]).any(1).float().mean().item()
     return precision, recall
+
+
+def _knn_density_coverage(real: Tensor, fake: Tensor, k: int) -> tuple[float, float]:
+    # Naeem et al. 2020, Eqs. 3-4, with B_i the ball around real point i reaching its k-th real neighbour:
+    #   density  = 1 / (k M) sum_j sum_i 1[fake_j in B_i]     coverage = 1 / N sum_i 1[some fake_j in B_i]
+    r_real = torch.cdist(real, real).kthvalue(min(k + 1, real.shape[0]), dim=1).values  # (N,) +1: itself at 0
+    inside = torch.cdist(fake, real) <= r_real[None]  # (M, N): fake j in real i's ball
+    return inside.float().sum().item() / (k * fake.shape[0]), inside.any(0).float().mean().item()
 
 
 # -----------------------------------------------------------------------------

@@ -105,13 +105,13 @@ FAMILIES = {name: declared(cls)["panels"][0][0] for name, (cls, _) in MODELS.ite
 # compare.py's flag suffix -> (model, Config field, help): --epochs-vae, --epochs-prior, ...
 BUDGETS = {suffix: (name, field, text) for name, (cls, _) in MODELS.items()
            for suffix, (field, text) in declared(cls)["budgets"].items()}
-METRICS = ["palette_distance", "one_colour_rate", "density_in_range", "precision", "recall",
+METRICS = ["palette_distance", "one_colour_rate", "density_in_range", "precision", "recall", "coverage", "density",
            "near_copy_rate", "unique_rate"]
 # One sampling seed is one draw: at 256 samples it moves precision and recall by several hundredths. The spread
 # table scores each panel at sampling seeds seed+1 (the main table's) to seed+SPREAD_SEEDS, and as many draws of
 # real training sprites, and gives mean ± sd of these columns.
 SPREAD_SEEDS = 6
-SPREAD_METRICS = ["precision", "recall", "one_colour_rate", "near_copy_rate", "palette_distance"]
+SPREAD_METRICS = ["precision", "recall", "coverage", "one_colour_rate", "near_copy_rate", "palette_distance"]
 
 
 # -----------------------------------------------------------------------------

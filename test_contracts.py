@@ -450,11 +450,12 @@ def test_common_sprite_metrics_on_real_sprites_and_on_noise_and_knn_reference_va
     real = common.sprite_metrics(sprites.train, sprites.train, sprites.palette)
     assert real["palette_distance"] < 1e-3
     assert real["one_colour_rate"] == 1.0 and real["density_in_range"] == 1.0
-    assert real["near_copy_rate"] == 1.0 and real["precision"] == 1.0
+    assert real["near_copy_rate"] == 1.0 and real["precision"] == 1.0 and real["coverage"] == 1.0
+    assert real["density"] >= 4 / 3  # each real ball holds its own sprite and its k = 3 neighbours, as samples
     noise = common.sprite_metrics(torch.rand(64, 3, 16, 16, generator=torch.Generator().manual_seed(0)),
                                   sprites.train, sprites.palette)
     assert noise["palette_distance"] > 20 and noise["near_copy_rate"] == 0.0 and noise["one_colour_rate"] == 0.0
-    assert noise["unique_rate"] == 1.0
+    assert noise["unique_rate"] == 1.0 and noise["coverage"] < 0.1 and noise["density"] < real["density"] / 4
     dup = common.sprite_metrics(sprites.train[:1].repeat(10, 1, 1, 1), sprites.train, sprites.palette)
     assert dup["unique_rate"] == pytest.approx(0.1)
     # 1-D worked example: real points 0..9 (k=1 radius 1 each); fakes at 0.5
@@ -464,6 +465,10 @@ def test_common_sprite_metrics_on_real_sprites_and_on_noise_and_knn_reference_va
     fake = torch.tensor([[0.5], [20.0], [30.0]])
     precision, recall = common._knn_precision_recall(real, fake, k=1)
     assert precision == pytest.approx(1 / 3) and recall == 1.0
+    # Density and coverage keep to the real balls: the fake at 0.5 lies in the balls of 0 and 1 (radius 1), the
+    # fakes at 20 and 30 in none, so density = 2 / (k M) = 2/3 and coverage = 2/10, where recall above said 1.
+    density, coverage = common._knn_density_coverage(real, fake, k=1)
+    assert density == pytest.approx(2 / 3) and coverage == pytest.approx(0.2)
 
 
 # -----------------------------------------------------------------------------
