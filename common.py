@@ -625,7 +625,7 @@ def _knn_precision_recall(real: Tensor, fake: Tensor, k: int) -> tuple[float, fl
 
 
 def _knn_density_coverage(real: Tensor, fake: Tensor, k: int) -> tuple[float, float]:
-    # Naeem et al. 2020, Eqs. 3-4, with B_i the ball around real point i reaching its k-th real neighbour:
+    # Naeem et al. 2020 (arXiv:2002.09797), with B_i the ball around real point i reaching its k-th real neighbour:
     #   density  = 1 / (k M) sum_j sum_i 1[fake_j in B_i]     coverage = 1 / N sum_i 1[some fake_j in B_i]
     r_real = torch.cdist(real, real).kthvalue(min(k + 1, real.shape[0]), dim=1).values  # (N,) +1: itself at 0
     inside = torch.cdist(fake, real) <= r_real[None]  # (M, N): fake j in real i's ball
