@@ -1,0 +1,46 @@
+"""Training cost per sprite of the default U-Net against two untried variants, interleaved in one process, so only the
+ratios mean anything. Run from the repository root:  python docs/results/diffusion/levers-b30/speed.py
+Each variant's epoch count for a run in the default's time is 520 x (its speed against the default)."""
+import sys
+import time
+
+sys.path.insert(0, ".")
+import torch  # noqa: E402
+
+import common  # noqa: E402
+import diffusion  # noqa: E402
+
+VARIANTS = {"default": {}, "batch64": dict(batch_size=64), "mult122": dict(channel_mult="1,2,2")}
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    data = common.load_sprites("data/sprites-colored.npz", torch.device("cpu"))
+    setups = {}
+    for name, kw in VARIANTS.items():
+        torch.manual_seed(0)
+        cfg = diffusion.Config(**kw)
+        strategy = diffusion.DiffusionStrategy(cfg, data.palette)
+        model = strategy.build_model(cfg)
+        setups[name] = (strategy, model, torch.optim.AdamW(model.parameters(), lr=1e-3), cfg.batch_size,
+                        sum(p.numel() for p in model.parameters()))
+    times = {name: [] for name in setups}
+    for rep in range(8):  # round 0 warms up and is dropped
+        for name, (strategy, model, opt, bs, _) in setups.items():
+            batch = data.train[:bs]
+            t0 = time.perf_counter()
+            for _ in range(64 // bs * 3):  # the same 192 sprites per round for every variant
+                loss = strategy.train_step(model, batch)["loss"]
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            if rep:
+                times[name].append((time.perf_counter() - t0) / 192)
+    base = min(times["default"])
+    for name, ts in times.items():
+        print(f"{name:8} params {setups[name][4]:>9,}  {min(ts) * 1e3:.2f} ms per sprite  speed {base / min(ts):.2f}x"
+              f"  -> {520 * base / min(ts):.0f} epochs in the default's time")
+
+
+if __name__ == "__main__":
+    main()
