@@ -1,4 +1,4 @@
-"""Training cost per sprite of the default U-Net against three variants, interleaved in one process, so only the
+"""Training cost per sprite of the default U-Net against four variants, interleaved in one process, so only the
 ratios mean anything. Run from the repository root:  python docs/results/diffusion/levers-b30/speed.py
 Each variant's epoch count for a run in the default's time is 520 x (its speed against the default)."""
 import statistics
@@ -12,7 +12,7 @@ import common  # noqa: E402
 import diffusion  # noqa: E402
 
 VARIANTS = {"default": {}, "batch64": dict(batch_size=64), "mult122": dict(channel_mult="1,2,2"),
-            "selfcond": dict(self_cond=True)}
+            "selfcond": dict(self_cond=True), "base32": dict(base_channels=32)}
 
 
 def main() -> None:
