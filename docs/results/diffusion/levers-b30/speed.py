@@ -17,7 +17,7 @@ VARIANTS = {"default": {}, "batch64": dict(batch_size=64), "mult122": dict(chann
 
 def main() -> None:
     torch.set_num_threads(2)
-    data = common.load_sprites("data/sprites-colored.npz", torch.device("cpu"))
+    data = common.load_sprites(common.TrainConfig.data, torch.device("cpu"))
     setups = {}
     for name, kw in VARIANTS.items():
         torch.manual_seed(0)
