@@ -31,9 +31,9 @@ self-conditioning (Chen et al. 2022), the shifted cosine schedule (Hoogeboom et 
 preconditioning (--schedule edm, Karras et al. 2022) and more EMA lengths in one run (--ema-extra, Karras et al.
 2024); self-conditioning, the shift, flow and --ema-extra are off by default.
 The defaults, chosen by measurement (tutorial 04): the small U-Net with one residual block per level, EDM's path
-and preconditioning with P_mean -0.6, the lr schedule, 520 epochs, and DPM-Solver++ (20 steps) with autoguidance
-w 2.5 at the levels t in [0.5, 0.9]. The README shows the flags of the reference model and of the earlier defaults
-(cosine, min-SNR; two blocks per level).
+and preconditioning with P_mean -0.6, dropout 0.05, the lr schedule, 520 epochs, and DPM-Solver++ (20 steps) with
+autoguidance w 2.5 at the levels t in [0.5, 0.9]. The README shows the flags of the reference model and of the
+earlier defaults (cosine, min-SNR; two blocks per level; dropout 0.1).
 
 Metrics (the shared ones are documented in common.py and the README):
     train/loss  noise-prediction MSE, mean over pixels of (eps - eps_theta(x_t, t))^2 (Algorithm 1),
@@ -110,8 +110,10 @@ class Config(common.TrainConfig):
     res_blocks: int = 1
     # residual blocks per level on each side of the U-Net (Ho et al. 2020: 2); the 4x4 middle has twice this.
     # 1 trains 1.7x the steps in the same FLOPs, and scores better than 2 at equal compute (tutorial 04)
-    dropout: float = 0.1
-    # dropout inside each residual block (Ho et al. 2020: 0.1 on CIFAR-10)
+    dropout: float = 0.05
+    # dropout inside each residual block (Ho et al. 2020: 0.1 on CIFAR-10). 0.05 measured best at the default's
+    # length: over 12 sampling seeds recall 0.770 against 0.741 at 0.1, precision and near copies level, the
+    # lowest val loss; 0 spreads the samples (tutorial 04)
     timesteps: int = 1000
     # T, the number of noise levels of the forward process
     schedule: str = field(default="edm", metadata={"choices": SCHEDULES})
